@@ -1,0 +1,97 @@
+"""The ``relay`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from relay import config as config_module
+from relay.errors import ConfigError
+
+DEFAULT_CONFIG = "config.example.toml"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, run, text in (
+        ("serve", _serve(smtp=True, http=True), "run the SMTP relay and the HTTP tracker"),
+        ("smtp", _serve(smtp=True, http=False), "run the SMTP relay alone"),
+        ("http", _serve(smtp=False, http=True), "run the HTTP tracker alone"),
+        ("check-config", _check_config, "validate a configuration file"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        _config_option(command)
+        command.set_defaults(run=run)
+    hasher = commands.add_parser("hash-password", help="print a password hash for [[smtp.users]]")
+    hasher.add_argument("--password-stdin", action="store_true",
+                        help="read the password from standard input instead of prompting")
+    hasher.set_defaults(run=_hash_password)
+    return parser
+
+
+def _config_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"configuration file (default: {DEFAULT_CONFIG})")
+
+
+def _serve(*, smtp: bool, http: bool) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        from relay.app import serve
+
+        cfg = config_module.load(args.config)
+        logging.basicConfig(level=cfg.log_level, format=LOG_FORMAT)
+        asyncio.run(serve(cfg, smtp=smtp, http=http))
+        return 0
+
+    return run
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    upstream = (f"capture folder {cfg.upstream.capture_dir}" if cfg.upstream.capture_dir
+                else f"{cfg.upstream.host}:{cfg.upstream.port} ({cfg.upstream.tls})")
+    print(f"{args.config}: ok")
+    print(f"  smtp on {cfg.smtp.listen}, upstream {upstream}")
+    print(f"  http on {cfg.http.listen}, tracking host {cfg.http.public_url}")
+    print(f"  store {cfg.store.path}")
+    return 0
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    from relay.passwords import hash_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("relay: passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("relay: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0

@@ -1,0 +1,406 @@
+"""Typed, frozen settings loaded from a TOML file.
+
+``load(path)`` is the only place that reads the configuration; every error names the file,
+the key and what is wrong, so a bad config fails at start-up with a clear message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from relay.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SmtpUser:
+    name: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: Address = Address("127.0.0.1", 2525)
+    hostname: str = "localhost"
+    allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    users: tuple[SmtpUser, ...] = ()
+    auth_require_tls: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_listen: Address | None = None
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 998
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    host: str | None = None
+    port: int = 587
+    tls: str = "starttls"  # "none", "starttls" (required), "implicit"
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 60.0
+    pool_size: int = 8
+    capture_dir: Path | None = Path("./var/outbox")
+    verify_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: Address = Address("127.0.0.1", 8080)
+    public_url: str = "http://127.0.0.1:8080"
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    path: Path = Path("./var/relay.db")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    opens: bool = False
+    clicks: bool = False
+    # (key id, secret) pairs; none configured: a key generated once and kept in the store
+    keys: tuple[tuple[str, str], ...] = ()
+    current_key: str | None = None
+    scanner_window_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Per sender domain: tracking defaults (None: the account's) and link hosts never rewritten."""
+
+    name: str
+    opens: bool | None = None
+    clicks: bool | None = None
+    exclude_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    private_key: bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "<defaults>"
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    domains: tuple[DomainSettings, ...] = ()
+    dkim: tuple[DkimKey, ...] = ()
+    log_level: str = "INFO"
+
+    def domain(self, name: str) -> DomainSettings | None:
+        name = name.lower()
+        return next((d for d in self.domains if d.name == name), None)
+
+    def dkim_key(self, domain: str) -> DkimKey | None:
+        domain = domain.lower()
+        return next((k for k in self.dkim if k.domain == domain), None)
+
+
+class _Reader:
+    """Reads one table of the TOML document, naming ``file`` and the dotted key in errors."""
+
+    def __init__(self, file: str, table: dict[str, Any], prefix: str, base: Path) -> None:
+        self.file, self.table, self.prefix, self.base = file, table, prefix, base
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.fail(name, f"expected a number, got {value!r}")
+        if not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else "a number"
+            raise self.fail(name, f"expected {expected}, got {type(value).__name__} {value!r}")
+        return value
+
+    def positive(self, name: str, default: float, kind: type = int) -> Any:
+        value = self.get(name, (int, float) if kind is float else int, default)
+        if value <= 0:
+            raise self.fail(name, f"must be greater than 0, got {value}")
+        return kind(value)
+
+    def address(self, name: str, default: Address | None) -> Address | None:
+        text = self.get(name, str, None)
+        if text is None:
+            return default
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.fail(name, f"expected HOST:PORT, got {text!r}")
+        return Address(host, int(port))
+
+    def networks(self, name: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+        items = self.get(name, list, None)
+        if items is None:
+            return default
+        nets = []
+        for item in items:
+            try:
+                nets.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise self.fail(name, f"not an IP network: {item!r}") from None
+        return tuple(nets)
+
+    def path(self, name: str, default: Path | None) -> Path | None:
+        text = self.get(name, str, None)
+        if text is None:
+            return default
+        path = Path(text)
+        return path if path.is_absolute() else self.base / path
+
+    def sub(self, name: str) -> _Reader:
+        table = self.get(name, dict, {})
+        return _Reader(self.file, table, self.key(name), self.base)
+
+    def subs(self, name: str) -> list[_Reader]:
+        items = self.get(name, list, [])
+        readers = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self.fail(f"{name}[{index}]", "expected a table")
+            readers.append(_Reader(self.file, item, f"{self.key(name)}[{index}]", self.base))
+        return readers
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise self.fail(unknown[0], "unknown setting")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; relative paths in it are relative to its folder."""
+    file = str(path)
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(file, "-", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, "-", f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "-", f"not valid TOML: {exc}") from None
+    return parse(document, file, Path(path).resolve().parent)
+
+
+def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".")) -> Config:
+    root = _Reader(file, document, "", base)
+    config = Config(
+        source=file,
+        smtp=_smtp(root.sub("smtp")),
+        upstream=_upstream(root.sub("upstream")),
+        http=_http(root.sub("http")),
+        store=_store(root.sub("store")),
+        tracking=_tracking(root.sub("tracking")),
+        domains=tuple(_domain(r) for r in root.subs("domains")),
+        dkim=tuple(_dkim(r) for r in root.subs("dkim")),
+        log_level=_log_level(root.sub("logging")),
+    )
+    root.done()
+    return config
+
+
+def _smtp(r: _Reader) -> SmtpSettings:
+    d = SmtpSettings()
+    users = []
+    for u in r.subs("users"):
+        name = u.get("name", str, None)
+        password_hash = u.get("password_hash", str, None)
+        if not name:
+            raise u.fail("name", "required")
+        if not password_hash or not password_hash.startswith("scrypt$"):
+            raise u.fail("password_hash", "required: the output of `relay hash-password`")
+        u.done()
+        users.append(SmtpUser(name, password_hash))
+    settings = SmtpSettings(
+        listen=r.address("listen", d.listen),
+        hostname=r.get("hostname", str, d.hostname),
+        allowed_networks=r.networks("allowed_networks", d.allowed_networks),
+        users=tuple(users),
+        auth_require_tls=r.get("auth_require_tls", bool, d.auth_require_tls),
+        tls_cert=r.path("tls_cert", None),
+        tls_key=r.path("tls_key", None),
+        tls_listen=r.address("tls_listen", None),
+        max_message_size=r.positive("max_message_size", d.max_message_size),
+        max_recipients=r.positive("max_recipients", d.max_recipients),
+        max_line_length=r.positive("max_line_length", d.max_line_length),
+        timeout=r.positive("timeout", d.timeout, float),
+    )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise r.fail("tls_cert", "tls_cert and tls_key go together")
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(settings, name)
+        if value is not None and not value.is_file():
+            raise r.fail(name, f"no such file: {value}")
+    if settings.tls_listen and settings.tls_cert is None:
+        raise r.fail("tls_listen", "needs tls_cert and tls_key")
+    r.done()
+    return settings
+
+
+_UPSTREAM_TLS = ("none", "starttls", "implicit")
+
+
+def _upstream(r: _Reader) -> UpstreamSettings:
+    d = UpstreamSettings()
+    host = r.get("host", str, None)
+    capture = r.path("capture_dir", None)
+    if host and capture:
+        raise r.fail("capture_dir", "set either host (a real upstream) or capture_dir, not both")
+    tls = r.get("tls", str, d.tls)
+    if tls not in _UPSTREAM_TLS:
+        raise r.fail("tls", f"expected one of {', '.join(_UPSTREAM_TLS)}, got {tls!r}")
+    port = r.get("port", int, d.port)
+    if not 0 < port < 65536:
+        raise r.fail("port", f"not a port: {port}")
+    settings = UpstreamSettings(
+        host=host or None,
+        port=port,
+        tls=tls,
+        username=r.get("username", str, None),
+        password=r.get("password", str, None),
+        timeout=r.positive("timeout", d.timeout, float),
+        pool_size=r.positive("pool_size", d.pool_size),
+        capture_dir=None if host else (capture or d.capture_dir),
+        verify_certificate=r.get("verify_certificate", bool, d.verify_certificate),
+    )
+    if (settings.username is None) != (settings.password is None):
+        raise r.fail("username", "username and password go together")
+    r.done()
+    return settings
+
+
+def _http(r: _Reader) -> HttpSettings:
+    d = HttpSettings()
+    public_url = r.get("public_url", str, d.public_url).rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.fail("public_url", f"expected an http(s) URL, got {public_url!r}")
+    settings = HttpSettings(
+        listen=r.address("listen", d.listen),
+        public_url=public_url,
+        trusted_proxies=r.networks("trusted_proxies", d.trusted_proxies),
+    )
+    r.done()
+    return settings
+
+
+def _store(r: _Reader) -> StoreSettings:
+    url = r.get("url", str, None)
+    if url is None:
+        path = StoreSettings().path
+    elif url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+    else:
+        raise r.fail("url", f"expected sqlite:///PATH, got {url!r}")
+    r.done()
+    return StoreSettings(path if path.is_absolute() else r.base / path)
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+
+
+def _tracking(r: _Reader) -> TrackingSettings:
+    d = TrackingSettings()
+    keys_table = r.get("keys", dict, {})
+    keys = []
+    for kid, secret in keys_table.items():
+        if not _KEY_ID.fullmatch(kid):
+            raise r.fail(f"keys.{kid}", "key ids are 1-16 letters, digits, '-' or '_'")
+        if not isinstance(secret, str) or len(secret) < 32:
+            raise r.fail(f"keys.{kid}", "the secret must be a string of at least 32 characters")
+        keys.append((kid, secret))
+    current = r.get("current_key", str, keys[-1][0] if keys else None)
+    if keys and current not in dict(keys):
+        raise r.fail("current_key", f"no key {current!r} in tracking.keys")
+    window = r.get("scanner_window_seconds", (int, float), d.scanner_window_seconds)
+    if window < 0:
+        raise r.fail("scanner_window_seconds", "must be 0 (off) or more")
+    settings = TrackingSettings(
+        opens=r.get("opens", bool, d.opens),
+        clicks=r.get("clicks", bool, d.clicks),
+        keys=tuple(keys),
+        current_key=current,
+        scanner_window_seconds=float(window),
+    )
+    r.done()
+    return settings
+
+
+def _domain(r: _Reader) -> DomainSettings:
+    name = r.get("name", str, "").strip().lower()
+    if not name or "." not in name:
+        raise r.fail("name", f"expected a domain name, got {name!r}")
+    settings = DomainSettings(
+        name=name,
+        opens=r.get("opens", bool, None),
+        clicks=r.get("clicks", bool, None),
+        exclude_hosts=tuple(h.lower() for h in r.get("exclude_hosts", list, [])),
+    )
+    r.done()
+    return settings
+
+
+def _dkim(r: _Reader) -> DkimKey:
+    domain = r.get("domain", str, "").strip().lower()
+    selector = r.get("selector", str, "").strip()
+    key_file = r.path("private_key_file", None)
+    if not domain:
+        raise r.fail("domain", "required")
+    if not selector:
+        raise r.fail("selector", "required")
+    if key_file is None:
+        raise r.fail("private_key_file", "required")
+    try:
+        key = key_file.read_bytes()
+    except OSError as exc:
+        raise r.fail("private_key_file", f"cannot read {key_file}: {exc.strerror}") from None
+    r.done()
+    return DkimKey(domain, selector, key)
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(r: _Reader) -> str:
+    level = r.get("level", str, "INFO").upper()
+    if level not in _LEVELS:
+        raise r.fail("level", f"expected one of {', '.join(_LEVELS)}")
+    r.done()
+    return level

@@ -1,0 +1,190 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Writes are grouped: callers hand a function to :meth:`Store.write` and await it; every write
+queued during one turn of the event loop runs in one transaction, each inside its own
+savepoint, and the awaiting callers resume only after that transaction committed. A commit in
+WAL mode with ``synchronous=NORMAL`` survives the process being killed, so "the caller got an
+answer" implies "the row is in the file". Writes run on the event loop thread: a commit of a
+batch costs well under a millisecond, less than handing it to a worker thread would.
+
+Reads that may scan (statistics, listings) go through aiosqlite on their own connection, in its
+thread, so they never stall the loop.
+
+Each concept owns its tables: modules add named migrations to :data:`MIGRATIONS`; they run
+once, in order, and are recorded in the ``migrations`` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], T]
+
+MIGRATIONS: dict[str, str] = {
+    "0001_messages": """
+        CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            secret BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE messages (
+            email_id TEXT PRIMARY KEY,
+            message_id TEXT,
+            sender TEXT NOT NULL,
+            sender_domain TEXT NOT NULL,
+            subject TEXT,
+            tag_name TEXT,
+            tags TEXT NOT NULL DEFAULT '[]',
+            campaign TEXT,
+            topic TEXT,
+            track_opens INTEGER NOT NULL,
+            track_clicks INTEGER NOT NULL,
+            decision TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX messages_created ON messages (created_at);
+        CREATE INDEX messages_message_id ON messages (message_id);
+        CREATE TABLE recipients (
+            email_id TEXT NOT NULL REFERENCES messages (email_id) ON DELETE CASCADE,
+            recipient TEXT NOT NULL,
+            status TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (email_id, recipient)
+        );
+        CREATE TABLE deliveries (
+            message_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            email_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (message_id, recipient)
+        );
+    """,
+}
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the pragmas every user of the file needs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this file has not seen; returns their names."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    applied = []
+    for name, script in MIGRATIONS.items():
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, unixepoch('subsec'))", (name,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+def _statements(script: str) -> Iterable[str]:
+    return (s for s in script.split(";") if s.strip())
+
+
+class Store:
+    def __init__(self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self.writer = writer
+        self._reader = reader
+        self._pending: list[tuple[WriteFn[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self.batches = 0
+        self.last_batch_size = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        writer = connect(path)
+        migrate(writer)
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        await reader.execute("PRAGMA busy_timeout=5000")
+        await reader.execute("PRAGMA foreign_keys=ON")
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        self._flush()
+        await self._reader.close()
+        self.writer.close()
+
+    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+        """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def execute_now(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """A small read on the writer connection (primary-key lookups on the hot path)."""
+        return self.writer.execute(sql, tuple(params)).fetchall()
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """A read that may scan: runs on the reader's thread."""
+        async with self._reader.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            self.writer.execute("BEGIN IMMEDIATE")
+            for fn, future in batch:
+                results.append((future, *_in_savepoint(self.writer, fn)))
+            self.writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.writer.in_transaction:
+                self.writer.execute("ROLLBACK")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        self.last_batch_size = len(batch)
+        for future, ok, value in results:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _in_savepoint(conn: sqlite3.Connection, fn: WriteFn[Any]) -> tuple[bool, Any]:
+    conn.execute("SAVEPOINT write")
+    try:
+        value = fn(conn)
+    except Exception as exc:  # one caller's failure must not undo the others' writes
+        conn.execute("ROLLBACK TO write")
+        conn.execute("RELEASE write")
+        return False, exc
+    conn.execute("RELEASE write")
+    return True, value
