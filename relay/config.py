@@ -163,7 +163,7 @@ class _Reader:
             return default
         host, sep, port = text.rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise self.fail(name, f"expected HOST:PORT, got {text!r}")
         return Address(host, int(port))
 

@@ -1,0 +1,211 @@
+"""The mail path between SMTP in and SMTP out: read the control headers, decide what to
+track, rewrite one copy per recipient, forward, remember what was delivered, record.
+
+``MailPipeline.process`` takes one received message and returns the SMTP reply for it. It
+never raises for a problem with the message: every outcome is a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+
+from relay import metrics
+from relay.config import Config
+from relay.errors import SmtpReplyError
+from relay.headers import HeaderBlock, parse_header_block, remove_headers
+from relay.ids import new_email_id
+from relay.policy import Controls, Decision, decide, read_controls
+from relay.rewrite import Prepared, RewriteOptions, prepare
+from relay.smtp_out import Copy, Reply, Upstream, stuff, unstuff
+from relay.store import Store
+from relay.tokens import Keyring
+
+log = logging.getLogger("relay.mail")
+
+# Messages larger than this are rewritten on a worker thread, out of the event loop's way.
+LARGE_MESSAGE = 256 * 1024
+# MAIL FROM parameters passed on to the upstream (SIZE is not: the rewrite changes the size).
+PASSED_MAIL_OPTIONS = ("BODY=8BITMIME", "SMTPUTF8")
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    sender: str
+    recipients: Sequence[str]
+    stuffed: bytes  # the DATA as received: CRLF, dot-stuffed, without the final ".\r\n"
+    mail_options: Sequence[str] = ()
+    peer: str = ""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one message, for the reply, the store and the log line."""
+
+    email_id: str
+    replies: dict[str, Reply] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def sent(self) -> list[str]:
+        return [r for r, reply in self.replies.items() if reply.ok]
+
+    @property
+    def failed(self) -> dict[str, Reply]:
+        return {r: reply for r, reply in self.replies.items() if not reply.ok}
+
+
+class MailPipeline:
+    def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream):
+        self.config = config
+        self.store = store
+        self.keyring = keyring
+        self.upstream = upstream
+
+    async def process(self, incoming: Incoming) -> str:
+        started = time.perf_counter()
+        email_id = new_email_id()
+        try:
+            reply, outcome, summary = await self._process(incoming, email_id)
+        except SmtpReplyError as exc:
+            log.info("%s refused from=%s peer=%s: %s", email_id, incoming.sender,
+                     incoming.peer, exc.reply)
+            metrics.SMTP_MESSAGES.labels("refused").inc()
+            return exc.reply
+        metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
+        log.info("%s from=%s to=%d %s sent=%d failed=%d duplicate=%d reply=%r (%.1f ms)",
+                 email_id, incoming.sender, len(incoming.recipients), summary,
+                 len(outcome.sent), len(outcome.failed), len(outcome.duplicates),
+                 reply[:120], (time.perf_counter() - started) * 1000)
+        return reply
+
+    async def _process(self, incoming: Incoming, email_id: str) -> tuple[str, Outcome, str]:
+        raw = unstuff(incoming.stuffed)
+        block = parse_header_block(raw)
+        controls = read_controls(raw, block)
+        decision = decide(controls, _sender_domain(raw, block, incoming.sender), self.config)
+        clean = remove_headers(raw, controls.headers)
+        message_id = _header(raw, block, "Message-ID")
+        pending, duplicates = self._split_delivered(message_id, incoming.recipients)
+        outcome = Outcome(email_id, duplicates=duplicates)
+        prepared = await self._prepare(clean, decision) if pending else None
+        reason = decision.reason if prepared is None else _reason(decision, prepared)
+        tracked = prepared is not None and prepared.will_change
+        options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
+        if tracked:
+            assert prepared is not None
+            copies = [Copy(incoming.sender, [r], stuff(prepared.render(email_id, r, self.keyring)),
+                           options, email_id) for r in pending]
+        elif pending:
+            copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
+        else:
+            copies = []
+        for replies in await asyncio.gather(*(self.upstream.send(c) for c in copies)):
+            outcome.replies.update(replies)
+        await self.store.write(lambda conn: _record(
+            conn, outcome, incoming, raw, block, controls, decision if tracked else None,
+            reason, message_id))
+        _count(outcome, decision if tracked else None)
+        return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+
+    def _split_delivered(self, message_id: str | None, recipients: Sequence[str]
+                         ) -> tuple[list[str], list[str]]:
+        """Recipients still to send to, and those a previous try already delivered to."""
+        if not message_id:
+            return list(recipients), []
+        marks = ",".join("?" * len(recipients))
+        done = {row[0] for row in self.store.execute_now(
+            f"SELECT recipient FROM deliveries WHERE message_id = ? AND recipient IN ({marks})",
+            [message_id, *recipients])}
+        return [r for r in recipients if r not in done], [r for r in recipients if r in done]
+
+    async def _prepare(self, clean: bytes, decision: Decision) -> Prepared | None:
+        if not decision.tracking:
+            return None
+        options = RewriteOptions(
+            opens=decision.opens, clicks=decision.clicks, base_url=decision.base_url,
+            excluded_hosts=decision.excluded_hosts,
+            dkim=None,
+        )
+        if len(clean) > LARGE_MESSAGE:
+            return await asyncio.to_thread(prepare, clean, options)
+        return prepare(clean, options)
+
+
+def _reason(decision: Decision, prepared: Prepared) -> str:
+    if prepared.will_change:
+        return f"{decision.reason}: {prepared.reason}"
+    return f"{decision.reason}, delivered untracked: {prepared.reason}"
+
+
+def _header(raw: bytes, block: HeaderBlock, name: str) -> str | None:
+    header = block.get(name)
+    return header.value(raw) if header is not None else None
+
+
+def _sender_domain(raw: bytes, block: HeaderBlock, envelope_sender: str) -> str:
+    """The From header's domain (what recipients see and DKIM signs), else the envelope's."""
+    from_header = _header(raw, block, "From")
+    addresses = getaddresses([from_header]) if from_header else []
+    for _, address in addresses:
+        if "@" in address:
+            return address.rpartition("@")[2].lower()
+    return envelope_sender.rpartition("@")[2].lower()
+
+
+def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
+    failed = outcome.failed
+    if not failed:
+        return f"250 2.0.0 Ok: queued as {outcome.email_id}"
+    distinct = set(failed.values())
+    if len(failed) == len(recipients) and len(distinct) == 1:
+        reply = distinct.pop()
+        return f"{reply.code} {_one_line(reply.text)}"
+    temporary = any(reply.temporary for reply in failed.values())
+    code, enhanced = (451, "4.0.0") if temporary else (550, "5.0.0")
+    listed = "; ".join(f"{r}: {reply.code} {_one_line(reply.text)}" for r, reply in failed.items())
+    delivered = len(outcome.sent) + len(outcome.duplicates)
+    return (f"{code} {enhanced} Delivered to {delivered} of {len(recipients)} recipients "
+            f"({outcome.email_id}); failed: {listed}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]
+
+
+def _count(outcome: Outcome, tracked: Decision | None) -> None:
+    result = "sent" if not outcome.failed else ("partial" if outcome.sent else "failed")
+    metrics.SMTP_MESSAGES.labels(result).inc()
+    metrics.SMTP_TRACKING.labels(tracked.label if tracked else "none").inc()
+    for name, count in (("sent", len(outcome.sent)), ("failed", len(outcome.failed)),
+                        ("duplicate", len(outcome.duplicates))):
+        if count:
+            metrics.SMTP_COPIES.labels(name).inc(count)
+
+
+def _record(conn, outcome: Outcome, incoming: Incoming, raw: bytes, block: HeaderBlock,
+            controls: Controls, tracked: Decision | None, reason: str,
+            message_id: str | None) -> None:
+    now = time.time()
+    conn.execute(
+        "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
+        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (outcome.email_id, message_id, incoming.sender,
+         _sender_domain(raw, block, incoming.sender), _header(raw, block, "Subject"),
+         controls.tag_name, json.dumps(list(controls.tags)), controls.campaign, controls.topic,
+         int(bool(tracked and tracked.opens)), int(bool(tracked and tracked.clicks)), reason,
+         len(raw), now))
+    rows = [(outcome.email_id, r, "sent" if reply.ok else "deferred" if reply.temporary
+             else "failed", str(reply), now) for r, reply in outcome.replies.items()]
+    rows += [(outcome.email_id, r, "duplicate", "already delivered", now)
+             for r in outcome.duplicates]
+    conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
+    if message_id:
+        conn.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+                         [(message_id, r, outcome.email_id, now) for r in outcome.sent])

@@ -1,0 +1,255 @@
+"""SMTP in: the aiosmtpd protocol with a faster DATA reader, and a handler that answers the
+hooks (who may relay, how many recipients) and hands each message to the pipeline.
+
+Who may relay: clients from ``smtp.allowed_networks``, or clients that authenticated (AUTH
+PLAIN/LOGIN against ``[[smtp.users]]``, offered only under TLS unless
+``auth_require_tls = false``). Everyone else gets ``530`` (AUTH is possible) or ``554``
+(it is not): this is never an open relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Sequence
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config import Config, SmtpSettings
+from relay.passwords import verify_password
+from relay.pipeline import Incoming, MailPipeline
+from relay.smtp_out import Upstream, build_upstream
+from relay.store import Store
+from relay.tokens import Keyring
+
+log = logging.getLogger("relay.smtp")
+
+DATA_END = b".\r\n"
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's state machine with a DATA phase that reads the message in large pieces.
+
+    The stock DATA loop reads line by line; this one asks the stream for everything up to the
+    next ``.\\r\\n`` and checks whether that dot starts a line, so a 40 KB message costs a
+    handful of reads. The body is kept as received (dot-stuffed), and checked afterwards for
+    size, line length and bare CR or LF (which some servers take as line endings: a way to
+    smuggle a second message past a relay, so it is refused).
+    """
+
+    # The stream's buffer limit: how much readuntil() may look at before giving up. Command
+    # lines are still held to aiosmtpd's command_size_limit.
+    line_length_limit = 64 * 1024
+
+    def __init__(self, handler: RelayHandler, *, max_line_length: int, **kwargs: object):
+        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self.max_line_length = max_line_length
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body, too_big = await self._read_data()
+        problem = "552 5.3.4 Message too big" if too_big else self._check_body(body)
+        if problem:
+            self._set_post_data_state()
+            await self.push(problem)
+            return
+        self.envelope.original_content = body
+        self.envelope.content = body
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, bool]:
+        """Everything up to the line holding a lone dot; past the size limit only counted."""
+        pieces: list[bytes] = []
+        size = 0
+        limit = self.data_size_limit or 0
+        last = b"\r\n"  # the DATA command's line ending precedes the first line
+        while True:
+            try:
+                piece = await self._reader.readuntil(DATA_END)
+            except asyncio.LimitOverrunError as exc:
+                piece = await self._reader.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed during DATA") from exc
+            if piece.endswith(DATA_END) and _ends_line(last, piece):
+                piece = piece[: -len(DATA_END)]
+                size += len(piece)
+                if not (limit and size > limit):
+                    pieces.append(piece)
+                break
+            size += len(piece)
+            if limit and size > limit:
+                pieces.clear()
+            else:
+                pieces.append(piece)
+            last = (last + piece)[-2:]
+        return b"".join(pieces), bool(limit and size > limit)
+
+    def _check_body(self, body: bytes) -> str | None:
+        crlf = body.count(b"\r\n")
+        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+            return ("550 5.6.11 Bare CR or LF in message data: line endings must be CRLF "
+                    "(RFC 5321 2.3.8)")
+        if len(body) > self.max_line_length and _longest_line(body) > self.max_line_length:
+            return (f"500 5.5.2 Line too long: message lines must be at most "
+                    f"{self.max_line_length} characters (RFC 5322 2.1.1)")
+        return None
+
+
+def _ends_line(before: bytes, piece: bytes) -> bool:
+    """Whether the ``.\\r\\n`` that ends ``piece`` is a line of its own."""
+    head = piece[:-len(DATA_END)]
+    tail = (before + head)[-2:] if len(head) < 2 else head[-2:]
+    return tail == b"\r\n"
+
+
+def _longest_line(body: bytes) -> int:
+    return max(map(len, body.split(b"\r\n")))
+
+
+class RelayHandler:
+    """aiosmtpd hooks: relay permission, recipient limit, and the message to the pipeline."""
+
+    def __init__(self, settings: SmtpSettings, pipeline: MailPipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self._users = {u.name: u.password_hash for u in settings.users}
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if not (session.authenticated or self._allowed(session.peer)):
+            if self._users:
+                return "530 5.7.0 Authentication required"
+            return "554 5.7.1 Relay access denied: this client may not send through the relay"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return (f"452 4.5.3 Too many recipients: at most {self.settings.max_recipients} "
+                    f"per message, send the rest in another message")
+        if "@" not in address:
+            return "501 5.1.3 Bad recipient address syntax: expected user@domain"
+        if address not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope.original_content, bytes)
+        incoming = Incoming(
+            sender=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            stuffed=envelope.original_content,
+            mail_options=list(envelope.mail_options),
+            peer=str(session.peer[0]) if session.peer else "",
+        )
+        return await self.pipeline.process(incoming)
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: object) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        encoded = self._users.get(name)
+        ok = encoded is not None and _check_password(auth_data.password, encoded)
+        log.info("auth %s for %r from %s", "ok" if ok else "failed", name, session.peer)
+        return AuthResult(success=ok, auth_data=name if ok else None)
+
+    def _allowed(self, peer: object) -> bool:
+        if not isinstance(peer, tuple) or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.settings.allowed_networks)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_check(password_digest: bytes, encoded: str, password: bytes) -> bool:
+    return verify_password(password.decode("utf-8", "replace"), encoded)
+
+
+def _check_password(password: bytes, encoded: str) -> bool:
+    """scrypt is slow on purpose; a client that logs in on every connection pays it once."""
+    return _cached_check(hashlib.sha256(password).digest(), encoded, password)
+
+
+class SmtpService:
+    """The SMTP listeners (plain with optional STARTTLS, optional implicit TLS)."""
+
+    def __init__(self, config: Config, store: Store, keyring: Keyring,
+                 upstream: Upstream | None = None) -> None:
+        self.config = config
+        self.upstream = upstream or build_upstream(config.upstream, config.smtp.hostname)
+        self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
+                                                              self.upstream))
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        settings = self.config.smtp
+        tls = _tls_context(settings)
+        listeners: list[tuple[object, ssl.SSLContext | None]] = [(settings.listen, None)]
+        if settings.tls_listen is not None:
+            listeners.append((settings.tls_listen, tls))
+        loop = asyncio.get_running_loop()
+        for address, implicit in listeners:
+            server = await loop.create_server(
+                functools.partial(self._protocol, tls, implicit is not None),
+                address.host, address.port, ssl=implicit)  # type: ignore[attr-defined]
+            self.servers.append(server)
+            log.info("smtp listening on %s%s", address, " (implicit TLS)" if implicit else "")
+
+    def _protocol(self, tls: ssl.SSLContext | None, implicit: bool) -> RelaySMTP:
+        s = self.config.smtp
+        return RelaySMTP(
+            self.handler,
+            max_line_length=s.max_line_length,
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=s.hostname,
+            ident="tracking-relay",
+            tls_context=None if implicit else tls,
+            timeout=s.timeout,
+            auth_require_tls=s.auth_require_tls and not implicit,
+            authenticator=self.handler.authenticate if s.users else None,
+            loop=asyncio.get_running_loop(),
+        )
+
+    @property
+    def ports(self) -> Sequence[int]:
+        return [s.sockets[0].getsockname()[1] for s in self.servers]
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        await self.upstream.close()
+
+
+def _tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context

@@ -1,0 +1,236 @@
+"""Forwarding: hand one copy of a message to the upstream and report, per recipient, what the
+upstream answered.
+
+Two upstreams share one interface: ``SmtpUpstream`` (aiosmtplib, a pool of open connections
+reused across messages) and ``CaptureUpstream`` (the embedded default: one ``.eml`` file per
+copy in a folder, for a fresh machine with no SMTP provider).
+
+The body handed to :meth:`Upstream.send` is already dot-stuffed with CRLF line endings, so it is
+written to the upstream as it is: aiosmtplib's ``data()`` would normalise line endings and
+stuff dots again, a pass over every byte that this relay does not need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from relay.config import UpstreamSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One transaction for the upstream: an envelope and the stuffed body."""
+
+    sender: str
+    recipients: Sequence[str]
+    stuffed: bytes  # CRLF line endings, dot-stuffed, without the final ".\r\n"
+    mail_options: Sequence[str] = ()
+    email_id: str = ""
+
+
+class Upstream(Protocol):
+    supports_8bitmime: bool
+    supports_smtputf8: bool
+
+    async def send(self, copy: Copy) -> dict[str, Reply]:
+        """Each recipient's reply (the DATA reply for those whose RCPT was accepted)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+UNREACHABLE = "4.4.1 Upstream unreachable, try again later"
+
+
+def unstuff(stuffed: bytes) -> bytes:
+    """RFC 5321 4.5.2: remove the first dot of every line that starts with one."""
+    body = stuffed.replace(b"\r\n.", b"\r\n")
+    return body[1:] if body.startswith(b".") else body
+
+
+def stuff(body: bytes) -> bytes:
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+class CaptureUpstream:
+    """Writes each copy to ``<folder>/<email_id>.<n>.eml`` with its envelope beside it in
+    ``.json``; the file appears complete or not at all (written, then renamed)."""
+
+    supports_8bitmime = True
+    supports_smtputf8 = True
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._counter = 0
+
+    async def send(self, copy: Copy) -> dict[str, Reply]:
+        self._counter += 1
+        stem = f"{copy.email_id or 'message'}.{os.getpid()}.{self._counter}"
+        envelope = {"mail_from": copy.sender, "rcpt_tos": list(copy.recipients),
+                    "email_id": copy.email_id}
+        self._write(stem + ".json", json.dumps(envelope).encode())
+        self._write(stem + ".eml", unstuff(copy.stuffed))
+        return {r: Reply(250, f"2.0.0 Captured as {stem}.eml") for r in copy.recipients}
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(self.folder / name)
+
+    async def close(self) -> None:
+        return None
+
+
+class SmtpUpstream:
+    """A pool of aiosmtplib connections to one upstream server."""
+
+    def __init__(self, settings: UpstreamSettings, local_hostname: str | None = None) -> None:
+        assert settings.host is not None
+        self.settings = settings
+        self.local_hostname = local_hostname
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(settings.pool_size)
+        self.supports_8bitmime = True
+        self.supports_smtputf8 = True
+
+    async def send(self, copy: Copy) -> dict[str, Reply]:
+        try:
+            try:
+                async with self._connection() as smtp:
+                    return await self._transaction(smtp, copy)
+            except _StaleConnection:
+                async with self._connection(fresh=True) as smtp:
+                    return await self._transaction(smtp, copy)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            reply = Reply(451, f"{UNREACHABLE} ({_describe(exc)})")
+            return {r: reply for r in copy.recipients}
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for smtp in idle:
+            with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+                await smtp.quit()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, fresh: bool = False) -> AsyncIterator[aiosmtplib.SMTP]:
+        """An open connection for one transaction; returned to the pool only if it is clean."""
+        async with self._slots:
+            smtp = self._idle.pop() if self._idle and not fresh else await self._connect()
+            try:
+                yield smtp
+            except BaseException:
+                smtp.close()
+                raise
+            if smtp.is_connected:
+                self._idle.append(smtp)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host, port=s.port, timeout=s.timeout, local_hostname=self.local_hostname,
+            use_tls=s.tls == "implicit", start_tls=s.tls == "starttls",
+            validate_certs=s.verify_certificate, tls_context=_tls_context(s),
+        )
+        await smtp.connect()
+        if s.username is not None and s.password is not None:
+            await smtp.login(s.username, s.password)
+        self.supports_8bitmime = smtp.supports_extension("8bitmime")
+        self.supports_smtputf8 = smtp.supports_extension("smtputf8")
+        return smtp
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, copy: Copy) -> dict[str, Reply]:
+        try:
+            await smtp.mail(copy.sender, options=list(copy.mail_options))
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _StaleConnection from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await _reset(smtp)
+            return {r: Reply(exc.code, exc.message) for r in copy.recipients}
+        replies: dict[str, Reply] = {}
+        accepted = []
+        for recipient in copy.recipients:
+            response = await smtp.execute_command(b"RCPT", b"TO:" + _address(recipient))
+            replies[recipient] = Reply(response.code, response.message)
+            if response.code in (250, 251):
+                accepted.append(recipient)
+        if not accepted:
+            await _reset(smtp)
+            return replies
+        final = await _data(smtp, copy.stuffed, self.settings.timeout)
+        replies.update({r: final for r in accepted})
+        return replies
+
+
+class _StaleConnection(aiosmtplib.SMTPServerDisconnected):
+    """A pooled connection the upstream closed while it was idle: nothing was sent on it."""
+
+
+async def _data(smtp: aiosmtplib.SMTP, stuffed: bytes, timeout: float) -> Reply:
+    start = await smtp.execute_command(b"DATA")
+    if start.code != 354:
+        return Reply(start.code, start.message)
+    tail = b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
+    assert smtp.protocol is not None
+    smtp.protocol.write(stuffed + tail)
+    response = await smtp.protocol.read_response(timeout=timeout)
+    return Reply(response.code, response.message)
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPResponseException):
+        await smtp.rset()
+
+
+def _address(address: str) -> bytes:
+    return b"<" + address.encode("utf-8") + b">"
+
+
+def _tls_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    if settings.tls == "none":
+        return None
+    context = ssl.create_default_context()
+    if not settings.verify_certificate:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def build_upstream(settings: UpstreamSettings, local_hostname: str | None = None) -> Upstream:
+    if settings.host:
+        return SmtpUpstream(settings, local_hostname)
+    assert settings.capture_dir is not None
+    return CaptureUpstream(settings.capture_dir)

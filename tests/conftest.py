@@ -1,0 +1,55 @@
+"""Shared fixtures: the upstream SMTP server and the relay, started for a test and stopped
+after it (see harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import LoopThread, Relay, UpstreamServer, base_settings
+
+from relay import config as config_module
+
+
+@pytest.fixture
+def loops() -> Iterator[LoopThread]:
+    loops = LoopThread()
+    yield loops
+    loops.close()
+
+
+@pytest.fixture
+def upstream(loops: LoopThread) -> Iterator[UpstreamServer]:
+    server = UpstreamServer(loops)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_relay(loops: LoopThread, tmp_path: Path
+               ) -> Iterator[Callable[..., Relay]]:
+    """``make_relay(settings_dict, upstream=server)``: a running relay; closed after the test."""
+    started: list[Relay] = []
+
+    def make(overrides: dict[str, Any] | None = None, upstream: UpstreamServer | None = None,
+             http: bool = False) -> Relay:
+        settings = base_settings(tmp_path)
+        if upstream is not None:
+            settings["upstream"] = {"host": "127.0.0.1", "port": upstream.port, "tls": "none",
+                                    "timeout": 10}
+        for table, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                settings.setdefault(table, {}).update(values)
+            else:
+                settings[table] = values
+        relay = Relay(loops, config_module.parse(settings, "test.toml", tmp_path), http=http)
+        started.append(relay)
+        return relay
+
+    yield make
+    for relay in started:
+        relay.close()
+

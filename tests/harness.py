@@ -1,0 +1,129 @@
+"""Test harness: a real upstream SMTP server (aiosmtpd) and the relay, each running on its
+own event loop in a background thread, so tests talk to them with real clients (smtplib,
+swaks) over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import config as config_module
+from relay.app import Services, running
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``run(coro)`` waits for a coroutine's result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class UpstreamHandler:
+    """Records what it receives; ``refuse`` maps a recipient to the RCPT reply to give."""
+
+    received: list[Received] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      envelope.original_content, list(envelope.mail_options)))
+        return "250 2.0.0 Accepted by test upstream"
+
+
+class UpstreamServer:
+    def __init__(self, loops: LoopThread) -> None:
+        self.loops = loops
+        self.handler = UpstreamHandler()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        async def start() -> asyncio.AbstractServer:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(
+                lambda: SMTP(self.handler, enable_SMTPUTF8=True, hostname="upstream.test",
+                             loop=loop), "127.0.0.1", self.port)
+        self.server = self.loops.run(start())
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            server = self.server
+            self.server = None
+
+            async def stop() -> None:
+                server.close()
+                await server.wait_closed()
+            self.loops.run(stop())
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+
+class Relay:
+    """The relay's services started from a config dict, on the shared loop thread."""
+
+    def __init__(self, loops: LoopThread, config: config_module.Config,
+                 smtp: bool = True, http: bool = False) -> None:
+        self.loops = loops
+        self.config = config
+        self._context = running(config, smtp=smtp, http=http)
+        self.services: Services = loops.run(self._context.__aenter__())
+
+    @property
+    def smtp_port(self) -> int:
+        assert self.services.smtp is not None
+        return self.services.smtp.ports[0]  # type: ignore[attr-defined]
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.config.store.path)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def close(self) -> None:
+        self.loops.run(self._context.__aexit__(None, None, None))
+
+
+def base_settings(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "smtp": {"listen": "127.0.0.1:0", "hostname": "relay.test"},
+        "http": {"listen": "127.0.0.1:0", "public_url": "http://track.test"},
+        "store": {"url": f"sqlite:///{tmp_path / 'relay.db'}"},
+        "tracking": {"keys": {"k1": "k" * 32}, "current_key": "k1"},
+    }

@@ -1,0 +1,105 @@
+"""Control headers and the tracking decision, tested directly (pure functions)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.config import parse
+from relay.errors import ControlHeaderError
+from relay.headers import parse_header_block
+from relay.policy import Controls, decide, read_controls
+
+SEED_EXAMPLE = "eyJUYWdOYW1lIjoiVGVzdCIsIk9wZW5UcmFjZSI6IjEiLCJMaW5rVHJhY2UiOiIxIn0="
+
+
+def controls_of(*lines: str) -> Controls:
+    raw = ("\r\n".join(lines) + "\r\n\r\nbody\r\n").encode()
+    return read_controls(raw, parse_header_block(raw))
+
+
+def trace(obj: object) -> str:
+    return "X-AliDM-Trace: " + base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+def test_seed_example_header():
+    c = controls_of("X-AliDM-Trace: " + SEED_EXAMPLE)
+    assert (c.opens, c.clicks, c.tag_name) == (True, True, "Test")
+
+
+def test_alidm_omitted_key_means_off_and_any_order():
+    c = controls_of(trace({"LinkTrace": "1", "TagName": "t"}))
+    assert (c.opens, c.clicks) == (False, True)
+
+
+def test_folded_base64_header_is_unfolded():
+    value = base64.b64encode(b'{"OpenTrace": "1"}').decode()
+    c = controls_of(f"X-AliDM-Trace: {value[:10]}\r\n {value[10:]}")
+    assert c.opens is True
+
+
+@pytest.mark.parametrize(("word", "expected"), [
+    ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
+    ("false", False), ("0", False), ("no", False), ("NO", False),
+])
+def test_anypost_toggle_words(word, expected):
+    c = controls_of(f"X-Anypost-Track-Opens: {word}")
+    assert c.opens is expected
+    assert c.clicks is None
+
+
+def test_anypost_header_wins_over_alidm_for_its_toggle():
+    c = controls_of(trace({"OpenTrace": "1", "LinkTrace": "1"}), "X-Anypost-Track-Clicks: no")
+    assert (c.opens, c.clicks) == (True, False)
+
+
+def test_tags_campaign_topic():
+    c = controls_of("X-Anypost-Tags: a, b-2 ,a", "X-Anypost-Campaign: Spring_26",
+                    "x-anypost-topic: news.weekly")
+    assert c.tags == ("a", "b-2")
+    assert (c.campaign, c.topic) == ("Spring_26", "news.weekly")
+    assert len(c.headers) == 3
+
+
+def test_duplicate_control_header_is_refused():
+    with pytest.raises(ControlHeaderError, match="more than once"):
+        controls_of("X-Anypost-Track-Opens: true", "X-Anypost-Track-Opens: false")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_alidm_value_parses_or_names_the_header(blob):
+    value = base64.b64encode(blob).decode()
+    try:
+        controls_of(f"X-AliDM-Trace: {value}")
+    except ControlHeaderError as exc:
+        assert "X-AliDM-Trace" in str(exc)
+        assert exc.code >= 500
+
+
+def config(**tables):
+    return parse({"tracking": tables.pop("tracking", {}), **tables})
+
+
+def test_decision_order_account_domain_message():
+    cfg = config(tracking={"opens": True, "clicks": False},
+                 domains=[{"name": "shop.example", "clicks": True}])
+    assert decide(Controls(), "other.example", cfg).label == "opens"
+    domain = decide(Controls(), "shop.example", cfg)
+    assert domain.label == "opens+clicks"
+    assert "domain shop.example" in domain.reason
+    message = decide(Controls(opens=False), "shop.example", cfg)
+    assert message.label == "clicks"
+    assert "message headers" in message.reason
+
+
+def test_decision_carries_excluded_hosts_and_base_url():
+    cfg = config(domains=[{"name": "shop.example", "exclude_hosts": ["Pay.Example"]}],
+                 http={"public_url": "https://t.example/"})
+    d = decide(Controls(opens=True), "shop.example", cfg)
+    assert d.excluded_hosts == frozenset({"pay.example"})
+    assert d.base_url == "https://t.example"

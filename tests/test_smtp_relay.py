@@ -1,0 +1,320 @@
+"""The mail path end to end: real SMTP clients (smtplib, swaks) → the relay → a real upstream
+SMTP server (aiosmtpd) or the capture folder."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import smtplib
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import Relay
+
+from relay.passwords import hash_password
+
+PLAIN = (
+    b"From: App <app@shop.example>\r\n"
+    b"To: a@example.org\r\n"
+    b"Subject: Plain\r\n"
+    b"Message-ID: <plain-1@shop.example>\r\n"
+    b"X-Anypost-Tags: welcome,onboarding\r\n"
+    b"X-Anypost-Campaign: spring-2026\r\n"
+    b"X-Anypost-Topic: news.weekly\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Hello,\r\n"
+    b"this line looks like the end:\r\n"
+    b".\r\n"
+    b"..and this one starts with dots\r\n"
+    b". also this\r\n"
+    b"\r\n.\r\n"
+    b"end\r\n"
+)
+
+HTML = (
+    "From: News <news@shop.example>\r\n"
+    "To: list@example.org\r\n"
+    "Subject: News\r\n"
+    "Message-ID: <{mid}@shop.example>\r\n"
+    "{extra}"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/html; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 7bit\r\n"
+    "\r\n"
+    "<html><body><p>Hi</p><a href=\"https://shop.example/sale?a=1&amp;b=2\">Sale</a>"
+    "<a href=\"mailto:help@shop.example\">Help</a></body></html>\r\n"
+)
+
+
+def html_message(mid: str = "html-1", extra: str = "") -> bytes:
+    return HTML.format(mid=mid, extra=extra).encode()
+
+
+def send(relay: Relay, sender: str, recipients: list[str], message: bytes) -> dict:
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        return client.sendmail(sender, recipients, message)
+
+
+def last_reply(relay: Relay, sender: str, recipients: list[str], message: bytes
+               ) -> tuple[int, bytes]:
+    """The DATA reply, whatever it is (smtplib raises on failures)."""
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        code, _ = client.mail(sender)
+        assert code == 250
+        for rcpt in recipients:
+            assert client.rcpt(rcpt)[0] == 250
+        return client.data(message)
+
+
+def test_untracked_mail_arrives_byte_identical_without_control_headers(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        client.mail("app@shop.example")
+        client.rcpt("a@example.org")
+        code, text = client.data(PLAIN)
+    assert code == 250
+    assert re.search(rb"email_[0-9a-f-]{36}", text)
+    [copy] = upstream.received
+    expected = re.sub(rb"X-Anypost-[A-Za-z]+: [^\r]*\r\n", b"", PLAIN)
+    assert copy.data == expected
+    assert copy.rcpt_tos == ["a@example.org"]
+    assert b"X-Anypost" not in copy.data
+
+
+def test_message_is_recorded_with_its_decision(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], PLAIN)
+    email_id = re.search(rb"email_[0-9a-f-]{36}", text).group().decode()
+    with relay.db() as db:
+        row = db.execute("SELECT * FROM messages WHERE email_id = ?", (email_id,)).fetchone()
+        rcpt = db.execute("SELECT * FROM recipients WHERE email_id = ?", (email_id,)).fetchall()
+    assert row["message_id"] == "<plain-1@shop.example>"
+    assert row["sender"] == "app@shop.example"
+    assert row["subject"] == "Plain"
+    assert json.loads(row["tags"]) == ["welcome", "onboarding"]
+    assert (row["campaign"], row["topic"]) == ("spring-2026", "news.weekly")
+    assert row["track_opens"] == row["track_clicks"] == 0
+    assert "tracking off by account default" in row["decision"]
+    assert [(r["recipient"], r["status"]) for r in rcpt] == [("a@example.org", "sent")]
+
+
+def test_tracked_mail_to_three_recipients_arrives_as_three_copies(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    recipients = ["a@example.org", "b@example.org", "c@example.net"]
+    extra = "X-Anypost-Track-Opens: true\r\nX-Anypost-Track-Clicks: true\r\n"
+    send(relay, "news@shop.example", recipients, html_message(extra=extra))
+    assert sorted(r.rcpt_tos[0] for r in upstream.received) == recipients
+    tokens = set()
+    for copy in upstream.received:
+        assert len(copy.rcpt_tos) == 1
+        assert b"X-Anypost" not in copy.data
+        found = re.findall(rb"http://track\.test/[oc]/([A-Za-z0-9_-]+)", _decoded(copy.data))
+        assert len(found) == 2  # the pixel and the one http link; mailto untouched
+        tokens.update(found)
+    assert len(tokens) == 6
+
+
+def _decoded(data: bytes) -> bytes:
+    """Undo quoted-printable soft breaks and =XX escapes well enough to find URLs."""
+    data = data.replace(b"=\r\n", b"")
+    return re.sub(rb"=([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), data)
+
+
+def test_alidm_trace_header_turns_tracking_on(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    trace = base64.b64encode(b'{"TagName": "Test", "OpenTrace": "1", "LinkTrace": "0"}')
+    send(relay, "news@shop.example", ["a@example.org"],
+         html_message(extra=f"X-AliDM-Trace: {trace.decode()}\r\n"))
+    body = _decoded(upstream.received[0].data)
+    assert b"X-AliDM-Trace" not in upstream.received[0].data
+    assert len(re.findall(rb"http://track\.test/o/", body)) == 1
+    assert b"http://track.test/c/" not in body
+    with relay.db() as db:
+        row = db.execute("SELECT tag_name, track_opens, track_clicks FROM messages").fetchone()
+    assert tuple(row) == ("Test", 1, 0)
+
+
+def test_upstream_down_gives_451_and_a_retry_goes_through(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    upstream.stop()
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], PLAIN)
+    assert code == 451
+    assert b"Upstream unreachable" in text
+    upstream.start()
+    assert send(relay, "app@shop.example", ["a@example.org"], PLAIN) == {}
+    assert len(upstream.received) == 1
+
+
+def test_one_refused_recipient_is_reported_and_the_others_delivered(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    upstream.handler.refuse["bad@example.org"] = "550 5.1.1 No such user"
+    extra = "X-Anypost-Track-Clicks: true\r\n"
+    recipients = ["a@example.org", "bad@example.org", "b@example.org"]
+    code, text = last_reply(relay, "news@shop.example", recipients,
+                            html_message("partial-1", extra))
+    assert code == 550
+    assert b"bad@example.org: 550 5.1.1 No such user" in text
+    assert b"Delivered to 2 of 3" in text
+    assert sorted(r.rcpt_tos[0] for r in upstream.received) == ["a@example.org", "b@example.org"]
+
+
+def test_a_retry_does_not_deliver_twice(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    upstream.handler.refuse["b@example.org"] = "450 4.2.1 Mailbox busy"
+    recipients = ["a@example.org", "b@example.org"]
+    code, text = last_reply(relay, "app@shop.example", recipients, PLAIN)
+    assert code == 450
+    assert b"b@example.org: 450 4.2.1 Mailbox busy" in text
+    assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"]]
+    upstream.handler.refuse.clear()
+    code, _ = last_reply(relay, "app@shop.example", recipients, PLAIN)
+    assert code == 250
+    assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"], ["b@example.org"]]
+    last_reply(relay, "app@shop.example", recipients, PLAIN)
+    assert len(upstream.received) == 2
+
+
+def test_client_outside_allowed_networks_is_refused(make_relay, upstream):
+    relay = make_relay({"smtp": {"allowed_networks": ["192.0.2.0/24"]}}, upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        code, text = client.mail("app@shop.example")
+    assert code == 554
+    assert b"Relay access denied" in text
+    assert upstream.received == []
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_auth_is_offered_only_after_starttls(make_relay, upstream, certificate):
+    cert, key = certificate
+    relay = make_relay({"smtp": {
+        "allowed_networks": [], "tls_cert": str(cert), "tls_key": str(key),
+        "users": [{"name": "app", "password_hash": hash_password("s3cret")}]}},
+        upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        assert not client.has_extn("auth")
+        assert client.mail("app@shop.example")[0] == 530
+        client.rset()
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo()
+        assert "PLAIN" in client.esmtp_features["auth"]
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("app", "wrong")
+        client.login("app", "s3cret")
+        assert client.sendmail("app@shop.example", ["a@example.org"], PLAIN) == {}
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize(("header", "value", "problem"), [
+    ("X-AliDM-Trace", "not*base64!", b"not valid base64"),
+    ("X-AliDM-Trace", base64.b64encode(b"[1, 2]").decode(), b"JSON object"),
+    ("X-AliDM-Trace", base64.b64encode(b"{broken").decode(), b"JSON object"),
+    ("X-AliDM-Trace", base64.b64encode(b'{"OpenTrace": "yes"}').decode(), b"OpenTrace"),
+    ("X-AliDM-Trace", base64.b64encode(b'{"Opentrace": "1"}').decode(), b"unknown key"),
+    ("X-Anypost-Track-Opens", "maybe", b"expected true or false"),
+    ("X-Anypost-Track-Clicks", "", b"expected true or false"),
+    ("X-Anypost-Tags", ",".join(f"t{i}" for i in range(11)), b"at most 10 tags"),
+    ("X-Anypost-Tags", "good,bad tag", b"'bad tag'"),
+    ("X-Anypost-Campaign", "x" * 65, b"does not match"),
+    ("X-Anypost-Topic", "Upper", b"does not match"),
+])
+def test_malformed_control_header_is_refused_naming_it(make_relay, upstream, header, value,
+                                                       problem):
+    relay = make_relay(upstream=upstream)
+    message = html_message(extra=f"{header}: {value}\r\n")
+    code, text = last_reply(relay, "news@shop.example", ["a@example.org"], message)
+    assert 500 <= code < 600
+    assert f"Malformed {header} header".encode() in text
+    assert problem in text
+    assert upstream.received == []
+
+
+def test_oversize_message_gets_552(make_relay, upstream):
+    relay = make_relay({"smtp": {"max_message_size": 2000}}, upstream=upstream)
+    big = PLAIN + b"x" * 70 + b"\r\n" + (b"y" * 76 + b"\r\n") * 100
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], big)
+    assert code == 552
+    assert upstream.received == []
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        assert client.esmtp_features["size"] == "2000"
+
+
+def test_too_many_recipients_get_452(make_relay, upstream):
+    relay = make_relay({"smtp": {"max_recipients": 2}}, upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        client.mail("app@shop.example")
+        assert client.rcpt("a@example.org")[0] == 250
+        assert client.rcpt("b@example.org")[0] == 250
+        code, text = client.rcpt("c@example.org")
+    assert code == 452
+    assert b"Too many recipients" in text
+
+
+def test_overlong_line_gets_500(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    message = PLAIN + b"z" * 1200 + b"\r\n"
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], message)
+    assert code == 500
+    assert b"Line too long" in text
+    assert upstream.received == []
+
+
+def test_bare_line_feed_smuggling_is_refused(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    smuggled = (PLAIN + b"\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.org>\r\n"
+                b"DATA\r\nSubject: smuggled\r\n\r\nhi\r\n")
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        client.mail("app@shop.example")
+        client.rcpt("a@example.org")
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(smuggled + b".\r\n")
+        code, text = client.getreply()
+    assert code == 550
+    assert b"Bare CR or LF" in text
+    assert upstream.received == []
+
+
+def test_capture_folder_gets_one_file_per_copy(make_relay, tmp_path):
+    outbox = tmp_path / "outbox"
+    relay = make_relay({"upstream": {"capture_dir": str(outbox)}})
+    extra = "X-Anypost-Track-Opens: true\r\n"
+    send(relay, "news@shop.example", ["a@example.org", "b@example.org"],
+         html_message(extra=extra))
+    envelopes = sorted(json.loads(p.read_text())["rcpt_tos"][0] for p in outbox.glob("*.json"))
+    assert envelopes == ["a@example.org", "b@example.org"]
+    for eml in outbox.glob("*.eml"):
+        assert b"http://track.test/o/" in _decoded(eml.read_bytes())
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_delivers_through_the_relay(make_relay, upstream, tmp_path):
+    relay = make_relay(upstream=upstream)
+    message = tmp_path / "m.eml"
+    message.write_bytes(PLAIN)
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{relay.smtp_port}", "--from", "app@shop.example",
+         "--to", "a@example.org", "--data", f"@{message}"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"<~  250 2\.0\.0 Ok: queued as email_", result.stdout)
+    assert upstream.received[0].data == re.sub(rb"X-Anypost-[A-Za-z]+: [^\r]*\r\n", b"", PLAIN)
