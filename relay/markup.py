@@ -1,0 +1,147 @@
+"""Find, in decoded HTML, the spans the rewrite edits: link ``href`` values, ``<meta>`` charset
+declarations and the last ``</body>``. Nothing is parsed into a tree or written back out.
+
+The scanner follows the WHATWG tokenizer where it decides what is markup: comments (``<!-->``
+and ``--!>`` included), bogus comments (``<!...>``, ``<?...>``, ``</ ...>``, which covers the
+doctype and ``<![if !mso]>``), quoted and unquoted attribute values (a ``>`` inside quotes does
+not end a tag), and the raw text of ``script``, ``style``, ``textarea``, ``title``, ``xmp``,
+``iframe``, ``noembed``, ``noframes`` and ``plaintext``. One compiled pattern skips everything
+uninteresting in C; Python only sees ``<a>``, ``<area>``, ``<meta>`` and ``</body>``.
+
+Not modelled: script-data escape states (``<!--<script>`` inside a script) and foreign
+content (``<svg>``/``<math>`` CDATA); both only make the scanner see fewer links.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from html.entities import html5
+
+_WS = r"\t\n\f\r "
+_ATTRS = (
+    rf"(?:[{_WS}/]*+[^{_WS}/>][^{_WS}/>=]*+"
+    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"[^"]*+"|'[^']*+'|[^{_WS}>]*+))?+)*+[{_WS}/]*+>"""
+)
+_RAW_TEXT = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
+_INTERESTING_START = ("a", "area", "meta")
+_BORING = "|".join(  # most frequent first: text, ordinary start tags, ordinary end tags
+    (
+        r"[^<]++",
+        rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
+        rf"[A-Za-z][^{_WS}/>]*+{_ATTRS}",
+        rf"</(?!(?i:body)[{_WS}/>])[A-Za-z][^{_WS}/>]*+{_ATTRS}",
+        r"<!--(?:>|->|.*?--!?>)",
+        *(
+            rf"<(?i:{name})(?=[{_WS}/>]){_ATTRS}"
+            rf"(?:[^<]++|<(?!/(?i:{name})[{_WS}/>]))*+(?=</(?i:{name})[{_WS}/>])"
+            for name in _RAW_TEXT
+        ),
+        rf"<(?i:plaintext)(?=[{_WS}/>]){_ATTRS}.*+",
+        r"<!(?!--)[^>]*+>|<\?[^>]*+>|</[^A-Za-z>][^>]*+>|</>",
+        r"<(?![A-Za-z!?/])",  # a "<" that opens nothing is text
+    )
+)
+_NEXT = re.compile(
+    rf"(?:{_BORING})*+(?:"
+    rf"(?P<tag><(?P<name>(?i:{'|'.join(_INTERESTING_START)}))(?=[{_WS}/>]){_ATTRS})"
+    rf"|(?P<body></(?i:body)(?=[{_WS}/>]){_ATTRS})"
+    r"|(?P<stuck><)"
+    r"|\Z)",
+    re.ASCII | re.DOTALL,
+)
+_ATTR = re.compile(
+    rf"[{_WS}/]*+(?P<name>[^{_WS}/>][^{_WS}/>=]*+)"
+    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"(?P<dq>[^"]*+)"|'(?P<sq>[^']*+)'|(?P<uq>[^{_WS}>]*+)))?+"""
+)
+_CHARREF = re.compile(r"&(?:#[xX]([0-9A-Fa-f]+);?|#([0-9]+);?|([A-Za-z][A-Za-z0-9]*)(;?))")
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    name: str  # ASCII-lower-cased, as the tokenizer does
+    value: str | None  # as written (still HTML-escaped); None for a bare attribute
+    start: int  # span of the value in the document, quotes excluded
+    end: int
+    quote: str  # '"', "'" or "" (unquoted or bare)
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    name: str
+    start: int
+    end: int
+    attrs: dict[str, Attr]  # the first of each name wins, as in browsers
+
+
+@dataclass(frozen=True, slots=True)
+class Markup:
+    links: tuple[Tag, ...]  # <a> and <area> start tags with an href, in document order
+    metas: tuple[Tag, ...]
+    body_close: int | None  # offset of the last </body> end tag
+    stuck_at: int | None  # where an unterminated tag, comment or raw text swallows the rest
+
+
+def scan(text: str) -> Markup:
+    links: list[Tag] = []
+    metas: list[Tag] = []
+    body_close = stuck_at = None
+    pos = 0
+    while True:
+        match = _NEXT.match(text, pos)
+        assert match is not None  # the pattern always ends with a non-failing alternative
+        if match.group("tag"):
+            tag = _tag(text, match)
+            if tag.name == "meta":
+                metas.append(tag)
+            elif "href" in tag.attrs:
+                links.append(tag)
+        elif match.group("body"):
+            body_close = match.start("body")
+        elif match.group("stuck"):
+            stuck_at = match.start("stuck")
+            break
+        else:
+            break
+        pos = match.end()
+    return Markup(tuple(links), tuple(metas), body_close, stuck_at)
+
+
+def _tag(text: str, match: re.Match[str]) -> Tag:
+    attrs: dict[str, Attr] = {}
+    for attr in _ATTR.finditer(text, match.end("name"), match.end() - 1):
+        name = attr.group("name").translate(_ASCII_UPPER)
+        if name in attrs:
+            continue
+        for group, quote in (("dq", '"'), ("sq", "'"), ("uq", "")):
+            if attr.group(group) is not None:
+                attrs[name] = Attr(name, attr.group(group), *attr.span(group), quote)
+                break
+        else:
+            attrs[name] = Attr(name, None, attr.end(), attr.end(), "")
+    name = match.group("name").translate(_ASCII_UPPER)
+    return Tag(name, match.start("tag"), match.end(), attrs)
+
+
+def unescape_attr(value: str) -> str:
+    """An attribute value with character references resolved as the HTML tokenizer does in
+    attributes: a legacy named reference without ";" (``&copy``) followed by "=" or an
+    alphanumeric stays literal, so ``?a=1&copy=2`` keeps its ``&copy``."""
+    if "&" not in value:
+        return value
+    return _CHARREF.sub(_charref, value)
+
+
+def _charref(match: re.Match[str]) -> str:
+    name, semicolon = match.group(3), match.group(4)
+    if name is None:  # numeric: html.unescape knows the replacements, given sane lengths
+        digits = (match.group(1) or match.group(2)).lstrip("0")
+        return "\ufffd" if len(digits) > 8 else html.unescape(match.group())
+    if semicolon and name + ";" in html5:
+        return html5[name + ";"]
+    following = match.string[match.end() : match.end() + 1]
+    if not semicolon and name in html5 and following != "=":
+        return html5[name]
+    return match.group()

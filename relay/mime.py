@@ -1,0 +1,319 @@
+"""MIME structure as byte ranges, so that chosen parts can be replaced and every other byte kept.
+
+``split`` reads the tree of parts without copying or re-serializing anything; the other
+functions decode one part's body to text and encode text back as quoted-printable.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from relay.headers import Header, HeaderBlock, parse_header_block
+
+MAX_DEPTH = 32  # nesting beyond this is left alone as one opaque part
+QP_LINE = 76  # RFC 2045: at most 76 characters per encoded line, the soft-break "=" included
+
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+_CHARSET_PARAM = re.compile(rb'(?i)(;[ \t\r\n]*)charset\*?[ \t\r\n]*=[ \t\r\n]*("[^"]*"|[^;\s]*)')
+_LINE_END = re.compile(rb"\r?\n\Z")
+
+
+class DecodeError(ValueError):
+    """A part's body cannot be turned into text faithfully."""
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    path: str  # "1.2" = second child of the first child; "" is the message itself
+    start: int  # offset of the part's first header byte
+    headers: HeaderBlock
+    end: int  # one past the last body byte (the line break before a delimiter excluded)
+    content_type: str  # lower-case "type/subtype"; RFC 2045 default when absent
+    params: dict[str, str]
+    children: tuple[Part, ...] = ()
+    problem: str = ""  # why the structure below this part could not be read
+    attachment: bool = False  # disposition "attachment", or a file name given
+
+    @property
+    def body_start(self) -> int:
+        return self.headers.body_start
+
+    def header(self, name: str) -> Header | None:
+        return self.headers.get(name)
+
+
+def split(raw: bytes) -> Part:
+    """The MIME tree of ``raw``. Never raises: what cannot be read is reported in ``problem``."""
+    return _part(raw, 0, len(raw), "", "text/plain", 0)
+
+
+def leaves(part: Part) -> Iterator[Part]:
+    if part.children:
+        for child in part.children:
+            yield from leaves(child)
+    else:
+        yield part
+
+
+def _part(raw: bytes, start: int, end: int, path: str, default_type: str, depth: int) -> Part:
+    headers = parse_header_block(raw, start)
+    if headers.body_start > end:  # the header block runs over the delimiter: a broken part
+        block = HeaderBlock((), end)
+        return Part(path, start, block, end, "application/octet-stream", {}, (), "broken headers")
+    content_type, params = _content_type(raw, headers, default_type)
+    attachment = _is_attachment(raw, headers, params)
+    part = Part(path, start, headers, end, content_type, params, attachment=attachment)
+    if not content_type.startswith("multipart/"):
+        return part
+    boundary = params.get("boundary", "")
+    if not boundary or len(boundary) > 200:
+        return _with(part, problem="multipart without a usable boundary")
+    if depth >= MAX_DEPTH:
+        return _with(part, problem="multipart nested too deeply")
+    child_type = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
+    children = []
+    for i, (child_start, child_end) in enumerate(_child_ranges(raw, part, boundary), 1):
+        child_path = f"{path}.{i}" if path else str(i)
+        children.append(_part(raw, child_start, child_end, child_path, child_type, depth + 1))
+    if not children:
+        return _with(part, problem="multipart without parts")
+    return _with(part, children=tuple(children))
+
+
+def _is_attachment(raw: bytes, headers: HeaderBlock, params: dict[str, str]) -> bool:
+    header = headers.get("content-disposition")
+    if header is None:
+        return "name" in params
+    value = header.raw_value(raw)
+    disposition = value.split(";", 1)[0].strip().lower()
+    return disposition == "attachment" or "name" in params or "filename" in _params(value)
+
+
+def _with(part: Part, **changes: object) -> Part:
+    fields = {name: getattr(part, name) for name in Part.__slots__}
+    fields.update(changes)
+    return Part(**fields)  # type: ignore[arg-type]
+
+
+def _child_ranges(raw: bytes, part: Part, boundary: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each body part between the delimiter lines of ``boundary``."""
+    # A literal prefix lets the regex engine search fast; the line start is checked by hand.
+    delimiter = re.compile(
+        b"--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*(?=\r?\n|\Z)"
+    )
+    child_start = None
+    for match in delimiter.finditer(raw, part.body_start, part.end):
+        if match.start() != part.body_start and raw[match.start() - 1] != 10:  # not "\n"
+            continue
+        if child_start is not None:
+            yield child_start, max(child_start, _before_line_break(raw, match.start()))
+        if match.group(1):  # the close delimiter: the rest is the epilogue
+            return
+        child_start = min(_after_line_break(raw, match.end()), part.end)
+    if child_start is not None:  # no close delimiter: the last part runs to the end
+        yield child_start, part.end
+
+
+def _before_line_break(raw: bytes, pos: int) -> int:
+    if raw[pos - 1 : pos] == b"\n":
+        pos -= 1
+        if raw[pos - 1 : pos] == b"\r":
+            pos -= 1
+    return pos
+
+
+def _after_line_break(raw: bytes, pos: int) -> int:
+    if raw[pos : pos + 1] == b"\r":
+        pos += 1
+    return pos + 1 if raw[pos : pos + 1] == b"\n" else pos
+
+
+def _content_type(raw: bytes, headers: HeaderBlock, default: str) -> tuple[str, dict[str, str]]:
+    header = headers.get("content-type")
+    if header is None:
+        return default, {}
+    value = header.raw_value(raw)
+    main = value.split(";", 1)[0].strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", main):
+        return "text/plain", {}  # RFC 2045: an invalid Content-Type means text/plain
+    return main, _params(value)
+
+
+def _params(value: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, raw_value in _PARAM.findall(value):
+        text = raw_value
+        if text.startswith('"'):
+            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+        params.setdefault(name.lower(), text)
+    return params
+
+
+def transfer_decode(raw: bytes, part: Part) -> bytes:
+    """The part's body with its Content-Transfer-Encoding undone."""
+    header = part.header("content-transfer-encoding")
+    encoding = header.raw_value(raw).strip().lower() if header is not None else "7bit"
+    body = raw[part.body_start : part.end]
+    if encoding in ("7bit", "8bit", "binary", ""):
+        return body
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(body)
+    if encoding == "base64":
+        try:
+            return binascii.a2b_base64(body)
+        except binascii.Error as exc:
+            raise DecodeError(f"broken base64: {exc}") from None
+    raise DecodeError(f"unknown transfer encoding {encoding[:40]!r}")
+
+
+def decode_text(data: bytes, charset: str | None) -> str:
+    """``data`` as text in its declared charset, read the way mail clients and browsers read it.
+
+    Labels are mapped as the WHATWG Encoding Standard does (``iso-8859-1`` and ``us-ascii``
+    are windows-1252, ``gb2312`` is GB18030, ...). Without a declared charset a ``<meta>``
+    charset near the start counts, then UTF-8, then windows-1252. Decoding is strict:
+    anything that does not decode raises ``DecodeError`` rather than losing bytes.
+    """
+    label = (charset or "").strip().strip('"').lower()
+    if not label:
+        sniffed = _META_CHARSET.search(data, 0, 4096)
+        label = sniffed.group(1).decode("ascii").lower() if sniffed else ""
+        if not label or label.startswith(("utf-16", "utf16")):
+            label = "unknown-8bit"
+    if label in _ASCII_LABELS and data.isascii():
+        return data.decode("ascii")
+    errors = []
+    for codec in _CODECS.get(label, (label,)):
+        try:
+            return _decode(data, codec)
+        except (UnicodeDecodeError, LookupError) as exc:
+            errors.append(exc)
+    if all(isinstance(exc, LookupError) for exc in errors):
+        raise DecodeError(f"unknown charset {label[:40]!r}")
+    raise DecodeError(f"not valid {label[:40]}")
+
+
+def _decode(data: bytes, codec: str) -> str:
+    if codec == "windows-1252":  # WHATWG: the five bytes cp1252 leaves undefined map to C1
+        return data.decode("latin-1").translate(_WINDOWS_1252)
+    if codecs.lookup(codec).name in _NOT_CHARSETS:
+        raise LookupError(codec)
+    return data.decode(codec)
+
+
+_META_CHARSET = re.compile(
+    rb"(?i)<meta[^>]{0,500}?charset[ \t\r\n]*=[ \t\r\n]*[\"']?[ \t\r\n]*([a-z0-9_:.()+-]{1,40})"
+)
+_WINDOWS_1252 = {
+    i: bytes((i,)).decode("cp1252")
+    for i in range(0x80, 0xA0)
+    if i not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)
+}
+_NOT_CHARSETS = {"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"}
+_ASCII_LABELS = {"us-ascii", "ascii", "us_ascii", "ansi_x3.4-1968", "iso646-us", "unknown-8bit"}
+_CODECS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_ASCII_LABELS, ("utf-8", "windows-1252")),
+    **dict.fromkeys(
+        (
+            "iso-8859-1",
+            "iso8859-1",
+            "iso_8859-1",
+            "latin1",
+            "latin-1",
+            "l1",
+            "cp819",
+            "windows-1252",
+            "cp1252",
+            "x-cp1252",
+        ),
+        ("windows-1252",),
+    ),
+    **dict.fromkeys(("iso-8859-9", "iso8859-9", "latin5", "l5"), ("cp1254",)),
+    **dict.fromkeys(("iso-8859-11", "tis-620"), ("cp874",)),
+    **dict.fromkeys(("gb2312", "gbk", "x-gbk", "gb_2312-80", "chinese"), ("gb18030",)),
+    **dict.fromkeys(("ks_c_5601-1987", "ks_c_5601", "euc-kr", "windows-949"), ("cp949",)),
+    **dict.fromkeys(
+        ("shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "windows-31j"), ("cp932",)
+    ),
+    **dict.fromkeys(("big5", "big5-hkscs", "x-x-big5"), ("big5hkscs",)),
+    "iso-2022-jp": ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2"),
+}
+
+
+def header_edits(raw: bytes, part: Part) -> list[tuple[int, int, bytes]]:
+    """Edits (start, end, replacement) that declare the part as UTF-8 quoted-printable.
+
+    Only the charset parameter and the transfer encoding value change; a missing
+    Content-Transfer-Encoding header is added after Content-Type.
+    """
+    content_type = part.header("content-type")
+    assert content_type is not None  # only declared text/html parts are re-encoded
+    edits = []
+    value_start, value_end = content_type.colon + 1, _value_end(raw, content_type)
+    match = _CHARSET_PARAM.search(raw, value_start, value_end)
+    if match:
+        edits.append((match.end(1), match.end(), b"charset=UTF-8"))
+    else:
+        end = value_start + len(raw[value_start:value_end].rstrip())
+        edits.append(
+            (end, end, b" charset=UTF-8" if raw[end - 1 : end] == b";" else b"; charset=UTF-8")
+        )
+    encoding = part.header("content-transfer-encoding")
+    if encoding is not None:
+        edits.append((encoding.colon + 1, _value_end(raw, encoding), b" quoted-printable"))
+    else:
+        eol = raw[_value_end(raw, content_type) : content_type.end] or line_ending(raw)
+        line = b"Content-Transfer-Encoding: quoted-printable" + eol
+        edits.append((content_type.end, content_type.end, line))
+    return sorted(edits)
+
+
+def _value_end(raw: bytes, header: Header) -> int:
+    """Offset of the line break that ends the header (or its end at end of input)."""
+    match = _LINE_END.search(raw, header.start, header.end)
+    return match.start() if match else header.end
+
+
+def line_ending(raw: bytes) -> bytes:
+    """The message's line ending, judged by its first line."""
+    newline = raw.find(b"\n")
+    return b"\n" if newline > 0 and raw[newline - 1] != 13 else b"\r\n"
+
+
+def qp_encode(text: str, eol: bytes, final: bool) -> tuple[bytes, int]:
+    """``text`` as UTF-8 quoted-printable starting at column 0, and the column where it ends.
+
+    ``text`` must not contain a CR outside CRLF; every line break becomes ``eol``. When
+    ``final`` is false, more output follows on the last line, so that line is kept short
+    enough to take a soft break.
+    """
+    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
+    if b"\r" in encoded:  # b2a_qp writes the line ending of the input's first line break
+        encoded = encoded.replace(b"\r\n", b"\n")
+    last_break = encoded.rfind(b"\n") + 1
+    if not final and len(encoded) - last_break >= QP_LINE:
+        tail = encoded[last_break:]
+        cut = QP_LINE - 1
+        escape = tail.rfind(b"=", cut - 2, cut)  # never cut "=XX" apart
+        cut = escape if escape >= 0 else cut
+        encoded = encoded[:last_break] + tail[:cut] + b"=\n" + tail[cut:]
+        last_break += cut + 2
+    column = len(encoded) - last_break
+    if eol != b"\n":
+        encoded = encoded.replace(b"\n", eol)
+    return encoded, column
+
+
+def qp_wrap_safe(token: str, column: int, eol: str) -> bytes:
+    """Quoted-printable of a string of QP-safe ASCII characters (no "=", no spaces) that
+    starts at ``column``, followed by a soft break so that what comes next starts a line."""
+    room = QP_LINE - 1 - column
+    if len(token) <= room:
+        return (token + "=" + eol).encode("ascii")
+    chunks = [token[:room]]
+    chunks.extend(token[i : i + QP_LINE - 1] for i in range(room, len(token), QP_LINE - 1))
+    return (("=" + eol).join(chunks) + "=" + eol).encode("ascii")

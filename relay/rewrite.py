@@ -1,0 +1,430 @@
+"""The rewrite: open pixel and signed click links spliced into the original message.
+
+``prepare`` does everything that does not depend on the recipient once per message: split the
+MIME tree, decode each trackable HTML part, find links and the pixel's place, and encode the
+result as quoted-printable pieces with a gap for each token. ``Prepared.render`` then only signs
+tokens and joins bytes. Every byte outside the edited HTML bodies and their two headers is the
+input's own (PRODUCT.md section 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from relay import markup, mime
+from relay.dkim import DkimSigner, signature_tags
+from relay.headers import HeaderBlock
+from relay.tokens import Keyring, RecipientSigner
+
+OPT_OUT_ATTRIBUTES = (
+    "data-alidm-traceoff",
+    "data-smtpd-no-track",
+    "data-pm-no-track",
+    "ses:no-track",
+)
+TEMPLATE_MARKERS = ("{{", "}}", "{%", "%}", "*|", "|*")
+PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;overflow:hidden"
+_PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
+_OPEN = -1  # token index of the open pixel in a rendering's token list
+
+_BASE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[\w.~/-]*)?")
+_PCT = r"%[0-9A-Fa-f]{2}"
+_PCHAR = rf"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|{_PCT})"
+_URL = re.compile(
+    rf"(?i:https?)://(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|{_PCT})*@)?"
+    rf"(?P<host>\[[^\]]*\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|{_PCT})+)(?::[0-9]*)?"
+    rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?"
+)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_ASCII_WS = "\t\n\f\r "
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    opens: bool
+    clicks: bool
+    base_url: str  # tracking base, no trailing slash
+    excluded_hosts: frozenset[str] = frozenset()  # never rewritten, subdomains included
+    dkim: DkimSigner | None = None  # key for the sender's domain, to re-sign after the change
+
+
+@dataclass(frozen=True, slots=True)
+class LinkResult:
+    href: str  # the attribute value as written
+    url: str | None  # where the click token redirects, when rewritten
+    reason: str = ""  # why it was left alone
+
+    @property
+    def rewritten(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PartResult:
+    path: str  # "1.2": second child of the first child; "" for a single-part message
+    content_type: str
+    rewritten: bool
+    reason: str  # what was done, or why the part was left alone
+    links: tuple[LinkResult, ...] = ()
+    pixel: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    parts: tuple[PartResult, ...]
+    dkim: str = ""  # what was done about an existing DKIM-Signature
+
+    @property
+    def links_rewritten(self) -> int:
+        return sum(link.rewritten for part in self.parts for link in part.links)
+
+
+class Prepared:
+    """A message ready to be rendered once per recipient."""
+
+    __slots__ = (
+        "will_change",
+        "reason",
+        "report",
+        "_raw",
+        "_statics",
+        "_slots",
+        "_urls",
+        "_pixel",
+        "_eol",
+        "_dkim",
+        "_dkim_headers",
+    )
+
+    def __init__(self, raw: bytes, reason: str, report: Report, plan: _Plan | None = None) -> None:
+        self.will_change = plan is not None
+        self.reason = reason
+        self.report = report
+        self._raw = raw
+        if plan is not None:
+            self._statics, self._slots = plan.statics, plan.slots
+            self._urls, self._pixel, self._eol = plan.urls, plan.pixel, plan.eol
+            self._dkim, self._dkim_headers = plan.dkim, plan.dkim_headers
+
+    def render(self, email_id: str, recipient: str, keyring: Keyring) -> bytes:
+        """The message for one recipient (the input itself when nothing changes)."""
+        if not self.will_change:
+            return self._raw
+        signer = RecipientSigner(keyring, email_id, recipient)
+        tokens = [signer.click(url) for url in self._urls]
+        if self._pixel:
+            tokens.append(signer.open())  # index -1, _OPEN
+        out = [self._statics[0]]
+        eol = self._eol
+        for (index, column), static in zip(self._slots, self._statics[1:], strict=True):
+            out.append(mime.qp_wrap_safe(tokens[index], column, eol))
+            out.append(static)
+        message = b"".join(out)
+        if self._dkim is not None:
+            message = self._dkim.sign(message, self._dkim_headers)
+        return message
+
+
+def prepare(raw: bytes, options: RewriteOptions) -> Prepared:
+    """Plan the rewrite of ``raw``. Never raises: whatever fails leaves the message as it is."""
+    try:
+        return _prepare(raw, options)
+    except Exception as exc:  # fail safe: a bug here must never lose or mangle a message
+        return Prepared(
+            raw, f"left untouched after an internal error ({type(exc).__name__})", Report(())
+        )
+
+
+@dataclass
+class _Plan:
+    """The output as static byte pieces with (token index, column) gaps between them."""
+
+    eol: str
+    statics: list[bytes]
+    slots: list[tuple[int, int]]
+    urls: list[str]
+    pixel: bool = False
+    dkim: DkimSigner | None = None
+    dkim_headers: tuple[bytes, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Click:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Open:
+    pass
+
+
+_Piece = str | _Click | _Open
+_Edit = tuple[int, int, list[_Piece]]  # replace text[start:end] with the pieces
+
+
+def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
+    if not (options.opens or options.clicks):
+        return Prepared(raw, "opens and clicks both off", Report(()))
+    if not _BASE.fullmatch(options.base_url):
+        return Prepared(raw, f"tracking base URL {options.base_url!r} unusable", Report(()))
+    eol = mime.line_ending(raw)
+    results: list[PartResult] = []
+    part_edits: list[tuple[mime.Part, _PartPlan]] = []
+    root = mime.split(raw)
+    for part in mime.leaves(root):
+        result, part_plan = _plan_part(raw, part, options)
+        results.append(result)
+        if part_plan is not None:
+            part_edits.append((part, part_plan))
+    report = Report(tuple(results))
+    if not part_edits:
+        return Prepared(raw, _nothing_reason(results), report)
+    dkim, dkim_headers, dkim_note, removals = _dkim_plan(raw, root.headers, options)
+    report = Report(report.parts, dkim_note)
+    if dkim_note and dkim is None:
+        return Prepared(raw, dkim_note, report)
+    plan = _assemble(raw, part_edits, removals, eol.decode("ascii"))
+    plan.dkim, plan.dkim_headers = dkim, dkim_headers
+    return Prepared(raw, _summary(report), report, plan)
+
+
+@dataclass(frozen=True, slots=True)
+class _PartPlan:
+    text: str  # the decoded HTML, line breaks as "\r\n" or "\n"
+    edits: list[_Edit]
+
+
+def _plan_part(
+    raw: bytes, part: mime.Part, options: RewriteOptions
+) -> tuple[PartResult, _PartPlan | None]:
+    """The part's report and, when it is to be rewritten, its edits in decoded HTML."""
+    skip = _why_not_trackable(part)
+    if skip:
+        return PartResult(part.path, part.content_type, False, skip), None
+    try:
+        text = mime.decode_text(mime.transfer_decode(raw, part), part.params.get("charset"))
+    except mime.DecodeError as exc:
+        return PartResult(part.path, part.content_type, False, f"undecodable: {exc}"), None
+    if text.count("\r") != text.count("\r\n"):  # lone CRs would not survive QP; HTML reads
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # them as line breaks anyway
+    found = markup.scan(text)
+    edits: list[_Edit] = []
+    links: list[LinkResult] = []
+    if options.clicks:
+        links = [_link(tag, options, edits) for tag in found.links]
+    pixel = False
+    if options.opens and (found.body_close is not None or found.stuck_at is None):
+        at = len(text) if found.body_close is None else found.body_close
+        edits.append((at, at, [f'<img src="{options.base_url}/o/', _Open(), _PIXEL_TAIL]))
+        pixel = True
+    if not edits:
+        reason = f"no link to rewrite among {len(links)}"
+        if options.opens:
+            reason = "no link to rewrite, and the document ends inside a tag, comment or raw text"
+        return PartResult(part.path, part.content_type, False, reason, tuple(links)), None
+    edits.extend(_meta_charset_edits(found.metas))
+    rewritten = sum(link.rewritten for link in links)
+    reason = f"rewrote {rewritten} of {len(links)} links" + (", pixel inserted" if pixel else "")
+    result = PartResult(part.path, part.content_type, True, reason, tuple(links), pixel)
+    return result, _PartPlan(text, edits)
+
+
+def _why_not_trackable(part: mime.Part) -> str:
+    if part.problem:
+        return part.problem
+    if part.content_type != "text/html":
+        return "not text/html"
+    if part.attachment:
+        return "attachment"
+    return ""
+
+
+def _link(tag: markup.Tag, options: RewriteOptions, edits: list[_Edit]) -> LinkResult:
+    href = tag.attrs["href"]
+    url, reason = _classify(tag, options)
+    if url is not None:
+        edits.append((href.start, href.end, [f"{options.base_url}/c/", _Click(url)]))
+    return LinkResult(href.value or "", url, reason)
+
+
+def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str | None, str]:
+    """(the URL to redirect to, "") for a link to rewrite, else (None, why not)."""
+    for name in OPT_OUT_ATTRIBUTES:
+        if name in tag.attrs:
+            return None, f"opt-out attribute {name}"
+    clicktracking = tag.attrs.get("clicktracking")
+    if clicktracking and markup.unescape_attr(clicktracking.value or "").strip().lower() == "off":
+        return None, "opt-out attribute clicktracking=off"
+    value = markup.unescape_attr(tag.attrs["href"].value or "").strip(_ASCII_WS)
+    if not value:
+        return None, "empty href"
+    if any(marker in value for marker in TEMPLATE_MARKERS):
+        return None, "template placeholder"
+    if value.startswith("#"):
+        return None, "fragment link"
+    scheme = _SCHEME.match(value)
+    if scheme is None:
+        return None, "relative link"
+    if scheme.group(1).lower() not in ("http", "https"):
+        return None, f"{scheme.group(1).lower()}: link"
+    match = _URL.fullmatch(value)
+    if match is None or not _valid_ip_literal(match.group("host")):
+        return None, "not a well-formed URL"
+    host = match.group("host").lower().rstrip(".")
+    if host == (urlsplit(options.base_url).hostname or "").lower():
+        return None, "already a tracking link"
+    for excluded in options.excluded_hosts:
+        excluded = excluded.lower().rstrip(".")
+        if host == excluded or host.endswith("." + excluded):
+            return None, f"excluded host {excluded}"
+    return value, ""
+
+
+def _valid_ip_literal(host: str) -> bool:
+    if not host.startswith("["):
+        return True
+    inner = host[1:-1]
+    if re.fullmatch(r"[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+", inner):
+        return True
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def _meta_charset_edits(metas: tuple[markup.Tag, ...]) -> list[_Edit]:
+    """Edits that make every ``<meta>`` charset declaration say UTF-8."""
+    edits: list[_Edit] = []
+    for tag in metas:
+        charset = tag.attrs.get("charset")
+        if charset is not None and charset.value is not None:
+            if not _is_utf8_label(charset.value):
+                edits.append((charset.start, charset.end, ["utf-8"]))
+            continue
+        http_equiv, content = tag.attrs.get("http-equiv"), tag.attrs.get("content")
+        if http_equiv is None or content is None or content.value is None:
+            continue
+        if markup.unescape_attr(http_equiv.value or "").strip().lower() != "content-type":
+            continue
+        found = re.search(
+            r"(?i)charset[\t\n\f\r ]*=[\t\n\f\r ]*[\"']?([^\t\n\f\r ;\"']+)", content.value
+        )
+        if found and not _is_utf8_label(found.group(1)):
+            start = content.start + found.start(1)
+            edits.append((start, content.start + found.end(1), ["utf-8"]))
+    return edits
+
+
+def _is_utf8_label(label: str) -> bool:
+    return label.strip().lower() in ("utf-8", "utf8", "unicode-1-1-utf-8")
+
+
+def _dkim_plan(
+    raw: bytes, block: HeaderBlock, options: RewriteOptions
+) -> tuple[DkimSigner | None, tuple[bytes, ...] | None, str, list[tuple[int, int]]]:
+    """(signer, headers to sign, note, header spans to drop) for the message's DKIM state."""
+    signatures = block.all("dkim-signature")
+    if not signatures:
+        return None, None, "", []
+    domains = [signature_tags(raw, header).get("d", "?") for header in signatures]
+    signer = options.dkim
+    if signer is None or signer.domain.lower() not in domains:
+        return None, None, f"DKIM-Signature present and no key for {domains[0]}", []
+    ours = signatures[domains.index(signer.domain.lower())]
+    names = signature_tags(raw, ours).get("h", "")
+    headers = tuple(name.encode("ascii") for name in names.split(":") if name) or None
+    removals = [(header.start, header.end) for header in signatures]
+    try:  # an unusable key must show now, not once per recipient
+        signer.sign(_without(raw, removals), headers)
+    except Exception as exc:  # dkimpy raises several unrelated types for bad keys
+        return None, None, f"DKIM key for {signer.domain} unusable: {exc}", []
+    note = f"re-signed for {signer.domain}, dropped {len(signatures)} old DKIM-Signature"
+    return signer, headers, note, removals
+
+
+def _without(raw: bytes, spans: list[tuple[int, int]]) -> bytes:
+    pieces, pos = [], 0
+    for start, end in sorted(spans):
+        pieces.append(raw[pos:start])
+        pos = end
+    pieces.append(raw[pos:])
+    return b"".join(pieces)
+
+
+def _assemble(
+    raw: bytes,
+    part_plans: list[tuple[mime.Part, _PartPlan]],
+    removals: list[tuple[int, int]],
+    eol: str,
+) -> _Plan:
+    """Join the untouched byte ranges of ``raw`` and the re-encoded parts into a plan."""
+    plan = _Plan(eol, [b""], [], [])
+    url_index: dict[str, int] = {}
+    byte_edits: list[tuple[int, int, bytes | _PartPlan]] = [
+        (start, end, b"") for start, end in removals
+    ]
+    for part, part_plan in part_plans:
+        byte_edits.extend(mime.header_edits(raw, part))
+        byte_edits.append((part.body_start, part.end, part_plan))
+    pos = 0
+    for start, end, replacement in sorted(byte_edits, key=lambda edit: edit[:2]):
+        plan.statics[-1] += raw[pos:start]
+        if isinstance(replacement, bytes):
+            plan.statics[-1] += replacement
+        else:
+            _encode_body(plan, replacement, url_index)
+        pos = end
+    plan.statics[-1] += raw[pos:]
+    plan.urls = list(url_index)
+    return plan
+
+
+def _encode_body(plan: _Plan, part_plan: _PartPlan, url_index: dict[str, int]) -> None:
+    """Append the part's new body: static text as quoted-printable, a slot for each token."""
+    text = part_plan.text
+    eol = plan.eol.encode("ascii")
+    pending: list[str] = []
+    pos = 0
+    for start, end, pieces in sorted(part_plan.edits, key=lambda edit: edit[:2]):
+        pending.append(text[pos:start])
+        for piece in pieces:
+            if isinstance(piece, str):
+                pending.append(piece)
+                continue
+            encoded, column = mime.qp_encode("".join(pending), eol, final=False)
+            plan.statics[-1] += encoded
+            if isinstance(piece, _Open):
+                plan.pixel = True
+                plan.slots.append((_OPEN, column))
+            else:
+                plan.slots.append((url_index.setdefault(piece.url, len(url_index)), column))
+            plan.statics.append(b"")
+            pending = []
+        pos = end
+    pending.append(text[pos:])
+    plan.statics[-1] += mime.qp_encode("".join(pending), eol, final=True)[0]
+
+
+def _nothing_reason(results: list[PartResult]) -> str:
+    html = [result for result in results if result.content_type == "text/html"]
+    if not html:
+        return "no text/html part"
+    return "; ".join(
+        f"{'part ' + result.path + ': ' if result.path else ''}{result.reason}" for result in html
+    )
+
+
+def _summary(report: Report) -> str:
+    parts = [part for part in report.parts if part.rewritten]
+    links = report.links_rewritten
+    pixels = sum(part.pixel for part in parts)
+    text = f"rewrote {links} link{'s' if links != 1 else ''}"
+    if pixels:
+        text += ", pixel inserted" if pixels == 1 else f", {pixels} pixels inserted"
+    if report.dkim:
+        text += f"; {report.dkim}"
+    return text
