@@ -184,6 +184,8 @@ def decode_text(data: bytes, charset: str | None) -> str:
         label = sniffed.group(1).decode("ascii").lower() if sniffed else ""
         if not label or label.startswith(("utf-16", "utf16")):
             label = "unknown-8bit"
+    if not _LABEL.fullmatch(label):
+        raise DecodeError(f"unknown charset {label[:40]!r}")
     if label in _ASCII_LABELS and data.isascii():
         return data.decode("ascii")
     errors = []
@@ -208,6 +210,7 @@ def _decode(data: bytes, codec: str) -> str:
 _META_CHARSET = re.compile(
     rb"(?i)<meta[^>]{0,500}?charset[ \t\r\n]*=[ \t\r\n]*[\"']?[ \t\r\n]*([a-z0-9_:.()+-]{1,40})"
 )
+_LABEL = re.compile(r"[a-z0-9_:.()+-]{1,40}")
 _WINDOWS_1252 = {
     i: bytes((i,)).decode("cp1252")
     for i in range(0x80, 0xA0)

@@ -208,14 +208,15 @@ def check_output(
     restored = re.sub(base + r"/([co])/([A-Za-z0-9_-]+)", restore, new_html)
     assert next(hrefs, None) is None
     pixels = re.findall(r'<img src="' + base + r'/o/[A-Za-z0-9_-]+"[^>]*/>', restored)
-    if options.opens:
-        assert len(pixels) == 1
-        body_end = restored.lower().rfind("</body>")
+    inserted = any(p.pixel for p in report.parts)
+    assert inserted <= options.opens
+    assert len(pixels) == inserted
+    if inserted:
         at = restored.index(pixels[0])
-        assert at + len(pixels[0]) == (body_end if body_end >= 0 else len(restored))
         restored = restored.replace(pixels[0], "")
-    else:
-        assert not pixels
+        if compare_with_lexbor:  # nonsense may hide "</body>" in a bogus comment
+            body_end = restored.lower().rfind("</body>")
+            assert at == (body_end if body_end >= 0 else len(restored))
     if html.count("\n") == html.count("\r\n") and "\r" not in html.replace("\r\n", ""):
         assert normalize_charset(restored) == normalize_charset(html)
     else:  # bare LF or CR inside base64: quoted-printable line breaks are CRLF
@@ -257,7 +258,7 @@ def corpus_cases() -> list[tuple[str, str | None, str, str | None, str]]:
 def test_corpus(name: str, charset: str, cte: str, label: str | None, html: str) -> None:
     raw = build(html, charset, cte, label)
     prepared = prepare(raw, OPTIONS)
-    assert prepared.will_change, prepared.reason
+    assert prepared.reason.endswith("pixel inserted")
     check(raw, html)
 
 
