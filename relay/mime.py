@@ -192,7 +192,7 @@ def decode_text(data: bytes, charset: str | None) -> str:
     for codec in _CODECS.get(label, (label,)):
         try:
             return _decode(data, codec)
-        except (UnicodeDecodeError, LookupError) as exc:
+        except (UnicodeError, LookupError) as exc:
             errors.append(exc)
     if all(isinstance(exc, LookupError) for exc in errors):
         raise DecodeError(f"unknown charset {label[:40]!r}")
@@ -204,7 +204,10 @@ def _decode(data: bytes, codec: str) -> str:
         return data.decode("latin-1").translate(_WINDOWS_1252)
     if codecs.lookup(codec).name in _NOT_CHARSETS:
         raise LookupError(codec)
-    return data.decode(codec)
+    text = data.decode(codec)
+    if codec != "utf-8":
+        text.encode("utf-8")  # UTF-7 and friends can decode to lone surrogates
+    return text
 
 
 _META_CHARSET = re.compile(
