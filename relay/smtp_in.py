@@ -170,7 +170,9 @@ class RelayHandler:
         encoded = self._users.get(name)
         ok = encoded is not None and _check_password(auth_data.password, encoded)
         log.info("auth %s for %r from %s", "ok" if ok else "failed", name, session.peer)
-        return AuthResult(success=ok, auth_data=name if ok else None)
+        if not ok:
+            return AuthResult(success=False, handled=False)  # aiosmtpd then answers 535
+        return AuthResult(success=True, auth_data=name)
 
     def _allowed(self, peer: object) -> bool:
         if not isinstance(peer, tuple) or not peer:
