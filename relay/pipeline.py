@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from email.utils import getaddresses
 
 from relay import metrics
 from relay.config import Config
+from relay.dkim import DkimSigner
 from relay.errors import SmtpReplyError
 from relay.headers import HeaderBlock, parse_header_block, remove_headers
 from relay.ids import new_email_id
@@ -88,12 +90,13 @@ class MailPipeline:
         raw = unstuff(incoming.stuffed)
         block = parse_header_block(raw)
         controls = read_controls(raw, block)
-        decision = decide(controls, _sender_domain(raw, block, incoming.sender), self.config)
+        sender_domain = _sender_domain(raw, block, incoming.sender)
+        decision = decide(controls, sender_domain, self.config)
         clean = remove_headers(raw, controls.headers)
         message_id = _header(raw, block, "Message-ID")
         pending, duplicates = self._split_delivered(message_id, incoming.recipients)
         outcome = Outcome(email_id, duplicates=duplicates)
-        prepared = await self._prepare(clean, decision) if pending else None
+        prepared = await self._prepare(clean, decision, sender_domain) if pending else None
         reason = decision.reason if prepared is None else _reason(decision, prepared)
         tracked = prepared is not None and prepared.will_change
         options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
@@ -107,9 +110,10 @@ class MailPipeline:
             copies = []
         for replies in await asyncio.gather(*(self.upstream.send(c) for c in copies)):
             outcome.replies.update(replies)
-        await self.store.write(lambda conn: _record(
-            conn, outcome, incoming, raw, block, controls, decision if tracked else None,
-            reason, message_id))
+        record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
+                               _header(raw, block, "Subject"), controls,
+                               decision if tracked else None, reason, len(raw))
+        await self.store.write(lambda conn: _record(conn, record, outcome))
         _count(outcome, decision if tracked else None)
         return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
@@ -124,13 +128,15 @@ class MailPipeline:
             [message_id, *recipients])}
         return [r for r in recipients if r not in done], [r for r in recipients if r in done]
 
-    async def _prepare(self, clean: bytes, decision: Decision) -> Prepared | None:
+    async def _prepare(self, clean: bytes, decision: Decision, sender_domain: str
+                       ) -> Prepared | None:
         if not decision.tracking:
             return None
+        key = self.config.dkim_key(sender_domain)
         options = RewriteOptions(
             opens=decision.opens, clicks=decision.clicks, base_url=decision.base_url,
             excluded_hosts=decision.excluded_hosts,
-            dkim=None,
+            dkim=DkimSigner(key.domain, key.selector, key.private_key) if key else None,
         )
         if len(clean) > LARGE_MESSAGE:
             return await asyncio.to_thread(prepare, clean, options)
@@ -188,24 +194,41 @@ def _count(outcome: Outcome, tracked: Decision | None) -> None:
             metrics.SMTP_COPIES.labels(name).inc(count)
 
 
-def _record(conn, outcome: Outcome, incoming: Incoming, raw: bytes, block: HeaderBlock,
-            controls: Controls, tracked: Decision | None, reason: str,
-            message_id: str | None) -> None:
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """The row kept about one message: who sent it, what it carried, what was decided."""
+
+    email_id: str
+    message_id: str | None
+    sender: str
+    sender_domain: str
+    subject: str | None
+    controls: Controls
+    tracked: Decision | None
+    reason: str
+    size: int
+
+
+def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome) -> None:
     now = time.time()
+    opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
         "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
         " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (outcome.email_id, message_id, incoming.sender,
-         _sender_domain(raw, block, incoming.sender), _header(raw, block, "Subject"),
-         controls.tag_name, json.dumps(list(controls.tags)), controls.campaign, controls.topic,
-         int(bool(tracked and tracked.opens)), int(bool(tracked and tracked.clicks)), reason,
-         len(raw), now))
-    rows = [(outcome.email_id, r, "sent" if reply.ok else "deferred" if reply.temporary
-             else "failed", str(reply), now) for r, reply in outcome.replies.items()]
-    rows += [(outcome.email_id, r, "duplicate", "already delivered", now)
-             for r in outcome.duplicates]
+        (m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
+         json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
+         int(clicks), m.reason, m.size, now))
+    rows = [(m.email_id, r, _status(reply), str(reply), now)
+            for r, reply in outcome.replies.items()]
+    rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]
     conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
-    if message_id:
+    if m.message_id:
         conn.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
-                         [(message_id, r, outcome.email_id, now) for r in outcome.sent])
+                         [(m.message_id, r, m.email_id, now) for r in outcome.sent])
+
+
+def _status(reply: Reply) -> str:
+    if reply.ok:
+        return "sent"
+    return "deferred" if reply.temporary else "failed"
