@@ -51,6 +51,8 @@ class SmtpSettings:
     max_recipients: int = 100
     max_line_length: int = 998
     timeout: float = 300.0
+    # A resend of a Message-ID within this many hours skips the recipients it already reached.
+    dedupe_hours: float = 72.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class TrackingSettings:
     keys: tuple[tuple[str, str], ...] = ()
     current_key: str | None = None
     scanner_window_seconds: float = 10.0
+    # extra client networks whose hits are link scanners (the shipped list: relay/bots.py)
+    scanner_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         max_recipients=r.positive("max_recipients", d.max_recipients),
         max_line_length=r.positive("max_line_length", d.max_line_length),
         timeout=r.positive("timeout", d.timeout, float),
+        dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise r.fail("tls_cert", "tls_cert and tls_key go together")
@@ -272,6 +277,13 @@ def _smtp(r: _Reader) -> SmtpSettings:
         raise r.fail("tls_listen", "needs tls_cert and tls_key")
     r.done()
     return settings
+
+
+def _non_negative(r: _Reader, name: str, default: float) -> float:
+    value = r.get(name, (int, float), default)
+    if value < 0:
+        raise r.fail(name, "must be 0 (off) or more")
+    return float(value)
 
 
 _UPSTREAM_TLS = ("none", "starttls", "implicit")
@@ -349,15 +361,14 @@ def _tracking(r: _Reader) -> TrackingSettings:
     current = r.get("current_key", str, keys[-1][0] if keys else None)
     if keys and current not in dict(keys):
         raise r.fail("current_key", f"no key {current!r} in tracking.keys")
-    window = r.get("scanner_window_seconds", (int, float), d.scanner_window_seconds)
-    if window < 0:
-        raise r.fail("scanner_window_seconds", "must be 0 (off) or more")
+    window = _non_negative(r, "scanner_window_seconds", d.scanner_window_seconds)
     settings = TrackingSettings(
         opens=r.get("opens", bool, d.opens),
         clicks=r.get("clicks", bool, d.clicks),
         keys=tuple(keys),
         current_key=current,
-        scanner_window_seconds=float(window),
+        scanner_window_seconds=window,
+        scanner_networks=r.networks("scanner_networks", d.scanner_networks),
     )
     r.done()
     return settings

@@ -87,8 +87,11 @@ def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     return HeaderBlock(tuple(headers), pos)
 
 
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")  # printable ASCII but ':' (RFC 5322 2.2)
+
+
 def _is_field_name(name: bytes) -> bool:
-    return all(33 <= b <= 126 and b != 58 for b in name)
+    return _FIELD_NAME.fullmatch(name) is not None
 
 
 def remove_headers(raw: bytes, doomed: Iterable[Header]) -> bytes:

@@ -113,19 +113,21 @@ class MailPipeline:
         record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                _header(raw, block, "Subject"), controls,
                                decision if tracked else None, reason, len(raw))
-        await self.store.write(lambda conn: _record(conn, record, outcome))
+        remember = self.config.smtp.dedupe_hours > 0
+        await self.store.write(lambda conn: _record(conn, record, outcome, remember))
         _count(outcome, decision if tracked else None)
         return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
     def _split_delivered(self, message_id: str | None, recipients: Sequence[str]
                          ) -> tuple[list[str], list[str]]:
-        """Recipients still to send to, and those a previous try already delivered to."""
-        if not message_id:
+        """Recipients still to send to, and those a recent try already delivered to."""
+        window = self.config.smtp.dedupe_hours * 3600
+        if not message_id or not window:
             return list(recipients), []
         marks = ",".join("?" * len(recipients))
         done = {row[0] for row in self.store.execute_now(
-            f"SELECT recipient FROM deliveries WHERE message_id = ? AND recipient IN ({marks})",
-            [message_id, *recipients])}
+            "SELECT recipient FROM deliveries WHERE message_id = ? AND at > ?"
+            f" AND recipient IN ({marks})", [message_id, time.time() - window, *recipients])}
         return [r for r in recipients if r not in done], [r for r in recipients if r in done]
 
     async def _prepare(self, clean: bytes, decision: Decision, sender_domain: str
@@ -209,7 +211,8 @@ class MessageRecord:
     size: int
 
 
-def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome) -> None:
+def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool
+            ) -> None:
     now = time.time()
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
@@ -223,8 +226,8 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome) -> Non
             for r, reply in outcome.replies.items()]
     rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]
     conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
-    if m.message_id:
-        conn.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+    if m.message_id and remember:
+        conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
                          [(m.message_id, r, m.email_id, now) for r in outcome.sent])
 
 
