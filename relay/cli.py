@@ -63,6 +63,8 @@ def _serve(*, smtp: bool, http: bool) -> Command:
 
         cfg = config_module.load(args.config)
         logging.basicConfig(level=cfg.log_level, format=LOG_FORMAT)
+        if cfg.log_level != "DEBUG":  # aiosmtpd logs every command at INFO
+            logging.getLogger("mail.log").setLevel(logging.WARNING)
         asyncio.run(serve(cfg, smtp=smtp, http=http))
         return 0
 

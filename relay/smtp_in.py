@@ -14,6 +14,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import re
 import ssl
 from collections.abc import Sequence
 
@@ -29,6 +30,8 @@ from relay.tokens import Keyring
 log = logging.getLogger("relay.smtp")
 
 DATA_END = b".\r\n"
+# <local@domain> with a dot-atom local part and a plain domain, then the parameters
+_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,255})>(.*)\Z")
 
 
 class RelaySMTP(SMTP):
@@ -48,6 +51,14 @@ class RelaySMTP(SMTP):
     def __init__(self, handler: RelayHandler, *, max_line_length: int, **kwargs: object):
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self.max_line_length = max_line_length
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The common ``<local@domain> PARAMS`` form without the stdlib's RFC 5322 parser (a
+        noticeable share of a short session); anything else goes the stock way."""
+        match = _PLAIN_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        return match.group(1), match.group(2)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -104,7 +115,7 @@ class RelaySMTP(SMTP):
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
             return ("550 5.6.11 Bare CR or LF in message data: line endings must be CRLF "
                     "(RFC 5321 2.3.8)")
-        if len(body) > self.max_line_length and _longest_line(body) > self.max_line_length:
+        if has_long_line(body, self.max_line_length):
             return (f"500 5.5.2 Line too long: message lines must be at most "
                     f"{self.max_line_length} characters (RFC 5322 2.1.1)")
         return None
@@ -117,8 +128,27 @@ def _ends_line(before: bytes, piece: bytes) -> bool:
     return tail == b"\r\n"
 
 
-def _longest_line(body: bytes) -> int:
-    return max(map(len, body.split(b"\r\n")))
+def has_long_line(body: bytes, limit: int) -> bool:
+    """Whether a line holds more than ``limit`` characters before its CRLF.
+
+    Such a line is a run of at least ``limit + 2`` bytes without LF, so it covers one of the
+    windows of ``(limit + 2) // 2`` bytes laid end to end over the body: look for LF in each
+    window (a C-speed ``find``), and measure a line exactly only where a window has none.
+    """
+    if len(body) <= limit:
+        return False
+    width = (limit + 2) // 2
+    for start in range(0, len(body), width):
+        if body.find(b"\n", start, start + width) != -1:
+            continue
+        line_start = body.rfind(b"\n", 0, start) + 1
+        line_end = body.find(b"\n", start)
+        line_end = len(body) if line_end == -1 else line_end
+        if body[line_end - 1 : line_end] == b"\r":
+            line_end -= 1
+        if line_end - line_start > limit:
+            return True
+    return False
 
 
 class RelayHandler:

@@ -68,6 +68,38 @@ MIGRATIONS: dict[str, str] = {
             PRIMARY KEY (message_id, recipient)
         );
     """,
+    # Opens and clicks, bots included (see relay/events.py for the meaning of each column).
+    "0002_events": """
+        CREATE TABLE events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            at REAL NOT NULL,
+            email_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            url TEXT,
+            ip TEXT,
+            user_agent TEXT NOT NULL,
+            method TEXT NOT NULL,
+            classification TEXT NOT NULL,
+            bot_source TEXT,
+            reason TEXT,
+            counted INTEGER NOT NULL,
+            implied INTEGER NOT NULL,
+            first_for_recipient INTEGER NOT NULL,
+            first_for_link INTEGER NOT NULL
+        );
+        CREATE INDEX events_message ON events (email_id, recipient, type, counted);
+        CREATE INDEX events_at ON events (at);
+        CREATE TABLE link_clicks (
+            email_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            url TEXT NOT NULL,
+            clicks INTEGER NOT NULL,
+            counted_clicks INTEGER NOT NULL,
+            last_at REAL NOT NULL,
+            PRIMARY KEY (email_id, recipient, url)
+        ) WITHOUT ROWID;
+    """,
 }
 
 
@@ -108,10 +140,10 @@ def _statements(script: str) -> Iterable[str]:
 
 
 class Store:
-    def __init__(self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection):
+    def __init__(self, path: Path, writer: sqlite3.Connection) -> None:
         self.path = path
         self.writer = writer
-        self._reader = reader
+        self._reader: aiosqlite.Connection | None = None
         self._pending: list[tuple[WriteFn[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self.batches = 0
@@ -121,15 +153,21 @@ class Store:
     async def open(cls, path: Path) -> Store:
         writer = connect(path)
         migrate(writer)
-        reader = await aiosqlite.connect(path, isolation_level=None)
-        await reader.execute("PRAGMA busy_timeout=5000")
-        await reader.execute("PRAGMA foreign_keys=ON")
-        return cls(path, writer, reader)
+        return cls(path, writer)
 
     async def close(self) -> None:
         self._flush()
-        await self._reader.close()
+        if self._reader is not None:
+            await self._reader.close()
         self.writer.close()
+
+    async def _read_connection(self) -> aiosqlite.Connection:
+        """Opened on first use: a process that only relays mail never starts its thread."""
+        if self._reader is None:
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=5000")
+            self._reader = reader
+        return self._reader
 
     def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
         """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit."""
@@ -146,7 +184,8 @@ class Store:
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """A read that may scan: runs on the reader's thread."""
-        async with self._reader.execute(sql, tuple(params)) as cursor:
+        reader = await self._read_connection()
+        async with reader.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
 
     def _flush(self) -> None:
