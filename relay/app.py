@@ -52,14 +52,22 @@ async def running(
 
 
 async def _start_http(config: Config, services: Services) -> web.AppRunner:
+    from relay.api import PREFIX, build_api
     from relay.tracker import build_app
 
-    runner = web.AppRunner(build_app(config, services.store, services.keyring), access_log=None)
+    app = build_app(config, services.store, services.keyring)
+    app.add_subapp(PREFIX, build_api(config, services.store))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.http.listen.host, config.http.listen.port)
     await site.start()
     log.info("http listening on %s, public url %s", config.http.listen, config.http.public_url)
     return runner
+
+
+def http_port(runner: web.AppRunner) -> int:
+    """The port the HTTP service listens on (for listen addresses with port 0)."""
+    return runner.addresses[0][1]
 
 
 async def serve(config: Config, *, smtp: bool = True, http: bool = True) -> None:

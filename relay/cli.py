@@ -9,10 +9,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from relay import apikeys
 from relay import config as config_module
+from relay.commands import config_option
 from relay.errors import ConfigError
 
-DEFAULT_CONFIG = "config.example.toml"
+# Modules that add subcommands of their own (see relay/commands.py).
+COMMAND_MODULES = (apikeys,)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 Command = Callable[[argparse.Namespace], int]
@@ -43,18 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", _check_config, "validate a configuration file"),
     ):
         command = commands.add_parser(name, help=text, description=text)
-        _config_option(command)
+        config_option(command)
         command.set_defaults(run=run)
     hasher = commands.add_parser("hash-password", help="print a password hash for [[smtp.users]]")
     hasher.add_argument("--password-stdin", action="store_true",
                         help="read the password from standard input instead of prompting")
     hasher.set_defaults(run=_hash_password)
+    for module in COMMAND_MODULES:
+        module.add_commands(commands, config_option)
     return parser
-
-
-def _config_option(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                         help=f"configuration file (default: {DEFAULT_CONFIG})")
 
 
 def _serve(*, smtp: bool, http: bool) -> Command:

@@ -34,5 +34,6 @@ def _generate(conn: sqlite3.Connection) -> bytes:
     with conn:
         conn.execute("INSERT OR IGNORE INTO signing_keys VALUES (?, ?, ?)",
                      (GENERATED_KID, secret, time.time()))
-    row = conn.execute("SELECT secret FROM signing_keys WHERE kid = ?", (GENERATED_KID,)).fetchone()
-    return bytes(row[0])
+    [(secret,)] = conn.execute("SELECT secret FROM signing_keys WHERE kid = ?",
+                               (GENERATED_KID,)).fetchall()
+    return bytes(secret)

@@ -14,7 +14,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import config as config_module
-from relay.app import Services, running
+from relay.app import Services, http_port, running
 
 
 class LoopThread:
@@ -110,6 +110,11 @@ class Relay:
     def smtp_port(self) -> int:
         assert self.services.smtp is not None
         return self.services.smtp.ports[0]  # type: ignore[attr-defined]
+
+    @property
+    def http_url(self) -> str:
+        assert self.services.http is not None
+        return f"http://127.0.0.1:{http_port(self.services.http)}"
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.config.store.path)

@@ -1,0 +1,92 @@
+"""API keys: random secrets shown once at creation and stored only as SHA-256 hashes (they are
+long and random, so a fast hash is enough), revocable, named for their owner."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+import sqlite3
+import time
+
+from relay.commands import ConfigOption, fail, format_time, open_store
+
+PREFIX = "rk_"
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def create(conn: sqlite3.Connection, name: str) -> str:
+    """A new key for ``name``; the secret is returned once and never stored."""
+    if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("a key name is 1-64 letters, digits, '-' or '_'")
+    secret = PREFIX + secrets.token_urlsafe(32)
+    try:
+        with conn:
+            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, NULL)",
+                         (name, _hash(secret), time.time()))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"a key named {name!r} exists already") from None
+    return secret
+
+
+def revoke(conn: sqlite3.Connection, name: str) -> bool:
+    with conn:
+        cursor = conn.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (time.time(), name))
+    return cursor.rowcount == 1
+
+
+def listing(conn: sqlite3.Connection) -> list[tuple[str, float, float | None]]:
+    query = "SELECT name, created_at, revoked_at FROM api_keys ORDER BY name"
+    return conn.execute(query).fetchall()
+
+
+def authenticate(conn: sqlite3.Connection, secret: str) -> str | None:
+    """The key's name, or None when it is unknown or revoked.
+
+    ``fetchall`` finishes the statement, so no read snapshot stays open on ``conn`` and a key
+    revoked from another process stops working at once."""
+    rows = conn.execute("SELECT name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+                        (_hash(secret),)).fetchall()
+    return rows[0][0] if rows else None
+
+
+def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
+    parser = commands.add_parser("api-keys", help="create, list and revoke API keys")
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+    create_parser = actions.add_parser("create", help="create a key and print it (once)")
+    create_parser.add_argument("name")
+    create_parser.set_defaults(run=_create)
+    revoke_parser = actions.add_parser("revoke", help="revoke a key by name")
+    revoke_parser.add_argument("name")
+    revoke_parser.set_defaults(run=_revoke)
+    list_parser = actions.add_parser("list", help="list keys (never their secrets)")
+    list_parser.set_defaults(run=_list)
+    for sub in (create_parser, revoke_parser, list_parser):
+        config_option(sub)
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        print(create(open_store(args), args.name))
+    except ValueError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    if not revoke(open_store(args), args.name):
+        return fail(f"no active key named {args.name!r}")
+    print(f"revoked {args.name}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for name, created, revoked in listing(open_store(args)):
+        state = f"revoked {format_time(revoked)}" if revoked else "active"
+        print(f"{name:24} created {format_time(created)}  {state}")
+    return 0

@@ -1,0 +1,51 @@
+"""What the ``relay`` subcommands share: the --config option, the store, output helpers.
+
+Modules with subcommands expose ``add_commands(commands, config_option)``; cli.py lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from relay import config as config_module
+from relay import store
+
+DEFAULT_CONFIG = "config.example.toml"
+
+ConfigOption = Callable[[argparse.ArgumentParser], None]
+
+
+def config_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                         help=f"configuration file (default: {DEFAULT_CONFIG})")
+
+
+def open_store(args: argparse.Namespace) -> sqlite3.Connection:
+    """The store named by the --config file, migrated, for a command that reads or writes it."""
+    cfg = config_module.load(args.config)
+    conn = store.connect(cfg.store.path)
+    store.migrate(conn)
+    return conn
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return code
+
+
+def format_time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) + "Z"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain, aligned text table."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
