@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
@@ -59,7 +61,8 @@ async def _start_http(config: Config, services: Services) -> web.AppRunner:
     app.add_subapp(PREFIX, build_api(config, services.store))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.listen.host, config.http.listen.port)
+    site = web.TCPSite(runner, config.http.listen.host, config.http.listen.port,
+                       reuse_port=config.http.workers > 1 or None)
     await site.start()
     log.info("http listening on %s, public url %s", config.http.listen, config.http.public_url)
     return runner
@@ -70,12 +73,66 @@ def http_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
 
 
-async def serve(config: Config, *, smtp: bool = True, http: bool = True) -> None:
-    """Run until SIGINT or SIGTERM."""
+async def serve(config: Config, *, smtp: bool = True, http: bool = True,
+                main: bool = True) -> int:
+    """Run until SIGINT or SIGTERM, with the extra worker processes the config asks for.
+
+    Workers are whole copies of the SMTP (or HTTP) service listening on the same port with
+    SO_REUSEPORT, so the kernel spreads connections over them; they share the store (SQLite in
+    WAL mode takes writers from several processes). If one dies, the others are stopped and
+    the command exits non-zero, for systemd to restart the lot. Returns the exit status.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with running(config, smtp=smtp, http=http):
+        workers = _start_workers(config, smtp=smtp, http=http) if main else []
+        for worker in workers:
+            loop.add_reader(worker.sentinel, stop.set)
         await stop.wait()
         log.info("stopping")
+        failed = [w for w in workers if w.exitcode not in (None, 0)]
+        _stop_workers(workers)
+    for worker in failed:
+        log.error("worker process %s died (exit code %s); stopped the others", worker.pid,
+                  worker.exitcode)
+    return 1 if failed else 0
+
+
+def _start_workers(config: Config, *, smtp: bool, http: bool) -> list[BaseProcess]:
+    context = multiprocessing.get_context("spawn")
+    plans = [(True, False)] * (config.smtp.workers - 1 if smtp else 0)
+    plans += [(False, True)] * (config.http.workers - 1 if http else 0)
+    workers = []
+    for worker_smtp, worker_http in plans:
+        process = context.Process(target=_worker, args=(config, worker_smtp, worker_http),
+                                  daemon=True)
+        process.start()
+        workers.append(process)
+    return workers
+
+
+def _worker(config: Config, smtp: bool, http: bool) -> None:
+    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    quiet_libraries(config.log_level)
+    raise SystemExit(asyncio.run(serve(config, smtp=smtp, http=http, main=False)))
+
+
+def _stop_workers(workers: list[BaseProcess]) -> None:
+    for worker in workers:
+        if worker.exitcode is None:
+            worker.terminate()
+    for worker in workers:
+        worker.join(10)
+        if worker.exitcode is None:
+            worker.kill()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def quiet_libraries(level: str) -> None:
+    """aiosmtpd logs every SMTP command at INFO: keep that for DEBUG."""
+    if level != "DEBUG":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -16,7 +16,6 @@ from relay.errors import ConfigError
 
 # Modules that add subcommands of their own (see relay/commands.py).
 COMMAND_MODULES = (apikeys,)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -59,14 +58,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(*, smtp: bool, http: bool) -> Command:
     def run(args: argparse.Namespace) -> int:
-        from relay.app import serve
+        from relay.app import LOG_FORMAT, quiet_libraries, serve
 
         cfg = config_module.load(args.config)
         logging.basicConfig(level=cfg.log_level, format=LOG_FORMAT)
-        if cfg.log_level != "DEBUG":  # aiosmtpd logs every command at INFO
-            logging.getLogger("mail.log").setLevel(logging.WARNING)
-        asyncio.run(serve(cfg, smtp=smtp, http=http))
-        return 0
+        quiet_libraries(cfg.log_level)
+        return asyncio.run(serve(cfg, smtp=smtp, http=http))
 
     return run
 

@@ -53,6 +53,7 @@ class SmtpSettings:
     timeout: float = 300.0
     # A resend of a Message-ID within this many hours skips the recipients it already reached.
     dedupe_hours: float = 72.0
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class HttpSettings:
     listen: Address = Address("127.0.0.1", 8080)
     public_url: str = "http://127.0.0.1:8080"
     trusted_proxies: tuple[Network, ...] = ()
+    workers: int = 1  # processes sharing the listener (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         max_line_length=r.positive("max_line_length", d.max_line_length),
         timeout=r.positive("timeout", d.timeout, float),
         dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
+        workers=_workers(r, r.address("listen", d.listen)),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise r.fail("tls_cert", "tls_cert and tls_key go together")
@@ -277,6 +280,13 @@ def _smtp(r: _Reader) -> SmtpSettings:
         raise r.fail("tls_listen", "needs tls_cert and tls_key")
     r.done()
     return settings
+
+
+def _workers(r: _Reader, listen: Address | None) -> int:
+    workers = r.positive("workers", 1)
+    if workers > 1 and listen is not None and listen.port == 0:
+        raise r.fail("workers", "several workers need a fixed listen port, not 0")
+    return workers
 
 
 def _non_negative(r: _Reader, name: str, default: float) -> float:
@@ -328,6 +338,7 @@ def _http(r: _Reader) -> HttpSettings:
         listen=r.address("listen", d.listen),
         public_url=public_url,
         trusted_proxies=r.networks("trusted_proxies", d.trusted_proxies),
+        workers=_workers(r, r.address("listen", d.listen)),
     )
     r.done()
     return settings

@@ -247,7 +247,8 @@ class SmtpService:
         for address, implicit in listeners:
             server = await loop.create_server(
                 functools.partial(self._protocol, tls, implicit is not None),
-                address.host, address.port, ssl=implicit)  # type: ignore[attr-defined]
+                address.host, address.port, ssl=implicit,  # type: ignore[attr-defined]
+                reuse_port=settings.workers > 1 or None)
             self.servers.append(server)
             log.info("smtp listening on %s%s", address, " (implicit TLS)" if implicit else "")
 

@@ -1,0 +1,117 @@
+"""The relay as users run it: the ``relay`` command in a subprocess, stopped by a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"relay exited: {process.stderr.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)  # polling a port that is not open yet; not a synchronisation sleep
+    raise AssertionError(f"port {port} never opened")
+
+
+def write_config(tmp_path: Path, smtp_port: int, http_port: int, workers: int = 1) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+workers = {workers}
+[upstream]
+capture_dir = "outbox"
+[http]
+listen = "127.0.0.1:{http_port}"
+public_url = "http://127.0.0.1:{http_port}"
+[store]
+url = "sqlite:///relay.db"
+""")
+    return config
+
+
+def start(command: str, config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "relay", command, "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+MESSAGE = (b"From: a@shop.example\r\nTo: b@example.org\r\nSubject: hi\r\n"
+           b"X-Anypost-Track-Opens: true\r\nContent-Type: text/html\r\n\r\n"
+           b"<html><body>hello</body></html>\r\n")
+
+
+def test_serve_relays_tracks_and_stops_on_sigterm(tmp_path):
+    smtp_port, http_port = free_port(), free_port()
+    process = start("serve", write_config(tmp_path, smtp_port, http_port))
+    try:
+        wait_for_port(smtp_port, process)
+        wait_for_port(http_port, process)
+        with smtplib.SMTP("127.0.0.1", smtp_port) as client:
+            client.sendmail("a@shop.example", ["b@example.org"], MESSAGE)
+        [eml] = (tmp_path / "outbox").glob("*.eml")
+        pixel = f"http://127.0.0.1:{http_port}/o/".encode()
+        assert pixel in eml.read_bytes().replace(b"=\r\n", b"")
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz") as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0, process.stderr.read()
+
+
+def workers_of(pid: int) -> list[int]:
+    """Child processes started by multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+def test_smtp_workers_share_the_port_and_a_dead_worker_stops_the_relay(tmp_path):
+    smtp_port = free_port()
+    process = start("smtp", write_config(tmp_path, smtp_port, free_port(), workers=2))
+    try:
+        wait_for_port(smtp_port, process)
+        deadline = time.monotonic() + 20
+        while not workers_of(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for the worker process to appear
+        [worker] = workers_of(process.pid)[:1]
+        for _ in range(6):
+            with smtplib.SMTP("127.0.0.1", smtp_port) as client:
+                client.sendmail("a@shop.example", ["b@example.org"], MESSAGE)
+        assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
+        os.kill(worker, signal.SIGKILL)
+        assert process.wait(20) == 1
+        assert "died" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
