@@ -79,6 +79,11 @@ class MailPipeline:
                      incoming.peer, exc.reply)
             metrics.SMTP_MESSAGES.labels("refused").inc()
             return exc.reply
+        except Exception:
+            # A bug must not lose the message: the client keeps it and tries again.
+            log.exception("%s failed from=%s peer=%s", email_id, incoming.sender, incoming.peer)
+            metrics.SMTP_MESSAGES.labels("error").inc()
+            return "451 4.3.0 Internal error in the relay; the message was not sent, try again"
         metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         log.info("%s from=%s to=%d %s sent=%d failed=%d duplicate=%d reply=%r (%.1f ms)",
                  email_id, incoming.sender, len(incoming.recipients), summary,

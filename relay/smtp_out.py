@@ -56,9 +56,6 @@ class Copy:
 
 
 class Upstream(Protocol):
-    supports_8bitmime: bool
-    supports_smtputf8: bool
-
     async def send(self, copy: Copy) -> dict[str, Reply]:
         """Each recipient's reply (the DATA reply for those whose RCPT was accepted)."""
         ...
@@ -83,9 +80,6 @@ def stuff(body: bytes) -> bytes:
 class CaptureUpstream:
     """Writes each copy to ``<folder>/<email_id>.<n>.eml`` with its envelope beside it in
     ``.json``; the file appears complete or not at all (written, then renamed)."""
-
-    supports_8bitmime = True
-    supports_smtputf8 = True
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -119,8 +113,6 @@ class SmtpUpstream:
         self.local_hostname = local_hostname
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(settings.pool_size)
-        self.supports_8bitmime = True
-        self.supports_smtputf8 = True
 
     async def send(self, copy: Copy) -> dict[str, Reply]:
         try:
@@ -161,15 +153,18 @@ class SmtpUpstream:
             validate_certs=s.verify_certificate, tls_context=_tls_context(s),
         )
         await smtp.connect()
+        if smtp.is_ehlo_or_helo_needed:
+            await smtp.ehlo()  # the extensions are known before the first message
         if s.username is not None and s.password is not None:
             await smtp.login(s.username, s.password)
-        self.supports_8bitmime = smtp.supports_extension("8bitmime")
-        self.supports_smtputf8 = smtp.supports_extension("smtputf8")
         return smtp
 
     async def _transaction(self, smtp: aiosmtplib.SMTP, copy: Copy) -> dict[str, Reply]:
+        missing = _missing_extension(smtp, copy.mail_options)
+        if missing is not None:
+            return {r: missing for r in copy.recipients}
         try:
-            await smtp.mail(copy.sender, options=list(copy.mail_options))
+            await smtp.mail(copy.sender, options=list(copy.mail_options), encoding="utf-8")
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _StaleConnection from exc
         except aiosmtplib.SMTPResponseException as exc:
@@ -188,6 +183,18 @@ class SmtpUpstream:
         final = await _data(smtp, copy.stuffed, self.settings.timeout)
         replies.update({r: final for r in accepted})
         return replies
+
+
+def _missing_extension(smtp: aiosmtplib.SMTP, options: Sequence[str]) -> Reply | None:
+    """The reply for a message that needs an extension the upstream lacks (RFC 6531, 6152)."""
+    wanted = {o.upper() for o in options}
+    if "SMTPUTF8" in wanted and not smtp.supports_extension("smtputf8"):
+        return Reply(553, "5.6.7 The upstream server does not support SMTPUTF8, which this "
+                          "message needs (non-ASCII addresses or headers)")
+    if "BODY=8BITMIME" in wanted and not smtp.supports_extension("8bitmime"):
+        return Reply(554, "5.6.3 The upstream server does not support 8BITMIME, which this "
+                          "message needs (8-bit body)")
+    return None
 
 
 class _StaleConnection(aiosmtplib.SMTPServerDisconnected):

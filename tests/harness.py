@@ -66,8 +66,9 @@ class UpstreamHandler:
 
 
 class UpstreamServer:
-    def __init__(self, loops: LoopThread) -> None:
+    def __init__(self, loops: LoopThread, smtputf8: bool = True) -> None:
         self.loops = loops
+        self.smtputf8 = smtputf8
         self.handler = UpstreamHandler()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -76,7 +77,7 @@ class UpstreamServer:
         async def start() -> asyncio.AbstractServer:
             loop = asyncio.get_running_loop()
             return await loop.create_server(
-                lambda: SMTP(self.handler, enable_SMTPUTF8=True, hostname="upstream.test",
+                lambda: SMTP(self.handler, enable_SMTPUTF8=self.smtputf8, hostname="upstream.test",
                              loop=loop), "127.0.0.1", self.port)
         self.server = self.loops.run(start())
         self.port = self.server.sockets[0].getsockname()[1]

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import Relay
+from harness import Relay, UpstreamServer
 
 from relay.passwords import hash_password
 
@@ -322,3 +322,40 @@ def test_swaks_delivers_through_the_relay(make_relay, upstream, tmp_path):
     expected = re.sub(rb"X-Anypost-[A-Za-z]+: [^\r]*\r\n", b"", PLAIN)
     # swaks sends one CRLF of its own before the final dot
     assert upstream.received[0].data == expected + b"\r\n"
+
+
+def test_smtputf8_is_passed_on_and_refused_when_the_upstream_lacks_it(make_relay, loops):
+    utf8_message = "From: Zoë <zoë@shop.example>\r\nTo: b@example.org\r\nSubject: é\r\n\r\nhi\r\n"
+    for supported in (True, False):
+        server = UpstreamServer(loops, smtputf8=supported)
+        server.start()
+        try:
+            relay = make_relay(upstream=server)
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+                client.ehlo()
+                assert client.has_extn("smtputf8")
+                code, text = client.mail("zoë@shop.example", ["SMTPUTF8"])
+                assert code == 250
+                assert client.rcpt("b@example.org")[0] == 250
+                code, text = client.data(utf8_message.encode())
+            if supported:
+                assert code == 250
+                assert server.received[0].mail_options == ["SMTPUTF8"]
+                assert server.received[0].data == utf8_message.encode()
+            else:
+                assert code == 553
+                assert b"does not support SMTPUTF8" in text
+                assert server.received == []
+        finally:
+            server.stop()
+
+
+def test_implicit_tls_listener(make_relay, upstream, certificate):
+    cert, key = certificate
+    relay = make_relay({"smtp": {"tls_cert": str(cert), "tls_key": str(key),
+                                 "tls_listen": "127.0.0.1:0"}}, upstream=upstream)
+    tls_port = relay.services.smtp.ports[1]
+    context = ssl._create_unverified_context()
+    with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context) as client:
+        assert client.sendmail("app@shop.example", ["a@example.org"], PLAIN) == {}
+    assert len(upstream.received) == 1
