@@ -10,8 +10,8 @@ batch costs well under a millisecond, less than handing it to a worker thread wo
 Reads that may scan (statistics, listings) go through aiosqlite on their own connection, in its
 thread, so they never stall the loop.
 
-Each concept owns its tables: modules add named migrations to :data:`MIGRATIONS`; they run
-once, in order, and are recorded in the ``migrations`` table.
+Every table is created by a named migration in :data:`MIGRATIONS` (one entry per change, never
+edited once released); they run once, in order, and are recorded in the ``migrations`` table.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ MIGRATIONS: dict[str, str] = {
             PRIMARY KEY (message_id, recipient)
         );
     """,
-    # Opens and clicks, bots included (see relay/events.py for the meaning of each column).
+    # Opens and clicks, bots included; per-recipient engagement (see relay/events.py).
     "0002_events": """
         CREATE TABLE events (
             id TEXT PRIMARY KEY,
@@ -87,18 +87,25 @@ MIGRATIONS: dict[str, str] = {
             implied INTEGER NOT NULL,
             first_for_recipient INTEGER NOT NULL,
             first_for_link INTEGER NOT NULL
-        );
-        CREATE INDEX events_message ON events (email_id, recipient, type, counted);
+        ) WITHOUT ROWID;
         CREATE INDEX events_at ON events (at);
-        CREATE TABLE link_clicks (
+        CREATE TABLE engagement (
             email_id TEXT NOT NULL,
             recipient TEXT NOT NULL,
-            url TEXT NOT NULL,
-            clicks INTEGER NOT NULL,
-            counted_clicks INTEGER NOT NULL,
+            target TEXT NOT NULL,
+            hits INTEGER NOT NULL,
+            counted INTEGER NOT NULL,
             last_at REAL NOT NULL,
-            PRIMARY KEY (email_id, recipient, url)
+            PRIMARY KEY (email_id, recipient, target)
         ) WITHOUT ROWID;
+    """,
+    "0003_api_keys": """
+        CREATE TABLE api_keys (
+            name TEXT PRIMARY KEY,
+            key_hash BLOB NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
     """,
 }
 
