@@ -18,6 +18,7 @@ import html
 import re
 from dataclasses import dataclass
 from html.entities import html5
+from typing import NamedTuple
 
 _WS = r"\t\n\f\r "
 _ATTRS = (
@@ -26,12 +27,15 @@ _ATTRS = (
 )
 _RAW_TEXT = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
 _INTERESTING_START = ("a", "area", "meta")
-_BORING = "|".join(  # most frequent first: text, ordinary start tags, ordinary end tags
+_FAST_ATTRS = (  # the usual name="value" list; anything unusual falls back to _ATTRS
+    rf"""(?:[{_WS}/]++[^{_WS}/>="']++(?:="[^"]*+")?+)*+[{_WS}/]*+>"""
+)
+_BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary start tags
     (
         r"[^<]++",
-        rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
-        rf"[A-Za-z][^{_WS}/>]*+{_ATTRS}",
         rf"</(?!(?i:body)[{_WS}/>])[A-Za-z][^{_WS}/>]*+{_ATTRS}",
+        rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
+        rf"[A-Za-z][^{_WS}/>]*+(?:{_FAST_ATTRS}|{_ATTRS})",
         r"<!--(?:>|->|.*?--!?>)",
         *(
             rf"<(?i:{name})(?=[{_WS}/>]){_ATTRS}"
@@ -56,11 +60,11 @@ _ATTR = re.compile(
     rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"(?P<dq>[^"]*+)"|'(?P<sq>[^']*+)'|(?P<uq>[^{_WS}>]*+)))?+"""
 )
 _CHARREF = re.compile(r"&(?:#[xX]([0-9A-Fa-f]+);?|#([0-9]+);?|([A-Za-z][A-Za-z0-9]*)(;?))")
+_QUOTES = {"dq": '"', "sq": "'", "uq": ""}
 _ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
+class Attr(NamedTuple):
     name: str  # ASCII-lower-cased, as the tokenizer does
     value: str | None  # as written (still HTML-escaped); None for a bare attribute
     start: int  # span of the value in the document, quotes excluded
@@ -68,8 +72,7 @@ class Attr:
     quote: str  # '"', "'" or "" (unquoted or bare)
 
 
-@dataclass(frozen=True, slots=True)
-class Tag:
+class Tag(NamedTuple):
     name: str
     start: int
     end: int
@@ -112,17 +115,19 @@ def scan(text: str) -> Markup:
 def _tag(text: str, match: re.Match[str]) -> Tag:
     attrs: dict[str, Attr] = {}
     for attr in _ATTR.finditer(text, match.end("name"), match.end() - 1):
-        name = attr.group("name").translate(_ASCII_UPPER)
+        name = _ascii_lower(attr.group("name"))
         if name in attrs:
             continue
-        for group, quote in (("dq", '"'), ("sq", "'"), ("uq", "")):
-            if attr.group(group) is not None:
-                attrs[name] = Attr(name, attr.group(group), *attr.span(group), quote)
-                break
-        else:
+        kind = attr.lastgroup  # the value's group, or "name" when there is no value
+        if kind == "name":
             attrs[name] = Attr(name, None, attr.end(), attr.end(), "")
-    name = match.group("name").translate(_ASCII_UPPER)
-    return Tag(name, match.start("tag"), match.end(), attrs)
+        else:
+            attrs[name] = Attr(name, attr.group(kind), *attr.span(kind), _QUOTES[kind])
+    return Tag(_ascii_lower(match.group("name")), match.start("tag"), match.end(), attrs)
+
+
+def _ascii_lower(name: str) -> str:
+    return name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
 
 
 def unescape_attr(value: str) -> str:
