@@ -5,7 +5,7 @@ Each module adds the metrics it owns here, so every name is defined once and lis
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
 
@@ -32,4 +32,54 @@ SMTP_SECONDS = Histogram(
     "Time from end of DATA to the reply, per message",
     registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+
+# The tracking HTTP service (relay/tracker.py).
+HTTP_REQUESTS = Counter(
+    "relay_http_requests_total",
+    "Tracking HTTP requests, by route (open, click, healthz, metrics) and status code",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+TRACKING_EVENTS = Counter(
+    "relay_tracking_events_total",
+    "Open and click events recorded, by type and classification (person, proxy, prefetch, "
+    "scanner, automation); only person and proxy are counted in statistics",
+    ["type", "classification"],
+    registry=REGISTRY,
+)
+TRACKING_WRITE_SECONDS = Histogram(
+    "relay_tracking_write_seconds",
+    "Time from queueing a hit's events to their group commit",
+    registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+TRACKING_WRITE_ERRORS = Counter(
+    "relay_tracking_write_errors_total",
+    "Hits answered without their event, because the store write failed",
+    registry=REGISTRY,
+)
+STORE_COMMITS = Gauge(
+    "relay_store_commits",
+    "Group commits since the store was opened (events / commits = mean batch size)",
+    registry=REGISTRY,
+)
+STORE_LAST_BATCH_SIZE = Gauge(
+    "relay_store_last_batch_size",
+    "Writes in the most recent group commit",
+    registry=REGISTRY,
+)
+
+# Tracking domains (relay/domains.py).
+TRACKING_DOMAINS = Gauge(
+    "relay_tracking_domains",
+    "Tracking domains by state (pending, verified, failed), read from the store when scraped",
+    ["state"],
+    registry=REGISTRY,
+)
+TRACKING_DOMAIN_CHECKS = Counter(
+    "relay_tracking_domain_checks_total",
+    "DNS checks of tracking domains, by result (match, wrong: marked failed, outage: state kept)",
+    ["result"],
+    registry=REGISTRY,
 )

@@ -1,0 +1,200 @@
+"""Tracker throughput: ``relay http`` with durable events beside a bare aiohttp app.
+
+Run by hand (needs ``wrk``, the Debian package)::
+
+    /work/venv/bin/python bench/tracker_bench.py [--duration 10] [--connections 50]
+
+Both servers run as their own process, one at a time, on loopback. wrk cycles through many
+signed tokens (different messages, recipients and links, a browser user agent), so the
+tracker does its real work per request: verify the token, classify, commit the event (group
+commit) and only then answer. The bare app answers the same paths with the same responses
+(GIF, 302 with a fixed Location) and does nothing else. After the runs the events in the
+SQLite file are counted against the requests wrk completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.ids import new_email_id  # noqa: E402
+from relay.store import connect, migrate  # noqa: E402
+from relay.tokens import Keyring, RecipientSigner  # noqa: E402
+
+SECRET = "bench-secret-0123456789abcdef-0123456789"
+AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+BARE_APP = """
+import sys
+from aiohttp import web
+PIXEL = {pixel!r}
+HEADERS = {{"Content-Type": "image/gif", "Cache-Control": "no-store, private"}}
+REDIRECT = {{"Location": "https://shop.example/landing", "Cache-Control": "no-store, private"}}
+async def pixel(request):
+    return web.Response(body=PIXEL, headers=HEADERS)
+async def click(request):
+    return web.Response(status=302, headers=REDIRECT)
+app = web.Application()
+app.router.add_get("/o/{{token}}", pixel)
+app.router.add_get("/c/{{token}}", click)
+app.router.add_get("/healthz", lambda request: web.json_response({{"status": "ok"}}))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+LUA = """
+local paths = {{{paths}}}
+local headers = {{["User-Agent"] = "{agent}"}}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", paths[(i % #paths) + 1], headers)
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[Path, list[str],
+                                                                              list[str]]:
+    """A migrated store with the messages sent a day ago, and click and open paths."""
+    db = folder / "relay.db"
+    conn = connect(db)
+    migrate(conn)
+    keyring = Keyring({"b1": SECRET.encode()}, "b1")
+    clicks, opens = [], []
+    sent = time.time() - 86400
+    with conn:
+        conn.execute("BEGIN")
+        for _ in range(messages):
+            email_id = new_email_id()
+            conn.execute(
+                "INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
+                "track_clicks, decision, size, created_at) VALUES (?, ?, ?, 1, 1, ?, 0, ?)",
+                (email_id, "news@shop.example", "shop.example", "bench", sent))
+            for r in range(recipients):
+                signer = RecipientSigner(keyring, email_id, f"reader{r}@example.net")
+                opens.append("/o/" + signer.open())
+                clicks.extend("/c/" + signer.click(f"https://shop.example/item/{n}?utm=bench")
+                              for n in range(links))
+    conn.close()
+    return db, clicks, opens
+
+
+def write_config(folder: Path, db: Path, port: int) -> Path:
+    config = folder / "relay.toml"
+    config.write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\npublic_url = "http://127.0.0.1:{port}"\n'
+        f'[store]\nurl = "sqlite:///{db}"\n'
+        f'[tracking]\ncurrent_key = "b1"\n[tracking.keys]\nb1 = "{SECRET}"\n'
+        f'[logging]\nlevel = "WARNING"\n')
+    return config
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def wrk(port: int, script: Path, args: argparse.Namespace) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        check=True, capture_output=True, text=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["bad"] = float(errors.group(1)) if errors else 0.0
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)$", out, re.M):
+        result[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return result
+
+
+def run(command: list[str], port: int, script: Path, args: argparse.Namespace
+        ) -> dict[str, float]:
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        wait_ready(port, process)
+        return wrk(port, script, args)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def line(name: str, r: dict[str, float]) -> str:
+    return (f"  {name:<24} {r['rps']:>9,.0f} req/s   p50 {r['p50']:6.2f} ms   "
+            f"p75 {r['p75']:6.2f} ms   p90 {r['p90']:6.2f} ms   p99 {r['p99']:6.2f} ms"
+            + (f"   NON-2xx/3xx {r['bad']:.0f}" if r["bad"] else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--recipients", type=int, default=10, help="per message")
+    parser.add_argument("--links", type=int, default=5, help="per message")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
+        folder = Path(tmp)
+        db, clicks, opens = prepare(folder, args.messages, args.recipients, args.links)
+        random.Random(1).shuffle(clicks)
+        scripts = {}
+        for name, paths in (("click", clicks), ("open", opens)):
+            scripts[name] = folder / f"{name}.lua"
+            scripts[name].write_text(LUA.format(paths=", ".join(f'"{p}"' for p in paths),
+                                                agent=AGENT))
+        bare = folder / "bare.py"
+        from relay.tracker import PIXEL
+
+        bare.write_text(BARE_APP.format(pixel=PIXEL))
+        relay_port, bare_port = free_port(), free_port()
+        relay = [sys.executable, "-m", "relay", "http", "--config",
+                 str(write_config(folder, db, relay_port))]
+        print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+              f"{len(clicks)} click and {len(opens)} open tokens, {os.cpu_count()} CPUs")
+        completed = 0.0
+        for name in ("click", "open"):
+            base = run([sys.executable, str(bare), str(bare_port)], bare_port, scripts[name], args)
+            tracked = run(relay, relay_port, scripts[name], args)
+            completed += tracked["requests"]
+            print(f"/{name[0]}/<token>")
+            print(line("bare aiohttp", base))
+            print(line("relay http (durable)", tracked))
+            print(f"  ratio {tracked['rps'] / base['rps']:.1%}")
+        with sqlite3.connect(db) as conn:
+            (stored,) = conn.execute("SELECT count(*) FROM events WHERE NOT implied").fetchone()
+            (counted,) = conn.execute("SELECT count(*) FROM events WHERE counted").fetchone()
+        print(f"events stored {stored:,} (counted {counted:,}) for {completed:,.0f} completed "
+              "requests (wrk counts a request cut off at the end too)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

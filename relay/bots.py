@@ -1,0 +1,236 @@
+"""Who made a hit: a person, a mailbox image proxy, or a machine (pure, no I/O).
+
+Classifications (seed 004):
+
+==============  =======  ==================================================================
+person          counted  a mail client or browser loading the pixel or following a link
+proxy           counted  a mailbox provider's image proxy (Gmail, Yahoo, Outlook.com): it
+                         loads the pixel because a person opened the mail; carries ``bot``
+prefetch        no       Apple Mail Privacy Protection loads every image on delivery, read or
+                         not: stored and flagged, never an ``email.opened``, never in stats
+scanner         no       a security gateway checking links (Barracuda, Proofpoint, Mimecast,
+                         Microsoft Safe Links, ms-office), a click seconds after sending,
+                         several links clicked at once, a ``HEAD`` request
+automation      no       headless browsers, HTTP libraries, crawlers, link-preview bots
+==============  =======  ==================================================================
+
+Signals are checked in a fixed order and the first that matches decides: the request method,
+the user agent, the client address (:data:`DEFAULT_NETWORKS` plus configured ones), then for
+clicks the time since sending and other links clicked in the same second. The verdict carries
+the source (``google``, ``barracuda``, ``curl`` ...) and a human-readable reason for the audit
+trail. User agent and address verdicts are cached (bounded), since both repeat heavily.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+PERSON = "person"
+PROXY = "proxy"
+PREFETCH = "prefetch"
+SCANNER = "scanner"
+AUTOMATION = "automation"
+COUNTED = frozenset({PERSON, PROXY})
+
+OPEN = "open"
+CLICK = "click"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    classification: str
+    source: str | None = None
+    reason: str | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Only people and mailbox proxies enter statistics and webhooks."""
+        return self.classification in COUNTED
+
+
+HUMAN = Verdict(PERSON)
+
+
+class Signals(NamedTuple):
+    """What is known about one hit when it is classified."""
+
+    kind: str  # OPEN or CLICK
+    method: str  # "GET" or "HEAD"
+    user_agent: str
+    ip: str | None
+    seconds_since_sent: float | None = None  # None: the message is not in the store
+    other_link_within_second: bool = False  # clicks: the same recipient clicked another link
+
+
+@dataclass(frozen=True, slots=True)
+class BotNetwork:
+    network: Network
+    classification: str
+    source: str
+    opens_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _AgentRule:
+    pattern: re.Pattern[str]
+    classification: str
+    source: str | None  # None: the matched text, lower-cased (curl, python-requests ...)
+
+
+def _rule(pattern: str, classification: str, source: str | None = None) -> _AgentRule:
+    return _AgentRule(re.compile(pattern, re.IGNORECASE), classification, source)
+
+
+# First match wins: mailbox proxies before scanners (Outlook.com's proxy runs in Microsoft's
+# network and must not fall to the Microsoft scanner rules), scanners before automation.
+AGENT_RULES: tuple[_AgentRule, ...] = (
+    _rule(r"GoogleImageProxy", PROXY, "google"),
+    _rule(r"YahooMailProxy", PROXY, "yahoo"),
+    # Outlook.com / Hotmail's image proxy announces a fixed, long-retired Edge build with a
+    # stray "Mozilla/5.0" appended; no real browser sends that.
+    _rule(r"Edge/12\.246 Mozilla/5\.0$", PROXY, "microsoft"),
+    _rule(r"Barracuda", SCANNER, "barracuda"),
+    _rule(r"Proofpoint", SCANNER, "proofpoint"),
+    _rule(r"Mimecast", SCANNER, "mimecast"),
+    _rule(r"Safe ?Links", SCANNER, "microsoft"),
+    _rule(r"ms-office|MSOffice|Microsoft Office Existence Discovery", SCANNER, "microsoft"),
+    _rule(r"IronPort|Cisco ?Secure", SCANNER, "cisco"),
+    _rule(r"Trend ?Micro", SCANNER, "trendmicro"),
+    _rule(r"Symantec", SCANNER, "symantec"),
+    _rule(r"Sophos", SCANNER, "sophos"),
+    _rule(r"Forcepoint", SCANNER, "forcepoint"),
+    _rule(r"Forti(?:Mail|Guard|net)", SCANNER, "fortinet"),
+    _rule(r"FireEye", SCANNER, "fireeye"),
+    _rule(r"HeadlessChrome|PhantomJS|Puppeteer|Playwright|Selenium|Splash", AUTOMATION),
+    _rule(
+        r"^(?:curl|Wget|python-requests|python-urllib|python-httpx|aiohttp|Go-http-client|"
+        r"Java|okhttp|Apache-HttpClient|libwww-perl|node-fetch|axios|undici|Ruby|PHP|"
+        r"GuzzleHttp|HTTPie|Scrapy|PostmanRuntime|Dart|reqwest|http\.rb)\b",
+        AUTOMATION,
+    ),
+    _rule(
+        r"facebookexternalhit|Slackbot|Twitterbot|WhatsApp|TelegramBot|Discordbot|"
+        r"LinkedInBot|SkypeUriPreview|\bbot\b|bot/|crawler|spider",
+        AUTOMATION,
+    ),
+)
+
+# Apple Mail Privacy Protection fetches with exactly this user agent and nothing more.
+APPLE_PREFETCH_AGENT = "Mozilla/5.0"
+
+
+def _net(cidr: str, classification: str, source: str, opens_only: bool = False) -> BotNetwork:
+    return BotNetwork(ipaddress.ip_network(cidr), classification, source, opens_only)
+
+
+# The shipped list: address ranges of machines that fetch tracked mail on a recipient's
+# behalf. Deliberately short (published, stable ranges of the big vendors); operators add
+# their own with ``tracking.scanner_networks``.
+DEFAULT_NETWORKS: tuple[BotNetwork, ...] = (
+    # Apple's own network: Mail Privacy Protection prefetches images from here. Opens only:
+    # people at Apple click links from it too.
+    _net("17.0.0.0/8", PREFETCH, "apple", opens_only=True),
+    # Microsoft Exchange Online Protection, where Safe Links and Defender check links.
+    _net("40.92.0.0/15", SCANNER, "microsoft"),
+    _net("40.107.0.0/16", SCANNER, "microsoft"),
+    _net("52.100.0.0/14", SCANNER, "microsoft"),
+    _net("104.47.0.0/17", SCANNER, "microsoft"),
+    # Barracuda Email Security Service.
+    _net("64.235.144.0/20", SCANNER, "barracuda"),
+    _net("209.222.80.0/21", SCANNER, "barracuda"),
+    # Mimecast (US data centres).
+    _net("205.139.110.0/24", SCANNER, "mimecast"),
+    _net("207.211.30.0/24", SCANNER, "mimecast"),
+    # Proofpoint hosted gateways.
+    _net("148.163.128.0/19", SCANNER, "proofpoint"),
+    _net("67.231.144.0/20", SCANNER, "proofpoint"),
+)
+
+BURST_SECONDS = 1.0
+
+
+class Classifier:
+    """Classifies hits; ``scanner_window_seconds`` 0 turns the time-since-sending rule off."""
+
+    def __init__(
+        self,
+        networks: Iterable[BotNetwork] = DEFAULT_NETWORKS,
+        scanner_window_seconds: float = 10.0,
+        cache_size: int = 8192,
+    ) -> None:
+        self.networks = tuple(networks)
+        self.scanner_window_seconds = scanner_window_seconds
+        self._by_agent = lru_cache(maxsize=cache_size)(_agent_verdict)
+        self._by_ip = lru_cache(maxsize=cache_size)(self._ip_verdict)
+
+    def classify(self, signals: Signals) -> Verdict:
+        if signals.method == "HEAD":
+            return Verdict(SCANNER, None, "HEAD request")
+        return (
+            self._by_agent(signals.kind, signals.user_agent)
+            or self._by_ip(signals.kind, signals.ip)
+            or (self._click_verdict(signals) if signals.kind == CLICK else None)
+            or HUMAN
+        )
+
+    def _ip_verdict(self, kind: str, ip: str | None) -> Verdict | None:
+        address = parse_ip(ip)
+        if address is None:
+            return None
+        for entry in self.networks:
+            if address in entry.network and (kind == OPEN or not entry.opens_only):
+                reason = f"address in {entry.network} ({entry.source})"
+                return Verdict(entry.classification, entry.source, reason)
+        return None
+
+    def _click_verdict(self, signals: Signals) -> Verdict | None:
+        since = signals.seconds_since_sent
+        window = self.scanner_window_seconds
+        if window > 0 and since is not None and since < window:
+            reason = f"clicked {max(since, 0.0):.1f} s after sending (window {window:g} s)"
+            return Verdict(SCANNER, None, reason)
+        if signals.other_link_within_second:
+            return Verdict(SCANNER, None, f"another link clicked within {BURST_SECONDS:g} s")
+        return None
+
+
+def _agent_verdict(kind: str, user_agent: str) -> Verdict | None:
+    agent = user_agent.strip()
+    if not agent:
+        return Verdict(AUTOMATION, None, "no user agent")
+    if agent == APPLE_PREFETCH_AGENT:
+        if kind == OPEN:
+            return Verdict(PREFETCH, "apple", "Apple Mail Privacy Protection user agent")
+        return Verdict(AUTOMATION, None, "bare user agent 'Mozilla/5.0'")
+    for rule in AGENT_RULES:
+        match = rule.pattern.search(agent)
+        if match:
+            source = rule.source or match.group(0).lower()
+            return Verdict(rule.classification, source, f"user agent {match.group(0)!r}")
+    return None
+
+
+def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, IPv4-mapped IPv6 unwrapped; None for anything that is not one."""
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def networks_of(cidrs: Iterable[Network], classification: str = SCANNER,
+                source: str = "config") -> tuple[BotNetwork, ...]:
+    """Configured ranges (``tracking.scanner_networks``) as classifier entries."""
+    return tuple(BotNetwork(net, classification, source) for net in cidrs)
