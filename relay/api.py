@@ -29,7 +29,7 @@ PREFIX = "/api/v1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Modules with an ``OPERATIONS`` list; each adds its own line.
-OPERATION_MODULES: tuple[str, ...] = ()
+OPERATION_MODULES: tuple[str, ...] = ("relay.settings", "relay.domains", "relay.tags")
 
 
 @dataclass(frozen=True)

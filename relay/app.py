@@ -13,6 +13,7 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
+from relay import rules
 from relay.config import Config
 from relay.keys import load_keyring
 from relay.store import Store
@@ -36,6 +37,7 @@ async def running(
     """Start the requested services; stop them, then close the store, on exit."""
     store = await Store.open(config.store.path)
     services = Services(store, load_keyring(config.tracking, store.writer))
+    stop_rules = rules.start(store, config, recheck=http)
     try:
         if smtp:
             from relay.smtp_in import SmtpService
@@ -50,6 +52,7 @@ async def running(
             await services.http.cleanup()
         if services.smtp is not None:
             await services.smtp.stop()
+        await stop_rules()
         await store.close()
 
 

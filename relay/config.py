@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay import names
 from relay.errors import ConfigError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,6 +93,8 @@ class TrackingSettings:
     scanner_window_seconds: float = 10.0
     # extra client networks whose hits are link scanners (the shipped list: relay/bots.py)
     scanner_networks: tuple[Network, ...] = ()
+    # registered tags (X-AliDM-Trace TagName), seeded into the store (relay/settings.py)
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,17 @@ class DomainSettings:
     opens: bool | None = None
     clicks: bool | None = None
     exclude_hosts: tuple[str, ...] = ()
+    tracking_host: str | None = None  # branded host, used once verified (relay/domains.py)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """How tracking domains are verified: nameservers (none: the system's), per-query timeout,
+    seconds between re-checks (0: never)."""
+
+    nameservers: tuple[Address, ...] = ()
+    timeout: float = 5.0
+    recheck_interval: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,8 @@ class Config:
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     domains: tuple[DomainSettings, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
+    dns: DnsSettings = field(default_factory=DnsSettings)
     log_level: str = "INFO"
-
-    def domain(self, name: str) -> DomainSettings | None:
-        name = name.lower()
-        return next((d for d in self.domains if d.name == name), None)
 
     def dkim_key(self, domain: str) -> DkimKey | None:
         domain = domain.lower()
@@ -236,6 +247,7 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         tracking=_tracking(root.sub("tracking")),
         domains=tuple(_domain(r) for r in root.subs("domains")),
         dkim=tuple(_dkim(r) for r in root.subs("dkim")),
+        dns=_dns(root.sub("dns")),
         log_level=_log_level(root.sub("logging")),
     )
     root.done()
@@ -380,6 +392,7 @@ def _tracking(r: _Reader) -> TrackingSettings:
         current_key=current,
         scanner_window_seconds=window,
         scanner_networks=r.networks("scanner_networks", d.scanner_networks),
+        tags=_tags(r),
     )
     r.done()
     return settings
@@ -394,9 +407,56 @@ def _domain(r: _Reader) -> DomainSettings:
         opens=r.get("opens", bool, None),
         clicks=r.get("clicks", bool, None),
         exclude_hosts=tuple(h.lower() for h in r.get("exclude_hosts", list, [])),
+        tracking_host=_tracking_host(r, name),
     )
     r.done()
     return settings
+
+
+def _tracking_host(r: _Reader, domain: str) -> str | None:
+    host = r.get("tracking_host", str, None)
+    try:
+        return None if host is None else names.tracking_host(host, domain)
+    except ValueError as exc:
+        raise r.fail("tracking_host", str(exc)) from None
+
+
+def _tags(r: _Reader) -> tuple[str, ...]:
+    try:
+        return tuple(dict.fromkeys(names.tag_name(str(t)) for t in r.get("tags", list, [])))
+    except ValueError as exc:
+        raise r.fail("tags", str(exc)) from None
+
+
+def _dns(r: _Reader) -> DnsSettings:
+    d = DnsSettings()
+    servers = []
+    for index, text in enumerate(r.get("nameservers", list, [])):
+        address = _nameserver(str(text))
+        if address is None:
+            raise r.fail(f"nameservers[{index}]", f"expected IP or IP:PORT, got {text!r}")
+        servers.append(address)
+    settings = DnsSettings(
+        nameservers=tuple(servers),
+        timeout=r.positive("timeout", d.timeout, float),
+        recheck_interval=_non_negative(r, "recheck_interval", d.recheck_interval),
+    )
+    r.done()
+    return settings
+
+
+def _nameserver(text: str) -> Address | None:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT``."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return Address(host, int(port)) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
 def _dkim(r: _Reader) -> DkimKey:

@@ -24,6 +24,7 @@ from relay.headers import HeaderBlock, parse_header_block, remove_headers
 from relay.ids import new_email_id
 from relay.policy import Controls, Decision, decide, read_controls
 from relay.rewrite import Prepared, RewriteOptions, prepare
+from relay.rules import RulesCache
 from relay.smtp_out import Copy, Reply, Upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -68,6 +69,7 @@ class MailPipeline:
         self.store = store
         self.keyring = keyring
         self.upstream = upstream
+        self.rules = RulesCache(store)
 
     async def process(self, incoming: Incoming) -> str:
         started = time.perf_counter()
@@ -96,7 +98,8 @@ class MailPipeline:
         block = parse_header_block(raw)
         controls = read_controls(raw, block)
         sender_domain = _sender_domain(raw, block, incoming.sender)
-        decision = decide(controls, sender_domain, self.config)
+        decision = decide(controls, sender_domain, self.rules.current(),
+                          self.config.http.public_url)
         clean = remove_headers(raw, controls.headers)
         message_id = _header(raw, block, "Message-ID")
         pending, duplicates = self._split_delivered(message_id, incoming.recipients)

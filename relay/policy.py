@@ -1,5 +1,6 @@
 """Decide, per message, what to track: read the control headers, then apply the order
-account default → sender-domain setting → message header. Pure: no I/O.
+account default → sender-domain setting → message header to a snapshot of the stored rules
+(relay/rules.py). Pure: no I/O.
 
 Control headers (all removed before forwarding):
 
@@ -18,9 +19,12 @@ import json
 import re
 from dataclasses import dataclass
 
-from relay.config import Config
-from relay.errors import ControlHeaderError
+from relay.domains import VERIFIED, branded_url
+from relay.errors import ControlHeaderError, SmtpReplyError
 from relay.headers import Header, HeaderBlock
+from relay.names import TAG_NAME
+from relay.rules import Rules
+from relay.settings import Account, Domain
 
 ALIDM_TRACE = "X-AliDM-Trace"
 TRACK_OPENS = "X-Anypost-Track-Opens"
@@ -36,7 +40,6 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOPIC = re.compile(r"[a-z0-9_.-]{1,64}")
-_TAG_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 MAX_TAGS = 10
 
 
@@ -111,7 +114,7 @@ def _alidm(value: str | None) -> tuple[bool | None, bool | None, str | None]:
     if unknown:
         raise ControlHeaderError(ALIDM_TRACE, f"unknown key {unknown[0]!r}")
     tag_name = trace.get("TagName")
-    if tag_name is not None and not (isinstance(tag_name, str) and _TAG_NAME.fullmatch(tag_name)):
+    if tag_name is not None and not (isinstance(tag_name, str) and TAG_NAME.fullmatch(tag_name)):
         raise ControlHeaderError(ALIDM_TRACE, f"TagName {tag_name!r} is not a valid tag name")
     return _trace_flag(trace, "OpenTrace"), _trace_flag(trace, "LinkTrace"), tag_name or None
 
@@ -157,22 +160,43 @@ def _single(header: str, value: str | None, pattern: re.Pattern[str], shown: str
     return value
 
 
-def decide(controls: Controls, sender_domain: str, config: Config) -> Decision:
-    """Account default, then the sender domain's setting, then the message's headers."""
-    opens, clicks = config.tracking.opens, config.tracking.clicks
-    source = "account default"
-    domain = config.domain(sender_domain)
+def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str) -> Decision:
+    """Refuse an unregistered tag; then what to track (account default, sender-domain setting,
+    message headers); then under which host: the sender domain's tracking domain once verified
+    (untracked until then), the relay's own ``public_url`` when it has none."""
+    if controls.tag_name is not None and controls.tag_name not in rules.tags:
+        raise SmtpReplyError(550, "5.7.1", f"X-AliDM-Trace TagName {controls.tag_name!r} is not"
+                                           " a registered tag")
+    domain = rules.domains.get(sender_domain)
+    opens, clicks, source = toggles(rules.account, domain, controls)
+    reason = f"{_describe(opens, clicks)} by {source}"
+    excluded = frozenset(domain.exclude_hosts) if domain else frozenset()
+    tracking = rules.tracking.get(sender_domain)
+    if tracking is None:
+        return Decision(opens, clicks, reason, public_url, excluded)
+    if tracking.state != VERIFIED:
+        if opens or clicks:
+            why = tracking.reason or "not verified yet"
+            reason += (f", delivered untracked: tracking domain {tracking.host} is"
+                       f" {tracking.state} ({why})")
+        return Decision(False, False, reason, public_url, excluded)
+    return Decision(opens, clicks, reason, branded_url(public_url, tracking.host), excluded)
+
+
+def toggles(account: Account, domain: Domain | None, controls: Controls
+            ) -> tuple[bool, bool, str]:
+    """Opens and clicks, each from the most specific level that says it, and which level that
+    was: the message's headers, else the sender domain's setting, else the account's."""
+    opens, clicks, source = account.opens, account.clicks, "account default"
     if domain is not None and (domain.opens is not None or domain.clicks is not None):
         opens = opens if domain.opens is None else domain.opens
         clicks = clicks if domain.clicks is None else domain.clicks
-        source = f"domain {sender_domain}"
+        source = f"domain {domain.name}"
     if controls.opens is not None or controls.clicks is not None:
         opens = opens if controls.opens is None else controls.opens
         clicks = clicks if controls.clicks is None else controls.clicks
         source = "message headers"
-    reason = f"{_describe(opens, clicks)} by {source}"
-    excluded = frozenset(domain.exclude_hosts) if domain else frozenset()
-    return Decision(opens, clicks, reason, config.http.public_url, excluded)
+    return opens, clicks, source
 
 
 def _describe(opens: bool, clicks: bool) -> str:

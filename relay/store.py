@@ -107,6 +107,52 @@ MIGRATIONS: dict[str, str] = {
             revoked_at REAL
         );
     """,
+    # Stored rules (relay/settings.py, domains.py, tags.py). Every change to them increments
+    # rules_generation in its transaction; config_seeds marks config items already seeded.
+    "0004_settings": """
+        CREATE TABLE rules_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation INTEGER NOT NULL
+        );
+        INSERT INTO rules_generation VALUES (1, 0);
+        CREATE TABLE config_seeds (
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (kind, key)
+        );
+        CREATE TABLE account_settings (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        INSERT INTO account_settings VALUES (1, 0, 0, unixepoch());
+        CREATE TABLE domain_settings (
+            domain TEXT PRIMARY KEY,
+            opens INTEGER,
+            clicks INTEGER,
+            exclude_hosts TEXT NOT NULL DEFAULT '[]',
+            updated_at REAL NOT NULL
+        );
+    """,
+    "0005_tracking_domains": """
+        CREATE TABLE tracking_domains (
+            host TEXT PRIMARY KEY,
+            sender_domain TEXT NOT NULL UNIQUE,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'verified', 'failed')),
+            reason TEXT,
+            last_check TEXT,
+            checked_at REAL,
+            created_at REAL NOT NULL
+        );
+    """,
+    "0006_tags": """
+        CREATE TABLE tags (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL
+        );
+    """,
 }
 
 

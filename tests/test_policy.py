@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.config import parse
 from relay.errors import ControlHeaderError
 from relay.headers import parse_header_block
 from relay.policy import Controls, decide, read_controls
+from relay.rules import Rules
+from relay.settings import Account, Domain
 
 SEED_EXAMPLE = "eyJUYWdOYW1lIjoiVGVzdCIsIk9wZW5UcmFjZSI6IjEiLCJMaW5rVHJhY2UiOiIxIn0="
 
@@ -81,25 +82,23 @@ def test_any_alidm_value_parses_or_names_the_header(blob):
         assert exc.code >= 500
 
 
-def config(**tables):
-    return parse({"tracking": tables.pop("tracking", {}), **tables})
+def rules(account, *domains):
+    return Rules(0, account, {d.name: d for d in domains})
 
 
 def test_decision_order_account_domain_message():
-    cfg = config(tracking={"opens": True, "clicks": False},
-                 domains=[{"name": "shop.example", "clicks": True}])
-    assert decide(Controls(), "other.example", cfg).label == "opens"
-    domain = decide(Controls(), "shop.example", cfg)
+    r = rules(Account(opens=True, clicks=False), Domain("shop.example", clicks=True))
+    assert decide(Controls(), "other.example", r, "http://t.example").label == "opens"
+    domain = decide(Controls(), "shop.example", r, "http://t.example")
     assert domain.label == "opens+clicks"
     assert "domain shop.example" in domain.reason
-    message = decide(Controls(opens=False), "shop.example", cfg)
+    message = decide(Controls(opens=False), "shop.example", r, "http://t.example")
     assert message.label == "clicks"
     assert "message headers" in message.reason
 
 
 def test_decision_carries_excluded_hosts_and_base_url():
-    cfg = config(domains=[{"name": "shop.example", "exclude_hosts": ["Pay.Example"]}],
-                 http={"public_url": "https://t.example/"})
-    d = decide(Controls(opens=True), "shop.example", cfg)
+    r = rules(Account(), Domain("shop.example", exclude_hosts=("pay.example",)))
+    d = decide(Controls(opens=True), "shop.example", r, "https://t.example")
     assert d.excluded_hosts == frozenset({"pay.example"})
     assert d.base_url == "https://t.example"

@@ -128,7 +128,7 @@ def _decoded(data: bytes) -> bytes:
 
 
 def test_alidm_trace_header_turns_tracking_on(make_relay, upstream):
-    relay = make_relay(upstream=upstream)
+    relay = make_relay({"tracking": {"tags": ["Test"]}}, upstream=upstream)
     trace = base64.b64encode(b'{"TagName": "Test", "OpenTrace": "1", "LinkTrace": "0"}')
     send(relay, "news@shop.example", ["a@example.org"],
          html_message(extra=f"X-AliDM-Trace: {trace.decode()}\r\n"))

@@ -1,0 +1,53 @@
+"""Name rules for sender domains, tracking hosts and tags. Pure: each check returns the
+normalized name or raises ValueError saying what is wrong.
+
+Tracking host prefixes follow Tencent SES (seed 001): 3-63 characters, letters, digits and
+hyphens, not starting or ending with a hyphen, not all digits. The rest of the host (its
+parent) must be the sender domain or a parent of it, with at least two labels, so that a
+host can never hang directly under a top-level domain. (Without the public suffix list,
+``co.uk`` still counts as two labels.)
+"""
+
+from __future__ import annotations
+
+import re
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_PREFIX = re.compile(r"(?!-)[A-Za-z0-9-]{3,63}(?<!-)")
+TAG_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+
+
+def domain_name(text: str) -> str:
+    """A DNS host name of at least two labels, lower-cased, without a trailing dot."""
+    name = text.strip().lower().removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(x) for x in labels):
+        raise ValueError(f"{text!r} is not a domain name (labels of letters, digits and "
+                         "hyphens, at least two of them)")
+    return name
+
+
+def tracking_prefix(prefix: str) -> str:
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"prefix {prefix!r} must be 3-63 letters, digits or hyphens, "
+                         "not starting or ending with a hyphen")
+    if prefix.isdigit():
+        raise ValueError(f"prefix {prefix!r} must not be all digits")
+    return prefix.lower()
+
+
+def tracking_host(host: str, sender_domain: str) -> str:
+    """``prefix.parent`` where parent is ``sender_domain`` or one of its parents."""
+    sender = domain_name(sender_domain)
+    prefix, _, parent = host.strip().removesuffix(".").partition(".")
+    prefix = tracking_prefix(prefix)
+    parent = domain_name(parent) if parent else ""
+    if not parent or not (sender == parent or sender.endswith("." + parent)):
+        raise ValueError(f"{host!r} must be a prefix under {sender} or a parent domain of it")
+    return f"{prefix}.{parent}"
+
+
+def tag_name(name: str) -> str:
+    if not TAG_NAME.fullmatch(name):
+        raise ValueError(f"tag {name!r} must be 1-128 letters, digits, '_', '.', '@' or '-'")
+    return name
