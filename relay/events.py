@@ -213,11 +213,13 @@ class Recorder:
             None if sent is None else hit.at - sent, recently))
         counted = verdict.counted
         if hit.type == CLICK:
-            events = [_event(hit, verdict, CLICK, implied=False, first=counted and not clicked,
-                             first_link=counted and not clicked_link)]
+            events = []
             if counted and not opened:
-                events.insert(0, _event(hit, verdict, OPEN, implied=True, first=True,
-                                        first_link=False))
+                events.append(_event(hit, verdict, OPEN, implied=True, first=True,
+                                     first_link=False))
+            events.append(_event(hit, verdict, CLICK, implied=False,
+                                 first=counted and not clicked,
+                                 first_link=counted and not clicked_link))
         else:
             events = [_event(hit, verdict, OPEN, implied=False, first=counted and not opened,
                              first_link=False)]

@@ -1,0 +1,329 @@
+"""relay.tracker over real HTTP: the service runs on its own loop thread with a real SQLite file;
+tests talk to it with http.client (redirects are never followed). The durability test runs
+``relay http`` as a subprocess and kills it with SIGKILL under load."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay import config as config_module
+from relay.ids import new_email_id
+from relay.store import Store
+from relay.tokens import Keyring, sign_click, sign_open
+from relay.tracker import PIXEL, build_app, client_ip
+
+SECRET = "s" * 40
+KEYRING = Keyring({"k1": SECRET.encode()}, "k1")
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+URL = "https://shop.example/sale?id=7&utm=mail"
+
+
+class Service:
+    """build_app on a loop in a background thread, listening on a free loopback port."""
+
+    def __init__(self, db: Path, tracking: dict[str, Any], http: dict[str, Any]) -> None:
+        self.db = db
+        self.config = config_module.parse({
+            "http": {"listen": "127.0.0.1:0", **http},
+            "store": {"url": f"sqlite:///{self.db}"},
+            "tracking": {"keys": {"k1": SECRET}, "current_key": "k1", **tracking},
+        })
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.store, self.runner, self.port = self.run(self._start())
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _start(self) -> tuple[Store, web.AppRunner, int]:
+        store = await Store.open(self.db)
+        runner = web.AppRunner(build_app(self.config, store, KEYRING), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return store, runner, runner.addresses[0][1]
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        await self.store.close()
+
+    def close(self) -> None:
+        self.run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def get(self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+            ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, headers={"User-Agent": FIREFOX, **(headers or {})})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def rows(self, sql: str = "SELECT type, classification, counted, ip, url FROM events",
+             params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def add_message(self, created_at: float) -> str:
+        email_id = new_email_id()
+        self.store.writer.execute(
+            "INSERT INTO messages (email_id, sender, sender_domain, track_opens, track_clicks, "
+            "decision, size, created_at) VALUES (?, 'n@shop.example', 'shop.example', 1, 1, "
+            "'test', 0, ?)", (email_id, created_at))
+        return email_id
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def make(tracking: dict[str, Any] | None = None, http: dict[str, Any] | None = None
+             ) -> Service:
+        db = tmp_path / f"relay-{len(started)}.db"
+        started.append(Service(db, tracking or {"scanner_window_seconds": 0}, http or {}))
+        return started[-1]
+
+    yield make
+    for item in started:
+        item.close()
+
+
+def test_pixel(service: Callable[..., Service]) -> None:
+    svc = service()
+    email_id = new_email_id()
+    status, headers, body = svc.get("/o/" + sign_open(KEYRING, email_id, "ann@example.net"))
+    assert (status, body, len(body)) == (200, PIXEL, 43)
+    assert body.startswith(b"GIF89a") and body.endswith(b";")
+    assert headers["Content-Type"] == "image/gif"
+    assert headers["Cache-Control"] == "no-store, private"
+    assert svc.rows("SELECT type, email_id, recipient, user_agent, counted FROM events") == [
+        ("open", email_id, "ann@example.net", FIREFOX, 1)]
+
+
+def test_bad_pixel_token_still_answers_and_records_nothing(service: Callable[..., Service]
+                                                           ) -> None:
+    svc = service()
+    click_token = sign_click(KEYRING, new_email_id(), "ann@example.net", URL)
+    for token in ("nope", "A" * 60, click_token):
+        status, headers, body = svc.get("/o/" + token)
+        assert (status, body, headers["Cache-Control"]) == (200, PIXEL, "no-store, private")
+    assert svc.rows() == []
+
+
+def test_click_redirects(service: Callable[..., Service]) -> None:
+    svc = service()
+    status, headers, _ = svc.get("/c/" + sign_click(KEYRING, new_email_id(), "ann@x.net", URL))
+    assert (status, headers["Location"]) == (302, URL)
+    assert sorted(svc.rows(), key=repr) == sorted([("open", "person", 1, "127.0.0.1", None),
+                                                   ("click", "person", 1, "127.0.0.1", URL)],
+                                                  key=repr)
+
+
+def test_bad_click_token_is_404_json(service: Callable[..., Service]) -> None:
+    svc = service()
+    open_token = sign_open(KEYRING, new_email_id(), "ann@example.net")
+    other_key = Keyring({"k1": b"x" * 40}, "k1")
+    forged = sign_click(other_key, new_email_id(), "ann@example.net", URL)
+    for token in ("nope", open_token, forged):
+        status, headers, body = svc.get("/c/" + token)
+        assert status == 404 and "Location" not in headers
+        assert headers["Content-Type"].startswith("application/json")
+        assert "error" in json.loads(body)
+    assert svc.rows() == []
+
+
+def test_signed_non_http_url_is_not_followed(service: Callable[..., Service]) -> None:
+    svc = service()
+    for url in ("javascript:alert(1)", "https://shop.example/\r\nSet-Cookie: x=1"):
+        status, headers, _ = svc.get("/c/" + sign_click(KEYRING, new_email_id(), "a@x.net", url))
+        assert status == 404 and "Location" not in headers
+
+
+def test_head_answers_without_counting(service: Callable[..., Service]) -> None:
+    svc = service()
+    email_id = new_email_id()
+    status, headers, body = svc.get("/o/" + sign_open(KEYRING, email_id, "a@x.net"), "HEAD")
+    assert (status, body, headers["Content-Length"]) == (200, b"", "43")
+    status, headers, _ = svc.get("/c/" + sign_click(KEYRING, email_id, "a@x.net", URL), "HEAD")
+    assert (status, headers["Location"]) == (302, URL)
+    assert svc.rows("SELECT type, classification, counted, method, reason FROM events "
+                    "ORDER BY type DESC") == [
+        ("open", "scanner", 0, "HEAD", "HEAD request"),
+        ("click", "scanner", 0, "HEAD", "HEAD request")]
+
+
+def test_classification_and_proxy_bot(service: Callable[..., Service]) -> None:
+    svc = service()
+    email_id = new_email_id()
+    gmail = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko (via ggpht.com GoogleImageProxy)"
+    svc.get("/o/" + sign_open(KEYRING, email_id, "a@gmail.com"), headers={"User-Agent": gmail})
+    svc.get("/c/" + sign_click(KEYRING, email_id, "b@corp.example", URL),
+            headers={"User-Agent": "Barracuda Sentinel (EE)"})
+    assert svc.rows("SELECT recipient, classification, bot_source, counted FROM events "
+                    "ORDER BY recipient") == [
+        ("a@gmail.com", "proxy", "google", 1), ("b@corp.example", "scanner", "barracuda", 0)]
+
+
+def test_scanner_window_over_http(service: Callable[..., Service]) -> None:
+    svc = service({"scanner_window_seconds": 3600})
+    fresh = svc.add_message(time.time())
+    old = svc.add_message(time.time() - 7200)
+    svc.get("/c/" + sign_click(KEYRING, fresh, "a@x.net", URL))
+    svc.get("/c/" + sign_click(KEYRING, old, "a@x.net", URL))
+    rows = svc.rows("SELECT email_id, classification FROM events WHERE type = 'click'")
+    assert sorted(rows) == sorted([(fresh, "scanner"), (old, "person")])
+
+
+def test_forwarded_for_only_from_trusted_proxies(service: Callable[..., Service]) -> None:
+    untrusted = service()
+    token = sign_open(KEYRING, new_email_id(), "a@x.net")
+    untrusted.get("/o/" + token, headers={"X-Forwarded-For": "17.1.1.1"})
+    assert untrusted.rows("SELECT ip, classification FROM events") == [("127.0.0.1", "person")]
+    trusted = service(http={"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]})
+    trusted.get("/o/" + token, headers={"X-Forwarded-For": "192.0.2.1, 17.1.1.1, 10.1.1.1"})
+    assert trusted.rows("SELECT ip, classification FROM events") == [("17.1.1.1", "prefetch")]
+
+
+@pytest.mark.parametrize(("peer", "header", "expected"), [
+    ("127.0.0.1", "", "127.0.0.1"),
+    ("198.51.100.1", "203.0.113.9", "198.51.100.1"),  # peer not trusted: header ignored
+    ("10.0.0.1", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.1", "203.0.113.9, 10.0.0.2", "203.0.113.9"),  # trusted hops skipped
+    ("10.0.0.1", "1.1.1.1, 203.0.113.9, 10.0.0.2", "203.0.113.9"),  # left of it: spoofable
+    ("10.0.0.1", "10.0.0.3, 10.0.0.2", "10.0.0.3"),  # all trusted: the farthest
+    ("10.0.0.1", "203.0.113.9, garbage", "10.0.0.1"),  # unparseable: stop at last known hop
+    ("10.0.0.1", " 2001:db8::1 ", "2001:db8::1"),
+])
+def test_client_ip(peer: str, header: str, expected: str) -> None:
+    net = ipaddress.ip_network("10.0.0.0/8")
+    assert client_ip(peer, header, lambda ip: ipaddress.ip_address(ip) in net) == expected
+
+
+def test_healthz_and_metrics(service: Callable[..., Service]) -> None:
+    svc = service()
+    svc.get("/c/" + sign_click(KEYRING, new_email_id(), "a@x.net", URL))
+    status, _, body = svc.get("/healthz")
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    status, headers, body = svc.get("/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in ('relay_http_requests_total{route="click",status="302"}',
+                 'relay_tracking_events_total{classification="person",type="click"}',
+                 "relay_tracking_write_seconds_bucket", "relay_store_commits"):
+        assert name in text
+
+
+_FORGERY = Keyring({"k1": b"f" * 40}, "k1")
+_VALID = sign_click(KEYRING, new_email_id(), "ann@example.net", URL)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = Service(tmp_path_factory.mktemp("tracker") / "relay.db", {}, {})
+    yield svc
+    svc.close()
+
+
+def _mutations() -> st.SearchStrategy[str]:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    flip = st.tuples(st.integers(0, len(_VALID) - 1), st.sampled_from(alphabet)).map(
+        lambda p: _VALID[:p[0]] + p[1] + _VALID[p[0] + 1:])
+    cut = st.integers(1, len(_VALID) - 1).map(lambda n: _VALID[:n])
+    grow = st.text(alphabet, min_size=1, max_size=8).map(lambda extra: _VALID + extra)
+    forged = st.tuples(st.emails(), st.sampled_from(["https://evil.example/", URL])).map(
+        lambda p: sign_click(_FORGERY, new_email_id(), p[0], p[1]))
+    return st.one_of(flip, cut, grow, forged, st.text(alphabet, min_size=1, max_size=300))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=_mutations())
+def test_mutated_and_forged_tokens_never_redirect(shared: Service, token: str) -> None:
+    status, headers, _ = shared.get("/c/" + token)
+    if token == _VALID:
+        assert status == 302
+    else:
+        assert status == 404 and "Location" not in headers
+        status, _, body = shared.get("/o/" + token)
+        assert (status, body) == (200, PIXEL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_kill_9_keeps_every_answered_event(tmp_path: Path) -> None:
+    port = _free_port()
+    db = tmp_path / "relay.db"
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\n[store]\nurl = "sqlite:///{db}"\n'
+        f'[tracking]\ncurrent_key = "k1"\n[tracking.keys]\nk1 = "{SECRET}"\n')
+    process = subprocess.Popen([sys.executable, "-m", "relay", "http", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    email_id = new_email_id()
+    answered: list[str] = []
+    killed = asyncio.Event()
+
+    async def worker(session: aiohttp.ClientSession, start: int) -> None:
+        for n in range(start, 100_000, 50):
+            url = f"https://shop.example/item/{n}"
+            token = sign_click(KEYRING, email_id, f"r{n}@example.net", url)
+            try:
+                async with session.get(f"{base}/c/{token}", allow_redirects=False) as response:
+                    if response.status == 302:
+                        answered.append(url)
+            except aiohttp.ClientError:
+                return
+            if len(answered) >= 1500 and not killed.is_set():
+                killed.set()
+                os.kill(process.pid, signal.SIGKILL)
+
+    try:
+        async with aiohttp.ClientSession(headers={"User-Agent": FIREFOX}) as session:
+            for _ in range(200):  # readiness: the port answers
+                try:
+                    async with session.get(f"{base}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            await asyncio.gather(*(worker(session, i) for i in range(50)))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+    assert process.returncode == -signal.SIGKILL
+    assert len(answered) >= 1500
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT url FROM events WHERE type = 'click'")}
+    missing = [url for url in answered if url not in stored]
+    assert missing == []
