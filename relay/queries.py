@@ -1,0 +1,299 @@
+"""The reads behind the statistics and events API and CLI, as SQL with parameters.
+
+Building a query and shaping its rows are pure functions, so the API (aiosqlite, on the
+reader's thread) and the CLI (a plain sqlite3 connection) run the very same SQL and print
+the very same JSON. Statistics read the daily counters of relay/rollup.py; event listings read
+``events`` by its time-ordered id (``evt_<uuid7>``), which is also the pagination cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from relay.bots import CLICK, OPEN
+from relay.events import COLUMNS, EVENT_PREFIX, Event
+from relay.rollup import COUNTERS
+from relay.stats import (
+    DAY_FORMAT,
+    Counts,
+    InvalidParameter,
+    TrackListQuery,
+    parse_day,
+    parse_int,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+Row = Sequence[Any]
+_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds"
+                                                           ).replace("+00:00", "Z")
+
+
+def parse_instant(parameter: str, value: str, *, end: bool = False) -> float:
+    """A date (``yyyy-mm-dd``: its first instant, or with ``end`` the first instant of the
+    next day, so an ``until`` day is included) or an ISO 8601 date-time (UTC when it names no
+    offset), as Unix seconds."""
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            day = datetime.strptime(text, DAY_FORMAT).replace(tzinfo=UTC)
+            return (day + timedelta(days=1 if end else 0)).timestamp()
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        raise InvalidParameter(parameter, f"{value!r} is not a date (yyyy-mm-dd) or an ISO 8601 "
+                                          "date-time") from None
+
+
+# ---- GetTrackList ----
+
+def track_list_query(q: TrackListQuery) -> Query:
+    where = ["day BETWEEN ? AND ?"]
+    params: list[Any] = [q.start.strftime(DAY_FORMAT), q.end.strftime(DAY_FORMAT)]
+    for column, value in (("sender", q.account_name), ("tag_name", q.tag_name), ("esp", q.esp)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    return Query(f"SELECT day, {_SUMS} FROM stats_daily WHERE {' AND '.join(where)} "
+                 "GROUP BY day", tuple(params))
+
+
+def counts_by_day(rows: Sequence[Row]) -> dict[str, Counts]:
+    return {row[0]: Counts(*row[1:]) for row in rows}
+
+
+# ---- native statistics ----
+
+# group_by value: (table, key column, order)
+GROUPS: Mapping[str, tuple[str, str, str]] = {
+    "day": ("stats_daily", "day", "key"),
+    "tag": ("stats_daily_tags", "tag", "sum(sent) DESC, key"),
+    "campaign": ("stats_daily", "campaign", "sum(sent) DESC, key"),
+    "sender_domain": ("stats_daily", "sender_domain", "sum(sent) DESC, key"),
+}
+MAX_SPAN_DAYS = 366
+DEFAULT_SPAN_DAYS = 30
+MAX_ROWS = 1000
+DEFAULT_ROWS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    since: date
+    until: date
+    group_by: str = "day"
+    limit: int = DEFAULT_ROWS
+
+    def window(self) -> dict[str, str]:
+        return {"since": self.since.strftime(DAY_FORMAT), "until": self.until.strftime(DAY_FORMAT)}
+
+
+def parse_stats(params: Mapping[str, str], today: date, *, grouped: bool = True) -> StatsQuery:
+    """``since``/``until`` (days, both included; default the last 30 days), ``group_by``,
+    ``limit``."""
+    until = parse_day("until", params["until"]) if params.get("until") else today
+    since = (parse_day("since", params["since"]) if params.get("since")
+             else until - timedelta(days=DEFAULT_SPAN_DAYS - 1))
+    if since > until:
+        raise InvalidParameter("since", "must not be after until")
+    if (until - since).days >= MAX_SPAN_DAYS:
+        raise InvalidParameter("since", f"the window spans at most {MAX_SPAN_DAYS} days")
+    group_by = params.get("group_by") or "day"
+    if grouped and group_by not in GROUPS:
+        raise InvalidParameter("group_by", f"{group_by!r} is not one of {', '.join(GROUPS)}")
+    limit = parse_int("limit", params.get("limit") or str(DEFAULT_ROWS), 1, MAX_ROWS)
+    return StatsQuery(since, until, group_by, limit)
+
+
+def stats_query(q: StatsQuery) -> Query:
+    table, key, order = GROUPS[q.group_by]
+    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE day BETWEEN ? AND ? "
+                 f"GROUP BY {key} ORDER BY {order} LIMIT ?",
+                 (*q.window().values(), q.limit))
+
+
+def stats_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
+    return {"group_by": q.group_by, **q.window(),
+            "rows": [{"key": row[0] or None, **Counts(*row[1:]).as_dict()} for row in rows]}
+
+
+def links_query(q: StatsQuery) -> Query:
+    return Query("SELECT url, sum(clicks), sum(unique_clicks) FROM stats_daily_links "
+                 "WHERE day BETWEEN ? AND ? GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
+                 (*q.window().values(), q.limit))
+
+
+def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
+    return {**q.window(), "links": [{"url": url, "clicks": clicks, "unique_clicks": unique}
+                                    for url, clicks, unique in rows]}
+
+
+# ---- events ----
+
+EVENT_TYPES = (OPEN, CLICK)
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+_EVENT_ID = re.compile(EVENT_PREFIX + r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    since: float | None = None
+    until: float | None = None
+    type: str | None = None
+    recipient: str | None = None
+    email_id: str | None = None
+    tag: str | None = None
+    campaign: str | None = None
+    topic: str | None = None
+    include_machine: bool = False  # bots (prefetch, scanner, automation) too
+    after: str | None = None  # the last event id of the previous page
+    limit: int = DEFAULT_PAGE
+
+
+def encode_cursor(event_id: str) -> str:
+    return base64.urlsafe_b64encode(event_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        event_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        event_id = ""
+    if not _EVENT_ID.fullmatch(event_id):
+        raise InvalidParameter("cursor", "not a cursor this API returned")
+    return event_id
+
+
+def parse_bool(parameter: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise InvalidParameter(parameter, f"{value!r} is not true or false")
+
+
+def parse_events(params: Mapping[str, str]) -> EventFilter:
+    kind = params.get("type") or None
+    if kind is not None and kind not in EVENT_TYPES:
+        raise InvalidParameter("type", f"{kind!r} is not one of {', '.join(EVENT_TYPES)}")
+    since = parse_instant("since", params["since"]) if params.get("since") else None
+    until = parse_instant("until", params["until"], end=True) if params.get("until") else None
+    if since is not None and until is not None and since >= until:
+        raise InvalidParameter("since", "must be before until")
+    return EventFilter(
+        since=since, until=until, type=kind,
+        recipient=params.get("recipient") or None,
+        email_id=params.get("email_id") or None,
+        tag=params.get("tag") or None,
+        campaign=params.get("campaign") or None,
+        topic=params.get("topic") or None,
+        include_machine=parse_bool("include_machine", params.get("include_machine", "")),
+        after=decode_cursor(params["cursor"]) if params.get("cursor") else None,
+        limit=parse_int("limit", params.get("limit") or str(DEFAULT_PAGE), 1, MAX_PAGE),
+    )
+
+
+def id_floor(timestamp: float) -> str:
+    """A string sorting at or before every event id made at ``timestamp`` or later (a uuid7
+    starts with its Unix milliseconds, in hex)."""
+    ms = f"{int(timestamp * 1000):012x}"
+    return f"{EVENT_PREFIX}{ms[:8]}-{ms[8:]}"
+
+
+def events_query(f: EventFilter) -> Query:
+    """One page and one row more (to tell whether there is a next page), oldest first."""
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(condition: str, *values: Any) -> None:
+        where.append(condition)
+        params.extend(values)
+
+    if f.since is not None:  # the id bound turns the window into a range of the primary key
+        add("id >= ? AND at >= ?", id_floor(f.since), f.since)
+    if f.until is not None:
+        add("at < ?", f.until)
+    for column, value in (("type", f.type), ("recipient", f.recipient),
+                          ("email_id", f.email_id)):
+        if value is not None:
+            add(f"{column} = ?", value)
+    if f.tag is not None:
+        add("email_id IN (SELECT email_id FROM messages WHERE tag_name = ? OR EXISTS "
+            "(SELECT 1 FROM json_each(messages.tags) WHERE value = ?))", f.tag, f.tag)
+    for column, value in (("campaign", f.campaign), ("topic", f.topic)):
+        if value is not None:
+            add(f"email_id IN (SELECT email_id FROM messages WHERE {column} = ?)", value)
+    if not f.include_machine:
+        add("counted")
+    if f.after is not None:
+        add("id > ?", f.after)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
+                 (*params, f.limit + 1))
+
+
+def event_json(row: Row) -> dict[str, Any]:
+    e = Event._make(row)
+    return {
+        "id": e.id, "type": e.type, "occurred_at": iso_time(e.at), "email_id": e.email_id,
+        "recipient": e.recipient, "url": e.url, "ip": e.ip, "user_agent": e.user_agent,
+        "method": e.method, "classification": e.classification, "bot_source": e.bot_source,
+        "reason": e.reason, "counted": bool(e.counted), "implied": bool(e.implied),
+        "first_for_recipient": bool(e.first_for_recipient),
+        "first_for_link": bool(e.first_for_link),
+    }
+
+
+def events_body(f: EventFilter, rows: Sequence[Row]) -> dict[str, Any]:
+    page = rows[:f.limit]
+    more = len(rows) > f.limit
+    return {"events": [event_json(row) for row in page],
+            "next_cursor": encode_cursor(page[-1][0]) if more else None}
+
+
+# ---- one message ----
+
+def message_queries(email_id: str) -> tuple[Query, Query, Query]:
+    """The message, its recipients, and all its events (machine traffic included)."""
+    return (
+        Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags, "
+              "campaign, topic, track_opens, track_clicks, decision, size, created_at "
+              "FROM messages WHERE email_id = ?", (email_id,)),
+        Query("SELECT recipient, status, reply, at FROM recipients WHERE email_id = ? "
+              "ORDER BY recipient", (email_id,)),
+        Query(f"SELECT {COLUMNS} FROM events WHERE email_id = ? ORDER BY id", (email_id,)),
+    )
+
+
+def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
+                 ) -> dict[str, Any]:
+    (email_id, message_id, sender, sender_domain, subject, tag_name, tags, campaign, topic,
+     opens, clicks, decision, size, created_at) = message
+    return {
+        "email_id": email_id, "message_id": message_id, "sender": sender,
+        "sender_domain": sender_domain, "subject": subject, "tag_name": tag_name,
+        "tags": json.loads(tags), "campaign": campaign, "topic": topic, "size": size,
+        "created_at": iso_time(created_at),
+        "tracking": {"opens": bool(opens), "clicks": bool(clicks), "decision": decision},
+        "recipients": [{"recipient": r, "status": status, "reply": reply, "at": iso_time(at)}
+                       for r, status, reply, at in recipients],
+        "events": [event_json(row) for row in events],
+    }
