@@ -290,36 +290,79 @@ def line_ending(raw: bytes) -> bytes:
     return b"\n" if newline > 0 and raw[newline - 1] != 13 else b"\r\n"
 
 
-def qp_encode(text: str, eol: bytes, final: bool) -> tuple[bytes, int]:
-    """``text`` as UTF-8 quoted-printable starting at column 0, and the column where it ends.
+def qp_encode_parts(parts: list[str], eol: bytes) -> list[bytes]:
+    """``parts`` as one UTF-8 quoted-printable text, cut back into one piece per part.
 
-    ``text`` must not contain a CR outside CRLF; every line break becomes ``eol``. When
-    ``final`` is false, more output follows on the last line, so that line is kept short
-    enough to take a soft break.
+    Every piece but the last ends with a line break (a soft one where the text goes on), so
+    QP-safe text put between the pieces (see ``qp_wrap_safe``) starts a line of its own and
+    the result is valid quoted-printable that decodes to the parts joined. Line breaks in the
+    parts (CRLF or LF; no lone CR) become ``eol``. Lines are at most 76 characters; white
+    space that would end a line is kept by a soft break after it (``"a =\n"``).
     """
-    encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True)
-    if b"\r" in encoded:  # b2a_qp writes the line ending of the input's first line break
-        encoded = encoded.replace(b"\r\n", b"\n")
-    last_break = encoded.rfind(b"\n") + 1
-    if not final and len(encoded) - last_break >= QP_LINE:
-        tail = encoded[last_break:]
-        cut = QP_LINE - 1
-        escape = tail.rfind(b"=", cut - 2, cut)  # never cut "=XX" apart
-        cut = escape if escape >= 0 else cut
-        encoded = encoded[:last_break] + tail[:cut] + b"=\n" + tail[cut:]
-        last_break += cut + 2
-    column = len(encoded) - last_break
+    cut = _QP_CUT * (len(parts) - 1)
+    data = _qp_escape(_QP_CUT_CHAR.join(parts))
+    if data.translate(None, _QP_LITERAL) != cut:  # control characters (or a NUL of the text)
+        data = _QP_CUT.join(_QP_CONTROL.sub(_qp_hex, _qp_escape(part)) for part in parts)
+    if b"\r" in data:
+        data = data.replace(b"\r", b"")  # CRLF to LF, since there is no lone CR
+    pieces = _QP_PIECE.findall(data)
+    if not data.endswith((b" ", b"\t")):
+        pieces.pop()  # the empty match at the end, where no soft break is wanted
+    encoded = b"=\n".join(pieces)
     if eol != b"\n":
         encoded = encoded.replace(b"\n", eol)
-    return encoded, column
+    soft_break = b"=" + eol
+    out = encoded.split(_QP_CUT)
+    for i in range(1, len(out)):
+        if out[i - 1] and not out[i - 1].endswith(eol):
+            out[i - 1] += soft_break
+        if out[i].startswith(soft_break):  # a soft break right after the cut is not needed
+            out[i] = out[i][len(soft_break) :]
+    return out
 
 
-def qp_wrap_safe(token: str, column: int, eol: str) -> bytes:
+def _qp_escape(text: str) -> bytes:
+    """``text`` as UTF-8 with "=" and every non-ASCII byte escaped; control characters kept."""
+    if text.isascii():
+        return text.encode("ascii").replace(b"=", b"=3D")
+    return text.replace("=", "=3D").encode("ascii", _QP_ERRORS)
+
+
+# One match per stretch that ends in a soft break (or at the end of the data); all of it in C.
+# Every "=" in the data starts a three-character escape, so a stretch whose last two characters
+# are not "=" does not cut one apart.
+_QP_PIECE = re.compile(
+    rb"\n?(?:[^\n]{0,76}+(?<![\t ])\n)*+"  # lines that need no change
+    rb"(?:[^\n]{0,76}+(?<![\t ])\Z"  # the last line
+    rb"|[^\n]{0,75}+(?<=[\t ])(?=\n|\Z)"  # a line ending in white space: soft break after it
+    rb"|[^\n]{0,73}[^\n=]{2})"  # 75 characters of a long line
+)
+_QP_CUT_CHAR = "\x00"  # where the parts meet, while they are encoded as one text
+_QP_CUT = _QP_CUT_CHAR.encode("ascii")
+_QP_LITERAL = bytes(range(0x20, 0x7F)) + b"\t\n\r"
+_QP_CONTROL = re.compile(rb"[^\t\n\r -~]")
+_QP_ERRORS = "relay-quoted-printable"
+
+
+def _qp_hex(match: re.Match[bytes]) -> bytes:
+    return b"=%02X" % match.group()[0]
+
+
+def _qp_escape_non_ascii(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a run of non-ASCII characters as ``=XX`` escapes of its UTF-8."""
+    assert isinstance(error, UnicodeEncodeError)
+    run = error.object[error.start : error.end].encode("utf-8")
+    return "=" + run.hex("=").upper(), error.end
+
+
+codecs.register_error(_QP_ERRORS, _qp_escape_non_ascii)
+
+
+def qp_wrap_safe(token: str, eol: str) -> bytes:
     """Quoted-printable of a string of QP-safe ASCII characters (no "=", no spaces) that
-    starts at ``column``, followed by a soft break so that what comes next starts a line."""
-    room = QP_LINE - 1 - column
-    if len(token) <= room:
+    starts a line, followed by a soft break so that what comes next starts a line."""
+    step = QP_LINE - 1
+    if len(token) <= step:
         return (token + "=" + eol).encode("ascii")
-    chunks = [token[:room]]
-    chunks.extend(token[i : i + QP_LINE - 1] for i in range(room, len(token), QP_LINE - 1))
+    chunks = [token[i : i + step] for i in range(0, len(token), step)]
     return (("=" + eol).join(chunks) + "=" + eol).encode("ascii")

@@ -119,8 +119,8 @@ class Prepared:
             tokens.append(signer.open())  # index -1, _OPEN
         out = [self._statics[0]]
         eol = self._eol
-        for (index, column), static in zip(self._slots, self._statics[1:], strict=True):
-            out.append(mime.qp_wrap_safe(tokens[index], column, eol))
+        for index, static in zip(self._slots, self._statics[1:], strict=True):
+            out.append(mime.qp_wrap_safe(tokens[index], eol))
             out.append(static)
         message = b"".join(out)
         if self._dkim is not None:
@@ -140,11 +140,12 @@ def prepare(raw: bytes, options: RewriteOptions) -> Prepared:
 
 @dataclass
 class _Plan:
-    """The output as static byte pieces with (token index, column) gaps between them."""
+    """The output as static byte pieces with a gap for a token (by index) between them; each
+    gap starts a quoted-printable line."""
 
     eol: str
     statics: list[bytes]
-    slots: list[tuple[int, int]]
+    slots: list[int]
     urls: list[str]
     pixel: bool = False
     dkim: DkimSigner | None = None
@@ -386,7 +387,7 @@ def _assemble(
 def _encode_body(plan: _Plan, part_plan: _PartPlan, url_index: dict[str, int]) -> None:
     """Append the part's new body: static text as quoted-printable, a slot for each token."""
     text = part_plan.text
-    eol = plan.eol.encode("ascii")
+    parts: list[str] = []
     pending: list[str] = []
     pos = 0
     for start, end, pieces in sorted(part_plan.edits, key=lambda edit: edit[:2]):
@@ -395,18 +396,19 @@ def _encode_body(plan: _Plan, part_plan: _PartPlan, url_index: dict[str, int]) -
             if isinstance(piece, str):
                 pending.append(piece)
                 continue
-            encoded, column = mime.qp_encode("".join(pending), eol, final=False)
-            plan.statics[-1] += encoded
+            parts.append("".join(pending))
+            pending = []
             if isinstance(piece, _Open):
                 plan.pixel = True
-                plan.slots.append((_OPEN, column))
+                plan.slots.append(_OPEN)
             else:
-                plan.slots.append((url_index.setdefault(piece.url, len(url_index)), column))
-            plan.statics.append(b"")
-            pending = []
+                plan.slots.append(url_index.setdefault(piece.url, len(url_index)))
         pos = end
     pending.append(text[pos:])
-    plan.statics[-1] += mime.qp_encode("".join(pending), eol, final=True)[0]
+    parts.append("".join(pending))
+    encoded = mime.qp_encode_parts(parts, plan.eol.encode("ascii"))
+    plan.statics[-1] += encoded[0]
+    plan.statics.extend(encoded[1:])
 
 
 def _nothing_reason(results: list[PartResult]) -> str:

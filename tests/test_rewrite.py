@@ -214,8 +214,10 @@ def check_output(
     if inserted:
         at = restored.index(pixels[0])
         restored = restored.replace(pixels[0], "")
-        if compare_with_lexbor:  # nonsense may hide "</body>" in a bogus comment
-            body_end = restored.lower().rfind("</body>")
+        body_end = restored.lower().rfind("</body>")
+        # nonsense may hide "</body>" in a bogus comment, and "<" + "text " puts it in a tag
+        in_tag = body_end >= 0 and re.search(r"<[A-Za-z][^<>]*\Z", restored[:body_end])
+        if compare_with_lexbor and not in_tag:
             assert at == (body_end if body_end >= 0 else len(restored))
     if html.count("\n") == html.count("\r\n") and "\r" not in html.replace("\r\n", ""):
         assert normalize_charset(restored) == normalize_charset(html)
@@ -223,7 +225,14 @@ def check_output(
         expected = html.replace("\r\n", "\n").replace("\r", "\n")
         assert normalize_charset(restored).replace("\r\n", "\n") == normalize_charset(expected)
     if options.clicks and compare_with_lexbor:
-        assert clicked == eligible(html, options)
+        expected = eligible(html, options)
+        if clicked != expected:  # lexbor clones a misnested <a> when it reopens formatting
+            assert _runs(clicked) == _runs(expected)  # elements; a clone follows its original
+
+
+def _runs(urls: list[str]) -> list[str]:
+    """``urls`` with each run of one URL counted once."""
+    return [url for i, url in enumerate(urls) if i == 0 or urls[i - 1] != url]
 
 
 def _html_leaf(raw: bytes) -> mime.Part:
