@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from relay import names
 from relay.errors import ConfigError
+from relay.webhooks import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -126,6 +127,44 @@ class DkimKey:
 
 
 @dataclass(frozen=True)
+class WebhookEndpoint:
+    """A ``[[webhooks]]`` table: where to POST which events, signed with ``secret``."""
+
+    name: str
+    url: str
+    secret: str = field(repr=False)
+    events: tuple[str, ...] = EVENT_TYPES
+    allow_private: bool = False  # loopback, private and link-local targets refused otherwise
+    timeout: float = 10.0  # seconds per attempt
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """``[webhook_delivery]``: how the outbox worker sends (relay/outbox.py)."""
+
+    concurrency: int = 4  # batches in flight per process
+    batch_size: int = 100  # events per POST at most
+    poll_seconds: float = 1.0  # how often the store is checked for due batches
+    retry_base_seconds: float = 30.0  # first retry; doubled each time, with jitter
+    retry_max_seconds: float = 3 * 3600.0  # longest wait between attempts
+    retry_hours: float = 24.0  # then a batch is given up (replay resends it)
+
+
+@dataclass(frozen=True)
+class GeoSettings:
+    """``[geo]``: a MaxMind-format location database (GeoLite2, DB-IP Lite); none: no location."""
+
+    database: Path | None = None
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """``[privacy]``: store IPv4 /24 and IPv6 /48 only (after bot rules and location used it)."""
+
+    anonymize_ip: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<defaults>"
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -136,6 +175,10 @@ class Config:
     domains: tuple[DomainSettings, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
     dns: DnsSettings = field(default_factory=DnsSettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    webhook_delivery: WebhookDelivery = field(default_factory=WebhookDelivery)
+    geo: GeoSettings = field(default_factory=GeoSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     log_level: str = "INFO"
 
     def dkim_key(self, domain: str) -> DkimKey | None:
@@ -248,6 +291,10 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         domains=tuple(_domain(r) for r in root.subs("domains")),
         dkim=tuple(_dkim(r) for r in root.subs("dkim")),
         dns=_dns(root.sub("dns")),
+        webhooks=_webhooks(root.subs("webhooks")),
+        webhook_delivery=_webhook_delivery(root.sub("webhook_delivery")),
+        geo=_geo(root.sub("geo")),
+        privacy=_privacy(root.sub("privacy")),
         log_level=_log_level(root.sub("logging")),
     )
     root.done()
@@ -475,6 +522,65 @@ def _dkim(r: _Reader) -> DkimKey:
         raise r.fail("private_key_file", f"cannot read {key_file}: {exc.strerror}") from None
     r.done()
     return DkimKey(domain, selector, key)
+
+
+def _webhooks(readers: list[_Reader]) -> tuple[WebhookEndpoint, ...]:
+    endpoints: list[WebhookEndpoint] = []
+    for r in readers:
+        endpoint = _webhook(r)
+        if any(e.name == endpoint.name for e in endpoints):
+            raise r.fail("name", f"another [[webhooks]] table is named {endpoint.name!r}")
+        endpoints.append(endpoint)
+    return tuple(endpoints)
+
+
+def _webhook(r: _Reader) -> WebhookEndpoint:
+    name = r.get("name", str, "")
+    url = r.get("url", str, "")
+    secret = r.get("secret", str, "")
+    events = r.get("events", list, list(EVENT_TYPES))
+    for key, problem in (("name", None if NAME.fullmatch(name) else
+                          f"expected 1-64 letters, digits, '-' or '_', got {name!r}"),
+                         ("url", url_problem(url)),
+                         ("secret", secret_problem(secret) if secret else "required"),
+                         ("events", events_problem(events))):
+        if problem:
+            raise r.fail(key, problem)  # never echoes the secret
+    settings = WebhookEndpoint(
+        name=name, url=url, secret=secret, events=tuple(dict.fromkeys(events)),
+        allow_private=r.get("allow_private", bool, False),
+        timeout=r.positive("timeout", WebhookEndpoint.timeout, float),
+    )
+    r.done()
+    return settings
+
+
+def _webhook_delivery(r: _Reader) -> WebhookDelivery:
+    d = WebhookDelivery()
+    settings = WebhookDelivery(
+        concurrency=r.positive("concurrency", d.concurrency),
+        batch_size=r.positive("batch_size", d.batch_size),
+        poll_seconds=r.positive("poll_seconds", d.poll_seconds, float),
+        retry_base_seconds=r.positive("retry_base_seconds", d.retry_base_seconds, float),
+        retry_max_seconds=r.positive("retry_max_seconds", d.retry_max_seconds, float),
+        retry_hours=r.positive("retry_hours", d.retry_hours, float),
+    )
+    r.done()
+    return settings
+
+
+def _geo(r: _Reader) -> GeoSettings:
+    database = r.path("database", None)
+    if database is not None and not database.is_file():
+        raise r.fail("database", f"no such file: {database}")
+    r.done()
+    return GeoSettings(database)
+
+
+def _privacy(r: _Reader) -> PrivacySettings:
+    settings = PrivacySettings(anonymize_ip=r.get("anonymize_ip", bool, False))
+    r.done()
+    return settings
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
@@ -64,11 +64,13 @@ class Outcome:
 
 
 class MailPipeline:
-    def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream):
+    def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream,
+                 listeners: Sequence[MessageListener] = ()):
         self.config = config
         self.store = store
         self.keyring = keyring
         self.upstream = upstream
+        self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
 
     async def process(self, incoming: Incoming) -> str:
@@ -122,7 +124,8 @@ class MailPipeline:
                                _header(raw, block, "Subject"), controls,
                                decision if tracked else None, reason, len(raw))
         remember = self.config.smtp.dedupe_hours > 0
-        await self.store.write(lambda conn: _record(conn, record, outcome, remember))
+        await self.store.write(lambda conn: _record(conn, record, outcome, remember,
+                                                    self.listeners))
         _count(outcome, decision if tracked else None)
         return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
@@ -219,8 +222,8 @@ class MessageRecord:
     size: int
 
 
-def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool
-            ) -> None:
+def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
+            listeners: Sequence[MessageListener] = ()) -> None:
     now = time.time()
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
@@ -237,6 +240,12 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
     if m.message_id and remember:
         conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
                          [(m.message_id, r, m.email_id, now) for r in outcome.sent])
+    for listener in listeners:
+        listener(conn, m, outcome)
+
+
+# Called in the transaction that records a message, after its rows (the webhook outbox).
+MessageListener = Callable[[sqlite3.Connection, MessageRecord, Outcome], None]
 
 
 def _status(reply: Reply) -> str:

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import Config, SmtpSettings
 from relay.passwords import verify_password
-from relay.pipeline import Incoming, MailPipeline
+from relay.pipeline import Incoming, MailPipeline, MessageListener
 from relay.smtp_out import Upstream, build_upstream
 from relay.store import Store
 from relay.tokens import Keyring
@@ -230,11 +230,12 @@ class SmtpService:
     """The SMTP listeners (plain with optional STARTTLS, optional implicit TLS)."""
 
     def __init__(self, config: Config, store: Store, keyring: Keyring,
-                 upstream: Upstream | None = None) -> None:
+                 upstream: Upstream | None = None,
+                 listeners: Sequence[MessageListener] = ()) -> None:
         self.config = config
         self.upstream = upstream or build_upstream(config.upstream, config.smtp.hostname)
         self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
-                                                              self.upstream))
+                                                              self.upstream, listeners))
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
