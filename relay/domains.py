@@ -224,21 +224,29 @@ async def verify(store: Store, config: Config, host: str,
     return None if after is None else (after, result)
 
 
+async def recheck_all(store: Store, config: Config, resolver: dns.asyncresolver.Resolver
+                      ) -> list[tuple[TrackingDomain, Check] | None]:
+    hosts = [d.host for d in listing(store.writer)]
+    return await asyncio.gather(*(verify(store, config, h, resolver) for h in hosts))
+
+
 async def recheck_forever(store: Store, config: Config) -> None:
     """Every ``[dns] recheck_interval`` seconds, check every tracking domain."""
     resolver = make_resolver(config.dns)
     while True:
         await asyncio.sleep(config.dns.recheck_interval)
-        hosts = [d.host for d in listing(store.writer)]
         try:
-            await asyncio.gather(*(verify(store, config, h, resolver) for h in hosts))
+            await recheck_all(store, config, resolver)
         except Exception:  # the next round tries again; the relay keeps running
             log.exception("re-checking tracking domains failed")
 
 
-def publish_metrics(store: Store) -> None:
-    """``relay_tracking_domains{state}``, counted from the store when scraped."""
+def publish_metrics(store: Store | None) -> None:
+    """``relay_tracking_domains{state}``, counted from ``store`` when scraped (None: zero,
+    for when the store closes)."""
     def count(state: str) -> int:
+        if store is None:
+            return 0
         query = "SELECT count(*) FROM tracking_domains WHERE state = ?"
         return store.execute_now(query, (state,))[0][0]
 

@@ -64,6 +64,7 @@ def start(store: Store, config: Config, *, recheck: bool) -> Callable[[], Awaita
         task = asyncio.create_task(domains.recheck_forever(store, config))
 
     async def stop() -> None:
+        domains.publish_metrics(None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

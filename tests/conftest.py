@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dnsserver import DnsServer
 from harness import LoopThread, Relay, UpstreamServer, base_settings
 
 from relay import config as config_module
@@ -53,3 +54,10 @@ def make_relay(loops: LoopThread, tmp_path: Path
     for relay in started:
         relay.close()
 
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    """A DNS server on a loopback UDP port; point ``[dns] nameservers`` at ``.address``."""
+    server = DnsServer()
+    yield server
+    server.close()

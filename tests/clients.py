@@ -1,0 +1,83 @@
+"""Clients the settings, domains and tags tests share: SMTP (DATA reply and what arrived),
+the JSON API with a key, the ``relay`` CLI in another process, and a config file for it."""
+
+from __future__ import annotations
+
+import json
+import re
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from harness import Relay
+
+from relay import apikeys, store
+
+
+def message(sender: str = "news@shop.example", headers: str = "") -> bytes:
+    return (f"From: News <{sender}>\r\nTo: a@example.org\r\nSubject: News\r\n{headers}"
+            "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            '<html><body><a href="https://shop.example/sale">Sale</a>'
+            '<a href="https://pay.example/now">Pay</a></body></html>\r\n').encode()
+
+
+def data_reply(relay: Relay, msg: bytes, sender: str = "news@shop.example") -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt("a@example.org")[0] == 250
+        code, text = client.data(msg)
+    return code, text.decode()
+
+
+def decoded(data: bytes) -> str:
+    """A forwarded copy with quoted-printable undone, well enough to find URLs."""
+    return re.sub(rb"=([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                  data.replace(b"=\r\n", b"")).decode()
+
+
+def tracking_urls(data: bytes) -> list[str]:
+    return re.findall(r"https?://[a-z0-9.:-]+/[oc]/[A-Za-z0-9_-]+", decoded(data))
+
+
+def decision(relay: Relay, reply: str) -> str:
+    email_id = re.search(r"email_[0-9a-f-]{36}", reply).group()
+    with relay.db() as db:
+        return db.execute("SELECT decision FROM messages WHERE email_id = ?",
+                          (email_id,)).fetchone()[0]
+
+
+def api_key(relay: Relay) -> str:
+    return apikeys.create(store.connect(relay.config.store.path), "tests")
+
+
+def call(relay: Relay, key: str, method: str, path: str, body: Any = None
+         ) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{relay.http_url}/api/v1{path}", data=data,
+                                     method=method, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def write_config(relay: Relay, path: Path) -> Path:
+    """A config file naming the running relay's store, tracking host and nameservers."""
+    cfg = relay.config
+    servers = ", ".join(f'"{a}"' for a in cfg.dns.nameservers)
+    path.write_text(f'[store]\nurl = "sqlite:///{cfg.store.path}"\n'
+                    f'[http]\npublic_url = "{cfg.http.public_url}"\n'
+                    f"[dns]\nnameservers = [{servers}]\ntimeout = {cfg.dns.timeout}\n")
+    return path
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
