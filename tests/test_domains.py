@@ -126,6 +126,11 @@ def test_mail_is_untracked_until_the_cname_is_verified_then_uses_the_branded_hos
     urls = tracking_urls(upstream.received[-1].data)
     assert len(urls) == 3 and all(u.startswith(f"http://{HOST}/") for u in urls)
     assert decision(relay, reply).startswith("opens and clicks tracked by account default")
+    pixel = next(u for u in urls if "/o/" in u)
+    request = urllib.request.Request(relay.http_url + pixel.removeprefix(f"http://{HOST}"),
+                                     headers={"Host": HOST})
+    with urllib.request.urlopen(request, timeout=10) as response:  # served under the branded host
+        assert (response.status, response.headers["Content-Type"]) == (200, "image/gif")
     listed = cli(config, "domains", "list")
     assert HOST in listed.stdout and VERIFIED in listed.stdout
 
