@@ -7,21 +7,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
+from typing import NamedTuple
 
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+\Z")
 _FOLD = re.compile(r"\r?\n[ \t]")
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     name: str
     start: int  # offset of the header's first byte in the message
     end: int  # offset just past its last line ending (continuations included)
     colon: int  # offset of the ':' after the name
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
+    key: str  # the name in lower case
 
     def raw_value(self, raw: bytes) -> str:
         """The value, unfolded, undecoded (RFC 2047 words left as they are)."""
@@ -46,7 +42,10 @@ class HeaderBlock:
 
     def get(self, name: str) -> Header | None:
         key = name.lower()
-        return next((h for h in self.headers if h.key == key), None)
+        for header in self.headers:
+            if header.key == key:
+                return header
+        return None
 
     def all(self, name: str) -> list[Header]:
         key = name.lower()
@@ -60,38 +59,20 @@ def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     blank line does; malformed input never raises.
     """
     headers: list[Header] = []
-    current: list[int] | None = None  # [start, colon, end] of the header being read
-    name = ""
     pos = start
-    for match in _LINE.finditer(raw, start):
-        line = match.group()
-        if line in (b"\r\n", b"\n"):
-            pos = match.end()
-            break
-        if line[:1] in (b" ", b"\t") and current is not None:
-            current[2] = match.end()
-            pos = match.end()
-            continue
-        colon = line.find(b":")
-        if colon <= 0 or not _is_field_name(line[:colon]):
-            break
-        if current is not None:
-            headers.append(Header(name, current[0], current[2], current[1]))
-        name = line[:colon].decode("ascii")
-        current = [match.start(), match.start() + colon, match.end()]
+    while match := _HEADER.match(raw, pos):
+        name = match.group(1).decode("ascii")
+        headers.append(Header(name, pos, match.end(), match.end(1), name.lower()))
         pos = match.end()
-    else:
-        pos = len(raw)
-    if current is not None:
-        headers.append(Header(name, current[0], current[2], current[1]))
+    if raw.startswith(b"\r\n", pos):
+        pos += 2
+    elif raw.startswith(b"\n", pos):
+        pos += 1
     return HeaderBlock(tuple(headers), pos)
 
 
-_FIELD_NAME = re.compile(rb"[!-9;-~]+")  # printable ASCII but ':' (RFC 5322 2.2)
-
-
-def _is_field_name(name: bytes) -> bool:
-    return _FIELD_NAME.fullmatch(name) is not None
+# A header: printable ASCII but ':' for the name (RFC 5322 2.2), then its continuation lines.
+_HEADER = re.compile(rb"([!-9;-~]++):[^\n]*+(?:\n[ \t][^\n]*+)*+\n?")
 
 
 def remove_headers(raw: bytes, doomed: Iterable[Header]) -> bytes:

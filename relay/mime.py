@@ -20,6 +20,9 @@ QP_LINE = 76  # RFC 2045: at most 76 characters per encoded line, the soft-break
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
 _CHARSET_PARAM = re.compile(rb'(?i)(;[ \t\r\n]*)charset\*?[ \t\r\n]*=[ \t\r\n]*("[^"]*"|[^;\s]*)')
 _LINE_END = re.compile(rb"\r?\n\Z")
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?=\r?\n|\Z)")
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class DecodeError(ValueError):
@@ -101,19 +104,19 @@ def _with(part: Part, **changes: object) -> Part:
 
 def _child_ranges(raw: bytes, part: Part, boundary: str) -> Iterator[tuple[int, int]]:
     """(start, end) of each body part between the delimiter lines of ``boundary``."""
-    # A literal prefix lets the regex engine search fast; the line start is checked by hand.
-    delimiter = re.compile(
-        b"--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*(?=\r?\n|\Z)"
-    )
+    marker = b"--" + boundary.encode("utf-8", "surrogateescape")
     child_start = None
-    for match in delimiter.finditer(raw, part.body_start, part.end):
-        if match.start() != part.body_start and raw[match.start() - 1] != 10:  # not "\n"
+    pos = part.body_start
+    while (at := raw.find(marker, pos, part.end)) >= 0:
+        pos = at + len(marker)
+        tail = _DELIMITER_TAIL.match(raw, pos, part.end)
+        if tail is None or (at != part.body_start and raw[at - 1] != 10):  # 10: "\n"
             continue
         if child_start is not None:
-            yield child_start, max(child_start, _before_line_break(raw, match.start()))
-        if match.group(1):  # the close delimiter: the rest is the epilogue
+            yield child_start, max(child_start, _before_line_break(raw, at))
+        if tail.group(1):  # the close delimiter: the rest is the epilogue
             return
-        child_start = min(_after_line_break(raw, match.end()), part.end)
+        child_start = min(_after_line_break(raw, tail.end()), part.end)
     if child_start is not None:  # no close delimiter: the last part runs to the end
         yield child_start, part.end
 
@@ -138,7 +141,7 @@ def _content_type(raw: bytes, headers: HeaderBlock, default: str) -> tuple[str, 
         return default, {}
     value = header.raw_value(raw)
     main = value.split(";", 1)[0].strip().lower()
-    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", main):
+    if not _MEDIA_TYPE.fullmatch(main):
         return "text/plain", {}  # RFC 2045: an invalid Content-Type means text/plain
     return main, _params(value)
 
@@ -148,7 +151,7 @@ def _params(value: str) -> dict[str, str]:
     for name, raw_value in _PARAM.findall(value):
         text = raw_value
         if text.startswith('"'):
-            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+            text = _QUOTED_PAIR.sub(r"\1", text[1:-1])
         params.setdefault(name.lower(), text)
     return params
 

@@ -9,6 +9,7 @@ input's own (PRODUCT.md section 2).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ _URL = re.compile(
     rf"(?P<host>\[[^\]]*\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|{_PCT})+)(?::[0-9]*)?"
     rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?"
 )
+_LONE_CR = re.compile(r"\r(?!\n)")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _ASCII_WS = "\t\n\f\r "
 
@@ -209,7 +211,7 @@ def _plan_part(
         text = mime.decode_text(mime.transfer_decode(raw, part), part.params.get("charset"))
     except mime.DecodeError as exc:
         return PartResult(part.path, part.content_type, False, f"undecodable: {exc}"), None
-    if text.count("\r") != text.count("\r\n"):  # lone CRs would not survive QP; HTML reads
+    if "\r" in text and _LONE_CR.search(text):  # lone CRs would not survive QP; HTML reads
         text = text.replace("\r\n", "\n").replace("\r", "\n")  # them as line breaks anyway
     found = markup.scan(text)
     edits: list[_Edit] = []
@@ -275,13 +277,18 @@ def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str | None, str
     if match is None or not _valid_ip_literal(match.group("host")):
         return None, "not a well-formed URL"
     host = match.group("host").lower().rstrip(".")
-    if host == (urlsplit(options.base_url).hostname or "").lower():
+    if host == _tracking_host(options.base_url):
         return None, "already a tracking link"
     for excluded in options.excluded_hosts:
         excluded = excluded.lower().rstrip(".")
         if host == excluded or host.endswith("." + excluded):
             return None, f"excluded host {excluded}"
     return value, ""
+
+
+@functools.lru_cache(maxsize=64)
+def _tracking_host(base_url: str) -> str:
+    return (urlsplit(base_url).hostname or "").lower()
 
 
 def _valid_ip_literal(host: str) -> bool:
