@@ -65,7 +65,7 @@ def parse_instant(parameter: str, value: str, *, end: bool = False) -> float:
 
 def track_list_query(q: TrackListQuery) -> Query:
     where = ["day BETWEEN ? AND ?"]
-    params: list[Any] = [q.start.strftime(DAY_FORMAT), q.end.strftime(DAY_FORMAT)]
+    params: list[Any] = [q.start.isoformat(), q.end.isoformat()]
     for column, value in (("sender", q.account_name), ("tag_name", q.tag_name), ("esp", q.esp)):
         if value is not None:
             where.append(f"{column} = ?")
@@ -101,15 +101,19 @@ class StatsQuery:
     limit: int = DEFAULT_ROWS
 
     def window(self) -> dict[str, str]:
-        return {"since": self.since.strftime(DAY_FORMAT), "until": self.until.strftime(DAY_FORMAT)}
+        return {"since": self.since.isoformat(), "until": self.until.isoformat()}
 
 
 def parse_stats(params: Mapping[str, str], today: date, *, grouped: bool = True) -> StatsQuery:
     """``since``/``until`` (days, both included; default the last 30 days), ``group_by``,
     ``limit``."""
     until = parse_day("until", params["until"]) if params.get("until") else today
-    since = (parse_day("since", params["since"]) if params.get("since")
-             else until - timedelta(days=DEFAULT_SPAN_DAYS - 1))
+    if params.get("since"):
+        since = parse_day("since", params["since"])
+    elif until.toordinal() > DEFAULT_SPAN_DAYS:
+        since = until - timedelta(days=DEFAULT_SPAN_DAYS - 1)
+    else:
+        raise InvalidParameter("until", "too early for a default since: give since")
     if since > until:
         raise InvalidParameter("since", "must not be after until")
     if (until - since).days >= MAX_SPAN_DAYS:

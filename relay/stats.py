@@ -56,7 +56,8 @@ MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 10
 TRACK_LIST_DAYS_BACK = 30  # StartTime no earlier than this many days before today
 TRACK_LIST_SPAN_DAYS = 7  # EndTime - StartTime at most this many days
-DAY_FORMAT = "%Y-%m-%d"
+DAY_FORMAT = "%Y-%m-%d"  # for parsing; days are written with date.isoformat() (always 4-digit
+# years, where strftime writes year 226 as "226")
 
 
 class InvalidParameter(ValueError):
@@ -85,7 +86,7 @@ def esp_parameter(value: str) -> str:
 
 def day_of(timestamp: float) -> str:
     """The UTC day (``yyyy-mm-dd``) a Unix time falls on: the statistics' day bucket."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime(DAY_FORMAT)
+    return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
 
 
 def days_between(first: date, last: date) -> list[date]:
@@ -251,7 +252,7 @@ def track_list_body(query: TrackListQuery, by_day: Mapping[str, Counts],
         "PageSize": query.page_size,
         "Total": len(days),
         "TotalPages": math.ceil(len(days) / query.page_size),
-        "data": {"stat": [track_list_row(d, by_day.get(d.strftime(DAY_FORMAT), Counts()))
+        "data": {"stat": [track_list_row(d, by_day.get(d.isoformat(), Counts()))
                           for d in page]},
     }
 
@@ -263,7 +264,7 @@ def track_list_row(day: date, c: Counts) -> dict[str, str]:
         "RcptUniqueOpenCount": str(c.unique_opens),
         "RcptClickCount": str(c.clicks),
         "RcptUniqueClickCount": str(c.unique_clicks),
-        "CreateTime": f"{day.strftime(DAY_FORMAT)}T00:00Z",
+        "CreateTime": f"{day.isoformat()}T00:00Z",
         "RcptUniqueOpenRate": percent(c.unique_opens, c.sent),
         "RcptUniqueClickRate": percent(c.unique_clicks, c.sent),
         "TotalNumber": str(c.sent),

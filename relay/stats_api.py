@@ -128,11 +128,15 @@ TRACK_LIST = _object({
     "PageNo": INTEGER, "PageSize": INTEGER, "Total": INTEGER, "TotalPages": INTEGER,
     "data": _object({"stat": {"type": "array", "items": _TRACK_ROW}}),
 })
+DIGITS = {"type": "string", "pattern": "^[0-9]+$"}
 _TRACK_PARAMS = [
-    _param("StartTime", "First day, yyyy-MM-dd, within the last 30 days (UTC)", required=True),
-    _param("EndTime", "Last day, yyyy-MM-dd, at most 7 days after StartTime", required=True),
-    _param("PageSize", f"Days per page, 1-{MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE})"),
-    _param("PageNumber", "Page, from 1 (default 1)"),
+    _param("StartTime", "First day, yyyy-MM-dd, within the last 30 days (UTC)", DAY,
+           required=True),
+    _param("EndTime", "Last day, yyyy-MM-dd, at most 7 days after StartTime", DAY,
+           required=True),
+    _param("PageSize", f"Days per page, 1-{MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE})",
+           DIGITS),
+    _param("PageNumber", "Page, from 1 (default 1)", DIGITS),
     _param("AccountName", "Sender address (all senders when omitted)"),
     _param("TagName", "Tag name (the X-AliDM-Trace TagName); requires AccountName"),
     _param("Esp", f"Recipients' provider: {', '.join(ESPS)}, or an alias such as "

@@ -288,3 +288,11 @@ def test_queries_over_the_rollup(filled):
     page = queries.events_body(events, filled.execute(sql.sql, sql.params).fetchall())
     assert len(page["events"]) == 2 and page["next_cursor"]
     assert all(e["counted"] for e in page["events"])
+
+
+def test_days_before_year_1000_keep_four_digits():
+    # found by schemathesis: strftime writes year 226 as "226", which is no ISO date
+    q = queries.parse_stats({"since": "0226-04-15", "until": "0226-05-14"}, TODAY)
+    assert q.window() == {"since": "0226-04-15", "until": "0226-05-14"}
+    with pytest.raises(InvalidParameter):
+        queries.parse_stats({"until": "0001-01-05"}, TODAY)
