@@ -56,11 +56,11 @@ _NEXT = re.compile(
     re.ASCII | re.DOTALL,
 )
 _ATTR = re.compile(
-    rf"[{_WS}/]*+(?P<name>[^{_WS}/>][^{_WS}/>=]*+)"
-    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"(?P<dq>[^"]*+)"|'(?P<sq>[^']*+)'|(?P<uq>[^{_WS}>]*+)))?+"""
+    rf"[{_WS}/]*+([^{_WS}/>][^{_WS}/>=]*+)"  # 1: name; value 2: "double", 3: 'single', 4: bare
+    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"([^"]*+)"|'([^']*+)'|([^{_WS}>]*+)))?+"""
 )
 _CHARREF = re.compile(r"&(?:#[xX]([0-9A-Fa-f]+);?|#([0-9]+);?|([A-Za-z][A-Za-z0-9]*)(;?))")
-_QUOTES = {"dq": '"', "sq": "'", "uq": ""}
+_QUOTES = {2: '"', 3: "'", 4: ""}  # by group number in _ATTR
 _ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -115,19 +115,24 @@ def scan(text: str) -> Markup:
 def _tag(text: str, match: re.Match[str]) -> Tag:
     attrs: dict[str, Attr] = {}
     for attr in _ATTR.finditer(text, match.end("name"), match.end() - 1):
-        name = _ascii_lower(attr.group("name"))
+        name = attr.group(1)
+        name = name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
         if name in attrs:
             continue
-        kind = attr.lastgroup  # the value's group, or "name" when there is no value
-        if kind == "name":
-            attrs[name] = Attr(name, None, attr.end(), attr.end(), "")
+        kind = attr.lastindex  # the value's group (quoted or not), or 1 when there is none
+        if kind == 1:
+            end = attr.end()
+            attrs[name] = Attr(name, None, end, end, "")
         else:
-            attrs[name] = Attr(name, attr.group(kind), *attr.span(kind), _QUOTES[kind])
-    return Tag(_ascii_lower(match.group("name")), match.start("tag"), match.end(), attrs)
-
-
-def _ascii_lower(name: str) -> str:
-    return name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
+            start, end = attr.span(kind)
+            attrs[name] = Attr(name, attr.group(kind), start, end, _QUOTES[kind])
+    name = match.group("name")
+    return Tag(
+        name.lower() if name.isascii() else name.translate(_ASCII_UPPER),
+        match.start("tag"),
+        match.end(),
+        attrs,
+    )
 
 
 def unescape_attr(value: str) -> str:
