@@ -352,7 +352,7 @@ async def _show_delivery(request: web.Request) -> web.Response:
     return json_response(found)
 
 
-async def _replay(request: web.Request) -> web.Response:
+async def _replay_deliveries(request: web.Request) -> web.Response:
     body = await json_body(request)
     context = request.app[CONTEXT]
     keep_trying = context.config.webhook_delivery.retry_hours * 3600
@@ -401,6 +401,6 @@ OPERATIONS = [
               "A delivery with its attempts", "getWebhookDelivery", tags=_TAGS,
               parameters=[{"name": "batch_id", "in": "path", "required": True,
                            "schema": {"type": "string"}}]),
-    Operation("POST", "/webhook-deliveries/replay", _replay, "Send deliveries again",
+    Operation("POST", "/webhook-deliveries/replay", _replay_deliveries, "Send deliveries again",
               "replayWebhookDeliveries", request_body=_REPLAY_BODY, tags=_TAGS),
 ]
