@@ -14,6 +14,7 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 from relay.bots import PERSON, PROXY, SCANNER
+from relay.config import parse
 from relay.enrich import (
     NOWHERE,
     Agent,
@@ -26,6 +27,7 @@ from relay.enrich import (
     outlook_release,
     place_of,
 )
+from relay.errors import ConfigError
 
 # Real user agents as mail clients and browsers send them when loading a pixel or a link.
 AGENTS = [
@@ -240,3 +242,27 @@ def test_enrichment_failures_leave_fields_empty_and_are_logged(
     assert details == Details("", "", "", None, None, None, "203.0.113.1")
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "user agent not parsed", "location of 203.0.113.1 not read from broken.mmdb"]
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def test_config_geo_and_privacy(geo_path: Path) -> None:
+    config = parse({"geo": {"database": geo_path.name}, "privacy": {"anonymize_ip": True}},
+                   "relay.toml", geo_path.parent)
+    assert config.geo.database == geo_path
+    assert config.privacy.anonymize_ip is True
+    defaults = parse({})
+    assert (defaults.geo.database, defaults.privacy.anonymize_ip) == (None, False)
+
+
+@pytest.mark.parametrize(("document", "key", "problem"), [
+    ({"geo": {"database": "/nonexistent/City.mmdb"}}, "geo.database", "no such file"),
+    ({"geo": {"database": 5}}, "geo.database", "expected str"),
+    ({"geo": {"path": "x"}}, "geo.path", "unknown setting"),
+    ({"privacy": {"anonymize_ip": "yes"}}, "privacy.anonymize_ip", "expected bool"),
+])
+def test_config_errors_name_file_and_key(document: dict, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(document, "relay.toml")
+    assert (caught.value.file, caught.value.key) == ("relay.toml", key)
+    assert problem in caught.value.problem
