@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relay.errors import InvalidToken
-from relay.ids import email_id_from_bytes, email_id_to_bytes
+from relay.ids import PREFIX, email_id_from_bytes
 
 VERSION = 1
 MAC_SIZE = 16
@@ -38,6 +38,9 @@ _PREFIXES = {_CLICK_HTTPS: "https://", _CLICK_HTTP: "http://"}
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_EMAIL_ID = re.compile(
+    re.escape(PREFIX) + r"([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})"
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,7 @@ class RecipientSigner:
     __slots__ = ("_head", "_state")
 
     def __init__(self, keyring: Keyring, email_id: str, recipient: str) -> None:
-        uuid = email_id_to_bytes(email_id)
-        if email_id_from_bytes(uuid) != email_id:
-            raise ValueError(f"email id is not in canonical form: {email_id!r}")
+        uuid = _email_id_bytes(email_id)
         kid = keyring.current.encode("ascii")
         rcpt = recipient.encode("utf-8")
         self._head = b"".join((bytes((len(kid),)), kid, uuid, _varint(len(rcpt)), rcpt))
@@ -108,6 +109,14 @@ class RecipientSigner:
         state.update(body)
         token = body + state.digest()[:MAC_SIZE]
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
+
+
+def _email_id_bytes(email_id: str) -> bytes:
+    """The 16 bytes of an ``email_<uuid>`` id in canonical form (as ``new_email_id`` writes it)."""
+    match = _EMAIL_ID.fullmatch(email_id)
+    if match is None:
+        raise ValueError(f"email id is not in canonical form: {email_id!r}")
+    return bytes.fromhex("".join(match.groups()))
 
 
 def open_url(base_url: str, token: str) -> str:

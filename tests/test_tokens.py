@@ -144,6 +144,21 @@ def test_non_canonical_email_id_refused_when_signing() -> None:
 
 
 @pytest.mark.parametrize(
+    "email_id",
+    [
+        "email_{01890a5d-ac96-774b-bcce-b302099a8057}",
+        "email_urn:uuid:01890a5d-ac96-774b-bcce-b302099a8057",
+        "email_01890a5d-ac96-774b-bcce-b302099a8057\n",
+        "mail_01890a5d-ac96-774b-bcce-b302099a8057",
+        "email_01890a5d-ac96-774b-bcce-b302099a805",
+    ],
+)
+def test_other_spellings_of_email_ids_refused(email_id: str) -> None:
+    with pytest.raises(ValueError):
+        RecipientSigner(KEYS, email_id, "r@x")
+
+
+@pytest.mark.parametrize(
     ("keys", "current"),
     [({"k1": b"short"}, "k1"), ({"bad id!": b"a" * 32}, "bad id!"), ({"k1": b"a" * 32}, "k2")],
 )
