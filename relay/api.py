@@ -29,7 +29,8 @@ PREFIX = "/api/v1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Modules with an ``OPERATIONS`` list; each adds its own line.
-OPERATION_MODULES: tuple[str, ...] = ("relay.settings", "relay.domains", "relay.tags")
+OPERATION_MODULES: tuple[str, ...] = ("relay.settings", "relay.domains", "relay.tags",
+                                      "relay.stats_api", "relay.webhook_admin")
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,20 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
 from relay import rules
 from relay.config import Config
+from relay.events import Listener
 from relay.keys import load_keyring
+from relay.outbox import DeliveryWorker, Outbox, sync_endpoints
+from relay.pipeline import MessageListener
+from relay.rollup import Rollup
 from relay.store import Store
 from relay.tokens import Keyring
 
@@ -28,6 +33,9 @@ class Services:
     keyring: Keyring
     smtp: object | None = None  # relay.smtp_in.SmtpService
     http: web.AppRunner | None = None
+    # written in the transaction of each event / message (relay/events.py, relay/pipeline.py)
+    event_listeners: list[Listener] = field(default_factory=list)
+    message_listeners: list[MessageListener] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
@@ -38,11 +46,21 @@ async def running(
     store = await Store.open(config.store.path)
     services = Services(store, load_keyring(config.tracking, store.writer))
     stop_rules = rules.start(store, config, recheck=http)
+    rollup = Rollup()
+    services.event_listeners.append(rollup)
+    services.message_listeners.append(rollup.on_message)
+    outbox = Outbox()
+    services.event_listeners.append(outbox.on_event)
+    services.message_listeners.append(outbox.on_message)
+    sync_endpoints(store.writer, config.webhooks, time.time())
+    webhooks = DeliveryWorker(store, config.webhook_delivery, outbox.wake)
+    webhooks.start()
     try:
         if smtp:
             from relay.smtp_in import SmtpService
 
-            services.smtp = SmtpService(config, store, services.keyring)
+            services.smtp = SmtpService(config, store, services.keyring,
+                                        listeners=services.message_listeners)
             await services.smtp.start()
         if http:
             services.http = await _start_http(config, services)
@@ -53,6 +71,7 @@ async def running(
         if services.smtp is not None:
             await services.smtp.stop()
         await stop_rules()
+        await webhooks.stop()
         await store.close()
 
 
@@ -60,7 +79,8 @@ async def _start_http(config: Config, services: Services) -> web.AppRunner:
     from relay.api import PREFIX, build_api
     from relay.tracker import build_app
 
-    app = build_app(config, services.store, services.keyring)
+    app = build_app(config, services.store, services.keyring,
+                    listeners=services.event_listeners)
     app.add_subapp(PREFIX, build_api(config, services.store))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -89,18 +109,26 @@ async def serve(config: Config, *, smtp: bool = True, http: bool = True,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    died: list[BaseProcess] = []
+
+    def worker_ended(worker: BaseProcess) -> None:
+        loop.remove_reader(worker.sentinel)
+        died.append(worker)
+        stop.set()
+
     async with running(config, smtp=smtp, http=http):
         workers = _start_workers(config, smtp=smtp, http=http) if main else []
         for worker in workers:
-            loop.add_reader(worker.sentinel, stop.set)
+            loop.add_reader(worker.sentinel, worker_ended, worker)
         await stop.wait()
         log.info("stopping")
-        failed = [w for w in workers if w.exitcode not in (None, 0)]
+        for worker in workers:
+            loop.remove_reader(worker.sentinel)  # what ends now was stopped, not died
         _stop_workers(workers)
-    for worker in failed:
+    for worker in died:
         log.error("worker process %s died (exit code %s); stopped the others", worker.pid,
                   worker.exitcode)
-    return 1 if failed else 0
+    return 1 if died else 0
 
 
 def _start_workers(config: Config, *, smtp: bool, http: bool) -> list[BaseProcess]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 T = TypeVar("T")
+CACHE_KIB = 65536
 WriteFn = Callable[[sqlite3.Connection], T]
 
 MIGRATIONS: dict[str, str] = {
@@ -153,6 +155,99 @@ MIGRATIONS: dict[str, str] = {
             created_at REAL NOT NULL
         );
     """,
+    # Webhook endpoints and the durable outbox (see relay/outbox.py).
+    "0020_webhooks": """
+        CREATE TABLE webhook_endpoints (
+            name TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            events TEXT NOT NULL,
+            allow_private INTEGER NOT NULL,
+            timeout REAL NOT NULL,
+            created_at REAL NOT NULL,
+            disabled_at REAL,
+            disabled_reason TEXT
+        );
+        CREATE TABLE webhook_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            occurred_at REAL NOT NULL,
+            data TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            batch_id TEXT
+        );
+        CREATE INDEX webhook_outbox_unbatched ON webhook_outbox (endpoint, seq)
+            WHERE batch_id IS NULL;
+        CREATE INDEX webhook_outbox_batch ON webhook_outbox (batch_id);
+        CREATE TABLE webhook_batches (
+            id TEXT PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            state TEXT NOT NULL,
+            events INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            next_at REAL NOT NULL,
+            deadline REAL NOT NULL,
+            lease_owner TEXT,
+            lease_until REAL,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            last_status INTEGER,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_batches_due ON webhook_batches (state, next_at);
+        CREATE INDEX webhook_batches_endpoint ON webhook_batches (endpoint, created_at);
+        CREATE TABLE webhook_attempts (
+            batch_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            at REAL NOT NULL,
+            seconds REAL NOT NULL,
+            status INTEGER,
+            error TEXT,
+            PRIMARY KEY (batch_id, attempt)
+        ) WITHOUT ROWID;
+    """,
+    # Statistics (relay/rollup.py): daily counters kept on write; event listings by message
+    # and by recipient (relay/queries.py).
+    "0010_stats": """
+        CREATE TABLE stats_daily (
+            day TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            tag_name TEXT NOT NULL,
+            esp TEXT NOT NULL,
+            sender_domain TEXT NOT NULL,
+            campaign TEXT NOT NULL,
+            sent INTEGER NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, sender, tag_name, esp, sender_domain, campaign)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats_daily_tags (
+            day TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            sent INTEGER NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, tag)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats_daily_links (
+            day TEXT NOT NULL,
+            url TEXT NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, url)
+        ) WITHOUT ROWID;
+        CREATE INDEX events_email ON events (email_id);
+        CREATE INDEX events_recipient ON events (recipient);
+    """,
 }
 
 
@@ -164,6 +259,11 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
+    # Savepoint (statement) journals and temporary b-trees in memory: a group commit writes
+    # one savepoint per caller, which would otherwise open, write and unlink a temp file.
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # 64 MB of page cache (negative: KiB), so the hot pages of the event tables stay in memory.
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     return conn
 
 
@@ -179,7 +279,7 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         try:
             for statement in _statements(script):
                 conn.execute(statement)
-            conn.execute("INSERT INTO migrations VALUES (?, unixepoch('subsec'))", (name,))
+            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
