@@ -9,11 +9,13 @@ heavily. Its answer becomes three fields:
 
 ``device``  ``desktop``, ``mobile``, ``tablet``, ``bot`` (crawlers the rule set knows), or
             ``proxy`` for a mailbox image proxy (Gmail, Yahoo, Outlook.com: relay/bots.py), the
-            mail client's class when the device behind it cannot be known; ``""`` unknown
+            mail client's class when the device behind it cannot be known
 ``client``  the browser or mail client with its major version: ``Chrome 126``, ``Thunderbird
             128``, ``Outlook 2016``; ``Apple Mail`` and ``New Outlook`` carry no version (theirs
             is an engine or build number, not the product's)
 ``os``      the operating system with its version: ``iOS 17.5``, ``Windows 10``, ``Android 14``
+
+A field the user agent does not tell is ``None`` on the stored event (``""`` in :class:`Agent`).
 
 The rule set lacks a few mail clients; :data:`MAIL_CLIENT_RULES` adds them in its own format,
 tried before the shipped rules. Outlook for Windows reports ``16.0.<build>`` for every release
@@ -110,9 +112,9 @@ NOWHERE = Place()
 class Details(NamedTuple):
     """The enrichment of one hit, as stored on its events."""
 
-    device: str
-    client: str
-    os: str
+    device: str | None  # None: unknown
+    client: str | None
+    os: str | None
     country: str | None
     region: str | None
     city: str | None
@@ -246,7 +248,7 @@ class Enricher:
         agent = self._agent(user_agent)
         place = self._place(ip)
         device = PROXY if classification == PROXY else agent.device
-        return Details(device, agent.client, agent.os, *place,
+        return Details(device or None, agent.client or None, agent.os or None, *place,
                        anonymize_ip(ip) if self.anonymize else ip)
 
     def _agent(self, user_agent: str) -> Agent:

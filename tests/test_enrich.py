@@ -239,7 +239,7 @@ def test_enrichment_failures_leave_fields_empty_and_are_logged(
     enricher = Enricher(_Broken(), _Broken())  # type: ignore[arg-type]
     with caplog.at_level(logging.ERROR, "relay.enrich"):
         details = enricher.describe("Thunderbird", "203.0.113.1", PERSON)
-    assert details == Details("", "", "", None, None, None, "203.0.113.1")
+    assert details == Details(None, None, None, None, None, None, "203.0.113.1")
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "user agent not parsed", "location of 203.0.113.1 not read from broken.mmdb"]
 
