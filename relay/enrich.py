@@ -48,6 +48,8 @@ from ua_parser.lazy import UserAgentMatcher
 from ua_parser.regex import Resolver
 
 from relay.bots import PROXY
+from relay.config import GeoSettings, PrivacySettings
+from relay.errors import ConfigError
 
 log = logging.getLogger("relay.enrich")
 
@@ -270,3 +272,13 @@ class Enricher:
     def close(self) -> None:
         if self.geo is not None:
             self.geo.close()
+
+
+def open_enricher(geo: GeoSettings, privacy: PrivacySettings, source: str) -> Enricher:
+    """The tracker's enricher from ``[geo]`` and ``[privacy]``. A database that cannot be read
+    fails start-up with an error naming the config file and key."""
+    try:
+        database = None if geo.database is None else GeoDatabase(geo.database)
+    except (OSError, maxminddb.InvalidDatabaseError) as exc:
+        raise ConfigError(source, "geo.database", f"not a MaxMind database: {exc}") from None
+    return Enricher(geo=database, anonymize=privacy.anonymize_ip)

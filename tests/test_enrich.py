@@ -24,6 +24,7 @@ from relay.enrich import (
     GeoDatabase,
     Place,
     anonymize_ip,
+    open_enricher,
     outlook_release,
     place_of,
 )
@@ -266,3 +267,24 @@ def test_config_errors_name_file_and_key(document: dict, key: str, problem: str)
         parse(document, "relay.toml")
     assert (caught.value.file, caught.value.key) == ("relay.toml", key)
     assert problem in caught.value.problem
+
+
+def test_open_enricher_from_the_config(geo_path: Path) -> None:
+    config = parse({"geo": {"database": str(geo_path)}, "privacy": {"anonymize_ip": True}})
+    enricher = open_enricher(config.geo, config.privacy, "relay.toml")
+    try:
+        assert enricher.describe(CHROME, "2001:db8:1::9", PERSON)[3:] == (
+            "US", "Oregon", "Portland", "2001:db8:1::")
+    finally:
+        enricher.close()
+    assert open_enricher(parse({}).geo, parse({}).privacy, "relay.toml").geo is None
+
+
+def test_a_database_that_is_no_mmdb_fails_naming_the_key(tmp_path: Path) -> None:
+    bogus = tmp_path / "City.mmdb"
+    bogus.write_bytes(b"not a database")
+    config = parse({"geo": {"database": str(bogus)}})
+    with pytest.raises(ConfigError) as caught:
+        open_enricher(config.geo, config.privacy, "relay.toml")
+    assert (caught.value.file, caught.value.key) == ("relay.toml", "geo.database")
+    assert "not a MaxMind database" in caught.value.problem
