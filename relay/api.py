@@ -99,13 +99,8 @@ def build_api(config: Config, store: Store,
     return api
 
 
-PUBLIC_PATHS = frozenset({f"{PREFIX}/openapi.json"})
-
-
 @web.middleware
 async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
-        return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():

@@ -55,9 +55,10 @@ def test_revoked_key_stops_working(api):
     assert status == 401
 
 
-def test_openapi_document_is_served(api):
-    relay, _, _ = api
-    status, document = get(f"{relay.http_url}/api/v1/openapi.json")
+def test_openapi_document_is_served_with_a_key(api):
+    relay, _, key = api
+    assert get(f"{relay.http_url}/api/v1/openapi.json")[0] == 401
+    status, document = get(f"{relay.http_url}/api/v1/openapi.json", key)
     assert status == 200
     assert document["openapi"].startswith("3.")
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
