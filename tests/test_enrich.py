@@ -1,7 +1,7 @@
 """Enrichment: user agents -> device, client, OS; addresses -> location; anonymized addresses.
 
-The location database is built here with ``mmdb-writer`` in the GeoLite2-City layout (one
-network in the Country layout), then read back through :class:`relay.enrich.GeoDatabase`.
+The location database is built with ``mmdb-writer`` in the GeoLite2-City layout (one network in
+the Country layout: tests/geodb.py), then read back through :class:`relay.enrich.GeoDatabase`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from mmdb_writer import MMDBWriter
-from netaddr import IPSet
+from geodb import write_database
 
 from relay.bots import PERSON, PROXY, SCANNER
 from relay.config import parse
@@ -128,27 +127,9 @@ def test_outlook_release_from_the_build(build: int, release: str) -> None:
 
 # --- location -----------------------------------------------------------------------------
 
-def _city(country: str, region: str, city: str) -> dict:
-    return {
-        "city": {"geoname_id": 1, "names": {"en": city, "de": city + "-de"}},
-        "country": {"iso_code": country, "names": {"en": country + " land"}},
-        "subdivisions": [{"iso_code": "XX", "names": {"en": region}}],
-        "location": {"latitude": 1.5, "longitude": 2.5},
-    }
-
-
 @pytest.fixture(scope="module")
 def geo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    writer = MMDBWriter(ip_version=6, database_type="GeoLite2-City", languages=["en", "de"],
-                        description="relay test database", ipv4_compatible=True)
-    writer.insert_network(IPSet(["203.0.113.0/25"]), _city("DE", "Berlin", "Berlin"))
-    writer.insert_network(IPSet(["203.0.113.128/25"]), _city("FR", "Normandy", "Rouen"))
-    writer.insert_network(IPSet(["198.51.100.0/24"]),
-                          {"country": {"iso_code": "JP", "names": {"en": "Japan"}}})
-    writer.insert_network(IPSet(["2001:db8:1::/48"]), _city("US", "Oregon", "Portland"))
-    path = tmp_path_factory.mktemp("geo") / "test-city.mmdb"
-    writer.to_db_file(str(path))
-    return path
+    return write_database(tmp_path_factory.mktemp("geo") / "test-city.mmdb")
 
 
 @pytest.fixture
