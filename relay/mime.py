@@ -69,22 +69,38 @@ def _part(raw: bytes, start: int, end: int, path: str, default_type: str, depth:
         return Part(path, start, block, end, "application/octet-stream", {}, (), "broken headers")
     content_type, params = _content_type(raw, headers, default_type)
     attachment = _is_attachment(raw, headers, params)
-    part = Part(path, start, headers, end, content_type, params, attachment=attachment)
-    if not content_type.startswith("multipart/"):
-        return part
+    children: tuple[Part, ...] = ()
+    problem = ""
+    if content_type.startswith("multipart/"):
+        children, problem = _children(
+            raw, headers.body_start, end, path, content_type, params, depth
+        )
+    return Part(path, start, headers, end, content_type, params, children, problem, attachment)
+
+
+def _children(
+    raw: bytes,
+    body_start: int,
+    end: int,
+    path: str,
+    content_type: str,
+    params: dict[str, str],
+    depth: int,
+) -> tuple[tuple[Part, ...], str]:
+    """The parts of a multipart body, or why it has none."""
     boundary = params.get("boundary", "")
     if not boundary or len(boundary) > 200:
-        return _with(part, problem="multipart without a usable boundary")
+        return (), "multipart without a usable boundary"
     if depth >= MAX_DEPTH:
-        return _with(part, problem="multipart nested too deeply")
+        return (), "multipart nested too deeply"
     child_type = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
-    children = []
-    for i, (child_start, child_end) in enumerate(_child_ranges(raw, part, boundary), 1):
-        child_path = f"{path}.{i}" if path else str(i)
-        children.append(_part(raw, child_start, child_end, child_path, child_type, depth + 1))
-    if not children:
-        return _with(part, problem="multipart without parts")
-    return _with(part, children=tuple(children))
+    children = tuple(
+        _part(raw, child_start, child_end, f"{path}.{i}" if path else str(i), child_type, depth + 1)
+        for i, (child_start, child_end) in enumerate(
+            _child_ranges(raw, body_start, end, boundary), 1
+        )
+    )
+    return children, "" if children else "multipart without parts"
 
 
 def _is_attachment(raw: bytes, headers: HeaderBlock, params: dict[str, str]) -> bool:
@@ -96,29 +112,25 @@ def _is_attachment(raw: bytes, headers: HeaderBlock, params: dict[str, str]) -> 
     return disposition == "attachment" or "name" in params or "filename" in _params(value)
 
 
-def _with(part: Part, **changes: object) -> Part:
-    fields = {name: getattr(part, name) for name in Part.__slots__}
-    fields.update(changes)
-    return Part(**fields)  # type: ignore[arg-type]
-
-
-def _child_ranges(raw: bytes, part: Part, boundary: str) -> Iterator[tuple[int, int]]:
+def _child_ranges(
+    raw: bytes, body_start: int, end: int, boundary: str
+) -> Iterator[tuple[int, int]]:
     """(start, end) of each body part between the delimiter lines of ``boundary``."""
     marker = b"--" + boundary.encode("utf-8", "surrogateescape")
     child_start = None
-    pos = part.body_start
-    while (at := raw.find(marker, pos, part.end)) >= 0:
+    pos = body_start
+    while (at := raw.find(marker, pos, end)) >= 0:
         pos = at + len(marker)
-        tail = _DELIMITER_TAIL.match(raw, pos, part.end)
-        if tail is None or (at != part.body_start and raw[at - 1] != 10):  # 10: "\n"
+        tail = _DELIMITER_TAIL.match(raw, pos, end)
+        if tail is None or (at != body_start and raw[at - 1] != 10):  # 10: "\n"
             continue
         if child_start is not None:
             yield child_start, max(child_start, _before_line_break(raw, at))
         if tail.group(1):  # the close delimiter: the rest is the epilogue
             return
-        child_start = min(_after_line_break(raw, tail.end()), part.end)
+        child_start = min(_after_line_break(raw, tail.end()), end)
     if child_start is not None:  # no close delimiter: the last part runs to the end
-        yield child_start, part.end
+        yield child_start, end
 
 
 def _before_line_break(raw: bytes, pos: int) -> int:
