@@ -4,7 +4,10 @@ Run by hand (needs ``wrk``, the Debian package)::
 
     /work/venv/bin/python bench/tracker_bench.py [--duration 10] [--connections 50]
 
-Both servers run as their own process, one at a time, on loopback. wrk cycles through many
+Each server runs as its own process, one at a time, on loopback: the bare app, ``relay http``
+as relay/app.py wires it (with the event listeners of the webhook outbox and the statistics
+rollup), and with ``--tracker-only`` also the tracker alone (relay/tracker.py's app, no
+listeners), which isolates the cost of the tracker's own write path. wrk cycles through many
 signed tokens (different messages, recipients and links, a browser user agent), so the
 tracker does its real work per request: verify the token, classify, commit the event (group
 commit) and only then answer. The bare app answers the same paths with the same responses
@@ -52,6 +55,26 @@ app.router.add_get("/o/{{token}}", pixel)
 app.router.add_get("/c/{{token}}", click)
 app.router.add_get("/healthz", lambda request: web.json_response({{"status": "ok"}}))
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+TRACKER_ONLY = """
+import asyncio, sys
+from pathlib import Path
+from aiohttp import web
+sys.path.insert(0, {root!r})
+from relay.config import load
+from relay.keys import load_keyring
+from relay.store import Store
+from relay.tracker import build_app
+async def main():
+    config = load(Path(sys.argv[1]))
+    store = await Store.open(config.store.path)
+    runner = web.AppRunner(build_app(config, store, load_keyring(config.tracking, store.writer)),
+                           access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.http.listen.host, config.http.listen.port).start()
+    await asyncio.Event().wait()
+asyncio.run(main())
 """
 
 LUA = """
@@ -159,6 +182,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--recipients", type=int, default=10, help="per message")
     parser.add_argument("--links", type=int, default=5, help="per message")
+    parser.add_argument("--tracker-only", action="store_true",
+                        help="also run the tracker without the app's event listeners")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
@@ -174,20 +199,29 @@ def main() -> int:
         from relay.tracker import PIXEL
 
         bare.write_text(BARE_APP.format(pixel=PIXEL))
-        relay_port, bare_port = free_port(), free_port()
-        relay = [sys.executable, "-m", "relay", "http", "--config",
-                 str(write_config(folder, db, relay_port))]
+        alone = folder / "tracker_only.py"
+        alone.write_text(TRACKER_ONLY.format(root=str(ROOT)))
+        port = free_port()
+        config = str(write_config(folder, db, port))
+        servers = [("bare aiohttp", [sys.executable, str(bare), str(port)]),
+                   ("relay http (durable)", [sys.executable, "-m", "relay", "http",
+                                             "--config", config])]
+        if args.tracker_only:
+            servers.append(("tracker only (durable)", [sys.executable, str(alone), config]))
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
               f"{len(clicks)} click and {len(opens)} open tokens, {os.cpu_count()} CPUs")
         completed = 0.0
         for name in ("click", "open"):
-            base = run([sys.executable, str(bare), str(bare_port)], bare_port, scripts[name], args)
-            tracked = run(relay, relay_port, scripts[name], args)
-            completed += tracked["requests"]
             print(f"/{name[0]}/<token>")
-            print(line("bare aiohttp", base))
-            print(line("relay http (durable)", tracked))
-            print(f"  ratio {tracked['rps'] / base['rps']:.1%}")
+            base = None
+            for label, command in servers:
+                result = run(command, port, scripts[name], args)
+                print(line(label, result))
+                if base is None:
+                    base = result
+                    continue
+                completed += result["requests"]
+                print(f"  {'':<24} ratio to bare {result['rps'] / base['rps']:.1%}")
         with sqlite3.connect(db) as conn:
             (stored,) = conn.execute("SELECT count(*) FROM events WHERE NOT implied").fetchone()
             (counted,) = conn.execute("SELECT count(*) FROM events WHERE counted").fetchone()

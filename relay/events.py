@@ -48,13 +48,17 @@ or not at all (the tracker still answers, and logs and counts the failure).
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import sqlite3
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
+from time import perf_counter
 from typing import Any, NamedTuple
 
+from relay import metrics
 from relay.bots import BURST_SECONDS, CLICK, OPEN, PROXY, Classifier, Signals, Verdict
-from relay.ids import uuid7
 from relay.store import Store
 
 EVENT_PREFIX = "evt_"
@@ -175,6 +179,7 @@ class Recorder:
         """The hit's events (the click and any implied open), once they are committed."""
         if not self._queue:
             self._batch = self.store.write(self._write_queued)
+            self._batch.add_done_callback(partial(_count_batch, perf_counter()))
         batch = self._batch
         assert batch is not None
         index = len(self._queue)
@@ -230,23 +235,41 @@ class Recorder:
         return events
 
 
+_EVENT_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def _count_batch(queued: float, batch: asyncio.Future[list[list[Event]]]) -> None:
+    """Metrics of a committed batch: its write latency, its events by type and class."""
+    if batch.cancelled() or batch.exception() is not None:
+        return
+    metrics.TRACKING_WRITE_SECONDS.observe(perf_counter() - queued)
+    kinds = Counter((e.type, e.classification) for events in batch.result() for e in events)
+    for key, n in kinds.items():
+        counter = _EVENT_COUNTERS.get(key)
+        if counter is None:
+            counter = _EVENT_COUNTERS[key] = metrics.TRACKING_EVENTS.labels(*key)
+        counter.inc(n)
+
+
 def _event(hit: Hit, verdict: Verdict, kind: str, *, implied: bool, first: bool,
            first_link: bool) -> Event:
-    return Event(
-        id=EVENT_PREFIX + str(uuid7()),
-        type=kind,
-        at=hit.at,
-        email_id=hit.email_id,
-        recipient=hit.recipient,
-        url=hit.url if kind == CLICK else None,
-        ip=hit.ip,
-        user_agent=hit.user_agent,
-        method=hit.method,
-        classification=verdict.classification,
-        bot_source=verdict.source,
-        reason=verdict.reason,
-        counted=verdict.counted,
-        implied=implied,
-        first_for_recipient=first,
-        first_for_link=first_link,
-    )
+    return Event(event_id(hit.at), kind, hit.at, hit.email_id, hit.recipient,
+                 hit.url if kind == CLICK else None, hit.ip, hit.user_agent, hit.method,
+                 verdict.classification, verdict.source, verdict.reason, verdict.counted,
+                 implied, first, first_link)
+
+
+# Event ids need uniqueness and time order, not secrecy: a per-process generator seeded from
+# the OS saves a system call (os.urandom) and a uuid.UUID object per event.
+_random_bits = random.Random(os.urandom(32)).getrandbits
+_UUID7 = 0x7 << 76 | 0b10 << 62  # version 7, RFC 9562 variant
+_RAND_B = (1 << 62) - 1
+
+
+def event_id(at: float) -> str:
+    """``evt_<uuid7>`` for an event at ``at`` (Unix seconds): 48 bits of milliseconds, the
+    version and variant, 74 random bits; the same layout as relay.ids.uuid7."""
+    bits = _random_bits(74)
+    value = int(at * 1000) << 80 | _UUID7 | (bits >> 62) << 64 | bits & _RAND_B
+    h = f"{value:032x}"
+    return f"{EVENT_PREFIX}{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -50,7 +50,7 @@ TRACKING_EVENTS = Counter(
 )
 TRACKING_WRITE_SECONDS = Histogram(
     "relay_tracking_write_seconds",
-    "Time from queueing a hit's events to their group commit",
+    "Time from queueing the first hit of a batch to the group commit (one sample per batch)",
     registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )

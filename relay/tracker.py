@@ -24,7 +24,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from time import perf_counter, time
+from time import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
@@ -83,13 +83,14 @@ class Tracker:
         self.trusted_proxies = trusted_proxies
         self._is_trusted = lru_cache(maxsize=1024)(self._trusted)
         self._requests: dict[tuple[str, int], Counter] = {}
-        self._events: dict[tuple[str, str], Counter] = {}
+        self._opened = metrics.HTTP_REQUESTS.labels("open", 200)
+        self._redirected = metrics.HTTP_REQUESTS.labels("click", 302)
 
     async def open(self, request: web.Request) -> web.Response:
         target = self._target(request)
         if isinstance(target, OpenTarget):
             await self._record(request, OPEN, target.email_id, target.recipient, None)
-        self._count("open", 200)
+        self._opened.inc()
         return web.Response(body=PIXEL, headers=_PIXEL_HEADERS)
 
     async def click(self, request: web.Request) -> web.Response:
@@ -98,7 +99,7 @@ class Tracker:
             self._count("click", 404)
             return web.Response(status=404, body=_NOT_FOUND, content_type="application/json")
         await self._record(request, CLICK, target.email_id, target.recipient, target.url)
-        self._count("click", 302)
+        self._redirected.inc()
         return web.Response(status=302, headers={"Location": target.url, "Cache-Control": NO_STORE})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -125,20 +126,11 @@ class Tracker:
                       url: str | None) -> None:
         hit = Hit(kind, time(), email_id, recipient, url, self._client_ip(request),
                   request.headers.get("User-Agent", ""), request.method)
-        started = perf_counter()
         try:
-            events = await self.recorder.record(hit)
+            await self.recorder.record(hit)
         except Exception:  # answer anyway: the recipient must not pay for a store failure
             metrics.TRACKING_WRITE_ERRORS.inc()
             log.exception("%s of %s by %s not recorded", kind, email_id, recipient)
-            return
-        metrics.TRACKING_WRITE_SECONDS.observe(perf_counter() - started)
-        for event in events:
-            key = (event.type, event.classification)
-            counter = self._events.get(key)
-            if counter is None:
-                counter = self._events[key] = metrics.TRACKING_EVENTS.labels(*key)
-            counter.inc()
 
     def _client_ip(self, request: web.Request) -> str | None:
         peer = request.remote
