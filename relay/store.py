@@ -17,7 +17,9 @@ edited once released); they run once, in order, and are recorded in the ``migrat
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,8 +27,14 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+log = logging.getLogger("relay.store")
+
 T = TypeVar("T")
 CACHE_KIB = 65536
+# The WAL is copied back by Checkpointer's thread every CHECKPOINT_SECONDS; the writer itself
+# checkpoints only past WRITER_CHECKPOINT_PAGES (40 MB of 4 KiB pages), as a backstop.
+CHECKPOINT_SECONDS = 0.1
+WRITER_CHECKPOINT_PAGES = 10000
 WriteFn = Callable[[sqlite3.Connection], T]
 
 MIGRATIONS: dict[str, str] = {
@@ -292,10 +300,39 @@ def _statements(script: str) -> Iterable[str]:
     return (s for s in script.split(";") if s.strip())
 
 
+class Checkpointer:
+    """Copies committed WAL pages into the database file from a thread of its own (PASSIVE
+    checkpoints every ``interval`` seconds), so the page writes and fsyncs of checkpointing
+    stay off the event loop. The writer keeps a large automatic checkpoint as a backstop: it
+    finds the pages already copied, finishes the rest, and lets the WAL start over."""
+
+    def __init__(self, path: Path, interval: float = CHECKPOINT_SECONDS) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, interval),
+                                        name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path, interval: float) -> None:
+        conn = connect(path)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or failing disk: the backstop still runs
+                    log.warning("background checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Store:
     def __init__(self, path: Path, writer: sqlite3.Connection) -> None:
         self.path = path
         self.writer = writer
+        self._checkpointer: Checkpointer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: list[tuple[WriteFn[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
@@ -306,10 +343,15 @@ class Store:
     async def open(cls, path: Path) -> Store:
         writer = connect(path)
         migrate(writer)
-        return cls(path, writer)
+        writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
+        store = cls(path, writer)
+        store._checkpointer = Checkpointer(path)
+        return store
 
     async def close(self) -> None:
         self._flush()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if self._reader is not None:
             await self._reader.close()
         self.writer.close()
