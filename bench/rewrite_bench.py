@@ -25,9 +25,7 @@ from selectolax.lexbor import LexborHTMLParser
 from relay.rewrite import RewriteOptions, prepare
 from relay.tokens import Keyring
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.exists():
-    SHARED = Path("/work/shared")
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside the project's root
 OPTIONS = RewriteOptions(opens=True, clicks=True, base_url="https://track.shop.example")
 KEYS = Keyring({"k1": b"k" * 32}, "k1")
 EMAIL_ID = "email_01890a5d-ac96-774b-bcce-b302099a8057"
