@@ -90,7 +90,8 @@ def main() -> None:
         per_call("user agent, uncached parse (distinct agents)", parser.parse_uncached,
                  distinct)
         per_call("user agent, cached parse", parser.parse, agents)
-        per_call("location lookup", geo.locate, ips)
+        per_call("location lookup, uncached", geo.locate_uncached, ips)
+        per_call("location lookup, cached (addresses repeat)", geo.locate, ips)
         per_call("anonymize address", anonymize_ip, ips)
         pairs = list(zip(agents, ips, strict=True))
         per_call("describe (cached agent, lookup, anonymize)",

@@ -15,6 +15,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from relay import rules
+from relay.breakdown import Breakdown
 from relay.config import Config
 from relay.events import Listener
 from relay.keys import load_keyring
@@ -49,6 +50,7 @@ async def running(
     rollup = Rollup()
     services.event_listeners.append(rollup)
     services.message_listeners.append(rollup.on_message)
+    services.event_listeners.append(Breakdown())
     outbox = Outbox()
     services.event_listeners.append(outbox.on_event)
     services.message_listeners.append(outbox.on_message)

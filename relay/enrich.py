@@ -199,13 +199,16 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 class GeoDatabase:
-    """A memory-mapped MaxMind-format database (C extension when installed)."""
+    """A memory-mapped MaxMind-format database (C extension when installed), with a bounded
+    LRU of answers by address: a recipient's opens and clicks tend to come from one address,
+    and decoding a City record (names in eight languages) costs more than the tree walk."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache_size: int = 65536) -> None:
         self.path = path
         self._reader = maxminddb.open_database(str(path), maxminddb.MODE_AUTO)
+        self.locate = lru_cache(maxsize=cache_size)(self.locate_uncached)
 
-    def locate(self, ip: str | None) -> Place:
+    def locate_uncached(self, ip: str | None) -> Place:
         if not ip:
             return NOWHERE
         if ip[:7].lower() == _MAPPED and "." in ip:  # a dual-stack socket's IPv4 client

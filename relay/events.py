@@ -19,7 +19,15 @@ implied              1 for an open recorded because a counted click arrived for 
 first_for_recipient  1 on the recipient's first counted event of this type for the message
                      (unique opens; unique clickers)
 first_for_link       clicks: 1 on the recipient's first counted click of this URL
+device, client, os   from the user agent (relay/enrich.py): ``mobile``, ``Apple Mail``,
+                     ``iOS 17.5``; NULL when it does not tell
+country, region,     from ``[geo] database`` (ISO country code, English names); NULL without
+city                 a database or for an address it does not know
 ===================  ======================================================================
+
+``ip`` is stored anonymized with ``[privacy] anonymize_ip``; the bot rules and the location
+lookup use the full address. Enrichment runs once per hit inside the write, from a cached
+parse of the user agent (relay/enrich.py).
 
 ``events`` is clustered by its time-ordered id (appends only) and indexed by ``at``: a hit
 writes no random B-tree page there. What a hit must look up lives in ``engagement``, one row
@@ -59,6 +67,7 @@ from typing import Any, NamedTuple
 
 from relay import metrics
 from relay.bots import BURST_SECONDS, CLICK, OPEN, PROXY, Classifier, Signals, Verdict
+from relay.enrich import Details, Enricher, Place
 from relay.store import Store
 
 EVENT_PREFIX = "evt_"
@@ -96,6 +105,18 @@ class Event(NamedTuple):
     implied: bool
     first_for_recipient: bool
     first_for_link: bool
+    device: str | None = None
+    client: str | None = None
+    os: str | None = None
+    country: str | None = None
+    region: str | None = None
+    city: str | None = None
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """The webhook's and the API's ``device``, ``client``, ``os`` and ``geo``."""
+        return {"device": self.device, "client": self.client, "os": self.os,
+                "geo": Place(self.country, self.region, self.city).as_dict()}
 
     @property
     def bot(self) -> dict[str, str] | None:
@@ -107,9 +128,8 @@ class Event(NamedTuple):
 
 Listener = Callable[[sqlite3.Connection, Event], None]
 
-_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-COLUMNS = ("id, type, at, email_id, recipient, url, ip, user_agent, method, classification, "
-           "bot_source, reason, counted, implied, first_for_recipient, first_for_link")
+_INSERT = f"INSERT INTO events VALUES ({', '.join('?' * len(Event._fields))})"
+COLUMNS = ", ".join(Event._fields)
 
 _ENGAGEMENT = ("SELECT target, counted, last_at FROM engagement "
                "WHERE email_id = ? AND recipient = ?")
@@ -167,10 +187,12 @@ class Recorder:
     ``executemany`` per table) and one future, resolved after the group commit."""
 
     def __init__(self, store: Store, classifier: Classifier, *,
-                 listeners: Sequence[Listener] = (), cache_size: int = 65536) -> None:
+                 listeners: Sequence[Listener] = (), cache_size: int = 65536,
+                 enricher: Enricher | None = None) -> None:
         self.store = store
         self.classifier = classifier
         self.listeners = tuple(listeners)
+        self.enricher = enricher or Enricher()
         self.sent_times = SentTimes(cache_size)
         self._queue: list[Hit] = []
         self._batch: asyncio.Future[list[list[Event]]] | None = None
@@ -216,18 +238,19 @@ class Recorder:
         verdict = self.classifier.classify(Signals(
             hit.type, hit.method, hit.user_agent, hit.ip,
             None if sent is None else hit.at - sent, recently))
+        details = self.enricher.describe(hit.user_agent, hit.ip, verdict.classification)
         counted = verdict.counted
         if hit.type == CLICK:
             events = []
             if counted and not opened:
-                events.append(_event(hit, verdict, OPEN, implied=True, first=True,
+                events.append(_event(hit, verdict, details, OPEN, implied=True, first=True,
                                      first_link=False))
-            events.append(_event(hit, verdict, CLICK, implied=False,
+            events.append(_event(hit, verdict, details, CLICK, implied=False,
                                  first=counted and not clicked,
                                  first_link=counted and not clicked_link))
         else:
-            events = [_event(hit, verdict, OPEN, implied=False, first=counted and not opened,
-                             first_link=False)]
+            events = [_event(hit, verdict, details, OPEN, implied=False,
+                             first=counted and not opened, first_link=False)]
         for event in events:
             entry = state.setdefault(event.url or PIXEL_TARGET, [0, 0.0])
             entry[0] += event.counted
@@ -251,12 +274,14 @@ def _count_batch(queued: float, batch: asyncio.Future[list[list[Event]]]) -> Non
         counter.inc(n)
 
 
-def _event(hit: Hit, verdict: Verdict, kind: str, *, implied: bool, first: bool,
-           first_link: bool) -> Event:
+def _event(hit: Hit, verdict: Verdict, details: Details, kind: str, *, implied: bool,
+           first: bool, first_link: bool) -> Event:
+    """The stored address is the enricher's (anonymized when configured), never ``hit.ip``."""
     return Event(event_id(hit.at), kind, hit.at, hit.email_id, hit.recipient,
-                 hit.url if kind == CLICK else None, hit.ip, hit.user_agent, hit.method,
+                 hit.url if kind == CLICK else None, details.ip, hit.user_agent, hit.method,
                  verdict.classification, verdict.source, verdict.reason, verdict.counted,
-                 implied, first, first_link)
+                 implied, first, first_link, details.device, details.client, details.os,
+                 details.country, details.region, details.city)
 
 
 # Event ids need uniqueness and time order, not secrecy: a per-process generator seeded from

@@ -161,7 +161,8 @@ class Outbox:
         if not endpoints:
             return
         data = event_data(_facts(conn, event.email_id), event.recipient, ip=event.ip,
-                          user_agent=event.user_agent, url=event.url, bot=event.bot)
+                          user_agent=event.user_agent, url=event.url, bot=event.bot,
+                          details=event.details)
         self._enqueue(conn, endpoints, event.id, kind, event.at, data)
 
     def _message(self, conn: sqlite3.Connection, record: MessageRecord,

@@ -86,6 +86,9 @@ GROUPS: Mapping[str, tuple[str, str, str]] = {
     "tag": ("stats_daily_tags", "tag", "sum(sent) DESC, key"),
     "campaign": ("stats_daily", "campaign", "sum(sent) DESC, key"),
     "sender_domain": ("stats_daily", "sender_domain", "sum(sent) DESC, key"),
+    # by the event's device, client, country (relay/breakdown.py): sent is 0 there
+    **{name: ("stats_daily_agents_sent", name, "sum(opens) + sum(clicks) DESC, key")
+       for name in ("device", "client", "country")},
 }
 MAX_SPAN_DAYS = 366
 DEFAULT_SPAN_DAYS = 30
@@ -262,7 +265,7 @@ def event_json(row: Row) -> dict[str, Any]:
         "method": e.method, "classification": e.classification, "bot_source": e.bot_source,
         "reason": e.reason, "counted": bool(e.counted), "implied": bool(e.implied),
         "first_for_recipient": bool(e.first_for_recipient),
-        "first_for_link": bool(e.first_for_link),
+        "first_for_link": bool(e.first_for_link), **e.details,
     }
 
 

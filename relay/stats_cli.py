@@ -94,10 +94,12 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def _print_events(body: Mapping[str, Any]) -> None:
-    print_table(["time", "type", "classification", "recipient", "email id", "url"],
+    print_table(["time", "type", "classification", "recipient", "email id", "url", "device",
+                 "client", "location"],
                 [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
                   e["classification"] + (f" ({e['bot_source']})" if e["bot_source"] else ""),
-                  e["recipient"], e["email_id"], e["url"]) for e in body["events"]])
+                  e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
+                  ", ".join(filter(None, (e["geo"] or {}).values()))) for e in body["events"]])
     if body["next_cursor"]:
         print(f"more: --cursor {body['next_cursor']}")
 

@@ -256,6 +256,38 @@ MIGRATIONS: dict[str, str] = {
         CREATE INDEX events_email ON events (email_id);
         CREATE INDEX events_recipient ON events (recipient);
     """,
+    # Device, client, OS and location of each event (relay/enrich.py) and the daily counters
+    # by device, client and country (relay/breakdown.py); events recorded before this
+    # migration are counted there under '' (unknown).
+    "0030_event_details": """
+        ALTER TABLE events ADD COLUMN device TEXT;
+        ALTER TABLE events ADD COLUMN client TEXT;
+        ALTER TABLE events ADD COLUMN os TEXT;
+        ALTER TABLE events ADD COLUMN country TEXT;
+        ALTER TABLE events ADD COLUMN region TEXT;
+        ALTER TABLE events ADD COLUMN city TEXT;
+        CREATE TABLE stats_daily_agents (
+            day TEXT NOT NULL,
+            device TEXT NOT NULL,
+            client TEXT NOT NULL,
+            country TEXT NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, device, client, country)
+        ) WITHOUT ROWID;
+        CREATE VIEW stats_daily_agents_sent AS
+            SELECT day, device, client, country, 0 AS sent, opens, unique_opens, clicks,
+                   unique_clicks
+            FROM stats_daily_agents;
+        INSERT INTO stats_daily_agents
+            SELECT date(m.created_at, 'unixepoch'), '', '', '', sum(e.type = 'open'),
+                   sum(e.type = 'open' AND e.first_for_recipient), sum(e.type = 'click'),
+                   sum(e.type = 'click' AND e.first_for_recipient)
+            FROM events e JOIN messages m ON m.email_id = e.email_id
+            WHERE e.counted GROUP BY 1;
+    """,
 }
 
 

@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from relay import metrics
 from relay.bots import CLICK, DEFAULT_NETWORKS, OPEN, Classifier, Network, networks_of, parse_ip
 from relay.config import Config
+from relay.enrich import open_enricher
 from relay.errors import InvalidToken
 from relay.events import Hit, Listener, Recorder
 from relay.store import Store
@@ -61,10 +62,16 @@ def build_app(config: Config, store: Store, keyring: Keyring, *,
     """The tracking service; ``listeners`` write in each event's transaction (events.py)."""
     networks = DEFAULT_NETWORKS + networks_of(config.tracking.scanner_networks)
     classifier = Classifier(networks, config.tracking.scanner_window_seconds)
-    recorder = Recorder(store, classifier, listeners=listeners)
+    enricher = open_enricher(config.geo, config.privacy, config.source)
+    recorder = Recorder(store, classifier, listeners=listeners, enricher=enricher)
     tracker = Tracker(store, keyring, recorder, config.http.trusted_proxies)
     app = web.Application()
     app[RECORDER] = recorder
+
+    async def close_enricher(_: web.Application) -> None:
+        enricher.close()
+
+    app.on_cleanup.append(close_enricher)
     app.router.add_get("/o/{token}", tracker.open)
     app.router.add_get("/c/{token}", tracker.click)
     app.router.add_get("/healthz", tracker.healthz)

@@ -125,7 +125,8 @@ def all_tags(tag_name: str | None, tags: Sequence[str]) -> tuple[str, ...]:
 
 def event_data(message: MessageFacts, recipient: str, *, ip: str | None = None,
                user_agent: str | None = None, url: str | None = None,
-               bot: Mapping[str, str] | None = None) -> dict[str, Any]:
+               bot: Mapping[str, str] | None = None,
+               details: Mapping[str, Any] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "email_id": message.email_id,
         "message_id": message.message_id,
@@ -141,6 +142,8 @@ def event_data(message: MessageFacts, recipient: str, *, ip: str | None = None,
         data["user_agent"] = user_agent
     if url is not None:
         data["url"] = url
+    if details is not None:  # device, client, os, geo (relay/events.py)
+        data.update(details)
     if bot is not None:
         data["tracking"] = {"bot": dict(bot)}
     return data

@@ -155,6 +155,17 @@ def test_location_lookup(geo: GeoDatabase, ip: str | None, place: Place) -> None
     assert geo.locate(ip) == place
 
 
+def test_locations_are_cached_by_address(geo_path: Path) -> None:
+    database = GeoDatabase(geo_path, cache_size=1)
+    try:
+        assert database.locate("203.0.113.9") is database.locate("203.0.113.9")
+        database.locate("2001:db8:1::5")
+        info = database.locate.cache_info()  # type: ignore[attr-defined]
+        assert (info.hits, info.misses, info.currsize) == (1, 2, 1)
+    finally:
+        database.close()
+
+
 def test_place_of_registered_country_and_empty_records() -> None:
     assert place_of({"registered_country": {"iso_code": "NL"}}) == Place("NL", None, None)
     assert place_of({"subdivisions": []}) == NOWHERE
