@@ -170,6 +170,10 @@ EVENT = _object({
     "method": STRING, "classification": STRING, "bot_source": NULLABLE_STRING,
     "reason": NULLABLE_STRING, "counted": BOOLEAN, "implied": BOOLEAN,
     "first_for_recipient": BOOLEAN, "first_for_link": BOOLEAN,
+    # relay/enrich.py: from the user agent, and the location database when configured
+    "device": NULLABLE_STRING, "client": NULLABLE_STRING, "os": NULLABLE_STRING,
+    "geo": {**_object({"country": NULLABLE_STRING, "region": NULLABLE_STRING,
+                       "city": NULLABLE_STRING}), "nullable": True},
 })
 EVENTS = _object({"events": {"type": "array", "items": EVENT},
                   "next_cursor": NULLABLE_STRING})
@@ -213,11 +217,12 @@ OPERATIONS = [
               "One message: its tracking decision, recipients and events", "getMessage",
               [_param("email_id", "The relay's message id", required=True, where="path")],
               responses={**_ok(MESSAGE), **_NOT_FOUND}, tags=("events",)),
-    Operation("GET", "/stats", get_stats, "Counts and rates grouped by day, tag, campaign or "
-              "sender domain", "getStats",
+    Operation("GET", "/stats", get_stats, "Counts and rates grouped by day, tag, campaign, "
+              "sender domain, device, client or country", "getStats",
               [*_WINDOW_PARAMS, _param("group_by", "day (default), tag, campaign, "
-                                       "sender_domain", {"type": "string",
-                                                         "enum": list(queries.GROUPS)})],
+                                       "sender_domain, device, client, country (these three "
+                                       "count opens and clicks: sent is 0)",
+                                       {"type": "string", "enum": list(queries.GROUPS)})],
               responses=_ok(STATS), tags=("statistics",)),
     Operation("GET", "/stats/links", get_link_stats, "Clicks per link URL", "getLinkStats",
               _WINDOW_PARAMS, responses=_ok(LINKS), tags=("statistics",)),

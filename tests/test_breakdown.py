@@ -1,4 +1,4 @@
-"""Enriched events end to end below HTTP: what the recorder stores, the device / client /
+"""Enriched events: what the tracker (over HTTP) and the recorder store, the device / client /
 country counters (against their rebuild oracle), the native statistics grouped by them, the
 events API's JSON, webhook data and the ``relay events`` table."""
 
@@ -10,16 +10,21 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from geodb import write_database
 from test_stats import SENT_AT, add_message
 
 from relay import breakdown, cli, queries, rollup, store
 from relay.bots import CLICK, OPEN, Classifier, networks_of
-from relay.config import WebhookEndpoint
+from relay.config import WebhookEndpoint, parse
 from relay.enrich import AgentParser, Enricher, GeoDatabase
 from relay.events import Event, Hit, Recorder
+from relay.ids import new_email_id
 from relay.outbox import Outbox, sync_endpoints
 from relay.stats import day_of
+from relay.store import Store
+from relay.tokens import Keyring, sign_open
+from relay.tracker import build_app
 
 DAY = day_of(SENT_AT)
 DETAILS = "0030_event_details"
@@ -62,6 +67,30 @@ def record(conn: sqlite3.Connection, rec: Recorder, hits: list[Hit]) -> list[lis
 def hit(kind: str, recipient: str, agent: str, ip: str, *, at: float = SENT_AT + 3600,
         url: str | None = None, email_id: str = "email_a") -> Hit:
     return Hit(kind, at, email_id, recipient, url, ip, agent)
+
+
+async def test_the_tracker_stores_enriched_events_with_the_address_anonymized(
+        tmp_path: Path, geo_path: Path) -> None:
+    config = parse({
+        "store": {"url": f"sqlite:///{tmp_path / 'relay.db'}"},
+        "http": {"trusted_proxies": ["127.0.0.0/8"]},
+        "tracking": {"keys": {"k1": "k" * 40}, "scanner_window_seconds": 0},
+        "geo": {"database": str(geo_path)},
+        "privacy": {"anonymize_ip": True},
+    })
+    keyring = Keyring({"k1": b"k" * 40}, "k1")
+    db = await Store.open(config.store.path)
+    try:
+        async with TestClient(TestServer(build_app(config, db, keyring))) as client:
+            response = await client.get(
+                "/o/" + sign_open(keyring, new_email_id(), "ann@example.net"),
+                headers={"User-Agent": IPHONE_MAIL, "X-Forwarded-For": ROUEN})
+            assert response.status == 200
+        assert db.execute_now("SELECT ip, device, client, os, country, region, city "
+                              "FROM events") == [("203.0.113.0", "mobile", "Apple Mail",
+                                                  "iOS 17.5", "FR", "Normandy", "Rouen")]
+    finally:
+        await db.close()
 
 
 def test_events_carry_device_client_os_and_location(conn: sqlite3.Connection,
