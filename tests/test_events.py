@@ -187,3 +187,32 @@ def test_bot_property() -> None:
                  "google", "user agent", True, False, True, False)
     assert base.bot == {"source": "google", "kind": "proxy"}
     assert base._replace(classification="person", bot_source=None).bot is None
+
+
+async def test_wal_is_copied_back_by_the_checkpoint_thread(store: Store, tmp_path: Path
+                                                            ) -> None:
+    """The writer's own automatic checkpoint is only a backstop (far beyond these few pages):
+    the rows reach the database file itself through the checkpoint thread."""
+    rec = recorder(store)
+    email_id = add_message(store)
+    for n in range(20):
+        await rec.record(hit(email_id, CLICK, SENT + 3600 + n, f"{A}/{n}"))
+    stored = 0
+    for n in range(100):
+        await asyncio.sleep(0.05)
+        stored = _rows_in_main_file(tmp_path / "relay.db", tmp_path / f"copy{n}.db")
+        if stored == 21:
+            break
+    assert stored == 21  # 20 clicks and the open the first one implied
+
+
+def _rows_in_main_file(db: Path, copy: Path) -> int:
+    """Events in the database file alone, without its WAL."""
+    copy.write_bytes(db.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the schema copied back yet
+        return 0
+    finally:
+        conn.close()
