@@ -7,7 +7,7 @@ WAL mode with ``synchronous=NORMAL`` survives the process being killed, so "the 
 answer" implies "the row is in the file". Writes run on the event loop thread: a commit of a
 batch costs well under a millisecond, less than handing it to a worker thread would. Copying the
 WAL back into the file (checkpointing: page writes and fsyncs) is not on the loop: a
-:class:`Checkpointer` thread does it (the loop's share of a busy tracker grew ~15-25% by that).
+:class:`Checkpointer` thread does it (worth ~15-25% of the tracker's throughput).
 
 Reads that may scan (statistics, listings) go through aiosqlite on their own connection, in its
 thread, so they never stall the loop.
