@@ -201,6 +201,12 @@ class Classifier:
         return None
 
 
+# Outlook for Windows fetches images with "Microsoft Outlook 16.0.x; ms-office; MSOffice 16":
+# for an open that is the recipient reading; an ms-office agent on a click is Office checking
+# the link (a person's click opens their browser, with the browser's agent).
+_OUTLOOK_DESKTOP = re.compile(r"Microsoft Outlook \d")
+
+
 def _agent_verdict(kind: str, user_agent: str) -> Verdict | None:
     agent = user_agent.strip()
     if not agent:
@@ -209,6 +215,8 @@ def _agent_verdict(kind: str, user_agent: str) -> Verdict | None:
         if kind == OPEN:
             return Verdict(PREFETCH, "apple", "Apple Mail Privacy Protection user agent")
         return Verdict(AUTOMATION, None, "bare user agent 'Mozilla/5.0'")
+    if kind == OPEN and _OUTLOOK_DESKTOP.search(agent):
+        return None  # Outlook for Windows loads the images a person opens, ms-office and all
     for rule in AGENT_RULES:
         match = rule.pattern.search(agent)
         if match:

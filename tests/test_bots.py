@@ -27,6 +27,8 @@ YAHOO = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.htm
 OUTLOOK_PROXY = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like "
                  "Gecko) Chrome/42.0.2311.135 Safari/537.36 Edge/12.246 Mozilla/5.0")
 HOME = "203.0.113.7"
+OUTLOOK_DESKTOP = ("Mozilla/4.0 (compatible; MSIE 7.0; Windows NT 10.0; WOW64; Trident/7.0; "
+                   "Microsoft Outlook 16.0.4266; ms-office; MSOffice 16)")
 
 # (kind, method, user agent, ip) -> (classification, source, counted)
 CASES = [
@@ -46,6 +48,8 @@ CASES = [
     (CLICK, "GET", "Mozilla/4.0 (compatible; ms-office; MSOffice 16)", HOME, SCANNER,
      "microsoft", False),
     (CLICK, "GET", "Microsoft Office Existence Discovery", HOME, SCANNER, "microsoft", False),
+    (OPEN, "GET", OUTLOOK_DESKTOP, HOME, PERSON, None, True),
+    (CLICK, "GET", OUTLOOK_DESKTOP, HOME, SCANNER, "microsoft", False),
     (CLICK, "GET", FIREFOX, "40.107.22.5", SCANNER, "microsoft", False),
     (CLICK, "GET", FIREFOX, "209.222.82.9", SCANNER, "barracuda", False),
     (CLICK, "GET", FIREFOX, "205.139.110.20", SCANNER, "mimecast", False),
