@@ -32,6 +32,9 @@ log = logging.getLogger("relay.smtp")
 DATA_END = b".\r\n"
 # <local@domain> with a dot-atom local part and a plain domain, then the parameters
 _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,255})>(.*)\Z")
+# Control characters (a bare CR among them: aiosmtpd ends command lines at LF only), which no
+# address may carry to the upstream
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RelaySMTP(SMTP):
@@ -176,6 +179,8 @@ class RelayHandler:
             if self._users:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: this client may not send through the relay"
+        if _CONTROL.search(address):
+            return "553 5.1.7 Bad sender address syntax: control character in the address"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -187,6 +192,8 @@ class RelayHandler:
                     f"per message, send the rest in another message")
         if "@" not in address:
             return "501 5.1.3 Bad recipient address syntax: expected user@domain"
+        if _CONTROL.search(address):
+            return "553 5.1.3 Bad recipient address syntax: control character in the address"
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)

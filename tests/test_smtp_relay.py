@@ -359,3 +359,25 @@ def test_implicit_tls_listener(make_relay, upstream, certificate):
     with smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context) as client:
         assert client.sendmail("app@shop.example", ["a@example.org"], PLAIN) == {}
     assert len(upstream.received) == 1
+
+
+def test_envelope_address_with_a_control_character_is_refused_at_the_command(make_relay,
+                                                                             upstream):
+    """A bare CR is not a line ending for aiosmtpd; the upstream client refuses it, so
+    accepting it would end every try in a 451 (and a resend to the other recipients)."""
+    relay = make_relay(upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+        client.ehlo()
+        client.send('MAIL FROM:<"a\rRSET"@shop.example>\r\n')
+        assert client.getreply()[0] == 553
+        assert client.mail("app@shop.example")[0] == 250
+        client.send('RCPT TO:<"b\rRCPT TO:<evil@x.example>"@example.org>\r\n')
+        assert client.getreply()[0] == 553
+        client.send('RCPT TO:<"b\x00"@example.org>\r\n')
+        assert client.getreply()[0] == 553
+        assert client.rcpt("a@example.org")[0] == 250
+        assert client.data(PLAIN)[0] == 250
+    [copy] = upstream.received
+    assert copy.mail_from == "app@shop.example"
+    assert copy.rcpt_tos == ["a@example.org"]
+
