@@ -55,11 +55,13 @@ def api_key(relay: Relay) -> str:
     return apikeys.create(store.connect(relay.config.store.path), "tests")
 
 
-def call(relay: Relay, key: str, method: str, path: str, body: Any = None
+def call(relay: Relay, key: str | None, method: str, path: str, body: Any = None
          ) -> tuple[int, Any]:
+    """An API request (without an Authorization header when ``key`` is None)."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
     request = urllib.request.Request(f"{relay.http_url}/api/v1{path}", data=data,
-                                     method=method, headers={"Authorization": f"Bearer {key}"})
+                                     method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             raw = response.read()

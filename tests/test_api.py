@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from clients import call, cli
 from harness import base_settings
 
 from relay import apikeys, store
-
-
-def get(url: str, key: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url)
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture
@@ -37,13 +21,13 @@ def api(make_relay):
 
 def test_api_requires_a_key(api):
     relay, _, key = api
-    status, body = get(f"{relay.http_url}/api/v1/nothing-here")
+    status, body = call(relay, None, "GET", "/nothing-here")
     assert status == 401
     assert "Authorization: Bearer" in body["error"]["message"]
-    status, body = get(f"{relay.http_url}/api/v1/nothing-here", "rk_wrong")
+    status, body = call(relay, "rk_wrong", "GET", "/nothing-here")
     assert status == 401
     assert body["error"]["message"] == "invalid or revoked API key"
-    status, body = get(f"{relay.http_url}/api/v1/nothing-here", key)
+    status, body = call(relay, key, "GET", "/nothing-here")
     assert status == 404
     assert body["error"]["status"] == 404
 
@@ -51,29 +35,24 @@ def test_api_requires_a_key(api):
 def test_revoked_key_stops_working(api):
     relay, conn, key = api
     assert apikeys.revoke(conn, "tests")
-    status, _ = get(f"{relay.http_url}/api/v1/nothing-here", key)
+    status, _ = call(relay, key, "GET", "/nothing-here")
     assert status == 401
 
 
 def test_openapi_document_is_served_with_a_key(api):
     relay, _, key = api
-    assert get(f"{relay.http_url}/api/v1/openapi.json")[0] == 401
-    status, document = get(f"{relay.http_url}/api/v1/openapi.json", key)
+    assert call(relay, None, "GET", "/openapi.json")[0] == 401
+    status, document = call(relay, key, "GET", "/openapi.json")
     assert status == 200
     assert document["openapi"].startswith("3.")
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-
-
-def relay_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_api_keys_cli_create_list_revoke(tmp_path):
     settings = base_settings(tmp_path)
     config = tmp_path / "relay.toml"
     config.write_text(f'[store]\nurl = "{settings["store"]["url"]}"\n')
-    created = relay_cli(config, "api-keys", "create", "ops")
+    created = cli(config, "api-keys", "create", "ops")
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip()
     assert secret.startswith("rk_") and len(secret) > 40
@@ -83,13 +62,13 @@ def test_api_keys_cli_create_list_revoke(tmp_path):
     # this process's POSIX locks on it)
     stored = conn.execute("SELECT name, key_hash FROM api_keys").fetchall()
     assert stored == [("ops", hashlib.sha256(secret.encode()).digest())]
-    again = relay_cli(config, "api-keys", "create", "ops")
+    again = cli(config, "api-keys", "create", "ops")
     assert again.returncode == 1
     assert "exists already" in again.stderr
-    listed = relay_cli(config, "api-keys", "list")
+    listed = cli(config, "api-keys", "list")
     assert "ops" in listed.stdout and "active" in listed.stdout
     assert secret not in listed.stdout
-    revoked = relay_cli(config, "api-keys", "revoke", "ops")
+    revoked = cli(config, "api-keys", "revoke", "ops")
     assert revoked.returncode == 0, revoked.stderr
     assert apikeys.authenticate(conn, secret) is None
-    assert relay_cli(config, "api-keys", "revoke", "ops").returncode == 1
+    assert cli(config, "api-keys", "revoke", "ops").returncode == 1
