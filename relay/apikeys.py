@@ -9,7 +9,7 @@ import secrets
 import sqlite3
 import time
 
-from relay.commands import ConfigOption, fail, format_time, open_store
+from relay.commands import Action, ConfigOption, add_group, fail, format_time, open_store
 
 PREFIX = "rk_"
 
@@ -56,18 +56,11 @@ def authenticate(conn: sqlite3.Connection, secret: str) -> str | None:
 
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
-    parser = commands.add_parser("api-keys", help="create, list and revoke API keys")
-    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
-    create_parser = actions.add_parser("create", help="create a key and print it (once)")
-    create_parser.add_argument("name")
-    create_parser.set_defaults(run=_create)
-    revoke_parser = actions.add_parser("revoke", help="revoke a key by name")
-    revoke_parser.add_argument("name")
-    revoke_parser.set_defaults(run=_revoke)
-    list_parser = actions.add_parser("list", help="list keys (never their secrets)")
-    list_parser.set_defaults(run=_list)
-    for sub in (create_parser, revoke_parser, list_parser):
-        config_option(sub)
+    add_group(commands, "api-keys", "create, list and revoke API keys", config_option, [
+        Action("create", "create a key and print it (once)", _create, "name"),
+        Action("revoke", "revoke a key by name", _revoke, "name"),
+        Action("list", "list keys (never their secrets)", _list),
+    ])
 
 
 def _create(args: argparse.Namespace) -> int:

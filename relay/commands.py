@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from relay import config as config_module
 from relay import store
@@ -22,6 +23,35 @@ ConfigOption = Callable[[argparse.ArgumentParser], None]
 def config_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
                          help=f"configuration file (default: {DEFAULT_CONFIG})")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One ``relay GROUP ACTION`` subcommand: its name, help, what runs it, and its
+    positional argument (if any)."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    argument: str | None = None
+
+
+def add_group(commands: argparse._SubParsersAction, name: str, help: str,
+              config_option: ConfigOption, actions: Sequence[Action]
+              ) -> dict[str, argparse.ArgumentParser]:
+    """``relay NAME ACTION ...``, each action with --config; returns the action parsers, for
+    options of their own."""
+    parser = commands.add_parser(name, help=help)
+    sub = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+    parsers = {}
+    for action in actions:
+        action_parser = sub.add_parser(action.name, help=action.help)
+        if action.argument:
+            action_parser.add_argument(action.argument)
+        action_parser.set_defaults(run=action.run)
+        config_option(action_parser)
+        parsers[action.name] = action_parser
+    return parsers
 
 
 def open_store(args: argparse.Namespace) -> sqlite3.Connection:

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from relay import metrics, names
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import ConfigOption, fail, format_time, print_table
+from relay.commands import Action, ConfigOption, add_group, fail, format_time, print_table
 from relay.config import Config, DnsSettings
 from relay.settings import bump, json_body, open_seeded, seed_once, transaction
 from relay.store import Store
@@ -257,23 +257,15 @@ def publish_metrics(store: Store | None) -> None:
 # --- CLI -----------------------------------------------------------------------------------
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
-    parser = commands.add_parser("domains", help="tracking domains: add, verify, list, remove")
-    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
-    add_parser = actions.add_parser("add", help="add a tracking host (pending until verified)")
-    add_parser.add_argument("host", help="e.g. track.shop.example")
-    add_parser.add_argument("--sender", metavar="DOMAIN",
-                            help="the sender domain it serves (default: the host's parent)")
-    add_parser.set_defaults(run=_add)
-    verify_parser = actions.add_parser("verify", help="look up the CNAME now, store the result")
-    verify_parser.add_argument("host")
-    verify_parser.set_defaults(run=_verify)
-    list_parser = actions.add_parser("list", help="tracking domains and their states")
-    list_parser.set_defaults(run=_list)
-    remove_parser = actions.add_parser("remove", help="remove a tracking host")
-    remove_parser.add_argument("host")
-    remove_parser.set_defaults(run=_remove)
-    for sub in (add_parser, verify_parser, list_parser, remove_parser):
-        config_option(sub)
+    parsers = add_group(
+        commands, "domains", "tracking domains: add, verify, list, remove", config_option, [
+            Action("add", "add a tracking host (pending until verified)", _add, "host"),
+            Action("verify", "look up the CNAME now, store the result", _verify, "host"),
+            Action("list", "tracking domains and their states", _list),
+            Action("remove", "remove a tracking host", _remove, "host"),
+        ])
+    parsers["add"].add_argument("--sender", metavar="DOMAIN",
+                                help="the sender domain it serves (default: the host's parent)")
 
 
 def _add(args: argparse.Namespace) -> int:

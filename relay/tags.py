@@ -14,7 +14,7 @@ from aiohttp import web
 
 from relay import names
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import ConfigOption, fail, format_time, print_table
+from relay.commands import Action, ConfigOption, add_group, fail, format_time, print_table
 from relay.config import Config
 from relay.settings import bump, json_body, open_seeded, seed_once, transaction
 
@@ -52,18 +52,11 @@ def seed(conn: sqlite3.Connection, config: Config) -> None:
 # --- CLI -----------------------------------------------------------------------------------
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
-    parser = commands.add_parser("tags", help="register, list and remove tags (TagName)")
-    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
-    add_parser = actions.add_parser("add", help="register a tag")
-    add_parser.add_argument("name")
-    add_parser.set_defaults(run=_add)
-    remove_parser = actions.add_parser("remove", help="remove a tag: mail naming it is refused")
-    remove_parser.add_argument("name")
-    remove_parser.set_defaults(run=_remove)
-    list_parser = actions.add_parser("list", help="list registered tags")
-    list_parser.set_defaults(run=_list)
-    for sub in (add_parser, remove_parser, list_parser):
-        config_option(sub)
+    add_group(commands, "tags", "register, list and remove tags (TagName)", config_option, [
+        Action("add", "register a tag", _add, "name"),
+        Action("remove", "remove a tag: mail naming it is refused", _remove, "name"),
+        Action("list", "list registered tags", _list),
+    ])
 
 
 def _add(args: argparse.Namespace) -> int:
