@@ -62,7 +62,7 @@ def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     pos = start
     while match := _HEADER.match(raw, pos):
         name = match.group(1).decode("ascii")
-        headers.append(Header(name, pos, match.end(), match.end(1), name.lower()))
+        headers.append(Header(name, pos, match.end(), match.end(2) - 1, name.lower()))
         pos = match.end()
     if raw.startswith(b"\r\n", pos):
         pos += 2
@@ -71,8 +71,10 @@ def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     return HeaderBlock(tuple(headers), pos)
 
 
-# A header: printable ASCII but ':' for the name (RFC 5322 2.2), then its continuation lines.
-_HEADER = re.compile(rb"([!-9;-~]++):[^\n]*+(?:\n[ \t][^\n]*+)*+\n?")
+# A header: printable ASCII but ':' for the name (RFC 5322 2.2), blanks before the colon
+# allowed (obs-optional, 4.5.3: receiving servers take ``Name :`` as a header too), then its
+# continuation lines.
+_HEADER = re.compile(rb"([!-9;-~]++)([ \t]*+:)[^\n]*+(?:\n[ \t][^\n]*+)*+\n?")
 
 
 def remove_headers(raw: bytes, doomed: Iterable[Header]) -> bytes:

@@ -381,3 +381,17 @@ def test_envelope_address_with_a_control_character_is_refused_at_the_command(mak
     assert copy.mail_from == "app@shop.example"
     assert copy.rcpt_tos == ["a@example.org"]
 
+
+
+def test_control_headers_after_a_header_with_space_before_its_colon_are_removed(
+        make_relay, upstream):
+    """RFC 5322 4.5.3 (obs-optional): ``Subject : x`` is a header line, and receiving
+    servers read it as one, so the header block does not end there."""
+    relay = make_relay(upstream=upstream)
+    message = (b"From: App <app@shop.example>\r\nSubject : Hi\r\nX-Anypost-Tags: secret\r\n"
+               b"x-anypost-campaign:\r\n spring\r\nX-AliDM-Trace\t: e30=\r\n\r\nbody\r\n")
+    send(relay, "app@shop.example", ["a@example.org"], message)
+    [copy] = upstream.received
+    assert copy.data == b"From: App <app@shop.example>\r\nSubject : Hi\r\n\r\nbody\r\n"
+    row = relay.db().execute("SELECT subject, campaign FROM messages").fetchone()
+    assert tuple(row) == ("Hi", "spring")
