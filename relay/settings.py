@@ -259,7 +259,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object, or a 400."""
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         raise ApiError(400, "the body must be JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

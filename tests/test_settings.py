@@ -3,7 +3,10 @@ and changes through the CLI (another process) and the API reaching the next mess
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.error
+import urllib.request
 
 import pytest
 from clients import (
@@ -137,3 +140,15 @@ def test_api_reads_and_changes_settings(make_relay, upstream):
     assert call(relay, key, "PUT", "/settings/domains/not_a_domain", {})[0] == 400
     assert call(relay, key, "DELETE", "/settings/domains/shop.example")[0] == 204
     assert call(relay, key, "GET", "/settings/domains/shop.example")[0] == 404
+
+
+def test_api_refuses_a_deeply_nested_json_body_with_400(make_relay):
+    relay = make_relay(http=True)
+    key = api_key(relay)
+    nested = b'{"opens": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    request = urllib.request.Request(f"{relay.http_url}/api/v1/settings/account", data=nested,
+                                     method="PUT", headers={"Authorization": f"Bearer {key}"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code == 400
+    assert json.loads(raised.value.read())["error"]["message"] == "the body must be JSON"
