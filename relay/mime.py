@@ -320,7 +320,7 @@ def qp_encode_parts(parts: list[str], eol: bytes) -> list[bytes]:
         data = _QP_CUT.join(part.encode("utf-8") for part in parts)
         if b"\r" in data:
             data = data.replace(b"\r", b"")  # CRLF to LF, since there is no lone CR
-        encoded, cut = binascii.b2a_qp(data, istext=True), b"=FF"
+        encoded, cut = _fit_lines(binascii.b2a_qp(data, istext=True)), b"=FF"
     if eol != b"\n":
         encoded = encoded.replace(b"\n", eol)
     soft_break = b"=" + eol
@@ -331,6 +331,31 @@ def qp_encode_parts(parts: list[str], eol: bytes) -> list[bytes]:
         if out[i].startswith(soft_break):  # a soft break right after the cut is not needed
             out[i] = out[i][len(soft_break) :]
     return out
+
+
+def _fit_lines(encoded: bytes) -> bytes:
+    """Lines of at most 76 characters: ``binascii.b2a_qp`` writes a space that ends a long line
+    as ``=20`` without counting it (77 or 78 characters); such lines get a soft break."""
+    lines = encoded.split(b"\n")
+    if max(map(len, lines)) <= QP_LINE:
+        return encoded
+    return b"\n".join(b"=\n".join(_wrap_line(line)) if len(line) > QP_LINE else line
+                      for line in lines)
+
+
+def _wrap_line(line: bytes) -> list[bytes]:
+    """A long encoded line in pieces of at most 75 characters, no ``=XX`` escape cut apart."""
+    pieces = []
+    start = 0
+    while len(line) - start > QP_LINE:
+        end = start + QP_LINE - 1
+        escape = line.rfind(b"=", end - 2, end)
+        if escape != -1:
+            end = escape
+        pieces.append(line[start:end])
+        start = end
+    pieces.append(line[start:])
+    return pieces
 
 
 def _qp_ascii(data: bytes, cuts: int) -> bytes:

@@ -1,4 +1,5 @@
 import binascii
+import quopri
 
 import pytest
 from hypothesis import given, settings
@@ -231,3 +232,13 @@ def test_line_ending() -> None:
     assert mime.line_ending(b"a: b\r\n") == b"\r\n"
     assert mime.line_ending(b"a: b\n") == b"\n"
     assert mime.line_ending(b"") == b"\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 90), st.text(alphabet="aé =\t", max_size=30))
+def test_non_ascii_qp_lines_fit_even_where_binascii_overflows(width, tail):
+    """binascii.b2a_qp writes a space ending a long line as "=20" past the 76th column."""
+    text = "é" + "a" * width + " \r\nnext" + tail + "\r\n"
+    [encoded] = mime.qp_encode_parts([text], b"\r\n")
+    assert all(len(line) <= 76 for line in encoded.split(b"\r\n"))
+    assert quopri.decodestring(encoded).decode("utf-8") == text
