@@ -15,7 +15,8 @@ PREFIX = "rk_"
 
 
 def _hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+    # surrogatepass: a header with bytes that are not UTF-8 is just a wrong key
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 def create(conn: sqlite3.Connection, name: str) -> str:

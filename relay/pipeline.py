@@ -118,8 +118,10 @@ class MailPipeline:
             copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
         else:
             copies = []
-        for replies in await asyncio.gather(*(self.upstream.send(c) for c in copies)):
-            outcome.replies.update(replies)
+        sent = await asyncio.gather(*(self.upstream.send(c) for c in copies),
+                                    return_exceptions=True)
+        for copy, replies in zip(copies, sent, strict=True):
+            outcome.replies.update(_replies_of(copy, replies, email_id))
         record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                _header(raw, block, "Subject"), controls,
                                decision if tracked else None, reason, len(raw))
@@ -154,6 +156,17 @@ class MailPipeline:
         if len(clean) > LARGE_MESSAGE:
             return await asyncio.to_thread(prepare, clean, options)
         return prepare(clean, options)
+
+
+def _replies_of(copy: Copy, replies: dict[str, Reply] | BaseException, email_id: str
+                ) -> dict[str, Reply]:
+    """A copy's replies; a copy whose sending failed in an unforeseen way is deferred alone, so
+    the copies that did go out are still recorded and a retry does not repeat them."""
+    if not isinstance(replies, BaseException):
+        return replies
+    log.error("%s copy to %s failed", email_id, ", ".join(copy.recipients), exc_info=replies)
+    reply = Reply(451, "4.3.0 Internal error while forwarding; try again later")
+    return {r: reply for r in copy.recipients}
 
 
 def _reason(decision: Decision, prepared: Prepared) -> str:

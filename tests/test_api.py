@@ -32,6 +32,13 @@ def test_api_requires_a_key(api):
     assert body["error"]["status"] == 404
 
 
+def test_a_key_that_is_not_utf8_is_just_wrong(api):
+    relay, _, _ = api
+    status, body = call(relay, "rk_\xe9\xff", "GET", "/nothing-here")
+    assert status == 401
+    assert body["error"]["message"] == "invalid or revoked API key"
+
+
 def test_revoked_key_stops_working(api):
     relay, conn, key = api
     assert apikeys.revoke(conn, "tests")
