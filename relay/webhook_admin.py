@@ -300,7 +300,7 @@ async def _add_endpoint(request: web.Request) -> web.Response:
             _typed(body, "allow_private", bool, False),
             float(_typed(body, "timeout", (int, float), 10.0)))
         await request.app[CONTEXT].store.write(lambda conn: add(conn, endpoint, time.time()))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # float() of a huge integer overflows
         status = 409 if "exists already" in str(exc) else 400
         raise ApiError(status, str(exc)) from None
     return json_response({"name": endpoint.name, "secret": endpoint.secret}, 201)

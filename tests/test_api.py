@@ -39,6 +39,14 @@ def test_a_key_that_is_not_utf8_is_just_wrong(api):
     assert body["error"]["message"] == "invalid or revoked API key"
 
 
+def test_a_huge_number_is_bad_input_not_a_crash(api):
+    relay, _, key = api
+    body = {"name": "hook", "url": "https://hooks.example/in", "timeout": 10**400}
+    status, answer = call(relay, key, "POST", "/webhooks", body)
+    assert status == 400
+    assert answer["error"]["status"] == 400
+
+
 def test_revoked_key_stops_working(api):
     relay, conn, key = api
     assert apikeys.revoke(conn, "tests")
