@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import config as config_module
 from relay.app import Services, http_port, running
@@ -29,9 +30,17 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        self.run(_cancel_others())  # sessions still open on either side end here
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -66,9 +75,15 @@ class UpstreamHandler:
 
 
 class UpstreamServer:
-    def __init__(self, loops: LoopThread, smtputf8: bool = True) -> None:
+    """aiosmtpd as the relay's upstream; optionally STARTTLS-only with AUTH required."""
+
+    def __init__(self, loops: LoopThread, smtputf8: bool = True,
+                 tls: ssl.SSLContext | None = None, login: tuple[str, str] | None = None
+                 ) -> None:
         self.loops = loops
         self.smtputf8 = smtputf8
+        self.tls = tls
+        self.login = login
         self.handler = UpstreamHandler()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -78,9 +93,20 @@ class UpstreamServer:
             loop = asyncio.get_running_loop()
             return await loop.create_server(
                 lambda: SMTP(self.handler, enable_SMTPUTF8=self.smtputf8, hostname="upstream.test",
+                             tls_context=self.tls, require_starttls=self.tls is not None,
+                             auth_required=self.login is not None,
+                             authenticator=self._authenticate if self.login else None,
                              loop=loop), "127.0.0.1", self.port)
         self.server = self.loops.run(start())
         self.port = self.server.sockets[0].getsockname()[1]
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, auth_data: object) -> AuthResult:
+        assert self.login is not None
+        name, password = self.login
+        ok = (isinstance(auth_data, LoginPassword)
+              and (auth_data.login, auth_data.password) == (name.encode(), password.encode()))
+        return AuthResult(success=ok, handled=False)
 
     def stop(self) -> None:
         if self.server is not None:

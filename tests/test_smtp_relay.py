@@ -395,3 +395,25 @@ def test_control_headers_after_a_header_with_space_before_its_colon_are_removed(
     assert copy.data == b"From: App <app@shop.example>\r\nSubject : Hi\r\n\r\nbody\r\n"
     row = relay.db().execute("SELECT subject, campaign FROM messages").fetchone()
     assert tuple(row) == ("Hi", "spring")
+
+
+def test_upstream_with_starttls_and_auth(make_relay, loops, certificate):
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = UpstreamServer(loops, tls=context, login=("relay", "upstream-secret"))
+    server.start()
+    try:
+        settings = {"host": "127.0.0.1", "port": server.port, "tls": "starttls",
+                    "verify_certificate": False, "username": "relay"}
+        relay = make_relay({"upstream": {**settings, "password": "upstream-secret"}})
+        assert send(relay, "app@shop.example", ["a@example.org"], PLAIN) == {}
+        assert send(relay, "app@shop.example", ["b@example.org"], PLAIN) == {}
+        assert [r.rcpt_tos for r in server.received] == [["a@example.org"], ["b@example.org"]]
+        wrong = make_relay({"upstream": {**settings, "password": "wrong"}})
+        code, text = last_reply(wrong, "app@shop.example", ["c@example.org"], PLAIN)
+        assert code == 451  # the client keeps the message while the operator fixes the config
+        assert b"Upstream unreachable" in text
+        assert len(server.received) == 2
+    finally:
+        server.stop()
