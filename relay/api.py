@@ -30,7 +30,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Modules with an ``OPERATIONS`` list; each adds its own line.
 OPERATION_MODULES: tuple[str, ...] = ("relay.settings", "relay.domains", "relay.tags",
-                                      "relay.stats_api", "relay.webhook_admin")
+                                      "relay.stats_api", "relay.webhook_admin",
+                                      "relay.retention_admin")
 
 
 @dataclass(frozen=True)

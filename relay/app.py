@@ -14,7 +14,7 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
-from relay import rules
+from relay import retention, rules
 from relay.breakdown import Breakdown
 from relay.config import Config
 from relay.events import Listener
@@ -47,6 +47,7 @@ async def running(
     store = await Store.open(config.store.path)
     services = Services(store, load_keyring(config.tracking, store.writer))
     stop_rules = rules.start(store, config, recheck=http)
+    stop_retention = retention.start(config.store.path, config.retention.days if http else 0)
     rollup = Rollup()
     services.event_listeners.append(rollup)
     services.message_listeners.append(rollup.on_message)
@@ -73,6 +74,7 @@ async def running(
         if services.smtp is not None:
             await services.smtp.stop()
         await stop_rules()
+        await stop_retention()
         await webhooks.stop()
         await store.close()
 

@@ -9,13 +9,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from relay import apikeys, domains, settings, stats_cli, tags, webhook_admin
+from relay import apikeys, domains, retention_admin, settings, stats_cli, tags, webhook_admin
 from relay import config as config_module
 from relay.commands import config_option
 from relay.errors import ConfigError
 
 # Modules that add subcommands of their own (see relay/commands.py).
-COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, webhook_admin)
+COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, webhook_admin, retention_admin)
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -165,6 +165,13 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """``[retention]``: purge messages and events older than ``days`` (0: keep forever)."""
+
+    days: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<defaults>"
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -179,6 +186,7 @@ class Config:
     webhook_delivery: WebhookDelivery = field(default_factory=WebhookDelivery)
     geo: GeoSettings = field(default_factory=GeoSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     log_level: str = "INFO"
 
     def dkim_key(self, domain: str) -> DkimKey | None:
@@ -295,6 +303,7 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         webhook_delivery=_webhook_delivery(root.sub("webhook_delivery")),
         geo=_geo(root.sub("geo")),
         privacy=_privacy(root.sub("privacy")),
+        retention=_retention(root.sub("retention")),
         log_level=_log_level(root.sub("logging")),
     )
     root.done()
@@ -581,6 +590,14 @@ def _privacy(r: _Reader) -> PrivacySettings:
     settings = PrivacySettings(anonymize_ip=r.get("anonymize_ip", bool, False))
     r.done()
     return settings
+
+
+def _retention(r: _Reader) -> RetentionSettings:
+    days = r.get("days", int, 0)
+    if days < 0:
+        raise r.fail("days", "must be 0 (keep forever) or more")
+    r.done()
+    return RetentionSettings(days)
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
