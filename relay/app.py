@@ -53,7 +53,7 @@ async def running(
     services.message_listeners.append(rollup.on_message)
     services.event_listeners.append(Breakdown())
     outbox = Outbox()
-    services.event_listeners.append(outbox.on_event)
+    services.event_listeners.append(outbox)
     services.message_listeners.append(outbox.on_message)
     sync_endpoints(store.writer, config.webhooks, time.time())
     webhooks = DeliveryWorker(store, config.webhook_delivery, outbox.wake)

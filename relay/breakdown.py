@@ -19,6 +19,7 @@ it under ``''``: they carry no details.)
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from relay.bots import OPEN
 from relay.events import Event, SentTimes
@@ -55,6 +56,27 @@ class Breakdown:
         counts = (1, first, 0, 0) if event.type == OPEN else (0, 0, 1, first)
         conn.execute(_ADD, (day_of(sent), event.device or "", event.client or "",
                             event.country or "", *counts))
+
+    def batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        """The counts of a batch of events, summed: one statement per counter row."""
+        totals: dict[tuple[str, str, str, str], list[int]] = {}
+        for event in events:
+            if not event.counted:
+                continue
+            sent = self.sent_times.get(conn, event.email_id)
+            if sent is None:
+                continue
+            first = int(event.first_for_recipient)
+            counts = (1, first, 0, 0) if event.type == OPEN else (0, 0, 1, first)
+            key = (day_of(sent), event.device or "", event.client or "", event.country or "")
+            total = totals.get(key)
+            if total is None:
+                totals[key] = list(counts)
+            else:
+                for i, n in enumerate(counts):
+                    total[i] += n
+        if totals:
+            conn.executemany(_ADD, [(*key, *counts) for key, counts in totals.items()])
 
 
 def rebuild(conn: sqlite3.Connection) -> None:

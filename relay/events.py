@@ -32,25 +32,35 @@ parse of the user agent (relay/enrich.py).
 ``events`` is clustered by its time-ordered id (appends only) and indexed by ``at``: a hit
 writes no random B-tree page there. What a hit must look up lives in ``engagement``, one row
 per (email_id, recipient, target) where target is ``''`` for the open pixel and the URL for a
-link: ``hits`` (events, implied opens included), ``counted`` (the counted ones) and
-``last_at``. Reading a recipient's rows (a few: the pixel and the links they used) answers
-"opened?", "clicked?", "clicked this link?" and "another link clicked in the last second?",
-however often one link is hammered; it is also the per-link click count. Per-message event
-listings need an index on ``events (email_id)`` that this write path does not pay for (add it
-with the module that lists them). Retention and erasure must delete from both tables.
+link: ``counted`` (0 until a counted event of that target was stored, then at least 1),
+``hits`` (how often the row was written) and ``last_at`` (when it was last written). Reading a
+recipient's rows (a few: the pixel and the links they used) answers "opened?", "clicked?" and
+"clicked this link?", however often one link is hammered. The per-link click counts of the
+statistics are the daily counters (``stats_daily_links``, relay/rollup.py), not this table.
+Per-message event listings use ``events (email_id)``. Retention and erasure must delete from
+both tables.
 
-Writing: :meth:`Recorder.record` hands :meth:`Recorder.write` to the store's group commit and
-resolves after COMMIT, so an answered request means a stored event. ``write`` runs on the
-writer connection inside the batch's transaction, in request order: the flags and the
-"another link in the same second" signal are read from what is already committed or earlier
-in the same transaction, and are exact for one writer process.
+The engagement cache: :class:`Recorder` keeps the rows of recently seen recipients in a
+bounded LRU (loaded by primary key on a miss) and writes a row only when it changes something
+a later decision needs: a new target, the first counted event of a target, or (so retention's
+``last_at`` stays close to the truth) a row last written more than
+:data:`ENGAGEMENT_REFRESH_SECONDS` before. A hammered link therefore writes no engagement page.
+Counted-first flags stay exact across processes: a counted hit that the cache says could be a
+first re-reads the recipient's rows inside the write transaction (which holds the database's
+write lock) before deciding. The time of each target's last hit, for the "another link
+clicked within one second" signal, is kept in memory only: with several worker processes that
+signal sees the hits of its own process. A write that fails (or a batch whose COMMIT fails)
+drops the recipients it touched (all of them, for a failed COMMIT) from the cache, so they are
+read again from what was committed.
 
 Listener hook: modules that must write alongside an event (the webhook outbox) pass
 ``listeners`` to :class:`Recorder` (``build_app(..., listeners=[...])``). Each is called as
 ``listener(conn, event)`` for every event, counted or not (filter on ``event.counted``), after
 the event rows are inserted, inside the same savepoint and transaction. A listener that raises
 rolls back the whole group of hits written with it: events and outbox rows are stored together
-or not at all (the tracker still answers, and logs and counts the failure).
+or not at all (the tracker still answers, and logs and counts the failure). A listener object
+with a ``batch(conn, events)`` method is called once per write with all its events, in order,
+instead (the daily counters sum a batch into one statement per counter row).
 """
 
 from __future__ import annotations
@@ -137,10 +147,25 @@ _ENGAGE = """INSERT INTO engagement VALUES (?, ?, ?, 1, ?, ?)
     ON CONFLICT (email_id, recipient, target) DO UPDATE SET hits = hits + 1,
     counted = counted + excluded.counted, last_at = excluded.last_at"""
 PIXEL_TARGET = ""
+# An engagement row is written again when it was last written this long before a hit.
+ENGAGEMENT_REFRESH_SECONDS = 3600.0
 
 
-# A recipient's engagement rows while a batch is written: target -> [counted, last_at].
+# A recipient's engagement: target -> [counted (bool), last hit (this process), last written].
 _State = dict[str, list[Any]]
+
+
+def _merge(state: _State, rows: Sequence[tuple[str, int, float]]) -> _State:
+    """Add stored rows to ``state``: what is counted stays counted, the latest times win."""
+    for target, counted, last_at in rows:
+        entry = state.get(target)
+        if entry is None:
+            state[target] = [counted > 0, last_at, last_at]
+        else:
+            entry[0] = entry[0] or counted > 0
+            entry[1] = max(entry[1], last_at)
+            entry[2] = max(entry[2], last_at)
+    return state
 
 
 def _seen(state: _State, hit: Hit) -> tuple[bool, bool, bool, bool]:
@@ -148,13 +173,13 @@ def _seen(state: _State, hit: Hit) -> tuple[bool, bool, bool, bool]:
     another link clicked (any classification) within the burst window?"""
     since = hit.at - BURST_SECONDS
     opened = clicked = clicked_link = recently = False
-    for target, (counted, last_at) in state.items():
+    for target, (counted, last_at, _) in state.items():
         if target == PIXEL_TARGET:
-            opened = counted > 0
+            opened = counted
             continue
-        clicked = clicked or counted > 0
+        clicked = clicked or counted
         if target == hit.url:
-            clicked_link = counted > 0
+            clicked_link = counted
         elif last_at >= since:
             recently = True
     return opened, clicked, clicked_link, recently
@@ -192,8 +217,12 @@ class Recorder:
         self.store = store
         self.classifier = classifier
         self.listeners = tuple(listeners)
+        self._batch_listeners = tuple(getattr(listener, "batch", None) or partial(_each, listener)
+                                      for listener in self.listeners)
         self.enricher = enricher or Enricher()
         self.sent_times = SentTimes(cache_size)
+        self.cache_size = cache_size
+        self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
         self._queue: list[Hit] = []
         self._batch: asyncio.Future[list[list[Event]]] | None = None
 
@@ -202,6 +231,7 @@ class Recorder:
         if not self._queue:
             self._batch = self.store.write(self._write_queued)
             self._batch.add_done_callback(partial(_count_batch, perf_counter()))
+            self._batch.add_done_callback(self._forget_uncommitted)
         batch = self._batch
         assert batch is not None
         index = len(self._queue)
@@ -214,25 +244,48 @@ class Recorder:
 
     def write(self, conn: sqlite3.Connection, hits: Sequence[Hit]) -> list[list[Event]]:
         """Classify the hits in order and insert their events; one list of events per hit."""
-        states: dict[tuple[str, str], _State] = {}
+        fresh: set[tuple[str, str]] = set()  # read from the store in this transaction
+        local: dict[tuple[str, str], _State] = {}  # this batch's, even if the LRU drops them
+        changes: list[tuple[str, str, str, bool, float]] = []
         results = []
-        for hit in hits:
-            key = (hit.email_id, hit.recipient)
-            state = states.get(key)
-            if state is None:
-                state = states[key] = {target: [counted, last_at] for target, counted, last_at
-                                       in conn.execute(_ENGAGEMENT, key)}
-            results.append(self._events(conn, hit, state))
-        events = [event for group in results for event in group]
-        conn.executemany(_INSERT, events)
-        conn.executemany(_ENGAGE, [
-            (e.email_id, e.recipient, e.url or PIXEL_TARGET, e.counted, e.at) for e in events])
-        for event in events:
-            for listener in self.listeners:
-                listener(conn, event)
+        try:
+            for hit in hits:
+                key = (hit.email_id, hit.recipient)
+                state = local.get(key)
+                if state is None:
+                    state = local[key] = self._state(conn, key, fresh)
+                results.append(self._events(conn, hit, state, fresh, changes))
+            events = [event for group in results for event in group]
+            conn.executemany(_INSERT, events)
+            conn.executemany(_ENGAGE, changes)
+            for batch_listener in self._batch_listeners:
+                batch_listener(conn, events)
+        except BaseException:  # rolled back: read these recipients again from the store
+            for hit in hits:
+                self._states.pop((hit.email_id, hit.recipient), None)
+            raise
         return results
 
-    def _events(self, conn: sqlite3.Connection, hit: Hit, state: _State) -> list[Event]:
+    def _state(self, conn: sqlite3.Connection, key: tuple[str, str],
+               fresh: set[tuple[str, str]]) -> _State:
+        state = self._states.get(key)
+        if state is not None:
+            self._states.move_to_end(key)
+            return state
+        state = self._states[key] = _merge({}, conn.execute(_ENGAGEMENT, key).fetchall())
+        fresh.add(key)
+        if len(self._states) > self.cache_size:
+            self._states.popitem(last=False)
+        return state
+
+    def _forget_uncommitted(self, batch: asyncio.Future[list[list[Event]]]) -> None:
+        """A failed COMMIT rolled back what the cache already holds: start over."""
+        if batch.cancelled() or batch.exception() is not None:
+            self._states.clear()
+
+    def _events(self, conn: sqlite3.Connection, hit: Hit, state: _State,
+                fresh: set[tuple[str, str]], changes: list[tuple[str, str, str, bool, float]]
+                ) -> list[Event]:
         sent = self.sent_times.get(conn, hit.email_id)
         opened, clicked, clicked_link, recently = _seen(state, hit)
         verdict = self.classifier.classify(Signals(
@@ -240,6 +293,13 @@ class Recorder:
             None if sent is None else hit.at - sent, recently))
         details = self.enricher.describe(hit.user_agent, hit.ip, verdict.classification)
         counted = verdict.counted
+        key = (hit.email_id, hit.recipient)
+        if (counted and key not in fresh
+                and not (opened and (hit.type == OPEN or (clicked and clicked_link)))):
+            # Could be a first: another process may have stored one since the cache was read.
+            _merge(state, conn.execute(_ENGAGEMENT, key).fetchall())
+            fresh.add(key)
+            opened, clicked, clicked_link, _ = _seen(state, hit)
         if hit.type == CLICK:
             events = []
             if counted and not opened:
@@ -252,10 +312,26 @@ class Recorder:
             events = [_event(hit, verdict, details, OPEN, implied=False,
                              first=counted and not opened, first_link=False)]
         for event in events:
-            entry = state.setdefault(event.url or PIXEL_TARGET, [0, 0.0])
-            entry[0] += event.counted
+            target = event.url or PIXEL_TARGET
+            entry = state.get(target)
+            if entry is None:
+                entry = state[target] = [False, event.at, event.at]
+            elif (event.counted and not entry[0]) or (
+                    event.at - entry[2] >= ENGAGEMENT_REFRESH_SECONDS):
+                entry[2] = event.at
+            else:
+                entry[0] = entry[0] or event.counted
+                entry[1] = event.at
+                continue
+            entry[0] = entry[0] or event.counted
             entry[1] = event.at
+            changes.append((event.email_id, event.recipient, target, event.counted, event.at))
         return events
+
+
+def _each(listener: Listener, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+    for event in events:
+        listener(conn, event)
 
 
 _EVENT_COUNTERS: dict[tuple[str, str], Any] = {}

@@ -143,10 +143,24 @@ class Outbox:
         self.clock = clock
         self.wake = asyncio.Event()
 
+    def __call__(self, conn: sqlite3.Connection, event: Event) -> None:
+        self.on_event(conn, event)
+
     def on_event(self, conn: sqlite3.Connection, event: Event) -> None:
         """relay/events.py listener: counted opens and clicks (proxies carry their bot)."""
         if event.counted:
             _safely(conn, partial(self._event, event=event), event.id)
+
+    def batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        """:meth:`on_event` for a batch of events; the subscribers are looked up once, and an
+        event nobody subscribes to costs no savepoint."""
+        try:
+            subscribed = {kind for kind in (OPENED, CLICKED) if _subscribers(conn, kind)}
+        except sqlite3.Error:  # let each event fail (and be logged) on its own
+            subscribed = {OPENED, CLICKED}
+        for event in events:
+            if event.counted and (CLICKED if event.type == CLICK else OPENED) in subscribed:
+                _safely(conn, partial(self._event, event=event), event.id)
 
     def on_message(self, conn: sqlite3.Connection, record: MessageRecord,
                    outcome: Outcome) -> None:

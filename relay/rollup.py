@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relay.bots import CLICK, OPEN
 from relay.events import Event
@@ -115,6 +115,34 @@ class Rollup:
             add(conn, dims, esp_of(event.recipient), (0, 0, 0, 1, first))
             conn.execute(_LINKS, (dims.day, event.url, 1, int(event.first_for_link)))
 
+    def batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        """The counts of a batch of events, summed: one statement per counter row."""
+        daily: dict[tuple[str, ...], list[int]] = {}
+        tags: dict[tuple[str, str], list[int]] = {}
+        links: dict[tuple[str, str | None], list[int]] = {}
+        for event in events:
+            if not event.counted:
+                continue
+            dims = self._lookup(conn, event.email_id)
+            if dims is None:
+                continue
+            first = int(event.first_for_recipient)
+            if event.type == OPEN:
+                counts = (0, 1, first, 0, 0)
+            elif event.type == CLICK:
+                counts = (0, 0, 0, 1, first)
+                _sum(links, (dims.day, event.url), (1, int(event.first_for_link)))
+            else:
+                continue
+            _sum(daily, (dims.day, dims.sender, dims.tag_name, esp_of(event.recipient),
+                         dims.sender_domain, dims.campaign), counts)
+            for tag in dims.tags:
+                _sum(tags, (dims.day, tag), counts)
+        if daily:
+            conn.executemany(_DAILY, [(*key, *counts) for key, counts in daily.items()])
+            conn.executemany(_TAGS, [(*key, *counts) for key, counts in tags.items()])
+            conn.executemany(_LINKS, [(*key, *counts) for key, counts in links.items()])
+
     def on_message(self, conn: sqlite3.Connection, record: MessageRecord, outcome: Outcome
                    ) -> None:
         """The SMTP path's message listener (relay/pipeline.py)."""
@@ -131,6 +159,16 @@ class Rollup:
             if len(self._dims) > self.cache_size:
                 self._dims.popitem(last=False)
         return dims
+
+
+def _sum(totals: dict[Any, list[int]], key: Any, counts: Sequence[int]) -> None:
+    """Add ``counts`` to ``totals[key]``."""
+    total = totals.get(key)
+    if total is None:
+        totals[key] = list(counts)
+    else:
+        for i, n in enumerate(counts):
+            total[i] += n
 
 
 # ---- recomputing from the raw tables ----

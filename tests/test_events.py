@@ -216,3 +216,58 @@ def _rows_in_main_file(db: Path, copy: Path) -> int:
         return 0
     finally:
         conn.close()
+
+
+async def test_repeated_hits_write_no_engagement_rows(store: Store) -> None:
+    email_id = add_message(store)
+    rec = recorder(store)
+    for n in range(5):
+        await rec.record(hit(email_id, CLICK, SENT + 3600 + 10 * n, A))
+    rows = store.execute_now("SELECT target, hits, counted FROM engagement ORDER BY target")
+    assert rows == [("", 1, 1), (A, 1, 1)]
+    # a row last written long ago is written again (retention reads last_at)
+    await rec.record(hit(email_id, CLICK, SENT + 3 * 3600, A))
+    assert store.execute_now("SELECT hits, last_at FROM engagement WHERE target = ?",
+                             (A,)) == [(2, SENT + 3 * 3600)]
+
+
+async def test_firsts_stay_exact_with_two_processes(store: Store) -> None:
+    email_id = add_message(store)
+    one, two = recorder(store), recorder(store)
+    await one.record(hit(email_id, OPEN, SENT + 3600))
+    await two.record(hit(email_id, OPEN, SENT + 3610))  # two caches the open, no click yet
+    first = await one.record(hit(email_id, CLICK, SENT + 3620, A))
+    again = await two.record(hit(email_id, CLICK, SENT + 3630, A))
+    assert [flags(e) for e in first] == [(CLICK, True, False, True, True)]
+    assert [flags(e) for e in again] == [(CLICK, True, False, False, False)]
+
+
+async def test_a_failed_write_forgets_what_it_cached(store: Store) -> None:
+    fail = [True]
+
+    def listener(conn: sqlite3.Connection, event: Event) -> None:
+        if fail[0]:
+            raise RuntimeError("outbox unavailable")
+
+    email_id = add_message(store)
+    rec = recorder(store, listeners=[listener])
+    with pytest.raises(RuntimeError):
+        await rec.record(hit(email_id, OPEN, SENT + 60))
+    fail[0] = False
+    events = await rec.record(hit(email_id, OPEN, SENT + 70))
+    assert [flags(e) for e in events] == [(OPEN, True, False, True, False)]
+
+
+async def test_a_tiny_cache_keeps_a_batch_exact(store: Store) -> None:
+    email_id = add_message(store)
+    rec = recorder(store, cache_size=1)
+    results = await asyncio.gather(
+        rec.record(hit(email_id, CLICK, SENT + 3600, A)),
+        rec.record(hit(email_id, OPEN, SENT + 3601, recipient="bob@example.net")),
+        rec.record(hit(email_id, CLICK, SENT + 3610, A)),
+    )
+    assert [[flags(e) for e in r] for r in results] == [
+        [(OPEN, True, True, True, False), (CLICK, True, False, True, True)],
+        [(OPEN, True, False, True, False)],
+        [(CLICK, True, False, False, False)],
+    ]
