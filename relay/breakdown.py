@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from relay.bots import OPEN
 from relay.events import Event, SentTimes
-from relay.stats import day_of
+from relay.stats import add_counts, day_of
 
 _ADD = """INSERT INTO stats_daily_agents VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day, device, client, country) DO UPDATE SET opens = opens + excluded.opens,
@@ -69,12 +69,7 @@ class Breakdown:
             first = int(event.first_for_recipient)
             counts = (1, first, 0, 0) if event.type == OPEN else (0, 0, 1, first)
             key = (day_of(sent), event.device or "", event.client or "", event.country or "")
-            total = totals.get(key)
-            if total is None:
-                totals[key] = list(counts)
-            else:
-                for i, n in enumerate(counts):
-                    total[i] += n
+            add_counts(totals, key, counts)
         if totals:
             conn.executemany(_ADD, [(*key, *counts) for key, counts in totals.items()])
 

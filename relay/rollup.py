@@ -30,11 +30,11 @@ import sqlite3
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from relay.bots import CLICK, OPEN
 from relay.events import Event
-from relay.stats import day_of, esp_of
+from relay.stats import add_counts, day_of, esp_of
 
 if TYPE_CHECKING:
     from relay.pipeline import MessageRecord, Outcome
@@ -131,13 +131,13 @@ class Rollup:
                 counts = (0, 1, first, 0, 0)
             elif event.type == CLICK:
                 counts = (0, 0, 0, 1, first)
-                _sum(links, (dims.day, event.url), (1, int(event.first_for_link)))
+                add_counts(links, (dims.day, event.url), (1, int(event.first_for_link)))
             else:
                 continue
-            _sum(daily, (dims.day, dims.sender, dims.tag_name, esp_of(event.recipient),
+            add_counts(daily, (dims.day, dims.sender, dims.tag_name, esp_of(event.recipient),
                          dims.sender_domain, dims.campaign), counts)
             for tag in dims.tags:
-                _sum(tags, (dims.day, tag), counts)
+                add_counts(tags, (dims.day, tag), counts)
         if daily:
             conn.executemany(_DAILY, [(*key, *counts) for key, counts in daily.items()])
             conn.executemany(_TAGS, [(*key, *counts) for key, counts in tags.items()])
@@ -159,16 +159,6 @@ class Rollup:
             if len(self._dims) > self.cache_size:
                 self._dims.popitem(last=False)
         return dims
-
-
-def _sum(totals: dict[Any, list[int]], key: Any, counts: Sequence[int]) -> None:
-    """Add ``counts`` to ``totals[key]``."""
-    total = totals.get(key)
-    if total is None:
-        totals[key] = list(counts)
-    else:
-        for i, n in enumerate(counts):
-            total[i] += n
 
 
 # ---- recomputing from the raw tables ----

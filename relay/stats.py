@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 # Mailbox providers by recipient domain. The key is the value ``GetTrackList`` names it by;
 # the aliases are the provider's other consumer domains.
@@ -271,3 +272,13 @@ def track_list_row(day: date, c: Counts) -> dict[str, str]:
         "RcptOpenRate": percent(c.opens, c.sent),
         "RcptOpenCount": str(c.opens),
     }
+
+
+def add_counts(totals: dict[Any, list[int]], key: Any, counts: Sequence[int]) -> None:
+    """Add ``counts`` to ``totals[key]`` (a batch's counters, summed before one upsert each)."""
+    total = totals.get(key)
+    if total is None:
+        totals[key] = list(counts)
+    else:
+        for i, n in enumerate(counts):
+            total[i] += n
