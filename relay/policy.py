@@ -91,8 +91,8 @@ def read_controls(raw: bytes, block: HeaderBlock) -> Controls:
         clicks=clicks,
         tag_name=tag_name,
         tags=_tags(values.get(TAGS.lower())),
-        campaign=_single(CAMPAIGN, values.get(CAMPAIGN.lower()), _TAG, "[A-Za-z0-9_-]{1,64}"),
-        topic=_single(TOPIC, values.get(TOPIC.lower()), _TOPIC, "[a-z0-9_.-]{1,64}"),
+        campaign=_single(CAMPAIGN, values.get(CAMPAIGN.lower()), _TAG),
+        topic=_single(TOPIC, values.get(TOPIC.lower()), _TOPIC),
         headers=found,
     )
 
@@ -147,16 +147,16 @@ def _tags(value: str | None) -> tuple[str, ...]:
         raise ControlHeaderError(TAGS, f"at most {MAX_TAGS} tags, got {len(tags)}")
     for tag in tags:
         if not _TAG.fullmatch(tag):
-            raise ControlHeaderError(TAGS, f"tag {tag!r} does not match [A-Za-z0-9_-]{{1,64}}")
+            raise ControlHeaderError(TAGS, f"tag {tag!r} does not match {_TAG.pattern}")
     return tuple(dict.fromkeys(tags))
 
 
-def _single(header: str, value: str | None, pattern: re.Pattern[str], shown: str) -> str | None:
+def _single(header: str, value: str | None, pattern: re.Pattern[str]) -> str | None:
     if value is None:
         return None
     value = value.strip()
     if not pattern.fullmatch(value):
-        raise ControlHeaderError(header, f"{value!r} does not match {shown}")
+        raise ControlHeaderError(header, f"{value!r} does not match {pattern.pattern}")
     return value
 
 
