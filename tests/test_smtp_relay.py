@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from clients import decoded
 from harness import Relay, UpstreamServer
 
 from relay.passwords import hash_password
@@ -115,16 +116,10 @@ def test_tracked_mail_to_three_recipients_arrives_as_three_copies(make_relay, up
     for copy in upstream.received:
         assert len(copy.rcpt_tos) == 1
         assert b"X-Anypost" not in copy.data
-        found = re.findall(rb"http://track\.test/[oc]/([A-Za-z0-9_-]+)", _decoded(copy.data))
+        found = re.findall(r"http://track\.test/[oc]/([A-Za-z0-9_-]+)", decoded(copy.data))
         assert len(found) == 2  # the pixel and the one http link; mailto untouched
         tokens.update(found)
     assert len(tokens) == 6
-
-
-def _decoded(data: bytes) -> bytes:
-    """Undo quoted-printable soft breaks and =XX escapes well enough to find URLs."""
-    data = data.replace(b"=\r\n", b"")
-    return re.sub(rb"=([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), data)
 
 
 def test_alidm_trace_header_turns_tracking_on(make_relay, upstream):
@@ -132,10 +127,10 @@ def test_alidm_trace_header_turns_tracking_on(make_relay, upstream):
     trace = base64.b64encode(b'{"TagName": "Test", "OpenTrace": "1", "LinkTrace": "0"}')
     send(relay, "news@shop.example", ["a@example.org"],
          html_message(extra=f"X-AliDM-Trace: {trace.decode()}\r\n"))
-    body = _decoded(upstream.received[0].data)
+    body = decoded(upstream.received[0].data)
     assert b"X-AliDM-Trace" not in upstream.received[0].data
-    assert len(re.findall(rb"http://track\.test/o/", body)) == 1
-    assert b"http://track.test/c/" not in body
+    assert len(re.findall(r"http://track\.test/o/", body)) == 1
+    assert "http://track.test/c/" not in body
     with relay.db() as db:
         row = db.execute("SELECT tag_name, track_opens, track_clicks FROM messages").fetchone()
     assert tuple(row) == ("Test", 1, 0)
@@ -305,7 +300,7 @@ def test_capture_folder_gets_one_file_per_copy(make_relay, tmp_path):
     envelopes = sorted(json.loads(p.read_text())["rcpt_tos"][0] for p in outbox.glob("*.json"))
     assert envelopes == ["a@example.org", "b@example.org"]
     for eml in outbox.glob("*.eml"):
-        assert b"http://track.test/o/" in _decoded(eml.read_bytes())
+        assert "http://track.test/o/" in decoded(eml.read_bytes())
 
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
