@@ -5,6 +5,7 @@ swaks) over loopback."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import ssl
 import threading
@@ -150,6 +151,13 @@ class Relay:
 
     def close(self) -> None:
         self.loops.run(self._context.__aexit__(None, None, None))
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a relay started as a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def base_settings(tmp_path: Path) -> dict[str, Any]:

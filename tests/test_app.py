@@ -13,12 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from harness import free_port
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:

@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from harness import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -273,14 +273,8 @@ def test_mutated_and_forged_tokens_never_redirect(shared: Service, token: str) -
         assert (status, body) == (200, PIXEL)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_kill_9_keeps_every_answered_event(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "relay.db"
     config = tmp_path / "relay.toml"
     config.write_text(
