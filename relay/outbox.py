@@ -429,8 +429,11 @@ class DeliveryWorker:
                 await self._turn()
             except Exception:
                 log.exception("webhook delivery turn failed; trying again")
+            # Not asyncio.wait_for: on Python 3.11 it returns normally when the task is
+            # cancelled just as the event fires, and the worker would outlive stop().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.poll_seconds)
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self.wake.wait()
 
     async def _turn(self) -> None:
         free = self.settings.concurrency - len(self.inflight)
