@@ -378,9 +378,10 @@ def _qp_ascii(data: bytes, cuts: int) -> bytes:
 
 # One match per stretch that ends in a soft break (or at the end of the data); all of it in C.
 # Every "=" in the data starts a three-character escape, so a stretch whose last two characters
-# are not "=" does not cut one apart.
+# are not "=" does not cut one apart. The empty alternative in the possessive repeat of lines is
+# for CPython before 3.11.5 (Debian 12 has 3.11.2; see markup.py).
 _QP_PIECE = re.compile(
-    rb"\n?(?:[^\n]{0,76}+(?<![\t ])\n)*+"  # lines that need no change
+    rb"\n?(?:[^\n]{0,76}+(?<![\t ])\n|)*+"  # lines that need no change
     rb"(?:[^\n]{0,76}+(?<![\t ])\Z"  # the last line
     rb"|[^\n]{0,75}+(?<=[\t ])(?=\n|\Z)"  # a line ending in white space: soft break after it
     rb"|[^\n]{0,73}[^\n=]{2})"  # 75 characters of a long line
