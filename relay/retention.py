@@ -30,7 +30,10 @@ went to others too keeps its row; only the erased recipient's rows go.
 Every delete runs in chunks of :data:`CHUNK` rows, one short write transaction each, so a
 large purge never holds the write lock long enough to stall the tracker's group commits.
 With ``[retention] days`` set, the process serving HTTP purges at start and every
-:data:`PURGE_INTERVAL` seconds, on a connection of its own in a worker thread.
+:data:`PURGE_INTERVAL` seconds, on a connection of its own in a worker thread. Stopping the
+relay ends a purge before its next chunk: cancelling the task does not stop the thread, and
+``asyncio.run`` waits for the thread before the process exits (a first purge of millions of
+rows takes minutes, longer than systemd waits after SIGTERM).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -111,9 +115,11 @@ _NAMING = ("SELECT id FROM webhook_events "
            "WHERE lower(json_extract(data, '$.recipient')) = :address")
 
 
-def purge(conn: sqlite3.Connection, before: float) -> dict[str, int]:
-    """Delete what is older than ``before`` (a Unix time); returns rows deleted per table."""
-    return _run(conn, PURGE_STEPS, {"before": before})
+def purge(conn: sqlite3.Connection, before: float,
+          stopping: threading.Event | None = None) -> dict[str, int]:
+    """Delete what is older than ``before`` (a Unix time); returns rows deleted per table.
+    Once ``stopping`` is set, no further chunk is deleted (the purge resumes next time)."""
+    return _run(conn, PURGE_STEPS, {"before": before}, stopping)
 
 
 def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
@@ -142,20 +148,22 @@ def valid_address(address: str) -> str:
     return address
 
 
-def _run(conn: sqlite3.Connection, steps: Sequence[Step], params: dict[str, object]
-         ) -> dict[str, int]:
+def _run(conn: sqlite3.Connection, steps: Sequence[Step], params: dict[str, object],
+         stopping: threading.Event | None = None) -> dict[str, int]:
     counts: dict[str, int] = {}
     for step in steps:
-        counts[step.table] = counts.get(step.table, 0) + _delete(conn, step, params)
+        counts[step.table] = counts.get(step.table, 0) + _delete(conn, step, params, stopping)
     return counts
 
 
-def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object]) -> int:
-    """Delete in chunks of :data:`CHUNK` rows, each in a transaction of its own."""
+def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
+            stopping: threading.Event | None = None) -> int:
+    """Delete in chunks of :data:`CHUNK` rows, each in a transaction of its own, until none
+    is left or ``stopping`` is set."""
     sql = (f"DELETE FROM {step.table} WHERE ({step.key}) IN "
            f"(SELECT {step.key} FROM {step.table} WHERE {step.where} LIMIT :chunk)")
     total = 0
-    while True:
+    while stopping is None or not stopping.is_set():
         conn.execute("BEGIN IMMEDIATE")
         try:
             deleted = conn.execute(sql, {**params, "chunk": CHUNK}).rowcount
@@ -165,23 +173,26 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object]) -> 
             raise
         total += deleted
         if deleted < CHUNK:
-            return total
+            break
+    return total
 
 
-def purge_expired(path: Path, days: int, now: float) -> dict[str, int]:
+def purge_expired(path: Path, days: int, now: float,
+                  stopping: threading.Event | None = None) -> dict[str, int]:
     """Purge what is older than ``days`` days before ``now``, on a connection of its own."""
     conn = store.connect(path)
     try:
-        return purge(conn, now - days * DAY)
+        return purge(conn, now - days * DAY, stopping)
     finally:
         conn.close()
 
 
-async def purge_forever(path: Path, days: int, interval: float = PURGE_INTERVAL) -> None:
+async def purge_forever(path: Path, days: int, interval: float = PURGE_INTERVAL,
+                        stopping: threading.Event | None = None) -> None:
     """Purge now and every ``interval`` seconds; a failure is logged and tried again."""
     while True:
         try:
-            counts = await asyncio.to_thread(purge_expired, path, days, time.time())
+            counts = await asyncio.to_thread(purge_expired, path, days, time.time(), stopping)
             if any(counts.values()):
                 log.info("retention: purged %s", _summary(counts))
         except Exception:
@@ -191,9 +202,12 @@ async def purge_forever(path: Path, days: int, interval: float = PURGE_INTERVAL)
 
 def start(path: Path, days: int) -> Callable[[], Awaitable[None]]:
     """Start :func:`purge_forever` if ``days`` is set; returns the coroutine that stops it."""
-    task = asyncio.create_task(purge_forever(path, days)) if days > 0 else None
+    stopping = threading.Event()  # cancelling the task leaves its thread running: see above
+    task = (asyncio.create_task(purge_forever(path, days, stopping=stopping)) if days > 0
+            else None)
 
     async def stop() -> None:
+        stopping.set()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

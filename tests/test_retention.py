@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,3 +244,26 @@ def test_purge_expired_counts_days_back_from_now(tmp_path):
                      "'tracked', 1, ?)", (email_id, now - age * DAY))
     assert retention.purge_expired(path, 30, now)["messages"] == 1
     assert [r[0] for r in conn.execute("SELECT email_id FROM messages")] == ["email_new"]
+
+
+def test_a_stop_ends_the_purge_before_its_next_chunk(tmp_path, monkeypatch):
+    """Cancelling the purge task does not stop its thread, and asyncio.run waits for that
+    thread before the process exits: a long first purge would outlast systemd's stop."""
+    monkeypatch.setattr(retention, "CHUNK", 2)
+    conn = store.connect(tmp_path / "relay.db")
+    store.migrate(conn)
+    conn.executemany(
+        "INSERT INTO events (id, type, at, email_id, recipient, user_agent, method, "
+        "classification, counted, implied, first_for_recipient, first_for_link) "
+        "VALUES (?, 'open', 1.0, 'email_old', 'a@example.org', 'UA', 'GET', 'person', 1, 0, 0, 0)",
+        [(f"evt_{n}",) for n in range(5)])
+
+    class StopAfterFirstChunk(threading.Event):
+        def is_set(self) -> bool:
+            answer = super().is_set()
+            self.set()
+            return answer
+
+    assert retention.purge(conn, 2.0, StopAfterFirstChunk())["events"] == 2
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
+    assert retention.purge(conn, 2.0)["events"] == 3  # the next purge finishes the job
