@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import weakref
 from collections.abc import Sequence
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -255,6 +256,7 @@ class SmtpService:
         self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
                                                               self.upstream, listeners))
         self.servers: list[asyncio.AbstractServer] = []
+        self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
 
     async def start(self) -> None:
         settings = self.config.smtp
@@ -273,7 +275,7 @@ class SmtpService:
 
     def _protocol(self, tls: ssl.SSLContext | None, implicit: bool) -> RelaySMTP:
         s = self.config.smtp
-        return RelaySMTP(
+        session = RelaySMTP(
             self.handler,
             max_line_length=s.max_line_length,
             data_size_limit=s.max_message_size,
@@ -286,14 +288,24 @@ class SmtpService:
             authenticator=self.handler.authenticate if s.users else None,
             loop=asyncio.get_running_loop(),
         )
+        self.sessions.add(session)
+        return session
 
     @property
     def ports(self) -> Sequence[int]:
         return [s.sockets[0].getsockname()[1] for s in self.servers]
 
     async def stop(self) -> None:
+        """Stop listening and drop the open sessions (their clients try again later, as
+        after any lost connection). From Python 3.12.1 ``wait_closed`` waits for every
+        connection to end, and an idle or half-sent session would hold the stop for up to
+        ``smtp.timeout``; on 3.11 they would outlive the store. Aborted, not closed: a
+        close waits to flush replies that a client which stopped reading never takes."""
         for server in self.servers:
             server.close()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
         for server in self.servers:
             await server.wait_closed()
         await self.upstream.close()

@@ -3,11 +3,13 @@ SMTP server (aiosmtpd) or the capture folder."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -412,3 +414,35 @@ def test_upstream_with_starttls_and_auth(make_relay, loops, certificate):
         assert len(server.received) == 2
     finally:
         server.stop()
+
+
+def test_stop_drops_a_session_left_in_data_instead_of_waiting_for_it(make_relay, loops):
+    """From Python 3.12.1 ``Server.wait_closed`` waits for every open connection: a client
+    idling mid-DATA would hold the relay's stop for ``smtp.timeout`` (300 s by default)."""
+    relay = make_relay()
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+        replies = sock.makefile("rb")
+
+        def command(line: bytes) -> bytes:
+            sock.sendall(line + b"\r\n")
+            while (reply := replies.readline())[3:4] == b"-":
+                pass
+            return reply
+
+        assert replies.readline().startswith(b"220")
+        assert command(b"EHLO client.test").startswith(b"250")
+        assert command(b"MAIL FROM:<news@shop.example>").startswith(b"250")
+        assert command(b"RCPT TO:<a@example.org>").startswith(b"250")
+        assert command(b"DATA").startswith(b"354")
+        sock.sendall(b"Subject: half\r\n\r\nhalf a body\r\n")
+
+        async def stop() -> None:
+            async with asyncio.timeout(10):
+                await relay.services.smtp.stop()
+
+        loops.run(stop())
+        try:
+            left = replies.read()  # b"" once the relay closed the connection
+        except ConnectionResetError:
+            left = b""  # or reset it: either way the session is gone
+        assert left == b""
