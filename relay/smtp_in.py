@@ -36,6 +36,9 @@ _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9
 # Control characters (a bare CR among them: aiosmtpd ends command lines at LF only), which no
 # address may carry to the upstream
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# How long stop() lets the messages being delivered finish and be answered, well under
+# systemd's 90 s stop timeout.
+DRAIN_SECONDS = 30.0
 
 
 class RelaySMTP(SMTP):
@@ -55,6 +58,14 @@ class RelaySMTP(SMTP):
     def __init__(self, handler: RelayHandler, *, max_line_length: int, **kwargs: object):
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self.max_line_length = max_line_length
+        self.delivering = False  # in the DATA hook or writing its reply
+        self.stopping = False  # set by SmtpService.stop(): end the session after the reply
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def __dir__(self) -> list[str]:
         """aiosmtpd finds its ``smtp_*`` commands and ``auth_*`` mechanisms by scanning
@@ -89,9 +100,15 @@ class RelaySMTP(SMTP):
             return
         self.envelope.original_content = body
         self.envelope.content = body
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push(status)
+        self.delivering = True
+        try:
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push(status)
+        finally:
+            self.delivering = False
+            if self.stopping and self.transport is not None:
+                self.transport.close()  # sends the reply, then ends the session
 
     async def _read_data(self) -> tuple[bytes, bool]:
         """Everything up to the line holding a lone dot; past the size limit only counted."""
@@ -296,13 +313,36 @@ class SmtpService:
         return [s.sockets[0].getsockname()[1] for s in self.servers]
 
     async def stop(self) -> None:
-        """Stop listening and drop the open sessions (their clients try again later, as
-        after any lost connection). From Python 3.12.1 ``wait_closed`` waits for every
-        connection to end, and an idle or half-sent session would hold the stop for up to
-        ``smtp.timeout``; on 3.11 they would outlive the store. Aborted, not closed: a
-        close waits to flush replies that a client which stopped reading never takes."""
+        """Stop listening, let the messages being delivered finish, and drop the other
+        sessions (their clients try again later, as after any lost connection).
+
+        A session in the DATA hook may already have handed its message to the upstream:
+        dropping it would lose the reply, and the client's retry could send the copies
+        twice (the dedupe record may not be written yet). So it gets up to
+        ``DRAIN_SECONDS`` to finish, answer and close (a close flushes the reply); what is
+        still open then is aborted. The others are aborted at once: from Python 3.12.1
+        ``wait_closed`` waits for every connection to end, and an idle or half-sent session
+        would hold the stop for up to ``smtp.timeout``; on 3.11 they would outlive the
+        store. Aborted, not closed: a close waits to flush replies that a client which
+        stopped reading never takes."""
         for server in self.servers:
             server.close()
+        draining: list[asyncio.Future[None]] = []
+        for session in list(self.sessions):
+            if session.transport is None:
+                continue
+            if session.delivering:
+                session.stopping = True
+                draining.append(session.closed)
+            else:
+                session.transport.abort()
+        if draining:
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await asyncio.wait(draining)
+            except TimeoutError:
+                log.warning("stop: aborting %d delivering session(s) still open after %s s",
+                            sum(not f.done() for f in draining), DRAIN_SECONDS)
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.abort()

@@ -59,6 +59,10 @@ class UpstreamHandler:
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    # When set, DATA waits for this event (create it on the loop) before answering; ``held``
+    # counts the DATA commands that reached it.
+    gate: asyncio.Event | None = None
+    held: int = 0
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -68,6 +72,9 @@ class UpstreamHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.gate is not None:
+            self.held += 1
+            await self.gate.wait()
         if self.data_reply:
             return self.data_reply
         self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),

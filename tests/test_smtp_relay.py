@@ -12,12 +12,15 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from clients import decoded
 from harness import Relay, UpstreamServer
 
+from relay import smtp_in
 from relay.passwords import hash_password
 
 PLAIN = (
@@ -446,3 +449,77 @@ def test_stop_drops_a_session_left_in_data_instead_of_waiting_for_it(make_relay,
         except ConnectionResetError:
             left = b""  # or reset it: either way the session is gone
         assert left == b""
+
+
+def send_raw(sock: socket.socket, message: bytes) -> BinaryIO:
+    """Hand one message to the relay over a raw socket, up to the end of DATA; the replies
+    are read from what it returns."""
+    replies = sock.makefile("rb")
+
+    def command(line: bytes) -> bytes:
+        sock.sendall(line + b"\r\n")
+        while (reply := replies.readline())[3:4] == b"-":
+            pass
+        return reply
+
+    assert replies.readline().startswith(b"220")
+    assert command(b"EHLO client.test").startswith(b"250")
+    assert command(b"MAIL FROM:<news@shop.example>").startswith(b"250")
+    assert command(b"RCPT TO:<a@example.org>").startswith(b"250")
+    assert command(b"DATA").startswith(b"354")
+    sock.sendall(message + b".\r\n")
+    return replies
+
+
+def hold_upstream(loops, upstream: UpstreamServer) -> asyncio.Event:
+    async def make() -> asyncio.Event:
+        return asyncio.Event()
+    gate = loops.run(make())
+    upstream.handler.gate = gate
+    return gate
+
+
+def wait_until_held(upstream: UpstreamServer) -> None:
+    deadline = time.monotonic() + 10
+    while not upstream.handler.held:
+        assert time.monotonic() < deadline, "the message never reached the upstream"
+        time.sleep(0.01)
+
+
+def test_stop_lets_a_message_being_delivered_finish_and_answer(make_relay, loops, upstream):
+    """Dropping a session whose copy the upstream already took would lose the 250, and
+    the client's retry could deliver it twice."""
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay(upstream=upstream)
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+        replies = send_raw(sock, html_message("drain-1"))
+        wait_until_held(upstream)
+        stopping = asyncio.run_coroutine_threadsafe(relay.services.smtp.stop(), loops.loop)
+        loops.run(asyncio.sleep(0.2))  # the stop has run as far as it goes on its own
+        assert not stopping.done()
+        loops.loop.call_soon_threadsafe(gate.set)
+        assert replies.readline().startswith(b"250")
+        assert replies.read() == b""  # then the relay closed the session
+        stopping.result(10)
+    assert len(upstream.received) == 1
+
+
+def test_stop_aborts_a_delivery_that_outlasts_the_grace_period(make_relay, loops, upstream,
+                                                               monkeypatch):
+    monkeypatch.setattr(smtp_in, "DRAIN_SECONDS", 0.2)
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay(upstream=upstream)
+    try:
+        with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+            replies = send_raw(sock, html_message("drain-2"))
+            wait_until_held(upstream)
+            stopping = asyncio.run_coroutine_threadsafe(relay.services.smtp.stop(),
+                                                        loops.loop)
+            stopping.result(10)
+            try:
+                left = replies.read()
+            except ConnectionResetError:
+                left = b""
+            assert left == b""  # no reply: the session was dropped
+    finally:
+        loops.loop.call_soon_threadsafe(gate.set)
