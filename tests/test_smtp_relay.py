@@ -424,19 +424,7 @@ def test_stop_drops_a_session_left_in_data_instead_of_waiting_for_it(make_relay,
     idling mid-DATA would hold the relay's stop for ``smtp.timeout`` (300 s by default)."""
     relay = make_relay()
     with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
-        replies = sock.makefile("rb")
-
-        def command(line: bytes) -> bytes:
-            sock.sendall(line + b"\r\n")
-            while (reply := replies.readline())[3:4] == b"-":
-                pass
-            return reply
-
-        assert replies.readline().startswith(b"220")
-        assert command(b"EHLO client.test").startswith(b"250")
-        assert command(b"MAIL FROM:<news@shop.example>").startswith(b"250")
-        assert command(b"RCPT TO:<a@example.org>").startswith(b"250")
-        assert command(b"DATA").startswith(b"354")
+        replies = start_data(sock)
         sock.sendall(b"Subject: half\r\n\r\nhalf a body\r\n")
 
         async def stop() -> None:
@@ -451,9 +439,9 @@ def test_stop_drops_a_session_left_in_data_instead_of_waiting_for_it(make_relay,
         assert left == b""
 
 
-def send_raw(sock: socket.socket, message: bytes) -> BinaryIO:
-    """Hand one message to the relay over a raw socket, up to the end of DATA; the replies
-    are read from what it returns."""
+def start_data(sock: socket.socket) -> BinaryIO:
+    """Over a raw socket, open a transaction up to DATA's 354; the replies are read from
+    what it returns."""
     replies = sock.makefile("rb")
 
     def command(line: bytes) -> bytes:
@@ -467,6 +455,12 @@ def send_raw(sock: socket.socket, message: bytes) -> BinaryIO:
     assert command(b"MAIL FROM:<news@shop.example>").startswith(b"250")
     assert command(b"RCPT TO:<a@example.org>").startswith(b"250")
     assert command(b"DATA").startswith(b"354")
+    return replies
+
+
+def send_raw(sock: socket.socket, message: bytes) -> BinaryIO:
+    """Hand one message to the relay over a raw socket, up to the end of DATA."""
+    replies = start_data(sock)
     sock.sendall(message + b".\r\n")
     return replies
 
