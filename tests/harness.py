@@ -9,6 +9,8 @@ import socket
 import sqlite3
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,3 +176,15 @@ def base_settings(tmp_path: Path) -> dict[str, Any]:
         "store": {"url": f"sqlite:///{tmp_path / 'relay.db'}"},
         "tracking": {"keys": {"k1": "k" * 32}, "current_key": "k1"},
     }
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20, what: str = "condition"
+               ) -> Any:
+    """Poll ``condition`` until it is true (its value is returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)  # polling a condition, not a synchronisation sleep
+    raise AssertionError(f"timed out waiting for {what}")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from anypost import verify_webhook_signature
-from harness import LoopThread, Relay
+from harness import LoopThread, Relay, wait_until
 from standardwebhooks.webhooks import Webhook
 from test_app import free_port, start, wait_for_port
 
@@ -104,17 +104,6 @@ def receiver() -> Iterator[Receiver]:
     yield server
     server.stop()
     server.loops.close()
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 20, what: str = "condition"
-               ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)  # polling a condition, not a synchronisation sleep
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def hook(url: str, **extra: Any) -> dict[str, Any]:
