@@ -2,22 +2,29 @@
 
 Run by hand (needs ``wrk``, the Debian package)::
 
-    /work/venv/bin/python bench/tracker_bench.py [--duration 10] [--connections 50]
+    /work/venv/bin/python bench/tracker_bench.py [--duration 10] [--connections 50] [--floor]
 
 Each server runs as its own process, one at a time, on loopback: the bare app, ``relay http``
 as relay/app.py wires it (with the event listeners of the webhook outbox and the statistics
 rollup), and with ``--tracker-only`` also the tracker alone (relay/tracker.py's app, no
-listeners), which isolates the cost of the tracker's own write path. wrk cycles through many
-signed tokens (different messages, recipients and links, a browser user agent), so the
-tracker does its real work per request: verify the token, classify, commit the event (group
-commit) and only then answer. The bare app answers the same paths with the same responses
-(GIF, 302 with a fixed Location) and does nothing else. After the runs the events in the
-SQLite file are counted against the requests wrk completed.
+listeners), which isolates the cost of the tracker's own write path. ``--workers N`` runs
+``relay http`` with ``[http] workers = N`` and N copies of the others on one port. wrk cycles
+through many signed tokens (every message has its own recipients, each with a few links, and
+a browser user agent), so the tracker does its real work per request: verify the token,
+classify, commit the event (group commit) and only then answer. The bare app answers the same
+paths with the same responses (GIF, 302 with a fixed Location) and does nothing else. After
+the runs the events in the SQLite file are counted against the requests wrk completed.
+
+``--floor`` then measures, in this process and without HTTP, what the durable write alone
+costs per click (the tracker's own ``Recorder.write`` and COMMIT in batches, on a fresh store
+with the same listeners) and what one bare row into a bare table costs, beside the bare app's
+time per request: how much of the gap to the bare app is the store's.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import re
@@ -33,9 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from relay.app import running  # noqa: E402
+from relay.bots import CLICK  # noqa: E402
+from relay.config import Config, load  # noqa: E402
+from relay.events import Hit  # noqa: E402
 from relay.ids import new_email_id  # noqa: E402
 from relay.store import connect, migrate  # noqa: E402
-from relay.tokens import Keyring, RecipientSigner  # noqa: E402
+from relay.tokens import Keyring, RecipientSigner, verify  # noqa: E402
+from relay.tracker import PIXEL, RECORDER, build_app  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -54,7 +66,8 @@ app = web.Application()
 app.router.add_get("/o/{{token}}", pixel)
 app.router.add_get("/c/{{token}}", click)
 app.router.add_get("/healthz", lambda request: web.json_response({{"status": "ok"}}))
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+            reuse_port=True)
 """
 
 TRACKER_ONLY = """
@@ -72,7 +85,8 @@ async def main():
     runner = web.AppRunner(build_app(config, store, load_keyring(config.tracking, store.writer)),
                            access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.http.listen.host, config.http.listen.port).start()
+    await web.TCPSite(runner, config.http.listen.host, config.http.listen.port,
+                      reuse_port=True).start()
     await asyncio.Event().wait()
 asyncio.run(main())
 """
@@ -112,7 +126,7 @@ def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[P
                 "track_clicks, decision, size, created_at) VALUES (?, ?, ?, 1, 1, ?, 0, ?)",
                 (email_id, "news@shop.example", "shop.example", "bench", sent))
             for r in range(recipients):
-                signer = RecipientSigner(keyring, email_id, f"reader{r}@example.net")
+                signer = RecipientSigner(keyring, email_id, f"reader{r}.{len(opens)}@example.net")
                 opens.append("/o/" + signer.open())
                 clicks.extend("/c/" + signer.click(f"https://shop.example/item/{n}?utm=bench")
                               for n in range(links))
@@ -120,10 +134,11 @@ def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[P
     return db, clicks, opens
 
 
-def write_config(folder: Path, db: Path, port: int) -> Path:
+def write_config(folder: Path, db: Path, port: int, workers: int = 1) -> Path:
     config = folder / "relay.toml"
     config.write_text(
         f'[http]\nlisten = "127.0.0.1:{port}"\npublic_url = "http://127.0.0.1:{port}"\n'
+        f'workers = {workers}\n'
         f'[store]\nurl = "sqlite:///{db}"\n'
         f'[tracking]\ncurrent_key = "b1"\n[tracking.keys]\nb1 = "{SECRET}"\n'
         f'[logging]\nlevel = "WARNING"\n')
@@ -157,15 +172,17 @@ def wrk(port: int, script: Path, args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
-def run(command: list[str], port: int, script: Path, args: argparse.Namespace
+def run(command: list[str], copies: int, port: int, script: Path, args: argparse.Namespace
         ) -> dict[str, float]:
-    process = subprocess.Popen(command, cwd=ROOT)
+    processes = [subprocess.Popen(command, cwd=ROOT) for _ in range(copies)]
     try:
-        wait_ready(port, process)
+        for process in processes:
+            wait_ready(port, process)
         return wrk(port, script, args)
     finally:
-        process.terminate()
-        process.wait(10)
+        for process in processes:
+            process.terminate()
+            process.wait(10)
 
 
 def line(name: str, r: dict[str, float]) -> str:
@@ -182,6 +199,10 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--recipients", type=int, default=10, help="per message")
     parser.add_argument("--links", type=int, default=5, help="per message")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes per server: relay's [http] workers, copies of the others")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the durable write alone, in process, without HTTP")
     parser.add_argument("--tracker-only", action="store_true",
                         help="also run the tracker without the app's event listeners")
     args = parser.parse_args()
@@ -196,29 +217,31 @@ def main() -> int:
             scripts[name].write_text(LUA.format(paths=", ".join(f'"{p}"' for p in paths),
                                                 agent=AGENT))
         bare = folder / "bare.py"
-        from relay.tracker import PIXEL
-
         bare.write_text(BARE_APP.format(pixel=PIXEL))
         alone = folder / "tracker_only.py"
         alone.write_text(TRACKER_ONLY.format(root=str(ROOT)))
         port = free_port()
-        config = str(write_config(folder, db, port))
-        servers = [("bare aiohttp", [sys.executable, str(bare), str(port)]),
+        config = str(write_config(folder, db, port, args.workers))
+        servers = [("bare aiohttp", [sys.executable, str(bare), str(port)], args.workers),
                    ("relay http (durable)", [sys.executable, "-m", "relay", "http",
-                                             "--config", config])]
+                                             "--config", config], 1)]
         if args.tracker_only:
-            servers.append(("tracker only (durable)", [sys.executable, str(alone), config]))
+            servers.append(("tracker only (durable)", [sys.executable, str(alone), config],
+                            args.workers))
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+              f"{args.workers} process(es) per server, "
               f"{len(clicks)} click and {len(opens)} open tokens, {os.cpu_count()} CPUs")
         completed = 0.0
         for name in ("click", "open"):
             print(f"/{name[0]}/<token>")
-            base = None
-            for label, command in servers:
-                result = run(command, port, scripts[name], args)
+            base: dict[str, float] | None = None
+            for label, command, copies in servers:
+                result = run(command, copies, port, scripts[name], args)
                 print(line(label, result))
                 if base is None:
                     base = result
+                    if name == "click":
+                        bare_click_rps = result["rps"]
                     continue
                 completed += result["requests"]
                 print(f"  {'':<24} ratio to bare {result['rps'] / base['rps']:.1%}")
@@ -227,7 +250,66 @@ def main() -> int:
             (counted,) = conn.execute("SELECT count(*) FROM events WHERE counted").fetchone()
         print(f"events stored {stored:,} (counted {counted:,}) for {completed:,.0f} completed "
               "requests (wrk counts a request cut off at the end too)")
+        if args.floor:
+            floor(folder / "floor", args, bare_click_rps)
     return 0
+
+
+def floor(folder: Path, args: argparse.Namespace, bare_rps: float) -> None:
+    """What the durable write alone costs per click, without HTTP, beside the time per request
+    of the bare app: the work a click must do that the bare app does not."""
+    folder.mkdir()
+    db, clicks, _ = prepare(folder, args.messages, args.recipients, args.links)
+    random.Random(1).shuffle(clicks)
+    config = load(write_config(folder, db, free_port()))
+    recorder_us = asyncio.run(recorder_write_cost(config, clicks[:FLOOR_HITS]))
+    insert_us = bare_insert_cost(folder / "bare.db")
+    bare_us = 1e6 / bare_rps
+    print(f"store write alone, per click, batches of {FLOOR_BATCH}, no HTTP (one CPU)")
+    print(f"  {'Recorder.write + COMMIT':<36} {recorder_us:6.1f} µs  "
+          f"(ceiling {1e6 / recorder_us:,.0f} clicks/s with no HTTP at all)")
+    print(f"  {'one bare row into a bare table':<36} {insert_us:6.1f} µs")
+    print(f"  {'bare aiohttp, whole request':<36} {bare_us:6.1f} µs  "
+          f"(75% of its rate leaves {bare_us / 0.75 - bare_us:.1f} µs per click for our work)")
+
+
+FLOOR_HITS = 20000
+FLOOR_BATCH = 50
+
+
+async def recorder_write_cost(config: Config, paths: list[str]) -> float:
+    """µs per click of Recorder.write (classify, enrich, insert, listeners) plus its COMMIT,
+    on the store and listeners ``relay http`` runs with."""
+    keyring = Keyring({"b1": SECRET.encode()}, "b1")
+    async with running(config, smtp=False, http=False) as services:
+        app = build_app(config, services.store, services.keyring,
+                        listeners=services.event_listeners)
+        recorder, conn = app[RECORDER], services.store.writer
+        targets = [verify(keyring, path[3:]) for path in paths]
+        started = time.perf_counter()
+        for i in range(0, len(targets), FLOOR_BATCH):
+            hits = [Hit(CLICK, time.time(), t.email_id, t.recipient, t.url, "10.1.2.3", AGENT)
+                    for t in targets[i:i + FLOOR_BATCH]]
+            conn.execute("BEGIN IMMEDIATE")
+            recorder.write(conn, hits)
+            conn.execute("COMMIT")
+        return (time.perf_counter() - started) / len(targets) * 1e6
+
+
+def bare_insert_cost(db: Path) -> float:
+    """µs per row of group-committed inserts of a 300-byte row keyed by a time-ordered id into a
+    table with no other index: the least a durable event can cost in SQLite here."""
+    conn = connect(db)
+    conn.execute("CREATE TABLE hits (id TEXT PRIMARY KEY, data BLOB) WITHOUT ROWID")
+    payload = os.urandom(150).hex().encode()
+    started = time.perf_counter()
+    for batch in range(FLOOR_HITS // FLOOR_BATCH):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO hits VALUES (?, ?)",
+                         ((f"{batch:08d}-{i:04d}", payload) for i in range(FLOOR_BATCH)))
+        conn.execute("COMMIT")
+    conn.close()
+    return (time.perf_counter() - started) / FLOOR_HITS * 1e6
 
 
 if __name__ == "__main__":
