@@ -27,6 +27,11 @@ from relay.tokens import Keyring
 
 log = logging.getLogger("relay")
 
+# How long worker processes get to stop on SIGTERM before they are killed. They bound their own
+# stop as this process does (30 s for SMTP sessions delivering a message, 60 s for HTTP requests
+# in progress), so this only ends a worker that hangs; it stays under systemd's 90 s.
+WORKER_STOP_SECONDS = 75.0
+
 
 @dataclass
 class Services:
@@ -120,15 +125,21 @@ async def serve(config: Config, *, smtp: bool = True, http: bool = True,
         died.append(worker)
         stop.set()
 
-    async with running(config, smtp=smtp, http=http):
-        workers = _start_workers(config, smtp=smtp, http=http) if main else []
-        for worker in workers:
-            loop.add_reader(worker.sentinel, worker_ended, worker)
-        await stop.wait()
-        log.info("stopping")
-        for worker in workers:
-            loop.remove_reader(worker.sentinel)  # what ends now was stopped, not died
-        _stop_workers(workers)
+    reaping: asyncio.Future[None] | None = None
+    try:
+        async with running(config, smtp=smtp, http=http):
+            workers = _start_workers(config, smtp=smtp, http=http) if main else []
+            for worker in workers:
+                loop.add_reader(worker.sentinel, worker_ended, worker)
+            await stop.wait()
+            log.info("stopping")
+            for worker in workers:
+                loop.remove_reader(worker.sentinel)  # what ends now was stopped, not died
+            if workers:  # they stop while this process stops its own services
+                reaping = asyncio.ensure_future(asyncio.to_thread(_stop_workers, workers))
+    finally:
+        if reaping is not None:
+            await reaping
     for worker in died:
         log.error("worker process %s died (exit code %s); stopped the others", worker.pid,
                   worker.exitcode)
@@ -154,14 +165,19 @@ def _worker(config: Config, smtp: bool, http: bool) -> None:
     raise SystemExit(asyncio.run(serve(config, smtp=smtp, http=http, main=False)))
 
 
-def _stop_workers(workers: list[BaseProcess]) -> None:
+def _stop_workers(workers: list[BaseProcess], timeout: float = WORKER_STOP_SECONDS) -> None:
+    """SIGTERM every worker, give them ``timeout`` seconds together, then SIGKILL the rest."""
     for worker in workers:
         if worker.exitcode is None:
             worker.terminate()
+    deadline = time.monotonic() + timeout
     for worker in workers:
-        worker.join(10)
+        worker.join(max(0.0, deadline - time.monotonic()))
         if worker.exitcode is None:
+            log.error("worker process %s did not stop within %.0f s; killed", worker.pid,
+                      timeout)
             worker.kill()
+            worker.join()
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

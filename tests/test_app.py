@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import smtplib
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pytest
 from harness import free_port
+
+from relay.app import _stop_workers
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
@@ -110,3 +114,27 @@ def test_smtp_workers_share_the_port_and_a_dead_worker_stops_the_relay(tmp_path)
         if process.poll() is None:
             process.kill()
 
+
+
+def _stay(ready: Event) -> None:
+    ready.set()
+    while True:
+        time.sleep(60)  # a worker that runs until a signal ends it
+
+
+def _ignore_sigterm(ready: Event) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _stay(ready)
+
+
+def test_stopping_workers_kills_only_the_one_that_ignores_sigterm_at_the_deadline():
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for target in (_stay, _ignore_sigterm):
+        ready = context.Event()
+        worker = context.Process(target=target, args=(ready,), daemon=True)
+        worker.start()
+        assert ready.wait(20)
+        workers.append(worker)
+    _stop_workers(workers, timeout=0.5)
+    assert [worker.exitcode for worker in workers] == [-signal.SIGTERM, -signal.SIGKILL]
