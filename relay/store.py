@@ -7,7 +7,9 @@ WAL mode with ``synchronous=NORMAL`` survives the process being killed, so "the 
 answer" implies "the row is in the file". Writes run on the event loop thread: a commit of a
 batch costs well under a millisecond, less than handing it to a worker thread would. Copying the
 WAL back into the file (checkpointing: page writes and fsyncs) is not on the loop: a
-:class:`Checkpointer` thread does it (worth ~15-25% of the tracker's throughput).
+:class:`Checkpointer` thread does it (worth ~15-25% of the tracker's throughput). Nor does the
+loop wait in SQLite's busy handler while another connection holds the write lock: the group
+commit tries the lock and, when it is taken, tries again shortly (:meth:`Store._flush`).
 
 Reads that may scan (statistics, listings) go through aiosqlite on their own connection, in its
 thread, so they never stall the loop.
@@ -37,6 +39,11 @@ CACHE_KIB = 65536
 # checkpoints only past WRITER_CHECKPOINT_PAGES (40 MB of 4 KiB pages), as a backstop.
 CHECKPOINT_SECONDS = 0.1
 WRITER_CHECKPOINT_PAGES = 10000
+# How long a connection waits for the write lock another one holds.
+BUSY_TIMEOUT_MS = 5000
+# A group commit that finds the write lock taken tries again after this long (Store._flush).
+LOCK_RETRY_SECONDS = 0.0005
+SQLITE_BUSY = 5
 WriteFn = Callable[[sqlite3.Connection], T]
 
 MIGRATIONS: dict[str, str] = {
@@ -300,7 +307,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     # Savepoint (statement) journals and temporary b-trees in memory: a group commit writes
     # one savepoint per caller, which would otherwise open, write and unlink a temp file.
     conn.execute("PRAGMA temp_store=MEMORY")
@@ -370,6 +377,9 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._pending: list[tuple[WriteFn[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._locked_since: float | None = None
+        self.lock_timeout = BUSY_TIMEOUT_MS / 1000
         self.batches = 0
         self.last_batch_size = 0
 
@@ -383,7 +393,9 @@ class Store:
         return store
 
     async def close(self) -> None:
-        self._flush()
+        if self._retry is not None:
+            self._retry.cancel()
+        self._flush(wait=True)
         if self._checkpointer is not None:
             self._checkpointer.stop()
         if self._reader is not None:
@@ -394,7 +406,7 @@ class Store:
         """Opened on first use: a process that only relays mail never starts its thread."""
         if self._reader is None:
             reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._reader = reader
         return self._reader
 
@@ -417,23 +429,64 @@ class Store:
         async with reader.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
 
-    def _flush(self) -> None:
+    def _flush(self, wait: bool = False) -> None:
+        """Run the pending writes in one transaction once this connection holds the write lock.
+
+        While another connection holds it (another worker process, a purge, a CLI command),
+        SQLite's busy handler would sleep on the event loop thread, stalling every request and
+        session of this process. Unless ``wait`` is set, the lock is only tried: when taken,
+        the flush is tried again shortly, the loop goes on meanwhile, and what is written
+        meanwhile joins the batch. Writers get the "database is locked" error after
+        ``lock_timeout`` seconds of this, as they would from the busy handler.
+        """
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
+        self._retry = None
+        if not self._pending:
             return
-        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            self._begin(wait)
+        except sqlite3.OperationalError as exc:
+            if not wait and _is_busy(exc) and self._keep_trying():
+                self._flush_scheduled = True
+                self._retry = asyncio.get_running_loop().call_later(LOCK_RETRY_SECONDS,
+                                                                    self._flush)
+                return
+            self._fail(self._take_pending(), exc)
+            return
+        self._commit(self._take_pending())
+
+    def _begin(self, wait: bool) -> None:
+        if wait:
+            self.writer.execute("BEGIN IMMEDIATE")
+            return
+        self.writer.execute("PRAGMA busy_timeout=0")
         try:
             self.writer.execute("BEGIN IMMEDIATE")
+        finally:
+            self.writer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _keep_trying(self) -> bool:
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        return now - self._locked_since < self.lock_timeout
+
+    def _take_pending(self) -> list[tuple[WriteFn[Any], asyncio.Future[Any]]]:
+        self._locked_since = None
+        batch, self._pending = self._pending, []
+        return batch
+
+    def _commit(self, batch: list[tuple[WriteFn[Any], asyncio.Future[Any]]]) -> None:
+        """Run the batch in the open transaction, commit, and resolve its futures."""
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
             for fn, future in batch:
                 results.append((future, *_in_savepoint(self.writer, fn)))
             self.writer.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.writer.in_transaction:
                 self.writer.execute("ROLLBACK")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
         self.batches += 1
         self.last_batch_size = len(batch)
@@ -444,6 +497,17 @@ class Store:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    @staticmethod
+    def _fail(batch: list[tuple[WriteFn[Any], asyncio.Future[Any]]], exc: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == SQLITE_BUSY
 
 
 def _in_savepoint(conn: sqlite3.Connection, fn: WriteFn[Any]) -> tuple[bool, Any]:
