@@ -28,6 +28,7 @@ import asyncio
 import os
 import random
 import re
+import resource
 import socket
 import sqlite3
 import subprocess
@@ -158,12 +159,20 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("server did not start")
 
 
-def wrk(port: int, script: Path, args: argparse.Namespace) -> dict[str, float]:
+def wrk(port: int, script: Path, args: argparse.Namespace, servers: list[int]
+        ) -> dict[str, float]:
+    """wrk's figures, and the CPU the servers (their worker processes included) and wrk used
+    while it ran, in cores."""
+    server_before, wrk_before = cpu_seconds(servers), children_cpu_seconds()
+    started = time.monotonic()
     out = subprocess.run(
         ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
          "-s", str(script), f"http://127.0.0.1:{port}"],
         check=True, capture_output=True, text=True).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    elapsed = time.monotonic() - started
+    result = {"server_cpu": (cpu_seconds(servers) - server_before) / elapsed,
+              "wrk_cpu": (children_cpu_seconds() - wrk_before) / elapsed}
+    result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["bad"] = float(errors.group(1)) if errors else 0.0
@@ -178,16 +187,51 @@ def run(command: list[str], copies: int, port: int, script: Path, args: argparse
     try:
         for process in processes:
             wait_ready(port, process)
-        return wrk(port, script, args)
+        return wrk(port, script, args, [process.pid for process in processes])
     finally:
         for process in processes:
             process.terminate()
             process.wait(10)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes and their descendants so far."""
+    ticks = 0
+    for pid in tree(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree(pids: list[int]) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(parents.get(pid, ()))
+    return found
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def line(name: str, r: dict[str, float]) -> str:
     return (f"  {name:<24} {r['rps']:>9,.0f} req/s   p50 {r['p50']:6.2f} ms   "
-            f"p75 {r['p75']:6.2f} ms   p90 {r['p90']:6.2f} ms   p99 {r['p99']:6.2f} ms"
+            f"p75 {r['p75']:6.2f} ms   p90 {r['p90']:6.2f} ms   p99 {r['p99']:6.2f} ms   "
+            f"CPU: server {r['server_cpu']:.2f}, wrk {r['wrk_cpu']:.2f}"
             + (f"   NON-2xx/3xx {r['bad']:.0f}" if r["bad"] else ""))
 
 
