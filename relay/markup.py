@@ -14,6 +14,7 @@ content (``<svg>``/``<math>`` CDATA); both only make the scanner see fewer links
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from dataclasses import dataclass
@@ -102,44 +103,47 @@ def scan(text: str) -> Markup:
     while True:
         match = _NEXT.match(text, pos)
         assert match is not None  # the pattern always ends with a non-failing alternative
-        if match.group("tag"):
+        found = match.lastgroup  # "tag", "body", "stuck", or None at the end
+        if found == "tag":
             tag = _tag(text, match)
             if tag.name == "meta":
                 metas.append(tag)
             elif "href" in tag.attrs:
                 links.append(tag)
-        elif match.group("body"):
+        elif found == "body":
             body_close = match.start("body")
-        elif match.group("stuck"):
-            stuck_at = match.start("stuck")
-            break
         else:
+            if found == "stuck":
+                stuck_at = match.start("stuck")
             break
         pos = match.end()
     return Markup(tuple(links), tuple(metas), body_close, stuck_at)
 
 
+# Tags and attributes are built with tuple.__new__, as NamedTuple._make does: the generated
+# __new__ is Python code, and a link tag can have a dozen attributes.
+_new_attr = functools.partial(tuple.__new__, Attr)
+_new_tag = functools.partial(tuple.__new__, Tag)
+
+
 def _tag(text: str, match: re.Match[str]) -> Tag:
     attrs: dict[str, Attr] = {}
     for attr in _ATTR.finditer(text, match.end("name"), match.end() - 1):
-        name = attr.group(1)
-        name = name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
+        name = _ascii_lower(attr[1])
         if name in attrs:
             continue
         kind = attr.lastindex  # the value's group (quoted or not), or 1 when there is none
         if kind == 1:
             end = attr.end()
-            attrs[name] = Attr(name, None, end, end, "")
+            attrs[name] = _new_attr((name, None, end, end, ""))
         else:
             start, end = attr.span(kind)
-            attrs[name] = Attr(name, attr.group(kind), start, end, _QUOTES[kind])
-    name = match.group("name")
-    return Tag(
-        name.lower() if name.isascii() else name.translate(_ASCII_UPPER),
-        match.start("tag"),
-        match.end(),
-        attrs,
-    )
+            attrs[name] = _new_attr((name, attr[kind], start, end, _QUOTES[kind]))
+    return _new_tag((_ascii_lower(match["name"]), match.start("tag"), match.end(), attrs))
+
+
+def _ascii_lower(name: str) -> str:
+    return name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
 
 
 def unescape_attr(value: str) -> str:

@@ -380,11 +380,14 @@ def _qp_ascii(data: bytes, cuts: int) -> bytes:
 # Every "=" in the data starts a three-character escape, so a stretch whose last two characters
 # are not "=" does not cut one apart. The empty alternative in the possessive repeat of lines is
 # for CPython before 3.11.5 (Debian 12 has 3.11.2; see markup.py).
+# The long-line alternative comes first behind a lookahead that says exactly when neither of the
+# others can match (more than 76 characters left, or 76 ending in white space): on a long line
+# the two others would each read 75 characters before failing, for every piece cut from it.
 _QP_PIECE = re.compile(
     rb"\n?(?:[^\n]{0,76}+(?<![\t ])\n|)*+"  # lines that need no change
-    rb"(?:[^\n]{0,76}+(?<![\t ])\Z"  # the last line
-    rb"|[^\n]{0,75}+(?<=[\t ])(?=\n|\Z)"  # a line ending in white space: soft break after it
-    rb"|[^\n]{0,73}[^\n=]{2})"  # 75 characters of a long line
+    rb"(?:(?=[^\n]{77}|[^\n]{75}[\t ](?![^\n]))[^\n]{0,73}[^\n=]{2}"  # 75 characters of a long line
+    rb"|[^\n]{0,76}+(?<![\t ])\Z"  # the last line
+    rb"|[^\n]{0,75}+(?<=[\t ])(?=\n|\Z))"  # a line ending in white space: soft break after it
 )
 _QP_CUT = b"\xff"  # where the parts meet while they are encoded as one: never part of UTF-8
 _QP_LITERAL = bytes(range(0x20, 0x7F)) + b"\t\n\r"
