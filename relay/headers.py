@@ -3,6 +3,7 @@ without re-serializing anything else."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ class Header(NamedTuple):
     def raw_value(self, raw: bytes) -> str:
         """The value, unfolded, undecoded (RFC 2047 words left as they are)."""
         text = raw[self.colon + 1 : self.end].decode("utf-8", "surrogateescape")
-        return _FOLD.sub(" ", text).strip()
+        if 0 <= text.find("\n") < len(text) - 1:  # a line break before the last: folded
+            text = _FOLD.sub(" ", text)
+        return text.strip()
 
     def value(self, raw: bytes) -> str:
         """The value, unfolded, with RFC 2047 encoded words decoded."""
@@ -33,6 +36,11 @@ class Header(NamedTuple):
             return str(make_header(decode_header(text)))
         except (ValueError, LookupError, UnicodeError):
             return text
+
+
+# As NamedTuple._make does, without the generated __new__, which is Python code: every
+# message has a dozen headers or more.
+_new_header = functools.partial(tuple.__new__, Header)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +69,10 @@ def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     headers: list[Header] = []
     pos = start
     while match := _HEADER.match(raw, pos):
-        name = match.group(1).decode("ascii")
-        headers.append(Header(name, pos, match.end(), match.end(2) - 1, name.lower()))
-        pos = match.end()
+        name = match[1].decode("ascii")
+        end = match.end()
+        headers.append(_new_header((name, pos, end, match.end(2) - 1, name.lower())))
+        pos = end
     if raw.startswith(b"\r\n", pos):
         pos += 2
     elif raw.startswith(b"\n", pos):

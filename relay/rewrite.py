@@ -276,12 +276,13 @@ def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str | None, str
     scheme = _SCHEME.match(value)
     if scheme is None:
         return None, "relative link"
-    if scheme.group(1).lower() not in ("http", "https"):
-        return None, f"{scheme.group(1).lower()}: link"
+    scheme_name = scheme[1].lower()
+    if scheme_name not in ("http", "https"):
+        return None, f"{scheme_name}: link"
     match = _PLAIN_URL.fullmatch(value) or _URL.fullmatch(value)
-    if match is None or not _valid_ip_literal(match.group("host")):
+    if match is None or not _valid_ip_literal(host := match["host"]):
         return None, "not a well-formed URL"
-    host = match.group("host").lower().rstrip(".")
+    host = host.lower().rstrip(".")
     if host == _tracking_host(options.base_url):
         return None, "already a tracking link"
     for excluded in options.excluded_hosts:
