@@ -38,13 +38,16 @@ _INTERESTING_START = ("a", "area", "meta")
 _FAST_ATTRS = (  # the usual name="value" list; anything unusual falls back to _ATTRS
     rf"""(?:[{_WS}/]++[^{_WS}/>="']++(?:="[^"]*+"|)|)*+[{_WS}/]*+>"""
 )
+# A comment ends at the first "-->" or "--!>". Not ".*?--!?>": a lazy repeat tries the rest of
+# the pattern after every character, and Outlook's conditional comments hold whole style sheets.
+_COMMENT = r"<!--(?:>|->|[^-]*+(?:-(?!-!?>)[^-]*+|)*+--!?>)"
 _BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary start tags
     (
         r"[^<]++",
         rf"</(?!(?i:body)[{_WS}/>])[A-Za-z][^{_WS}/>]*+{_ATTRS}",
         rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
         rf"[A-Za-z][^{_WS}/>]*+(?:{_FAST_ATTRS}|{_ATTRS})",
-        r"<!--(?:>|->|.*?--!?>)",
+        _COMMENT,
         *(
             rf"<(?i:{name})(?=[{_WS}/>]){_ATTRS}"
             rf"(?:[^<]++|<(?!/(?i:{name})[{_WS}/>])|)*+(?=</(?i:{name})[{_WS}/>])"

@@ -30,6 +30,9 @@ def hrefs(text: str) -> list[str | None]:
         ('<!--> <a href="x">', ["x"]),
         ('<!---> <a href="x">', ["x"]),
         ('<!-- --!> <a href="x">', ["x"]),
+        ("<!-- a - b -- c ---> <a href=x>", ["x"]),  # dashes inside; the end overlaps them
+        ("<!-- <a href=x> --!x -- > <a href=y> --> <a href=z>", ["z"]),
+        ("<!--- -><a href=x>--><a href=y>", ["y"]),
         ('<!DOCTYPE html><a href="x">', ["x"]),
         ('<script>"<a href=x>"</script><a href="y">', ["y"]),
         ('<SCRIPT>"<a href=x>"</script ><a href="y">', ["y"]),
