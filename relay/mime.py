@@ -405,8 +405,10 @@ def _qp_hex(match: re.Match[bytes]) -> bytes:
 def qp_wrap_safe(token: str, eol: str) -> bytes:
     """Quoted-printable of a string of QP-safe ASCII characters (no "=", no spaces) that
     starts a line, followed by a soft break so that what comes next starts a line."""
-    step = QP_LINE - 1
-    if len(token) <= step:
+    if len(token) < QP_LINE:
         return (token + "=" + eol).encode("ascii")
-    chunks = [token[i : i + step] for i in range(0, len(token), step)]
-    return (("=" + eol).join(chunks) + "=" + eol).encode("ascii")
+    soft_break = "=" + eol
+    return (soft_break.join(_QP_SAFE_LINE.findall(token)) + soft_break).encode("ascii")
+
+
+_QP_SAFE_LINE = re.compile(rf".{{1,{QP_LINE - 1}}}", re.DOTALL)  # the "=" makes it 76
