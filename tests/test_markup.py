@@ -1,7 +1,11 @@
+import re
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay import markup
 from relay.markup import scan, unescape_attr
 
 
@@ -123,3 +127,12 @@ def test_scan_never_fails_and_spans_are_consistent(text: str) -> None:
                 assert tag.start < attr.start <= attr.end < tag.end
     if markup.body_close is not None:
         assert text[markup.body_close : markup.body_close + 6].lower() == "</body"
+
+
+@pytest.mark.parametrize("excluded", ["\t\n\f\r />", "\t\n\f\r />=\"'", "\x00", "\x7f<"])
+def test_all_but_is_the_negated_class(excluded: str) -> None:
+    positive = re.compile(markup._all_but(excluded))
+    negated = re.compile(f"[^{re.escape(excluded)}]")
+    for code in [*range(0x300), 0xD800, 0xFFFF, 0x10000, sys.maxunicode]:
+        char = chr(code)
+        assert bool(positive.fullmatch(char)) == bool(negated.fullmatch(char)), hex(code)
