@@ -71,7 +71,7 @@ _COMMENT = r"<!--(?:>|->|[^-]*+(?:-(?!-!?>)[^-]*+|)*+--!?>)"
 _BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary start tags
     (
         r"[^<]++",
-        rf"</(?!(?i:body)[{_WS}/>])[A-Za-z]{_NAME_CHAR}*+{_ATTRS}",
+        rf"</(?!(?i:body)[{_WS}/>])[A-Za-z]{_NAME_CHAR}*+(?:>|{_ATTRS})",  # ">": the usual end
         rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
         rf"[A-Za-z]{_NAME_CHAR}*+(?:{_FAST_ATTRS}|{_ATTRS})",
         _COMMENT,
