@@ -324,12 +324,11 @@ FLOOR_BATCH = 50
 async def recorder_write_cost(config: Config, paths: list[str]) -> float:
     """µs per click of Recorder.write (classify, enrich, insert, listeners) plus its COMMIT,
     on the store and listeners ``relay http`` runs with."""
-    keyring = Keyring({"b1": SECRET.encode()}, "b1")
     async with running(config, smtp=False, http=False) as services:
         app = build_app(config, services.store, services.keyring,
                         listeners=services.event_listeners)
         recorder, conn = app[RECORDER], services.store.writer
-        targets = [verify(keyring, path[3:]) for path in paths]
+        targets = [verify(services.keyring, path[3:]) for path in paths]
         started = time.perf_counter()
         for i in range(0, len(targets), FLOOR_BATCH):
             hits = [Hit(CLICK, time.time(), t.email_id, t.recipient, t.url, "10.1.2.3", AGENT)

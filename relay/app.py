@@ -125,7 +125,7 @@ async def serve(config: Config, *, smtp: bool = True, http: bool = True,
         died.append(worker)
         stop.set()
 
-    reaping: asyncio.Future[None] | None = None
+    reaping: asyncio.Task[None] | None = None
     try:
         async with running(config, smtp=smtp, http=http):
             workers = _start_workers(config, smtp=smtp, http=http) if main else []
@@ -136,7 +136,7 @@ async def serve(config: Config, *, smtp: bool = True, http: bool = True,
             for worker in workers:
                 loop.remove_reader(worker.sentinel)  # what ends now was stopped, not died
             if workers:  # they stop while this process stops its own services
-                reaping = asyncio.ensure_future(asyncio.to_thread(_stop_workers, workers))
+                reaping = asyncio.create_task(asyncio.to_thread(_stop_workers, workers))
     finally:
         if reaping is not None:
             await reaping

@@ -506,8 +506,7 @@ class Store:
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == SQLITE_BUSY
+    return exc.sqlite_errorcode & 0xFF == SQLITE_BUSY  # the primary code of an extended one
 
 
 def _in_savepoint(conn: sqlite3.Connection, fn: WriteFn[Any]) -> tuple[bool, Any]:
