@@ -56,9 +56,12 @@ _UNQUOTED_CHAR = _all_but("\t\n\f\r >")  # an unquoted attribute value
 # groups are ``(?:...|)`` rather than ``(?:...)?+`` for the same reason, which means the same here:
 # each ends a possessive round or its pattern, so nothing can backtrack into it. The atomic
 # ``(?>(?:...)*)`` works too, but makes scan() 15% slower on 3.11.7.
+# A value that opens a quote needs its closing quote: a tag whose quote never closes runs to
+# the end of the document, as in browsers, and matches nothing here.
 _ATTRS = (
     rf"(?:[{_WS}/]*+{_NAME_CHAR}{_ATTR_NAME_CHAR}*+"
-    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"[^"]*+"|'[^']*+'|{_UNQUOTED_CHAR}*+)|)|)*+[{_WS}/]*+>"""
+    rf"""(?:[{_WS}]*+=[{_WS}]*+(?:"[^"]*+"|'[^']*+'|(?!["']){_UNQUOTED_CHAR}*+)|(?![{_WS}]*+=))"""
+    rf"|)*+[{_WS}/]*+>"
 )
 _RAW_TEXT = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
 _INTERESTING_START = ("a", "area", "meta")
@@ -163,16 +166,21 @@ def _tag(text: str, match: re.Match[str]) -> Tag:
         if name in attrs:
             continue
         kind = attr.lastindex  # the value's group (quoted or not), or 1 when there is none
-        if kind == 1:
+        if kind == 2:  # the usual name="value" first
+            attrs[name] = _new_attr((name, attr[2], attr.start(2), attr.end(2), '"'))
+        elif kind == 1:
             end = attr.end()
             attrs[name] = _new_attr((name, None, end, end, ""))
         else:
-            start, end = attr.span(kind)
-            attrs[name] = _new_attr((name, attr[kind], start, end, _QUOTES[kind]))
+            attrs[name] = _new_attr(
+                (name, attr[kind], attr.start(kind), attr.end(kind), _QUOTES[kind])
+            )
     return _new_tag((_ascii_lower(match["name"]), match.start("tag"), match.end(), attrs))
 
 
 def _ascii_lower(name: str) -> str:
+    if name.islower():  # most names are; no upper-case letter at all
+        return name
     return name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
 
 

@@ -48,6 +48,11 @@ def hrefs(text: str) -> list[str | None]:
         ("<img alt='>' <a href=x>", []),  # one img tag with odd attribute names
         ("<img alt=it's><a href=y>", ["y"]),  # a quote inside an unquoted value is literal
         ('<a href="x', []),  # end of file inside a tag: no tag
+        ('<a href="https://x.example/>go</a></body>', []),  # a quote that never closes
+        ("<a href='https://x.example/>go</a></body>", []),
+        ('<td title="x>y</td><a href=z></body>', []),
+        ('<a href=""c>', [""]),  # a name right after a closed quote starts an attribute
+        ('<a href = "x" c>', ["x"]),
         ("<plaintext><a href=x>", []),
         ("a < b <a href=x>", ["x"]),
         ("</ a href=x><a href=y>", ["y"]),
@@ -74,7 +79,10 @@ def test_body_close_is_the_last_real_one() -> None:
     assert scan("<p>no body</p>").body_close is None
 
 
-@pytest.mark.parametrize("text", ["<a href='x", "<!-- open", "<style>a{}", "<b", "<!x", "<?x"])
+@pytest.mark.parametrize(
+    "text",
+    ["<a href='x", "<!-- open", "<style>a{}", "<b", "<!x", "<?x", '<a href="x>y</a>', "<i t='>"],
+)
 def test_stuck_at_unterminated(text: str) -> None:
     markup = scan("<p>ok</p>" + text)
     assert markup.stuck_at == len("<p>ok</p>")

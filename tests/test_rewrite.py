@@ -578,3 +578,14 @@ def test_no_dkim_signature_no_signing(dkim_key: tuple[bytes, bytes]) -> None:
     options = RewriteOptions(True, True, BASE, dkim=DkimSigner("shop.example", "sel", key))
     out = prepare(raw, options).render(EMAIL_ID, RCPT, KEYS)
     assert b"DKIM-Signature" not in out
+
+
+def test_quote_that_never_closes_leaves_the_part_alone() -> None:
+    """A browser reads everything after an unclosed quote as one attribute value, so neither
+    the link nor a pixel appended before </body> would ever load: the part stays as it is."""
+    html = '<html><body><a href="https://shop.example/sale>Sale</a></body></html>'
+    raw = build(html, "utf-8", "8bit")
+    prepared = prepare(raw, OPTIONS)
+    assert not prepared.will_change
+    assert prepared.render(EMAIL_ID, RCPT, KEYS) == raw
+    assert "ends inside a tag" in prepared.reason
