@@ -5,11 +5,12 @@ The scanner follows the WHATWG tokenizer where it decides what is markup: commen
 and ``--!>`` included), bogus comments (``<!...>``, ``<?...>``, ``</ ...>``, which covers the
 doctype and ``<![if !mso]>``), quoted and unquoted attribute values (a ``>`` inside quotes does
 not end a tag), and the raw text of ``script``, ``style``, ``textarea``, ``title``, ``xmp``,
-``iframe``, ``noembed``, ``noframes`` and ``plaintext``. One compiled pattern skips everything
-uninteresting in C; Python only sees ``<a>``, ``<area>``, ``<meta>`` and ``</body>``.
+``iframe``, ``noembed``, ``noframes`` and ``plaintext``, with the escapes of script data
+(``<!--<script>`` inside a script). One compiled pattern skips everything uninteresting in C;
+Python only sees ``<a>``, ``<area>``, ``<meta>`` and ``</body>``.
 
-Not modelled: script-data escape states (``<!--<script>`` inside a script) and foreign
-content (``<svg>``/``<math>`` CDATA); both only make the scanner see fewer links.
+Not modelled: foreign content (``<svg>``/``<math>`` CDATA sections), which only makes the
+scanner see fewer links: a ``<![CDATA[`` section ends at its first ``>``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ _FAST_ATTRS = (  # the usual name="value" list; anything unusual falls back to _
 # A comment ends at the first "-->" or "--!>". Not ".*?--!?>": a lazy repeat tries the rest of
 # the pattern after every character, and Outlook's conditional comments hold whole style sheets.
 _COMMENT = r"<!--(?:>|->|[^-]*+(?:-(?!-!?>)[^-]*+|)*+--!?>)"
+# Script data escapes: inside a script, "<!--" starts an escape that "-->" ends (its dashes may
+# be those of "<!--"); within it, "<script" starts a double escape, in which "</script" does
+# not end the script but the double escape, and "-->" ends both.
+_SCRIPT = rf"(?i:script)[{_WS}/>]"
+_ESCAPED_TEXT = r"[^-<]++|-(?!->)"  # text of an escape that does not end it
+_DOUBLE_ESCAPE = rf"<(?={_SCRIPT})(?:{_ESCAPED_TEXT}|<(?!/{_SCRIPT})|)*+"
+_SCRIPT_ESCAPE = (
+    rf"<!(?=--)(?:{_ESCAPED_TEXT}|<(?!/?{_SCRIPT})|{_DOUBLE_ESCAPE}(?:</(?={_SCRIPT})|)|)*+"
+    r"(?:-->|)"
+)
 _BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary start tags
     (
         r"[^<]++",
@@ -80,7 +91,8 @@ _BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary st
         _COMMENT,
         *(
             rf"<(?i:{name})(?=[{_WS}/>]){_ATTRS}"
-            rf"(?:[^<]++|<(?!/(?i:{name})[{_WS}/>])|)*+(?=</(?i:{name})[{_WS}/>])"
+            rf"(?:[^<]++|{_SCRIPT_ESCAPE if name == 'script' else '(?!)'}"
+            rf"|<(?!/(?i:{name})[{_WS}/>])|)*+(?=</(?i:{name})[{_WS}/>])"
             for name in _RAW_TEXT
         ),
         rf"<(?i:plaintext)(?=[{_WS}/>]){_ATTRS}.*+",

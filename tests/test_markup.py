@@ -2,8 +2,9 @@ import re
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from selectolax.lexbor import LexborHTMLParser
 
 from relay import markup
 from relay.markup import scan, unescape_attr
@@ -44,6 +45,11 @@ def hrefs(text: str) -> list[str | None]:
         ("<textarea><a href=x></textarea>", []),
         ("<title><a href=x></title><a href=y>", ["y"]),
         ("<script></scripty><a href=x></script>", []),
+        ("<script><!--<script></script><a href=x></script><a href=y>", ["y"]),  # double escape
+        ("<script><!--<script>--><a href=x></script><a href=y>", ["y"]),
+        ("<script><!--</script><a href=x>", ["x"]),  # an escaped script still ends
+        ("<script><!--><a href=x></script><a href=y>", ["y"]),  # "<!-->" ends the escape
+        ("<script><!--<scripty></script><a href=x>", ["x"]),
         ('<img alt="<a href=x>"><a href=y>', ["y"]),
         ("<img alt='>' <a href=x>", []),  # one img tag with odd attribute names
         ("<img alt=it's><a href=y>", ["y"]),  # a quote inside an unquoted value is literal
@@ -135,6 +141,21 @@ def test_scan_never_fails_and_spans_are_consistent(text: str) -> None:
                 assert tag.start < attr.start <= attr.end < tag.end
     if markup.body_close is not None:
         assert text[markup.body_close : markup.body_close + 6].lower() == "</body"
+
+
+SCRIPT_ATOMS = ["<script>", "</script>", "<SCRIPT/", "</Script ", "<scripty>", "<!--", "-->",
+                "<!-->", "-", "x", "<a href=x>", "<a href=y>"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(SCRIPT_ATOMS), max_size=10))
+def test_script_escapes_agree_with_lexbor(atoms: list[str]) -> None:
+    """Links in and around an escaped script are those a browser's parser finds."""
+    text = "<script><!--" + "".join(atoms) + "</script>"
+    found = scan(text)
+    assume(found.stuck_at is None)  # a script left open: the scanner stops, lexbor goes on
+    expected = [node.attributes["href"] for node in LexborHTMLParser(text).css("a")]
+    assert [tag.attrs["href"].value for tag in found.links] == expected
 
 
 @pytest.mark.parametrize("excluded", ["\t\n\f\r />", "\t\n\f\r />=\"'", "\x00", "\x7f<"])
