@@ -9,8 +9,9 @@ not end a tag), and the raw text of ``script``, ``style``, ``textarea``, ``title
 (``<!--<script>`` inside a script). One compiled pattern skips everything uninteresting in C;
 Python only sees ``<a>``, ``<area>``, ``<meta>`` and ``</body>``.
 
-Not modelled: foreign content (``<svg>``/``<math>`` CDATA sections), which only makes the
-scanner see fewer links: a ``<![CDATA[`` section ends at its first ``>``.
+Not modelled: foreign content. Inside ``<svg>`` or ``<math>``, ``<![CDATA[`` opens a section of
+text that ends at ``]]>``; the scanner ends it at its first ``>``, as in HTML content, so an
+``<a href>`` written after a ``>`` inside such a section is taken for a link.
 """
 
 from __future__ import annotations
