@@ -83,9 +83,8 @@ _SCRIPT_ESCAPE = (
     rf"<!(?=--)(?:{_ESCAPED_TEXT}|<(?!/?{_SCRIPT})|{_DOUBLE_ESCAPE}(?:</(?={_SCRIPT})|)|)*+"
     r"(?:-->|)"
 )
-_BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary start tags
+_BORING = "|".join(  # markup to skip, most frequent first: ordinary end tags, then start tags
     (
-        r"[^<]++",
         rf"</(?!(?i:body)[{_WS}/>])[A-Za-z]{_NAME_CHAR}*+(?:>|{_ATTRS})",  # ">": the usual end
         rf"<(?!(?i:{'|'.join(_INTERESTING_START + _RAW_TEXT)}|plaintext)[{_WS}/>])"
         rf"[A-Za-z]{_NAME_CHAR}*+(?:{_FAST_ATTRS}|{_ATTRS})",
@@ -101,8 +100,10 @@ _BORING = "|".join(  # most frequent first: text, ordinary end tags, ordinary st
         r"<(?![A-Za-z!?/])",  # a "<" that opens nothing is text
     )
 )
+# Each round of the repeat takes the text before a piece of markup with it: half as many rounds
+# as text and markup taken in turns, and sre pays for every round.
 _NEXT = re.compile(
-    rf"(?:{_BORING}|)*+(?:"
+    rf"(?:[^<]*+(?:{_BORING})|)*+[^<]*+(?:"
     rf"(?P<tag><(?P<name>(?i:{'|'.join(_INTERESTING_START)}))(?=[{_WS}/>]){_ATTRS})"
     rf"|(?P<body></(?i:body)(?=[{_WS}/>]){_ATTRS})"
     r"|(?P<stuck><)"
