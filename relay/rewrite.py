@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ OPT_OUT_ATTRIBUTES = (
     "data-pm-no-track",
     "ses:no-track",
 )
+SIGNED_PART = "inside multipart/signed: a change would break its signature"
 TEMPLATE_MARKERS = ("{{", "}}", "{%", "%}", "*|", "|*")
 PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;overflow:hidden"
 _PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
@@ -182,8 +184,8 @@ def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
     results: list[PartResult] = []
     part_edits: list[tuple[mime.Part, _PartPlan]] = []
     root = mime.split(raw)
-    for part in mime.leaves(root):
-        result, part_plan = _plan_part(raw, part, options)
+    for part, signed in _leaves(root):
+        result, part_plan = _plan_part(raw, part, options, signed)
         results.append(result)
         if part_plan is not None:
             part_edits.append((part, part_plan))
@@ -205,11 +207,24 @@ class _PartPlan:
     edits: list[_Edit]
 
 
+def _leaves(part: mime.Part) -> Iterator[tuple[mime.Part, bool]]:
+    """The leaves of the MIME tree, each with whether a ``multipart/signed`` (S/MIME, PGP/MIME;
+    RFC 1847) holds it: a changed byte there would break the signature."""
+    if part.content_type == "multipart/signed":
+        for leaf in mime.leaves(part):
+            yield leaf, True
+    elif part.children:
+        for child in part.children:
+            yield from _leaves(child)
+    else:
+        yield part, False
+
+
 def _plan_part(
-    raw: bytes, part: mime.Part, options: RewriteOptions
+    raw: bytes, part: mime.Part, options: RewriteOptions, signed: bool
 ) -> tuple[PartResult, _PartPlan | None]:
     """The part's report and, when it is to be rewritten, its edits in decoded HTML."""
-    skip = _why_not_trackable(part)
+    skip = _why_not_trackable(part) or (SIGNED_PART if signed else "")
     if skip:
         return PartResult(part.path, part.content_type, False, skip), None
     try:

@@ -589,3 +589,55 @@ def test_quote_that_never_closes_leaves_the_part_alone() -> None:
     assert not prepared.will_change
     assert prepared.render(EMAIL_ID, RCPT, KEYS) == raw
     assert "ends inside a tag" in prepared.reason
+
+
+# ---------------------------------------------------------------- S/MIME
+
+
+def smime_signed(folder: Path, html: str) -> bytes:
+    """A message whose body openssl signed (multipart/signed, S/MIME), with CRLF line ends."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=shop.example", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    inner = (
+        'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\n'
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nSale: https://shop.example/sale\r\n"
+        f"--alt\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n--alt--\r\n"
+    )
+    body = subprocess.run(["openssl", "smime", "-sign", "-signer", str(cert), "-inkey", str(key)],
+                          input=inner.encode(), check=True, capture_output=True).stdout
+    head = b"From: Shop <news@shop.example>\r\nTo: reader@example.org\r\nSubject: signed\r\n"
+    return re.sub(rb"(?<!\r)\n", b"\r\n", head + body)
+
+
+def smime_verifies(message: bytes) -> bool:
+    check = subprocess.run(["openssl", "smime", "-verify", "-noverify", "-out", "/dev/null"],
+                           input=message, capture_output=True)
+    return check.returncode == 0
+
+
+def test_smime_signed_html_is_left_alone(tmp_path: Path) -> None:
+    raw = smime_signed(tmp_path, '<body><a href="https://shop.example/sale">Sale</a></body>')
+    assert smime_verifies(raw)
+    prepared = prepare(raw, OPTIONS)
+    out = prepared.render(EMAIL_ID, RCPT, KEYS)
+    assert out == raw
+    assert smime_verifies(out)
+    assert "multipart/signed" in prepared.reason
+    html = [part for part in prepared.report.parts if part.content_type == "text/html"]
+    assert [part.rewritten for part in html] == [False]
+
+
+def test_unsigned_html_beside_a_signed_part_is_rewritten(tmp_path: Path) -> None:
+    signed_entity = smime_signed(tmp_path, "<p>signed</p>").split(b"\r\n", 3)[3]
+    raw = (
+        b"From: Shop <news@shop.example>\r\nTo: reader@example.org\r\nSubject: mixed\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="mix"\r\n\r\n'
+        b'--mix\r\nContent-Type: text/html; charset=utf-8\r\n\r\n'
+        b'<a href="https://shop.example/x">x</a></body>\r\n'
+        b"--mix\r\n" + signed_entity + b"\r\n--mix--\r\n"
+    )
+    out = prepare(raw, OPTIONS).render(EMAIL_ID, RCPT, KEYS)
+    assert f"{BASE}/c/".encode() in out
+    assert signed_entity in out
