@@ -223,24 +223,36 @@ class Recorder:
         self.sent_times = SentTimes(cache_size)
         self.cache_size = cache_size
         self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
-        self._queue: list[Hit] = []
+        self._queue: list[Hit] = []  # the hits of the batch still open to newcomers
         self._batch: asyncio.Future[list[list[Event]]] | None = None
 
     async def record(self, hit: Hit) -> list[Event]:
         """The hit's events (the click and any implied open), once they are committed."""
         if not self._queue:
-            self._batch = self.store.write(self._write_queued)
-            self._batch.add_done_callback(partial(_count_batch, perf_counter()))
-            self._batch.add_done_callback(self._forget_uncommitted)
+            self._open_batch()
         batch = self._batch
         assert batch is not None
         index = len(self._queue)
         self._queue.append(hit)
-        return (await batch)[index]
+        # Shielded: the hits of a batch share its future, and a cancelled request must not
+        # cancel it for the others.
+        return (await asyncio.shield(batch))[index]
 
-    def _write_queued(self, conn: sqlite3.Connection) -> list[list[Event]]:
-        hits, self._queue = self._queue, []
+    def _open_batch(self) -> None:
+        hits: list[Hit] = []
+        self._queue = hits
+        self._batch = self.store.write(partial(self._write_queued, hits))
+        self._batch.add_done_callback(partial(_count_batch, perf_counter()))
+        self._batch.add_done_callback(partial(self._batch_done, hits))
+
+    def _write_queued(self, hits: list[Hit], conn: sqlite3.Connection) -> list[list[Event]]:
+        self._close(hits)
         return self.write(conn, hits)
+
+    def _close(self, hits: list[Hit]) -> None:
+        """Hits recorded from now on go to a new batch."""
+        if self._queue is hits:
+            self._queue = []
 
     def write(self, conn: sqlite3.Connection, hits: Sequence[Hit]) -> list[list[Event]]:
         """Classify the hits in order and insert their events; one list of events per hit."""
@@ -278,8 +290,10 @@ class Recorder:
             self._states.popitem(last=False)
         return state
 
-    def _forget_uncommitted(self, batch: asyncio.Future[list[list[Event]]]) -> None:
-        """A failed COMMIT rolled back what the cache already holds: start over."""
+    def _batch_done(self, hits: list[Hit], batch: asyncio.Future[list[list[Event]]]) -> None:
+        """A batch that failed before it was written (the write lock never came) must not keep
+        taking hits; one whose COMMIT failed rolled back what the cache holds: start over."""
+        self._close(hits)
         if batch.cancelled() or batch.exception() is not None:
             self._states.clear()
 

@@ -106,10 +106,13 @@ def parse_day(parameter: str, value: str) -> date:
 
 
 def parse_int(parameter: str, value: str, low: int, high: int) -> int:
-    text = value.strip()
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-        raise InvalidParameter(parameter, f"{value!r} is not a whole number from {low} to {high}")
-    return int(text)
+    digits = value.strip().lstrip("0") or "0"
+    # The length first: int() refuses (ValueError) strings of thousands of digits.
+    if (not digits.isascii() or not digits.isdigit() or len(digits) > len(str(high))
+            or not low <= int(digits) <= high):
+        raise InvalidParameter(
+            parameter, f"{value[:40]!r} is not a whole number from {low} to {high}")
+    return int(digits)
 
 
 @dataclass(frozen=True, slots=True)

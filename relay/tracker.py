@@ -1,12 +1,14 @@
 """The tracking HTTP service: the open pixel, click redirects, health and metrics.
 
 ``GET /o/<token>``  the 43-byte transparent GIF, always ``200``: a token that does not verify
-                    just records nothing.
+                    (or any other path under ``/o/``) just records nothing.
 ``GET /c/<token>``  ``302`` to the signed URL; a token that does not verify (or is not a click
                     token, or whose URL is not http(s)) gets ``404`` JSON, never a redirect.
 ``HEAD`` on both    the same answer without a body; stored as scanner traffic, never counted.
 ``GET /healthz``    ``200`` JSON when the store answers, ``503`` otherwise.
 ``GET /metrics``    Prometheus text of :data:`relay.metrics.REGISTRY`.
+
+Other errors (an unknown path, a method not allowed) are JSON too: ``{"error": "<reason>"}``.
 
 Every pixel and redirect is answered only after its events are committed (group commit, see
 relay/events.py). If the write fails the recipient still gets the pixel or the redirect (a
@@ -27,6 +29,7 @@ from functools import lru_cache
 from time import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from relay import metrics
@@ -55,6 +58,7 @@ PIXEL = b"".join((
 NO_STORE = "no-store, private"
 _PIXEL_HEADERS = {"Content-Type": "image/gif", "Cache-Control": NO_STORE}
 _NOT_FOUND = b'{"error": "unknown or invalid link"}'
+MAX_USER_AGENT = 1024  # characters stored; real ones are a few hundred
 
 
 def build_app(config: Config, store: Store, keyring: Keyring, *,
@@ -65,15 +69,15 @@ def build_app(config: Config, store: Store, keyring: Keyring, *,
     enricher = open_enricher(config.geo, config.privacy, config.source)
     recorder = Recorder(store, classifier, listeners=listeners, enricher=enricher)
     tracker = Tracker(store, keyring, recorder, config.http.trusted_proxies)
-    app = web.Application()
+    app = web.Application(middlewares=[_json_errors])
     app[RECORDER] = recorder
 
     async def close_enricher(_: web.Application) -> None:
         enricher.close()
 
     app.on_cleanup.append(close_enricher)
-    app.router.add_get("/o/{token}", tracker.open)
-    app.router.add_get("/c/{token}", tracker.click)
+    app.router.add_get("/o/{token:.*}", tracker.open)
+    app.router.add_get("/c/{token:.*}", tracker.click)
     app.router.add_get("/healthz", tracker.healthz)
     app.router.add_get("/metrics", tracker.metrics)
     metrics.STORE_COMMITS.set_function(lambda: store.batches)
@@ -132,7 +136,7 @@ class Tracker:
     async def _record(self, request: web.Request, kind: str, email_id: str, recipient: str,
                       url: str | None) -> None:
         hit = Hit(kind, time(), email_id, recipient, url, self._client_ip(request),
-                  request.headers.get("User-Agent", ""), request.method)
+                  user_agent(request.headers.get("User-Agent", "")), request.method)
         try:
             await self.recorder.record(hit)
         except Exception:  # answer anyway: the recipient must not pay for a store failure
@@ -175,5 +179,28 @@ def client_ip(peer: str | None, forwarded_for: str, trusted: Callable[[str], boo
 
 
 def redirectable(url: str) -> bool:
-    """Only http(s) URLs without control characters are followed, whatever a token carries."""
-    return url.startswith(("https://", "http://")) and url.isprintable()
+    """Only http(s) URLs without control characters are followed, whatever a token carries.
+    The scheme is case-insensitive (RFC 3986), as the rewriter reads it."""
+    return url[:8].lower().startswith(("https://", "http://")) and url.isprintable()
+
+
+def user_agent(header: str) -> str:
+    """The header as text that can be stored: aiohttp keeps bytes that are not UTF-8 as lone
+    surrogates, which SQLite refuses (and with them the whole group commit); they become
+    U+FFFD. Cut to :data:`MAX_USER_AGENT` characters."""
+    if not header.isascii():
+        header = header.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return header[:MAX_USER_AGENT]
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own error pages (an unknown path, a method not allowed) as JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {name: value for name, value in exc.headers.items()
+                   if name.lower() != "content-type"}
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)

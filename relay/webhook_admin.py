@@ -361,6 +361,8 @@ async def _replay_deliveries(request: web.Request) -> web.Response:
         raise ApiError(400, "batch_ids: a list of batch ids")
     if (ids is None) != (body.get("failed") is True):
         raise ApiError(400, 'send "batch_ids", or "failed": true (optionally with "endpoint")')
+    if not isinstance(body.get("endpoint", ""), str):
+        raise ApiError(400, "endpoint: the name of a webhook endpoint")
 
     def write(conn: sqlite3.Connection) -> int:
         chosen = ids if ids is not None else failed_batches(conn, body.get("endpoint"))

@@ -47,6 +47,17 @@ def test_a_huge_number_is_bad_input_not_a_crash(api):
     assert answer["error"]["status"] == 400
 
 
+def test_ill_typed_fields_and_endless_numbers_are_400s(api):
+    relay, _, key = api
+    body = {"failed": True, "endpoint": {"name": "hook"}}
+    status, answer = call(relay, key, "POST", "/webhook-deliveries/replay", body)
+    assert status == 400
+    assert answer["error"]["message"].startswith("endpoint")
+    status, answer = call(relay, key, "GET", "/events?limit=" + "1" * 5000)  # past int()'s limit
+    assert status == 400
+    assert answer["error"]["parameter"] == "limit"
+
+
 def test_revoked_key_stops_working(api):
     relay, conn, key = api
     assert apikeys.revoke(conn, "tests")

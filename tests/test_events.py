@@ -271,3 +271,32 @@ async def test_a_tiny_cache_keeps_a_batch_exact(store: Store) -> None:
         [(OPEN, True, False, True, False)],
         [(CLICK, True, False, False, False)],
     ]
+
+
+async def test_hits_after_a_lock_timeout_are_recorded(store: Store) -> None:
+    """A batch that never got the write lock failed without taking its hits: the hits that
+    followed joined it and failed too, until the process was restarted."""
+    email_id = add_message(store)
+    rec = recorder(store)
+    store.lock_timeout = 0.05
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        await rec.record(hit(email_id, OPEN, SENT + 60, recipient="during@example.net"))
+    other.execute("COMMIT")
+    other.close()
+    events = await rec.record(hit(email_id, OPEN, SENT + 61, recipient="after@example.net"))
+    assert [e.recipient for e in events] == ["after@example.net"]
+    rows = store.writer.execute("SELECT recipient FROM events").fetchall()
+    assert rows == [("after@example.net",)]
+
+
+async def test_a_cancelled_hit_does_not_cancel_the_others_of_its_batch(store: Store) -> None:
+    email_id = add_message(store)
+    rec = recorder(store)
+    first = asyncio.ensure_future(rec.record(hit(email_id, OPEN, SENT + 60, recipient="a@x.net")))
+    second = asyncio.ensure_future(rec.record(hit(email_id, OPEN, SENT + 60, recipient="b@x.net")))
+    await asyncio.sleep(0)  # both are queued in one batch
+    first.cancel()
+    assert [e.recipient for e in await second] == ["b@x.net"]
+    assert first.cancelled()

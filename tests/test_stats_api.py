@@ -150,7 +150,9 @@ def test_get_track_list_bad_input_is_a_400_naming_the_parameter(world):
                               ({"StartTime": week_ago}, "EndTime"),
                               ({"TagName": "spring"}, "TagName"),
                               ({"Esp": "example.org"}, "Esp"),
-                              ({"PageSize": "1000"}, "PageSize")):
+                              ({"PageSize": "1000"}, "PageSize"),
+                              ({"PageSize": "9" * 5000}, "PageSize"),  # past int()'s limit
+                              ({"PageNumber": "1" * 5000}, "PageNumber")):
         status, body = track_list(world, **params)
         assert status == 400, (params, body)
         assert body["error"]["parameter"] == parameter

@@ -164,6 +164,58 @@ def test_signed_non_http_url_is_not_followed(service: Callable[..., Service]) ->
         assert status == 404 and "Location" not in headers
 
 
+def test_upper_case_scheme_redirects(service: Callable[..., Service]) -> None:
+    """The rewriter tracks HTTPS://… links (schemes are case-insensitive); they must work."""
+    svc = service()
+    for url in ("HTTPS://shop.example/sale", "Http://shop.example/"):
+        status, headers, _ = svc.get("/c/" + sign_click(KEYRING, new_email_id(), "a@x.net", url))
+        assert (status, headers.get("Location")) == (302, url)
+
+
+def test_errors_outside_tokens_are_json(service: Callable[..., Service]) -> None:
+    svc = service()
+    for path, method, expected in (("/c/", "GET", 404), ("/c/a/b", "GET", 404),
+                                   ("/nothing", "GET", 404), ("/o/x", "POST", 405)):
+        status, headers, body = svc.get(path, method)
+        assert status == expected, path
+        assert headers["Content-Type"].startswith("application/json"), path
+        assert json.loads(body)["error"], path
+    assert "GET" in svc.get("/o/x", "POST")[1]["Allow"]
+    status, headers, body = svc.get("/o/" + sign_open(KEYRING, new_email_id(), "a@x.net") + "/")
+    assert (status, body, headers["Content-Type"]) == (200, PIXEL, "image/gif")
+
+
+def test_a_user_agent_that_is_not_utf8_spoils_no_other_hit(service: Callable[..., Service]
+                                                          ) -> None:
+    """Bytes that are not UTF-8 in User-Agent reach the handler as lone surrogates, which
+    SQLite refused, failing every hit of the same group commit with it."""
+    svc = service()
+    email_id = new_email_id()
+    tokens = [sign_open(KEYRING, email_id, f"r{i}@x.net") for i in range(20)]
+    agent = b"Mozilla/5.0 caf\xe9 " + b"x" * 5000  # Latin-1, as some old clients send
+
+    async def raw_hit(token: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"GET /o/%s HTTP/1.1\r\nHost: t\r\nUser-Agent: %s\r\n"
+                     b"Connection: close\r\n\r\n" % (token.encode(), agent))
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    async def hits() -> None:
+        async with aiohttp.ClientSession(headers={"User-Agent": FIREFOX}) as session:
+            async def hit(token: str) -> int:
+                async with session.get(f"http://127.0.0.1:{svc.port}/o/{token}") as response:
+                    return response.status
+            answers = await asyncio.gather(raw_hit(tokens[0]), *map(hit, tokens[1:]))
+        assert answers[0].startswith(b"HTTP/1.1 200") and set(answers[1:]) == {200}
+
+    asyncio.run(hits())
+    agents = dict(svc.rows("SELECT recipient, user_agent FROM events"))
+    assert sorted(agents) == sorted(f"r{i}@x.net" for i in range(20))
+    assert agents["r0@x.net"] == ("Mozilla/5.0 caf\ufffd " + "x" * 5000)[:1024]
+
+
 def test_head_answers_without_counting(service: Callable[..., Service]) -> None:
     svc = service()
     email_id = new_email_id()
