@@ -75,7 +75,17 @@ def url_problem(url: str) -> str | None:
         return f"expected an http(s) URL, got {url!r}"
     if parts.username is not None or parts.password is not None:
         return "credentials in the URL are not supported; sign with the secret instead"
+    if not _HOST.fullmatch(parts.hostname):
+        return f"not a host name: {parts.hostname!r}"
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError:
+        return f"not a port: {parts.netloc.rpartition(':')[2]!r}"
     return None
+
+
+# A name (international ones too) or an IP literal: no spaces, controls or URL delimiters.
+_HOST = re.compile(r"[^\x00-\x20\x7f\"#%/:<>?@\[\\\]^`{|}]+|[0-9a-f:.]+")
 
 
 def events_problem(events: Sequence[str]) -> str | None:
@@ -237,7 +247,10 @@ def next_step(result: Result, attempts: int, now: float, deadline: float, schedu
     if result.gone:
         return FAILED, None
     wait = result.retry_after
-    wait = schedule.delay(attempts, random) if wait is None else min(wait, schedule.cap)
+    if wait is None:
+        wait = schedule.delay(attempts, random)
+    else:  # at least the first backoff: "Retry-After: 0" must not start a loop of attempts
+        wait = min(max(wait, schedule.base), schedule.cap)
     if now + wait > deadline:
         return FAILED, None
     return PENDING, now + wait

@@ -114,6 +114,11 @@ def test_secret_format(secret, ok):
     ("ftp://hooks.example.com/", False),
     ("https://user:pw@hooks.example.com/", False),
     ("hooks.example.com/relay", False),
+    ("http://hooks.example.com:99999/", False),  # it failed every attempt for a day
+    ("http://hooks.example.com:x/", False),
+    ("http://hooks example.com/", False),
+    ("https://bücher.example/in", True),
+    ("http://[2001:db8::1]:8080/in", True),
 ])
 def test_url_format(url, ok):
     assert (url_problem(url) is None) is ok
@@ -159,6 +164,7 @@ def test_next_step_outcomes():
     assert next_step(Result(None, "timed out"), 2, 0, 1000, schedule, one) == (PENDING, 20)
     assert next_step(Result(503, "x", 70), 1, 0, 1000, schedule, one) == (PENDING, 70)
     assert next_step(Result(503, "x", 5000), 1, 0, 1000, schedule, one) == (PENDING, 100)
+    assert next_step(Result(503, "x", 0), 1, 0, 1000, schedule, one) == (PENDING, 10)  # no loop
     assert next_step(Result(500, "x"), 1, 995, 1000, schedule, one) == (FAILED, None)
 
 
