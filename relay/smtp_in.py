@@ -219,8 +219,11 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope.original_content, bytes)
+        # aiosmtpd keeps the null reverse-path of bounces as "<>" (it takes an empty one for
+        # no MAIL yet); the upstream client writes "" as MAIL FROM:<> and refuses "<>"
+        sender = envelope.mail_from or ""
         incoming = Incoming(
-            sender=envelope.mail_from or "",
+            sender="" if sender == "<>" else sender,
             recipients=list(envelope.rcpt_tos),
             stuffed=envelope.original_content,
             mail_options=list(envelope.mail_options),

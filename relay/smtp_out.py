@@ -140,7 +140,9 @@ class SmtpUpstream:
     async def _connection(self, fresh: bool = False) -> AsyncIterator[aiosmtplib.SMTP]:
         """An open connection for one transaction; returned to the pool only if it is clean."""
         async with self._slots:
-            smtp = self._idle.pop() if self._idle and not fresh else await self._connect()
+            smtp = None if fresh else self._take_idle()
+            if smtp is None:
+                smtp = await self._connect()
             try:
                 yield smtp
             except BaseException:
@@ -148,6 +150,15 @@ class SmtpUpstream:
                 raise
             if smtp.is_connected:
                 self._idle.append(smtp)
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        """A pooled connection the upstream has not closed (as far as is known yet)."""
+        while self._idle:
+            smtp = self._idle.pop()
+            if smtp.is_connected:
+                return smtp
+            smtp.close()
+        return None
 
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
@@ -170,7 +181,7 @@ class SmtpUpstream:
         try:
             await smtp.mail(copy.sender, options=list(copy.mail_options), encoding="utf-8")
         except aiosmtplib.SMTPServerDisconnected as exc:
-            raise _StaleConnection from exc
+            raise _StaleConnection(f"connection lost before MAIL: {exc}") from exc
         except aiosmtplib.SMTPResponseException as exc:
             await _reset(smtp)
             return {r: Reply(exc.code, exc.message) for r in copy.recipients}
@@ -179,7 +190,7 @@ class SmtpUpstream:
         for recipient in copy.recipients:
             response = await smtp.execute_command(b"RCPT", b"TO:" + _address(recipient))
             replies[recipient] = Reply(response.code, response.message)
-            if response.code in (250, 251):
+            if replies[recipient].ok:  # 252 and the like take the recipient too
                 accepted.append(recipient)
         if not accepted:
             await _reset(smtp)
@@ -208,6 +219,7 @@ class _StaleConnection(aiosmtplib.SMTPServerDisconnected):
 async def _data(smtp: aiosmtplib.SMTP, stuffed: bytes, timeout: float) -> Reply:
     start = await smtp.execute_command(b"DATA")
     if start.code != 354:
+        await _reset(smtp)  # the upstream keeps the envelope until RSET
         return Reply(start.code, start.message)
     tail = b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
     assert smtp.protocol is not None
@@ -223,8 +235,12 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> None:
-    with contextlib.suppress(aiosmtplib.SMTPResponseException):
+    """End a failed transaction; a connection where RSET fails is not pooled again (the
+    failed transaction's reply stands)."""
+    try:
         await smtp.rset()
+    except aiosmtplib.SMTPException:
+        smtp.close()
 
 
 def _address(address: str) -> bytes:

@@ -56,11 +56,20 @@ class Received:
 
 @dataclass
 class UpstreamHandler:
-    """Records what it receives; ``refuse`` maps a recipient to the RCPT reply to give."""
+    """Records what it receives; ``refuse`` maps a recipient to the RCPT reply to give (a
+    ``2xx`` one still takes the recipient)."""
 
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    # The reply to the next DATA command itself instead of 354 (the transaction is kept, as
+    # RFC 5321 wants, until the client sends RSET).
+    data_command_reply: str | None = None
+    # The next MAIL command ends the connection unanswered, as on a connection that died
+    # while it sat in the relay's pool.
+    drop_next_mail: bool = False
+    # Connections the server ended after ``timeout`` idle seconds (with Postfix's 421).
+    timed_out: int = 0
     # When set, DATA waits for this event (create it on the loop) before answering; ``held``
     # counts the DATA commands that reached it.
     gate: asyncio.Event | None = None
@@ -68,10 +77,10 @@ class UpstreamHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
+        reply = self.refuse.get(address, "250 OK")
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+        return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.gate is not None:
@@ -84,16 +93,45 @@ class UpstreamHandler:
         return "250 2.0.0 Accepted by test upstream"
 
 
+class UpstreamSMTP(SMTP):
+    """aiosmtpd with the misbehaviours the handler asks for."""
+
+    event_handler: UpstreamHandler
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self.event_handler.drop_next_mail:
+            self.event_handler.drop_next_mail = False
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        handler = self.event_handler
+        reply, handler.data_command_reply = handler.data_command_reply, None
+        if reply is not None:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
+
+    def _timeout_cb(self) -> None:
+        self.event_handler.timed_out += 1
+        self._writer.write(b"421 4.4.2 upstream.test Error: timeout exceeded\r\n")
+        super()._timeout_cb()
+
+
 class UpstreamServer:
-    """aiosmtpd as the relay's upstream; optionally STARTTLS-only with AUTH required."""
+    """aiosmtpd as the relay's upstream; optionally STARTTLS-only with AUTH required, and
+    ending connections idle for ``timeout`` seconds."""
 
     def __init__(self, loops: LoopThread, smtputf8: bool = True,
-                 tls: ssl.SSLContext | None = None, login: tuple[str, str] | None = None
-                 ) -> None:
+                 tls: ssl.SSLContext | None = None, login: tuple[str, str] | None = None,
+                 timeout: float = 300) -> None:
         self.loops = loops
         self.smtputf8 = smtputf8
         self.tls = tls
         self.login = login
+        self.timeout = timeout
         self.handler = UpstreamHandler()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -102,11 +140,12 @@ class UpstreamServer:
         async def start() -> asyncio.AbstractServer:
             loop = asyncio.get_running_loop()
             return await loop.create_server(
-                lambda: SMTP(self.handler, enable_SMTPUTF8=self.smtputf8, hostname="upstream.test",
-                             tls_context=self.tls, require_starttls=self.tls is not None,
-                             auth_required=self.login is not None,
-                             authenticator=self._authenticate if self.login else None,
-                             loop=loop), "127.0.0.1", self.port)
+                lambda: UpstreamSMTP(
+                    self.handler, enable_SMTPUTF8=self.smtputf8, hostname="upstream.test",
+                    tls_context=self.tls, require_starttls=self.tls is not None,
+                    auth_required=self.login is not None,
+                    authenticator=self._authenticate if self.login else None,
+                    timeout=self.timeout, loop=loop), "127.0.0.1", self.port)
         self.server = self.loops.run(start())
         self.port = self.server.sockets[0].getsockname()[1]
 

@@ -513,3 +513,59 @@ def test_stop_aborts_a_delivery_that_outlasts_the_grace_period(make_relay, loops
             assert read_to_close(replies) == b""  # no reply: the session was dropped
     finally:
         loops.loop.call_soon_threadsafe(gate.set)
+
+
+def test_a_pooled_connection_that_died_is_replaced_and_the_message_sent(make_relay, upstream):
+    """The relay finds out only when it uses the connection: it must try a fresh one."""
+    relay = make_relay(upstream=upstream)
+    assert send(relay, "app@shop.example", ["a@example.org"], PLAIN) == {}
+    upstream.handler.drop_next_mail = True
+    code, text = last_reply(relay, "app@shop.example", ["b@example.org"], PLAIN)
+    assert (code, text[:6]) == (250, b"2.0.0 ")
+    assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"], ["b@example.org"]]
+
+
+def test_a_pooled_connection_the_upstream_timed_out_is_replaced(make_relay, loops):
+    """Postfix ends a connection idle for its smtpd_timeout with a 421 and a close."""
+    server = UpstreamServer(loops, timeout=0.5)
+    server.start()
+    try:
+        relay = make_relay(upstream=server)
+        assert send(relay, "app@shop.example", ["a@example.org"], PLAIN) == {}
+        wait_until(lambda: server.handler.timed_out, timeout=10, what="the upstream timeout")
+        assert last_reply(relay, "app@shop.example", ["b@example.org"], PLAIN)[0] == 250
+        assert [r.rcpt_tos for r in server.received] == [["a@example.org"], ["b@example.org"]]
+    finally:
+        server.stop()
+
+
+def test_a_null_reverse_path_is_forwarded_as_one(make_relay, upstream):
+    """Bounces and delivery notifications are sent with MAIL FROM:<> (RFC 5321 4.5.5)."""
+    relay = make_relay(upstream=upstream)
+    code, text = last_reply(relay, "", ["a@example.org"], PLAIN)
+    assert code == 250, text
+    [copy] = upstream.received
+    assert copy.mail_from == "<>"  # aiosmtpd's spelling of the empty reverse-path
+    assert relay.db().execute("SELECT sender FROM messages").fetchone()[0] == ""
+
+
+def test_a_refused_data_command_leaves_the_pooled_connection_clean(make_relay, upstream):
+    """After a non-354 reply to DATA the upstream keeps the transaction until RSET; the
+    next message on that connection would meet '503 nested MAIL command'."""
+    relay = make_relay(upstream=upstream)
+    upstream.handler.data_command_reply = "451 4.3.0 Data-stage policy unavailable"
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], PLAIN)
+    assert (code, text) == (451, b"4.3.0 Data-stage policy unavailable")
+    assert last_reply(relay, "app@shop.example", ["b@example.org"], PLAIN)[0] == 250
+    assert [r.rcpt_tos for r in upstream.received] == [["b@example.org"]]
+
+
+def test_every_2xx_rcpt_reply_gets_the_message(make_relay, upstream):
+    """252 (RFC 5321 3.5.3) accepts the recipient: a 250 to the client without sending the
+    message to the upstream would lose it."""
+    relay = make_relay(upstream=upstream)
+    upstream.handler.refuse["b@example.org"] = "252 2.1.5 Cannot VRFY user, but will accept"
+    assert last_reply(relay, "app@shop.example", ["b@example.org"], PLAIN)[0] == 250
+    [copy] = upstream.received
+    assert copy.rcpt_tos == ["b@example.org"]
+
