@@ -161,7 +161,9 @@ def _ends_line(before: bytes, piece: bytes) -> bool:
 
 
 def has_long_line(body: bytes, limit: int) -> bool:
-    """Whether a line holds more than ``limit`` characters before its CRLF.
+    """Whether a line of the dot-stuffed ``body`` holds more than ``limit`` characters before
+    its CRLF, not counting the dot that stuffing adds to a line starting with one (RFC 5321
+    4.5.3.1.6 limits the line as sent, before stuffing).
 
     Such a line is a run of at least ``limit + 2`` bytes without LF, so it covers one of the
     windows of ``(limit + 2) // 2`` bytes laid end to end over the body: look for LF in each
@@ -178,6 +180,8 @@ def has_long_line(body: bytes, limit: int) -> bool:
         line_end = len(body) if line_end == -1 else line_end
         if body[line_end - 1 : line_end] == b"\r":
             line_end -= 1
+        if body[line_start : line_start + 1] == b".":
+            line_start += 1
         if line_end - line_start > limit:
             return True
     return False

@@ -9,13 +9,16 @@ from relay.smtp_in import has_long_line
 
 
 def naive_long_line(body: bytes, limit: int) -> bool:
-    return any(len(line.removesuffix(b"\r")) > limit for line in body.split(b"\n"))
+    """Over a dot-stuffed body: a line's first dot is stuffing."""
+    lines = body.split(b"\n")
+    return any(len(line.removesuffix(b"\r").removeprefix(b".")) > limit for line in lines)
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.integers(0, 60), max_size=40), st.integers(1, 40))
-def test_has_long_line_matches_the_naive_check(lengths, limit):
-    body = b"\r\n".join(b"x" * n for n in lengths)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 60)), max_size=40),
+       st.integers(1, 40))
+def test_has_long_line_matches_the_naive_check(lines, limit):
+    body = b"\r\n".join(b"." * dots + b"x" * n for dots, n in lines)
     assert has_long_line(body, limit) == naive_long_line(body, limit)
 
 
@@ -28,3 +31,8 @@ def test_has_long_line_on_any_bytes(body, limit):
 def test_limit_is_exact_at_998():
     assert not has_long_line(b"a" * 998 + b"\r\nb\r\n", 998)
     assert has_long_line(b"b\r\n" + b"a" * 999 + b"\r\n", 998)
+
+
+def test_the_dot_of_dot_stuffing_is_not_counted():
+    assert not has_long_line(b"b\r\n." + b"." * 998 + b"\r\n", 998)
+    assert has_long_line(b".." + b"a" * 998 + b"\r\n", 998)

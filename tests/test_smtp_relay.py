@@ -569,3 +569,16 @@ def test_every_2xx_rcpt_reply_gets_the_message(make_relay, upstream):
     [copy] = upstream.received
     assert copy.rcpt_tos == ["b@example.org"]
 
+
+def test_a_998_character_line_starting_with_a_dot_is_accepted(make_relay, upstream):
+    """The dot added by dot-stuffing is not part of the line (RFC 5321 4.5.3.1.6)."""
+    relay = make_relay(upstream=upstream)
+    line = b"." + b"x" * 997
+    message = b"From: a@shop.example\r\nSubject: dots\r\n\r\n" + line + b"\r\n"
+    assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
+    assert upstream.received[0].data == message
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"],
+                            message.replace(line, b"." + line))
+    assert code == 500
+    assert b"Line too long" in text
+
