@@ -11,6 +11,8 @@ from email.header import decode_header, make_header
 from typing import NamedTuple
 
 _FOLD = re.compile(r"\r?\n[ \t]")
+# A byte that is not UTF-8, kept by surrogateescape (or a lone surrogate a UTF-7 word decodes to)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Header(NamedTuple):
@@ -28,14 +30,20 @@ class Header(NamedTuple):
         return text.strip()
 
     def value(self, raw: bytes) -> str:
-        """The value, unfolded, with RFC 2047 encoded words decoded."""
-        text = self.raw_value(raw)
-        if "=?" not in text:
-            return text
-        try:
-            return str(make_header(decode_header(text)))
-        except (ValueError, LookupError, UnicodeError):
-            return text
+        """The value as text: unfolded, RFC 2047 encoded words decoded, and each byte that is
+        not UTF-8 (a raw Latin-1 header, say) as U+FFFD, not a lone surrogate, which SQLite
+        refuses."""
+        text = _decode_words(self.raw_value(raw))
+        return text if text.isascii() else _SURROGATE.sub("\N{REPLACEMENT CHARACTER}", text)
+
+
+def _decode_words(text: str) -> str:
+    if "=?" not in text:
+        return text
+    try:
+        return str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
 
 
 # As NamedTuple._make does, without the generated __new__, which is Python code: every

@@ -125,9 +125,7 @@ class MailPipeline:
         record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                _header(raw, block, "Subject"), controls,
                                decision if tracked else None, reason, len(raw))
-        remember = self.config.smtp.dedupe_hours > 0
-        await self.store.write(lambda conn: _record(conn, record, outcome, remember,
-                                                    self.listeners))
+        await self._record(record, outcome)
         _count(outcome, decision if tracked else None)
         return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
@@ -142,6 +140,17 @@ class MailPipeline:
             "SELECT recipient FROM deliveries WHERE message_id = ? AND at > ?"
             f" AND recipient IN ({marks})", [message_id, time.time() - window, *recipients])}
         return [r for r in recipients if r not in done], [r for r in recipients if r in done]
+
+    async def _record(self, record: MessageRecord, outcome: Outcome) -> None:
+        """Store the message; a failure is logged, and the reply still follows the upstream's:
+        "not sent, try again" for copies the upstream took would have them sent twice."""
+        remember = self.config.smtp.dedupe_hours > 0
+        try:
+            await self.store.write(lambda conn: _record(conn, record, outcome, remember,
+                                                        self.listeners))
+        except Exception:
+            log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
+                          len(outcome.sent), len(outcome.failed))
 
     async def _prepare(self, clean: bytes, decision: Decision, sender_domain: str
                        ) -> Prepared | None:

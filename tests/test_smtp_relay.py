@@ -582,3 +582,29 @@ def test_a_998_character_line_starting_with_a_dot_is_accepted(make_relay, upstre
     assert code == 500
     assert b"Line too long" in text
 
+
+LATIN1 = (b"From: a@shop.example\r\nTo: b@example.org\r\nSubject: caf\xe9 cr\xe8me\r\n"
+          b"Message-ID: <latin1-1@shop.example>\r\n\r\nhi\r\n")
+
+
+def test_a_raw_8bit_header_is_delivered_once_and_recorded(make_relay, upstream):
+    relay = make_relay(upstream=upstream)
+    for _ in range(2):  # a client that did not get the 250 tries again
+        assert last_reply(relay, "app@shop.example", ["b@example.org"], LATIN1)[0] == 250
+    assert len(upstream.received) == 1
+    assert upstream.received[0].data == LATIN1
+    subjects = [row[0] for row in relay.db().execute("SELECT subject FROM messages")]
+    assert subjects == ["caf\N{REPLACEMENT CHARACTER} cr\N{REPLACEMENT CHARACTER}me"] * 2
+
+
+def test_a_message_the_store_could_not_record_is_still_answered_as_delivered(make_relay,
+                                                                             upstream):
+    """'451 not sent' after the upstream took the message would make the client send it
+    again: the reply follows the upstream's."""
+    relay = make_relay(upstream=upstream)
+    with relay.db() as db:
+        db.execute("DROP TABLE recipients")
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], PLAIN)
+    assert (code, text[:6]) == (250, b"2.0.0 ")
+    assert len(upstream.received) == 1
+
