@@ -39,6 +39,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # How long stop() lets the messages being delivered finish and be answered, well under
 # systemd's 90 s stop timeout.
 DRAIN_SECONDS = 30.0
+# How often one session may give each command (past that: 421 and the end of the session).
+# Every command restarts the idle timeout, so without a budget a client could hold a session
+# forever. Messages per session as Exim's smtp_accept_max_per_connection; the commands a
+# client may give once per message share that budget, the others get aiosmtpd's default.
+MESSAGES_PER_SESSION = 1000
+PER_MESSAGE_COMMANDS = ("EHLO", "HELO", "MAIL", "DATA", "RSET", "NOOP")
+OTHER_COMMANDS_PER_SESSION = 20
 
 
 class RelaySMTP(SMTP):
@@ -281,6 +288,7 @@ class SmtpService:
                                                               self.upstream, listeners))
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
+        self.call_limits = _call_limits(config.smtp.max_recipients)
 
     async def start(self) -> None:
         settings = self.config.smtp
@@ -308,6 +316,7 @@ class SmtpService:
             ident="tracking-relay",
             tls_context=None if implicit else tls,
             timeout=s.timeout,
+            command_call_limit=self.call_limits,
             auth_require_tls=s.auth_require_tls and not implicit,
             authenticator=self.handler.authenticate if s.users else None,
             loop=asyncio.get_running_loop(),
@@ -356,6 +365,12 @@ class SmtpService:
         for server in self.servers:
             await server.wait_closed()
         await self.upstream.close()
+
+
+def _call_limits(max_recipients: int) -> dict[str, int]:
+    limits = dict.fromkeys(PER_MESSAGE_COMMANDS, MESSAGES_PER_SESSION)
+    return {**limits, "RCPT": MESSAGES_PER_SESSION * max_recipients,
+            "*": OTHER_COMMANDS_PER_SESSION}
 
 
 def _tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:

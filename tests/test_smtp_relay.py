@@ -608,3 +608,21 @@ def test_a_message_the_store_could_not_record_is_still_answered_as_delivered(mak
     assert (code, text[:6]) == (250, b"2.0.0 ")
     assert len(upstream.received) == 1
 
+
+def test_a_flood_of_commands_ends_the_session(make_relay, upstream, monkeypatch):
+    """Each command restarts the idle timeout: without a budget per command, one client could
+    hold a session forever."""
+    budget = 50
+    monkeypatch.setattr(smtp_in, "MESSAGES_PER_SESSION", budget)
+    relay = make_relay({"smtp": {"max_recipients": 2}}, upstream=upstream)
+    floods = [(b"NOOP", budget), (b"RCPT TO:<a@example.org>", budget * 2)]
+    for command, allowed in floods:
+        with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+            replies = sock.makefile("rb")
+            sock.sendall(b"HELO client.test\r\nMAIL FROM:<app@shop.example>\r\n"
+                         + (command + b"\r\n") * (allowed + 1))
+            lines = read_to_close(replies).splitlines()
+        assert len(lines) == 3 + allowed + 1
+        assert lines[-1].startswith(b"421 4.7.0 ")
+    assert upstream.received == []
+
