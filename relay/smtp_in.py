@@ -108,14 +108,26 @@ class RelaySMTP(SMTP):
         self.envelope.original_content = body
         self.envelope.content = body
         self.delivering = True
+        # The idle timeout is the client's: while the relay delivers, the client waits for it,
+        # and dropping the session once the upstream holds the message would lose the reply
+        # (and the client would send the message again). Each upstream step has its own
+        # ``upstream.timeout``.
+        self._pause_timeout()
         try:
             status = await self._call_handler_hook("DATA")
             self._set_post_data_state()
             await self.push(status)
         finally:
             self.delivering = False
-            if self.stopping and self.transport is not None:
-                self.transport.close()  # sends the reply, then ends the session
+            if self.transport is not None:
+                if self.stopping:
+                    self.transport.close()  # sends the reply, then ends the session
+                else:
+                    self._reset_timeout()
+
+    def _pause_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
 
     async def _read_data(self) -> tuple[bytes, bool]:
         """Everything up to the line holding a lone dot; past the size limit only counted."""

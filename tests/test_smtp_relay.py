@@ -626,3 +626,20 @@ def test_a_flood_of_commands_ends_the_session(make_relay, upstream, monkeypatch)
         assert lines[-1].startswith(b"421 4.7.0 ")
     assert upstream.received == []
 
+
+def test_the_idle_timeout_does_not_run_while_the_relay_delivers(make_relay, loops, upstream):
+    """The session waits for the relay, not for the client: dropping it once the upstream
+    holds the message would lose the reply, and the client would send the message again."""
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay({"smtp": {"timeout": 0.5}}, upstream=upstream)
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+        replies = send_raw(sock, html_message("slow-1"))
+        wait_until_held(upstream)
+        with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as idle:
+            assert idle.recv(100).startswith(b"220")
+            assert read_to_close(idle.makefile("rb")) == b""  # a whole timeout has passed
+        loops.loop.call_soon_threadsafe(gate.set)
+        assert replies.readline().startswith(b"250 2.0.0 Ok")
+        assert read_to_close(replies) == b""  # idle again: the timeout runs again
+    assert len(upstream.received) == 1
+    assert relay.db().execute("SELECT count(*) FROM deliveries").fetchone()[0] == 1
