@@ -8,7 +8,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
@@ -28,9 +28,11 @@ from relay.tokens import Keyring
 log = logging.getLogger("relay")
 
 # How long worker processes get to stop on SIGTERM before they are killed. They bound their own
-# stop as this process does (30 s for SMTP sessions delivering a message, 60 s for HTTP requests
-# in progress), so this only ends a worker that hangs; it stays under systemd's 90 s.
+# stop as this process does (30 s for SMTP sessions delivering a message and HTTP requests in
+# progress, side by side), so this only ends a worker that hangs; it stays under systemd's 90 s.
 WORKER_STOP_SECONDS = 75.0
+# How long a stop lets HTTP requests in progress finish (the SMTP drain is as long).
+HTTP_DRAIN_SECONDS = 30.0
 
 
 @dataclass
@@ -74,10 +76,14 @@ async def running(
             services.http = await _start_http(config, services)
         yield services
     finally:
+        # Both stop listening at once and drain side by side: one after the other, SMTP kept
+        # taking mail while HTTP requests finished, and the two drains added up.
+        stops: list[Awaitable[None]] = []
         if services.http is not None:
-            await services.http.cleanup()
+            stops.append(services.http.cleanup())
         if services.smtp is not None:
-            await services.smtp.stop()
+            stops.append(services.smtp.stop())
+        await asyncio.gather(*stops)
         await stop_rules()
         await stop_retention()
         await webhooks.stop()
@@ -91,7 +97,7 @@ async def _start_http(config: Config, services: Services) -> web.AppRunner:
     app = build_app(config, services.store, services.keyring,
                     listeners=services.event_listeners)
     app.add_subapp(PREFIX, build_api(config, services.store))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_DRAIN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, config.http.listen.host, config.http.listen.port,
                        reuse_port=config.http.workers > 1 or None)

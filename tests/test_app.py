@@ -7,17 +7,22 @@ import os
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pytest
-from harness import free_port
+from harness import Relay, base_settings, free_port, wait_until
 
-from relay.app import _stop_workers
+from relay import config as config_module
+from relay.app import _stop_workers, http_port
+from relay.ids import new_email_id
+from relay.tokens import sign_open
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
@@ -138,3 +143,33 @@ def test_stopping_workers_kills_only_the_one_that_ignores_sigterm_at_the_deadlin
         workers.append(worker)
     _stop_workers(workers, timeout=0.5)
     assert [worker.exitcode for worker in workers] == [-signal.SIGTERM, -signal.SIGKILL]
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_stop_closes_both_listeners_before_draining(loops, tmp_path):
+    """SMTP went on taking mail while HTTP requests in progress finished (up to 60 s), and the
+    two drains added up past systemd's stop timeout."""
+    settings = base_settings(tmp_path)
+    settings["upstream"] = {"capture_dir": str(tmp_path / "outbox")}
+    relay = Relay(loops, config_module.parse(settings, "test.toml", tmp_path), http=True)
+    smtp_port, web_port = relay.smtp_port, http_port(relay.services.http)
+    token = sign_open(relay.services.keyring, new_email_id(), "a@example.org")
+    lock = sqlite3.connect(relay.config.store.path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the hit below waits for the write lock: a request in progress
+    with ThreadPoolExecutor(2) as pool:
+        hit = pool.submit(urllib.request.urlopen, f"{relay.http_url}/o/{token}", timeout=30)
+        wait_until(lambda: relay.services.store._pending, what="the hit waiting for the lock")
+        stopping = pool.submit(relay.close)
+        wait_until(lambda: refused(web_port), what="HTTP to stop listening")
+        assert refused(smtp_port)
+        lock.execute("COMMIT")
+        stopping.result(30)
+        assert hit.result(30).status == 200
+    lock.close()
