@@ -19,7 +19,7 @@ The daily counters (``stats_daily``, ``stats_daily_tags``, ``stats_daily_links``
 old days survive a purge. They name no recipient (``stats_daily`` holds the sender address and
 the recipients' mailbox provider), but ``stats_daily_links`` holds the clicked URLs as written
 in the mail, which may carry personal data in their query strings: :func:`erase_recipient`
-deletes the rows whose URL contains the recipient's address (plain or with ``%40``).
+deletes the rows whose URL names the recipient's address, whole (plain or percent-encoded).
 
 :func:`erase_recipient` matches the address case-insensitively (whole address) and deletes
 its recipients, deliveries, events and engagement rows, the webhook events naming it (with
@@ -41,12 +41,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from relay import store
 
@@ -96,23 +98,24 @@ ERASE_STEPS: tuple[Step, ...] = (
     Step("messages", "rowid", "email_id IN (SELECT email_id FROM temp.erase_messages)"),
     Step("webhook_outbox", "seq", "event_id IN (SELECT id FROM temp.erase_events)"),
     Step("webhook_events", "id", "id IN (SELECT id FROM temp.erase_events)"),
-    Step("stats_daily_links", "day, url",
-         "instr(lower(url), :address) OR instr(lower(url), :encoded)"),
+    Step("stats_daily_links", "day, url", "relay_names_address(url)"),
 )
 _TEMP_TABLES = {"erase_addresses": "address", "erase_messages": "email_id", "erase_events": "id"}
 
 # Every spelling of the address stored anywhere (the tables keep it as it was received).
+# relay_lower is Python's lower(): SQLite's folds ASCII letters only, and SMTPUTF8 lets
+# addresses such as JÖRG@example.org in.
 _SPELLINGS = """
-    SELECT recipient FROM recipients WHERE lower(recipient) = :address
-    UNION SELECT recipient FROM deliveries WHERE lower(recipient) = :address
-    UNION SELECT recipient FROM events WHERE lower(recipient) = :address
-    UNION SELECT recipient FROM engagement WHERE lower(recipient) = :address"""
+    SELECT recipient FROM recipients WHERE relay_lower(recipient) = :address
+    UNION SELECT recipient FROM deliveries WHERE relay_lower(recipient) = :address
+    UNION SELECT recipient FROM events WHERE relay_lower(recipient) = :address
+    UNION SELECT recipient FROM engagement WHERE relay_lower(recipient) = :address"""
 _ONLY_THEIRS = """SELECT DISTINCT r.email_id FROM recipients r
     WHERE r.recipient IN (SELECT address FROM temp.erase_addresses)
     AND NOT EXISTS (SELECT 1 FROM recipients o WHERE o.email_id = r.email_id
                     AND o.recipient NOT IN (SELECT address FROM temp.erase_addresses))"""
 _NAMING = ("SELECT id FROM webhook_events "
-           "WHERE lower(json_extract(data, '$.recipient')) = :address")
+           "WHERE relay_lower(json_extract(data, '$.recipient')) = :address")
 
 
 def purge(conn: sqlite3.Connection, before: float,
@@ -126,7 +129,8 @@ def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     """Delete every row about ``address`` (``local@domain``; ValueError otherwise); returns
     rows deleted per table."""
     params = {"address": valid_address(address).lower()}
-    params["encoded"] = params["address"].replace("@", "%40")
+    conn.create_function("relay_lower", 1, _lower, deterministic=True)
+    conn.create_function("relay_names_address", 1, _names(params["address"]), deterministic=True)
     for table, column in _TEMP_TABLES.items():
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({column} TEXT PRIMARY KEY)")
     try:
@@ -137,6 +141,19 @@ def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     finally:
         for table in _TEMP_TABLES:
             conn.execute(f"DELETE FROM temp.{table}")
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _names(address: str) -> Callable[[str], bool]:
+    """Whether a URL names ``address`` (lower case), plain or percent-encoded, as a whole
+    address: not ``joann@example.org`` nor ``ann@example.org.au`` for ``ann@example.org``.
+    What may come before it in a URL (``=``, ``/``, ``?``, ``:``...) is not counted as part of
+    the local part."""
+    pattern = re.compile(rf"(?<![\w.!#$%&'*+^`{{|}}~-]){re.escape(address)}(?![\w-]|\.\w)")
+    return lambda url: pattern.search(unquote(url).lower()) is not None
 
 
 def valid_address(address: str) -> str:

@@ -267,3 +267,27 @@ def test_a_stop_ends_the_purge_before_its_next_chunk(tmp_path, monkeypatch):
     assert retention.purge(conn, 2.0, StopAfterFirstChunk())["events"] == 2
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
     assert retention.purge(conn, 2.0)["events"] == 3  # the next purge finishes the job
+
+
+def test_erase_finds_every_case_and_only_whole_addresses(tmp_path):
+    """SQLite's lower() folds ASCII letters only: JÖRG@… was never found, whatever spelling
+    was given. Link counters were matched by substring: erasing ann@… took joann@'s too."""
+    conn = store.connect(tmp_path / "relay.db")
+    store.migrate(conn)
+    conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
+                 "track_clicks, decision, size, created_at) VALUES ('email_j', 's@shop.example', "
+                 "'shop.example', 1, 1, 'tracked', 1, 0)")
+    conn.execute("INSERT INTO recipients VALUES ('email_j', 'JÖRG@Example.org', 'sent', '250', 0)")
+    urls = {"https://x.example/?who=ann@example.org": True,
+            "https://x.example/?who=Ann%40Example.org&y=1": True,
+            "https://x.example/u/ann@example.org/": True,
+            "https://x.example/?who=joann@example.org": False,
+            "https://x.example/?who=ann@example.org.au": False}
+    jorg = "https://x.example/?who=J%C3%96RG%40example.org"
+    conn.executemany("INSERT INTO stats_daily_links VALUES ('2026-11-24', ?, 1, 1)",
+                     [(url,) for url in (*urls, jorg)])
+    counts = retention.erase_recipient(conn, "jörg@example.org")
+    assert (counts["recipients"], counts["messages"], counts["stats_daily_links"]) == (1, 1, 1)
+    assert retention.erase_recipient(conn, "ann@example.org")["stats_daily_links"] == 3
+    left = {url for (url,) in conn.execute("SELECT url FROM stats_daily_links")}
+    assert left == {url for url, named in urls.items() if not named}
