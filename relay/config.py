@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay import names
+from relay import names, passwords
+from relay.dkim import DkimSigner
 from relay.errors import ConfigError
+from relay.rewrite import _BASE as TRACKING_BASE
 from relay.webhooks import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -213,10 +215,10 @@ class _Reader:
             return default
         value = self.table[name]
         if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.fail(name, f"expected a number, got {value!r}")
+            raise self.fail(name, f"expected a number, got {_shown(name, value)}")
         if not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else "a number"
-            raise self.fail(name, f"expected {expected}, got {type(value).__name__} {value!r}")
+            raise self.fail(name, f"expected {expected}, got {_shown(name, value)}")
         return value
 
     def positive(self, name: str, default: float, kind: type = int) -> Any:
@@ -273,6 +275,13 @@ class _Reader:
             raise self.fail(unknown[0], "unknown setting")
 
 
+def _shown(name: str, value: Any) -> str:
+    """A wrong value as errors show it: its type, and the value itself unless the setting
+    holds a secret (a password, its hash, a signing secret, tracking key material)."""
+    secret = "password" in name or "secret" in name or name == "keys"
+    return type(value).__name__ if secret else f"{type(value).__name__} {value!r}"
+
+
 def load(path: str | Path) -> Config:
     """Read and validate a config file; relative paths in it are relative to its folder."""
     file = str(path)
@@ -296,7 +305,7 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         http=_http(root.sub("http")),
         store=_store(root.sub("store")),
         tracking=_tracking(root.sub("tracking")),
-        domains=tuple(_domain(r) for r in root.subs("domains")),
+        domains=_domains(root.subs("domains")),
         dkim=tuple(_dkim(r) for r in root.subs("dkim")),
         dns=_dns(root.sub("dns")),
         webhooks=_webhooks(root.subs("webhooks")),
@@ -318,8 +327,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         password_hash = u.get("password_hash", str, None)
         if not name:
             raise u.fail("name", "required")
-        if not password_hash or not password_hash.startswith("scrypt$"):
-            raise u.fail("password_hash", "required: the output of `relay hash-password`")
+        _password_hash(u, password_hash)
         u.done()
         users.append(SmtpUser(name, password_hash))
     settings = SmtpSettings(
@@ -348,6 +356,15 @@ def _smtp(r: _Reader) -> SmtpSettings:
         raise r.fail("tls_listen", "needs tls_cert and tls_key")
     r.done()
     return settings
+
+
+def _password_hash(r: _Reader, encoded: str | None) -> None:
+    if not encoded:
+        raise r.fail("password_hash", "required: the output of `relay hash-password`")
+    try:
+        passwords.parse_hash(encoded)
+    except ValueError as exc:  # the message never quotes the hash
+        raise r.fail("password_hash", f"not the output of `relay hash-password`: {exc}") from None
 
 
 def _workers(r: _Reader, listen: Address | None) -> int:
@@ -398,18 +415,37 @@ def _upstream(r: _Reader) -> UpstreamSettings:
 
 def _http(r: _Reader) -> HttpSettings:
     d = HttpSettings()
-    public_url = r.get("public_url", str, d.public_url).rstrip("/")
-    parts = urlsplit(public_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise r.fail("public_url", f"expected an http(s) URL, got {public_url!r}")
     settings = HttpSettings(
         listen=r.address("listen", d.listen),
-        public_url=public_url,
+        public_url=_public_url(r, r.get("public_url", str, d.public_url).rstrip("/")),
         trusted_proxies=r.networks("trusted_proxies", d.trusted_proxies),
         workers=_workers(r, r.address("listen", d.listen)),
     )
     r.done()
     return settings
+
+
+def _public_url(r: _Reader, url: str) -> str:
+    """The tracking base URL: what relay/rewrite.py builds links on (its _BASE pattern)."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # checked first: the error must not quote the password
+        raise r.fail("public_url", "a user name or password has no place in the tracking URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.fail("public_url", f"expected an http(s) URL, got {url!r}")
+    for separator, part in (("?", "query"), ("#", "fragment")):
+        if separator in url:
+            raise r.fail("public_url", f"a {part} ({separator}...) has no place in the tracking "
+                                       "URL: links are built by appending to it")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise r.fail("public_url", f"not a port (1-65535): {parts.netloc.rpartition(':')[2]!r}")
+    if not TRACKING_BASE.fullmatch(url):
+        raise r.fail("public_url", f"expected http(s)://HOST[:PORT][/PATH] with a path of "
+                                   f"letters, digits and . _ ~ / -, got {url!r}")
+    return url
 
 
 def _store(r: _Reader) -> StoreSettings:
@@ -454,19 +490,47 @@ def _tracking(r: _Reader) -> TrackingSettings:
     return settings
 
 
+def _domains(readers: list[_Reader]) -> tuple[DomainSettings, ...]:
+    entries: list[DomainSettings] = []
+    for r in readers:
+        entry = _domain(r)
+        if any(e.name == entry.name for e in entries):
+            raise r.fail("name", f"another [[domains]] table is for {entry.name}")
+        entries.append(entry)
+    return tuple(entries)
+
+
 def _domain(r: _Reader) -> DomainSettings:
-    name = r.get("name", str, "").strip().lower()
-    if not name or "." not in name:
-        raise r.fail("name", f"expected a domain name, got {name!r}")
+    """Names as ``relay settings set`` and the API take them (relay/settings.py)."""
+    name = _domain_name(r, "name", r.get("name", str, None))
     settings = DomainSettings(
         name=name,
         opens=r.get("opens", bool, None),
         clicks=r.get("clicks", bool, None),
-        exclude_hosts=tuple(h.lower() for h in r.get("exclude_hosts", list, [])),
+        exclude_hosts=_exclude_hosts(r),
         tracking_host=_tracking_host(r, name),
     )
     r.done()
     return settings
+
+
+def _domain_name(r: _Reader, key: str, text: str | None) -> str:
+    if not text:
+        raise r.fail(key, "required")
+    try:
+        return names.domain_name(text)
+    except ValueError as exc:
+        raise r.fail(key, str(exc)) from None
+
+
+def _exclude_hosts(r: _Reader) -> tuple[str, ...]:
+    hosts = []
+    for index, host in enumerate(r.get("exclude_hosts", list, [])):
+        key = f"exclude_hosts[{index}]"
+        if not isinstance(host, str):
+            raise r.fail(key, f"expected a host name, got {type(host).__name__}")
+        hosts.append(_domain_name(r, key, host))
+    return tuple(dict.fromkeys(hosts))
 
 
 def _tracking_host(r: _Reader, domain: str) -> str | None:
@@ -516,21 +580,29 @@ def _nameserver(text: str) -> Address | None:
 
 
 def _dkim(r: _Reader) -> DkimKey:
-    domain = r.get("domain", str, "").strip().lower()
-    selector = r.get("selector", str, "").strip()
+    domain = _domain_name(r, "domain", r.get("domain", str, None))
+    selector = _selector(r, r.get("selector", str, ""))
     key_file = r.path("private_key_file", None)
-    if not domain:
-        raise r.fail("domain", "required")
-    if not selector:
-        raise r.fail("selector", "required")
     if key_file is None:
         raise r.fail("private_key_file", "required")
     try:
         key = key_file.read_bytes()
     except OSError as exc:
         raise r.fail("private_key_file", f"cannot read {key_file}: {exc.strerror}") from None
+    if not DkimSigner(domain, selector, key).usable():  # never quotes the file's content
+        raise r.fail("private_key_file", f"{key_file} is not an RSA private key in PEM form "
+                                         "(PKCS#1 or PKCS#8) that signs")
     r.done()
     return DkimKey(domain, selector, key)
+
+
+def _selector(r: _Reader, text: str) -> str:
+    if not text.strip():
+        raise r.fail("selector", "required")
+    try:
+        return names.dkim_selector(text)
+    except ValueError as exc:
+        raise r.fail("selector", str(exc)) from None
 
 
 def _webhooks(readers: list[_Reader]) -> tuple[WebhookEndpoint, ...]:

@@ -17,7 +17,7 @@ _TAG = re.compile(r"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")
 class DkimSigner:
     domain: str  # the d= this key signs for
     selector: str
-    private_key: bytes  # PEM (RSA) or base64 raw Ed25519, as dkimpy takes it
+    private_key: bytes  # an RSA key in PEM (PKCS#1 or PKCS#8): signatures are rsa-sha256
 
     def sign(self, message: bytes, include_headers: tuple[bytes, ...] | None = None) -> bytes:
         """``message`` with a new ``DKIM-Signature`` header in front. Raises on an unusable key."""
@@ -31,6 +31,18 @@ class DkimSigner:
             linesep=line_ending(message),
         )
         return signature + message
+
+    def usable(self) -> bool:
+        """Whether this key, domain and selector can sign: checked once at start-up, so that a
+        file that is no key shows in ``relay check-config`` rather than once per message."""
+        try:
+            self.sign(_PROBE)
+        except Exception:  # dkimpy raises several unrelated types for bad keys
+            return False
+        return True
+
+
+_PROBE = b"From: <probe@relay.invalid>\r\nSubject: probe\r\n\r\nprobe\r\n"
 
 
 def signature_tags(raw: bytes, header: Header) -> dict[str, str]:

@@ -76,9 +76,10 @@ def cname_target(public_url: str) -> str:
 
 
 def branded_url(public_url: str, host: str) -> str:
-    """``public_url`` with its host replaced by a verified tracking host."""
+    """``public_url`` with its host replaced by a verified tracking host (port and path kept:
+    the tracking host is a CNAME to the same server)."""
     parts = urlsplit(public_url)
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "") + parts.path
 
 
 def after_check(domain: TrackingDomain, check: Check, now: float) -> TrackingDomain:

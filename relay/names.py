@@ -51,3 +51,11 @@ def tag_name(name: str) -> str:
     if not TAG_NAME.fullmatch(name):
         raise ValueError(f"tag {name!r} must be 1-128 letters, digits, '_', '.', '@' or '-'")
     return name
+
+
+def dkim_selector(text: str) -> str:
+    """A DKIM selector (RFC 6376 3.1): DNS labels joined by dots, kept as written."""
+    selector = text.strip()
+    if len(selector) > 253 or not all(_LABEL.fullmatch(x) for x in selector.lower().split(".")):
+        raise ValueError(f"{text!r} is not a selector (labels of letters, digits and hyphens)")
+    return selector

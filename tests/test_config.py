@@ -10,6 +10,7 @@ import pytest
 
 from relay.config import load, parse
 from relay.errors import ConfigError
+from relay.passwords import hash_password, verify_password
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +70,189 @@ def test_invalid_toml_is_reported_with_the_file(tmp_path):
     bad.write_text("[smtp\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(bad)
+
+
+def load_toml(tmp_path: Path, text: str):
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return load(path)
+
+
+def config_error(tmp_path: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_toml(tmp_path, text)
+    assert info.value.file == str(tmp_path / "relay.toml")
+    return info.value
+
+
+# --- [[domains]] ---------------------------------------------------------------------------
+
+def test_domain_names_and_excluded_hosts_are_normalised(tmp_path):
+    cfg = load_toml(tmp_path, '[[domains]]\nname = " Shop.Example. "\n'
+                              'exclude_hosts = ["CDN.Example.", "cdn.example", "img.example"]\n')
+    assert cfg.domains[0].name == "shop.example"
+    assert cfg.domains[0].exclude_hosts == ("cdn.example", "img.example")
+
+
+@pytest.mark.parametrize(("entry", "key", "problem"), [
+    ('name = "shop..example"', "domains[0].name", "not a domain name"),
+    ('name = "shop_example.com"', "domains[0].name", "not a domain name"),
+    ("name = 5", "domains[0].name", "expected str"),
+    ("opens = true", "domains[0].name", "required"),
+    ('name = "shop.example"\nexclude_hosts = [1]', "domains[0].exclude_hosts[0]",
+     "expected a host name, got int"),
+    ('name = "shop.example"\nexclude_hosts = ["https://cdn.example/x"]',
+     "domains[0].exclude_hosts[0]", "not a domain name"),
+    ('name = "shop.example"\nexclude_hosts = "cdn.example"', "domains[0].exclude_hosts",
+     "expected list"),
+])
+def test_domain_entries_are_validated(tmp_path, entry, key, problem):
+    error = config_error(tmp_path, f"[[domains]]\n{entry}\n")
+    assert error.key == key
+    assert problem in error.problem
+
+
+def test_a_domain_configured_twice_is_refused(tmp_path):
+    error = config_error(tmp_path, '[[domains]]\nname = "shop.example"\n'
+                                   '[[domains]]\nname = "SHOP.example."\n')
+    assert (error.key, error.problem) == ("domains[1].name",
+                                          "another [[domains]] table is for shop.example")
+
+
+def test_check_config_reports_a_bad_excluded_host_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[domains]]\nname = "shop.example"\nexclude_hosts = [1]\n')
+    result = subprocess.run([sys.executable, "-m", "relay", "check-config", "--config", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{bad}: domains[0].exclude_hosts[0]: expected a host name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- http.public_url -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://relay.example:99999", "port"),
+    ("http://relay.example:0", "port"),
+    ("http://relay.example:8o80", "port"),
+    ("http://relay.example/?x=1", "query"),
+    ("http://relay.example/t?", "query"),
+    ("http://relay.example/#top", "fragment"),
+    ("http://user:hunter2@relay.example", "user name or password"),
+    ("http://relay.example/a b", "http(s)://HOST[:PORT][/PATH]"),
+    ("http://relay_example", "http(s)://HOST[:PORT][/PATH]"),
+])
+def test_public_url_must_be_usable_as_the_tracking_base(tmp_path, url, problem):
+    error = config_error(tmp_path, f'[http]\npublic_url = "{url}"\n')
+    assert error.key == "http.public_url"
+    assert problem in error.problem
+    assert "hunter2" not in str(error)
+
+
+@pytest.mark.parametrize(("url", "stored"), [
+    ("https://relay.example/t/", "https://relay.example/t"),
+    ("http://[::1]:8080", "http://[::1]:8080"),
+    ("https://relay.example:443", "https://relay.example:443"),
+])
+def test_public_url_accepted(tmp_path, url, stored):
+    assert load_toml(tmp_path, f'[http]\npublic_url = "{url}"\n').http.public_url == stored
+
+
+# --- credentials that can never work --------------------------------------------------------
+
+@pytest.mark.parametrize("encoded", [
+    "scrypt$garbage",
+    "scrypt$16384$8$1$c2FsdA==$ZGlnZXN0$x",
+    "bcrypt$16384$8$1$c2FsdA==$ZGlnZXN0",
+    "scrypt$lots$8$1$c2FsdA==$ZGlnZXN0",
+    "scrypt$16000$8$1$c2FsdA==$ZGlnZXN0",  # N must be a power of 2
+    "scrypt$16384$0$1$c2FsdA==$ZGlnZXN0",
+    "scrypt$16384$8$0$c2FsdA==$ZGlnZXN0",
+    "scrypt$16384$8$1$c2Fs!A==$ZGlnZXN0",
+    "scrypt$16384$8$1$c2FsdA==$",
+    "scrypt$1048576$8$1$c2FsdA==$ZGlnZXN0",  # needs 1 GiB: more than scrypt may use
+])
+def test_smtp_password_hash_is_parsed(tmp_path, encoded):
+    error = config_error(tmp_path, f'[[smtp.users]]\nname = "app"\npassword_hash = "{encoded}"\n')
+    assert error.key == "smtp.users[0].password_hash"
+    assert "relay hash-password" in error.problem
+    assert encoded not in str(error)
+
+
+def test_a_hash_from_hash_password_loads_and_verifies(tmp_path):
+    encoded = hash_password("s3cret")
+    cfg = load_toml(tmp_path, f'[[smtp.users]]\nname = "app"\npassword_hash = "{encoded}"\n')
+    assert cfg.smtp.users[0].password_hash == encoded
+    assert verify_password("s3cret", encoded)
+    assert not verify_password("s3creT", encoded)
+    assert not verify_password("s3cret", "scrypt$garbage")
+
+
+@pytest.fixture(scope="module")
+def rsa_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway RSA key in PKCS#8 PEM, as `openssl genpkey` writes it."""
+    path = tmp_path_factory.mktemp("dkim") / "key.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024",
+                    "-out", str(path)], check=True, capture_output=True)
+    return path
+
+
+def dkim_table(key_file: Path, domain: str = "shop.example", selector: str = "s1") -> str:
+    return (f'[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\n'
+            f'private_key_file = "{key_file}"\n')
+
+
+def test_dkim_key_is_loaded_and_its_domain_normalised(tmp_path, rsa_key):
+    cfg = load_toml(tmp_path, dkim_table(rsa_key, domain="Shop.Example."))
+    assert cfg.dkim_key("shop.example").private_key == rsa_key.read_bytes()
+
+
+@pytest.mark.parametrize("content", [
+    b"relay-host\n",  # /etc/hostname, say
+    b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    b"nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=\n",  # raw Ed25519: not signed with
+])
+def test_dkim_file_that_is_not_a_usable_private_key_is_refused(tmp_path, content):
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(content)
+    error = config_error(tmp_path, dkim_table(key_file))
+    assert error.key == "dkim[0].private_key_file"
+    assert "RSA private key" in error.problem
+    assert content.decode().strip() not in str(error)
+
+
+@pytest.mark.parametrize(("table", "key"), [
+    ({"domain": "shop example"}, "dkim[0].domain"),
+    ({"selector": "s\u00e9l"}, "dkim[0].selector"),
+    ({"selector": "s1.2024"}, None),
+])
+def test_dkim_domain_and_selector_are_checked(tmp_path, rsa_key, table, key):
+    text = dkim_table(rsa_key, **table)
+    if key is None:
+        assert load_toml(tmp_path, text).dkim[0].selector == table["selector"]
+    else:
+        assert config_error(tmp_path, text).key == key
+
+
+# --- secrets never appear in errors ---------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    ('[upstream]\nhost = "smtp.example"\nusername = "u"\npassword = 31337424242\n',
+     "upstream.password", "expected str, got int"),
+    ('[[webhooks]]\nname = "crm"\nurl = "https://crm.example/hook"\nsecret = 31337424242\n',
+     "webhooks[0].secret", "expected str, got int"),
+    ("[tracking]\nkeys = 31337424242\n", "tracking.keys", "expected dict, got int"),
+    ("[tracking.keys]\nk1 = 31337424242\n", "tracking.keys.k1", "string of at least 32"),
+    ('[[smtp.users]]\nname = "app"\npassword_hash = 31337424242\n',
+     "smtp.users[0].password_hash", "expected str, got int"),
+])
+def test_secrets_are_not_echoed_in_errors(tmp_path, text, key, problem):
+    error = config_error(tmp_path, text)
+    assert error.key == key
+    assert problem in error.problem
+    assert "31337424242" not in str(error)
+
+
+def test_other_wrong_values_are_still_shown(tmp_path):
+    error = config_error(tmp_path, '[smtp]\nmax_recipients = "5"\n')
+    assert error.problem == "expected int, got str '5'"

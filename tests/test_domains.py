@@ -204,3 +204,8 @@ def test_periodic_recheck_round_marks_a_vanished_record_failed(make_relay, upstr
     dns_server.nxdomain(HOST)
     [(second, result)] = loops.run(domains.recheck_all(store, relay.config, resolver))
     assert (second.state, result.result) == (FAILED, WRONG)
+
+
+def test_branded_url_keeps_the_path_of_public_url():
+    assert domains.branded_url("https://relay.example/t", HOST) == f"https://{HOST}/t"
+    assert domains.branded_url("http://relay.example:8080/a/b", HOST) == f"http://{HOST}:8080/a/b"
