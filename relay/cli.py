@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import getpass
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
 from relay import apikeys, domains, retention_admin, settings, stats_cli, tags, webhook_admin
 from relay import config as config_module
 from relay.commands import config_option
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreError
 
 # Modules that add subcommands of their own (see relay/commands.py).
 COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, webhook_admin, retention_admin)
@@ -31,6 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a store that opened but fails (read-only, corrupt page...)
+        print(f"relay: store error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a port already in use, a directory that cannot be written...
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

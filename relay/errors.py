@@ -5,7 +5,8 @@
     ├── SmtpReplyError       refuse a message or command with an SMTP reply
     │   └── ControlHeaderError   a malformed X-AliDM-* / X-Anypost-* header
     ├── InvalidToken         a tracking token that does not verify
-    └── UpstreamError        the upstream refused or could not be reached
+    ├── UpstreamError        the upstream refused or could not be reached
+    └── StoreError           the store file cannot be opened: names the file
 """
 
 from __future__ import annotations
@@ -47,3 +48,9 @@ class UpstreamError(RelayError):
     def __init__(self, code: int, text: str) -> None:
         self.code, self.text = code, text
         super().__init__(f"{code} {text}")
+
+
+class StoreError(RelayError):
+    def __init__(self, path: object, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"store {path}: {problem}")

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from relay.errors import StoreError
+
 log = logging.getLogger("relay.store")
 
 T = TypeVar("T")
@@ -301,10 +303,14 @@ MIGRATIONS: dict[str, str] = {
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection with the pragmas every user of the file needs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    """A connection with the pragmas every user of the file needs; ``StoreError`` naming the
+    file when it cannot be made, opened or read (not a database, no permission)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(path, getattr(exc, "strerror", None) or str(exc)) from None
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

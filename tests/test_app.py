@@ -173,3 +173,29 @@ def test_a_stop_closes_both_listeners_before_draining(loops, tmp_path):
         stopping.result(30)
         assert hit.result(30).status == 200
     lock.close()
+
+
+def run_relay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_port_in_use_or_a_bad_store_is_one_line_not_a_traceback(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = write_config(tmp_path, free_port(), taken.getsockname()[1])
+        done = run_relay("serve", "--config", str(config))
+    last = done.stderr.splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last.startswith("relay: ") and last.endswith("address already in use")
+    (tmp_path / "relay.db").write_bytes(b"not a database, just bytes " * 100)
+    done = run_relay("tags", "list", "--config", str(config))
+    assert (done.returncode, done.stderr) == (
+        1, f"relay: store {tmp_path / 'relay.db'}: file is not a database\n")
+    (tmp_path / "blocked").write_text("")  # a file where the store's directory should be
+    config.write_text(config.read_text().replace('"sqlite:///relay.db"',
+                                                 '"sqlite:///blocked/relay.db"'))
+    done = run_relay("serve", "--config", str(config))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"relay: store {tmp_path / 'blocked' / 'relay.db'}: ")
