@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from relay import names, passwords
 from relay.dkim import DkimSigner
 from relay.errors import ConfigError
-from relay.rewrite import _BASE as TRACKING_BASE
+from relay.rewrite import TRACKING_BASE
 from relay.webhooks import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -426,7 +426,7 @@ def _http(r: _Reader) -> HttpSettings:
 
 
 def _public_url(r: _Reader, url: str) -> str:
-    """The tracking base URL: what relay/rewrite.py builds links on (its _BASE pattern)."""
+    """The tracking base URL: what relay/rewrite.py builds links on (TRACKING_BASE)."""
     parts = urlsplit(url)
     if "@" in parts.netloc:  # checked first: the error must not quote the password
         raise r.fail("public_url", "a user name or password has no place in the tracking URL")

@@ -33,7 +33,9 @@ PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;ov
 _PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
 _OPEN = -1  # token index of the open pixel in a rendering's token list
 
-_BASE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[\w.~/-]*)?")
+TRACKING_BASE = re.compile(  # what a tracking base URL (http.public_url) may look like
+    r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[\w.~/-]*)?"
+)
 _PCT = r"%[0-9A-Fa-f]{2}"
 _PCHAR = rf"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|{_PCT})"
 _URL = re.compile(
@@ -178,7 +180,7 @@ _Edit = tuple[int, int, list[_Piece]]  # replace text[start:end] with the pieces
 def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
     if not (options.opens or options.clicks):
         return Prepared(raw, "opens and clicks both off", Report(()))
-    if not _BASE.fullmatch(options.base_url):
+    if not TRACKING_BASE.fullmatch(options.base_url):
         return Prepared(raw, f"tracking base URL {options.base_url!r} unusable", Report(()))
     eol = mime.line_ending(raw)
     results: list[PartResult] = []
