@@ -36,6 +36,8 @@ _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9
 # Control characters (a bare CR among them: aiosmtpd ends command lines at LF only), which no
 # address may carry to the upstream
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# aiosmtpd keeps bytes that are not UTF-8 as lone surrogates (surrogateescape).
+_NOT_UTF8 = re.compile("[\ud800-\udfff]")
 # How long stop() lets the messages being delivered finish and be answered, well under
 # systemd's 90 s stop timeout.
 DRAIN_SECONDS = 30.0
@@ -220,8 +222,9 @@ class RelayHandler:
             if self._users:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: this client may not send through the relay"
-        if _CONTROL.search(address):
-            return "553 5.1.7 Bad sender address syntax: control character in the address"
+        problem = _address_problem(address)
+        if problem:
+            return f"553 5.1.7 Bad sender address syntax: {problem}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -233,8 +236,9 @@ class RelayHandler:
                     f"per message, send the rest in another message")
         if "@" not in address:
             return "501 5.1.3 Bad recipient address syntax: expected user@domain"
-        if _CONTROL.search(address):
-            return "553 5.1.3 Bad recipient address syntax: control character in the address"
+        problem = _address_problem(address)
+        if problem:
+            return f"553 5.1.3 Bad recipient address syntax: {problem}"
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -377,6 +381,17 @@ class SmtpService:
         for server in self.servers:
             await server.wait_closed()
         await self.upstream.close()
+
+
+def _address_problem(address: str) -> str:
+    """Why an envelope address is refused, or "". A control character (a bare CR) would make
+    the upstream client refuse it; bytes that are not UTF-8 could be neither stored nor signed
+    into a token, after the upstream took the message."""
+    if _CONTROL.search(address):
+        return "control character in the address"
+    if _NOT_UTF8.search(address):
+        return "the address is not valid UTF-8"
+    return ""
 
 
 def _call_limits(max_recipients: int) -> dict[str, int]:

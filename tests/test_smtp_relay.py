@@ -363,17 +363,23 @@ def test_implicit_tls_listener(make_relay, upstream, certificate):
 def test_envelope_address_with_a_control_character_is_refused_at_the_command(make_relay,
                                                                              upstream):
     """A bare CR is not a line ending for aiosmtpd; the upstream client refuses it, so
-    accepting it would end every try in a 451 (and a resend to the other recipients)."""
+    accepting it would end every try in a 451 (and a resend to the other recipients). Bytes
+    that are not UTF-8 could not be stored once the upstream had the message."""
     relay = make_relay(upstream=upstream)
     with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
         client.ehlo()
         client.send('MAIL FROM:<"a\rRSET"@shop.example>\r\n')
+        assert client.getreply()[0] == 553
+        client.send(b"MAIL FROM:<caf\xe9@shop.example>\r\n")
         assert client.getreply()[0] == 553
         assert client.mail("app@shop.example")[0] == 250
         client.send('RCPT TO:<"b\rRCPT TO:<evil@x.example>"@example.org>\r\n')
         assert client.getreply()[0] == 553
         client.send('RCPT TO:<"b\x00"@example.org>\r\n')
         assert client.getreply()[0] == 553
+        client.send(b"RCPT TO:<caf\xe9@example.org>\r\n")  # Latin-1, not UTF-8
+        assert client.getreply() == (553, b"5.1.3 Bad recipient address syntax: "
+                                          b"the address is not valid UTF-8")
         assert client.rcpt("a@example.org")[0] == 250
         assert client.data(PLAIN)[0] == 250
     [copy] = upstream.received
