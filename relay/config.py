@@ -9,9 +9,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from relay import names, passwords
@@ -305,10 +306,10 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         http=_http(root.sub("http")),
         store=_store(root.sub("store")),
         tracking=_tracking(root.sub("tracking")),
-        domains=_domains(root.subs("domains")),
+        domains=_named(root.subs("domains"), _domain, "domains"),
         dkim=tuple(_dkim(r) for r in root.subs("dkim")),
         dns=_dns(root.sub("dns")),
-        webhooks=_webhooks(root.subs("webhooks")),
+        webhooks=_named(root.subs("webhooks"), _webhook, "webhooks"),
         webhook_delivery=_webhook_delivery(root.sub("webhook_delivery")),
         geo=_geo(root.sub("geo")),
         privacy=_privacy(root.sub("privacy")),
@@ -490,16 +491,6 @@ def _tracking(r: _Reader) -> TrackingSettings:
     return settings
 
 
-def _domains(readers: list[_Reader]) -> tuple[DomainSettings, ...]:
-    entries: list[DomainSettings] = []
-    for r in readers:
-        entry = _domain(r)
-        if any(e.name == entry.name for e in entries):
-            raise r.fail("name", f"another [[domains]] table is for {entry.name}")
-        entries.append(entry)
-    return tuple(entries)
-
-
 def _domain(r: _Reader) -> DomainSettings:
     """Names as ``relay settings set`` and the API take them (relay/settings.py)."""
     name = _domain_name(r, "name", r.get("name", str, None))
@@ -605,14 +596,19 @@ def _selector(r: _Reader, text: str) -> str:
         raise r.fail("selector", str(exc)) from None
 
 
-def _webhooks(readers: list[_Reader]) -> tuple[WebhookEndpoint, ...]:
-    endpoints: list[WebhookEndpoint] = []
+_Named = TypeVar("_Named", "DomainSettings", "WebhookEndpoint")
+
+
+def _named(readers: list[_Reader], read: Callable[[_Reader], _Named], table: str
+           ) -> tuple[_Named, ...]:
+    """The entries of an array of tables, each with a name no other entry has."""
+    entries: list[_Named] = []
     for r in readers:
-        endpoint = _webhook(r)
-        if any(e.name == endpoint.name for e in endpoints):
-            raise r.fail("name", f"another [[webhooks]] table is named {endpoint.name!r}")
-        endpoints.append(endpoint)
-    return tuple(endpoints)
+        entry = read(r)
+        if any(e.name == entry.name for e in entries):
+            raise r.fail("name", f"another [[{table}]] table is named {entry.name!r}")
+        entries.append(entry)
+    return tuple(entries)
 
 
 def _webhook(r: _Reader) -> WebhookEndpoint:

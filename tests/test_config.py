@@ -51,16 +51,24 @@ def test_errors_name_file_and_key(document, key, problem):
     assert problem in info.value.problem
 
 
+def check_config(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relay", "check-config", "--config", str(path)],
+                          capture_output=True, text=True)
+
+
+def assert_refused(path: Path, message: str) -> None:
+    """``relay check-config`` exits 2 with ``message`` and no traceback."""
+    result = check_config(path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_command_names_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[smtp]\nmax_message_size = -1\n')
-    result = subprocess.run([sys.executable, "-m", "relay", "check-config", "--config", str(bad)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert f"{bad}: smtp.max_message_size: must be greater than 0" in result.stderr
-    assert "Traceback" not in result.stderr
-    good = subprocess.run([sys.executable, "-m", "relay", "check-config", "--config",
-                           str(ROOT / "config.example.toml")], capture_output=True, text=True)
+    assert_refused(bad, f"{bad}: smtp.max_message_size: must be greater than 0")
+    good = check_config(ROOT / "config.example.toml")
     assert good.returncode == 0, good.stderr
     assert "ok" in good.stdout
 
@@ -116,17 +124,13 @@ def test_a_domain_configured_twice_is_refused(tmp_path):
     error = config_error(tmp_path, '[[domains]]\nname = "shop.example"\n'
                                    '[[domains]]\nname = "SHOP.example."\n')
     assert (error.key, error.problem) == ("domains[1].name",
-                                          "another [[domains]] table is for shop.example")
+                                          "another [[domains]] table is named 'shop.example'")
 
 
 def test_check_config_reports_a_bad_excluded_host_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[domains]]\nname = "shop.example"\nexclude_hosts = [1]\n')
-    result = subprocess.run([sys.executable, "-m", "relay", "check-config", "--config", str(bad)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert f"{bad}: domains[0].exclude_hosts[0]: expected a host name" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_refused(bad, f"{bad}: domains[0].exclude_hosts[0]: expected a host name")
 
 
 # --- http.public_url -----------------------------------------------------------------------
