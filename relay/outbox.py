@@ -455,7 +455,7 @@ class DeliveryWorker:
     async def _deliver(self, claimed: Claim) -> None:
         try:
             started = self.clock()
-            result = await self.sender.send(claimed.batch_id, claimed.target, claimed.events)
+            result = await self._attempt(claimed)
             now = self.clock()
             state, next_at = next_step(result, claimed.attempt, now, claimed.deadline,
                                        self.schedule, self.random)
@@ -467,6 +467,17 @@ class DeliveryWorker:
                           claimed.target.name)
             return
         _log(claimed, result, state, next_at, now, kept)
+
+    async def _attempt(self, claimed: Claim) -> Result:
+        """The attempt's result, whatever goes wrong: an error nobody foresaw still counts as
+        a failed attempt, with its backoff and deadline, rather than a batch claimed again
+        at every lease expiry."""
+        try:
+            return await self.sender.send(claimed.batch_id, claimed.target, claimed.events)
+        except Exception as exc:
+            log.exception("webhook batch %s to %s: sending failed", claimed.batch_id,
+                          claimed.target.name)
+            return Result(None, f"{type(exc).__name__}: {exc}")
 
 
 def _log(claimed: Claim, result: Result, state: str, next_at: float | None, now: float,

@@ -99,10 +99,31 @@ def events_problem(events: Sequence[str]) -> str | None:
 
 def refused_address(address: IpAddress) -> bool:
     """True for loopback, private, link-local, shared, reserved and multicast addresses:
-    anything that is not a plain public unicast address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    anything that is not a plain public unicast address. An IPv6 address that carries an IPv4
+    one (mapped, NAT64, 6to4, Teredo, IPv4-compatible) is judged by the IPv4 address it
+    reaches: 64:ff9b::a9fe:a9fe is 169.254.169.254 behind a NAT64 gateway."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local or address in _LOCAL_NAT64:
+            return True
+        address = _carried_ipv4(address) or address
     return not address.is_global or address.is_multicast
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, for local use
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def literal_address(host: str) -> IpAddress | None:
@@ -261,7 +282,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() takes and float() not
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -302,6 +302,43 @@ async def test_retry_after_is_honoured_on_an_injected_clock(tmp_path, receiver):
         await store.close()
 
 
+async def test_an_unforeseen_error_while_sending_is_a_failed_attempt(tmp_path, receiver):
+    """It escaped the worker without a record: the batch was claimed again at every lease
+    expiry, with no backoff and past its deadline."""
+    receiver.start()
+    clock = FakeClock()
+    store = await Store.open(tmp_path / "relay.db")
+    sync_endpoints(store.writer, [WebhookEndpoint("crm", receiver.url, SECRET,
+                                                  allow_private=True)], clock())
+    outbox = Outbox(clock)
+    worker = DeliveryWorker(store, WebhookDelivery(poll_seconds=0.02), outbox.wake,
+                            clock=clock, random=lambda: 0.0)
+    send = worker.sender.send
+
+    async def broken_once(*args: Any) -> Any:
+        worker.sender.send = send  # the next attempt goes out for real
+        raise RuntimeError("a bug in sending")
+
+    worker.sender.send = broken_once
+    event = Event("evt_1", "open", clock(), "email_1", "a@example.org", None, "127.0.0.1",
+                  FIREFOX, "GET", "person", None, None, True, False, True, False)
+    await store.write(lambda conn: outbox.on_event(conn, event))
+    worker.start()
+    try:
+        await wait_async(lambda: store.execute_now("SELECT 1 FROM webhook_attempts"))
+        [(state, attempts, next_at, error)] = store.execute_now(
+            "SELECT state, attempts, next_at, last_error FROM webhook_batches")
+        assert (state, attempts, error) == ("pending", 1, "RuntimeError: a bug in sending")
+        assert next_at == clock.now + 15  # the backoff: 30 s times the random factor, 0.5
+        clock.now = next_at
+        await wait_async(lambda: store.execute_now(
+            "SELECT 1 FROM webhook_batches WHERE state = 'delivered'"))
+        assert len(receiver.requests) == 1
+    finally:
+        await worker.stop()
+        await store.close()
+
+
 async def test_stop_ends_the_worker_even_when_woken_in_the_same_turn(tmp_path):
     """Python 3.11's ``asyncio.wait_for`` returns normally when the task is cancelled just as
     the awaited event fires: a worker idling in it would swallow ``stop()``'s cancel and run

@@ -129,6 +129,10 @@ def test_url_format(url, ok):
     ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True),
     ("::1", True), ("fe80::1", True), ("fc00::1", True), ("::ffff:127.0.0.1", True),
     ("93.184.216.34", False), ("2606:4700::1111", False),
+    # IPv6 that reaches an IPv4 address: NAT64, 6to4, Teredo, IPv4-compatible; site-local
+    ("64:ff9b::a9fe:a9fe", True), ("2002:a00:1::1", True), ("::a9fe:a9fe", True),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", True), ("64:ff9b:1::808:808", True),
+    ("fec0::1", True), ("64:ff9b::808:808", False), ("2002:808:808::1", False),
 ])
 def test_private_loopback_and_link_local_addresses_are_refused(address, refused):
     assert refused_address(ipaddress.ip_address(address)) is refused
@@ -173,4 +177,5 @@ def test_retry_after_seconds_and_dates():
     assert parse_retry_after(formatdate(1000 + 30, usegmt=True), 1000) == 30
     assert parse_retry_after(formatdate(900, usegmt=True), 1000) == 0
     assert parse_retry_after("soon", 0) is None
+    assert parse_retry_after("\u00b2", 0) is None  # a digit to str.isdigit, not to float()
     assert parse_retry_after(None, 0) is None
