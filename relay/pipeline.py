@@ -118,14 +118,15 @@ class MailPipeline:
             copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
         else:
             copies = []
+        record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
+                               _header(raw, block, "Subject"), controls,
+                               decision if tracked else None, reason, len(raw), time.time())
+        stored = tracked and await self._store_message(record)
         sent = await asyncio.gather(*(self.upstream.send(c) for c in copies),
                                     return_exceptions=True)
         for copy, replies in zip(copies, sent, strict=True):
             outcome.replies.update(_replies_of(copy, replies, email_id))
-        record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
-                               _header(raw, block, "Subject"), controls,
-                               decision if tracked else None, reason, len(raw))
-        await self._record(record, outcome)
+        await self._record(record, outcome, stored)
         _count(outcome, decision if tracked else None)
         return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
@@ -141,13 +142,25 @@ class MailPipeline:
             f" AND recipient IN ({marks})", [message_id, time.time() - window, *recipients])}
         return [r for r in recipients if r not in done], [r for r in recipients if r in done]
 
-    async def _record(self, record: MessageRecord, outcome: Outcome) -> None:
-        """Store the message; a failure is logged, and the reply still follows the upstream's:
-        "not sent, try again" for copies the upstream took would have them sent twice."""
+    async def _store_message(self, record: MessageRecord) -> bool:
+        """The message's row, before its tracked copies go out: a link scanner may click
+        within a second of delivery, and the tracker needs the send time to tell it from a
+        person (events stored without it count as people). A failure is logged."""
+        try:
+            await self.store.write(lambda conn: _insert_message(conn, record))
+        except Exception:
+            log.exception("%s not stored before sending", record.email_id)
+            return False
+        return True
+
+    async def _record(self, record: MessageRecord, outcome: Outcome, stored: bool) -> None:
+        """Store what became of the message; a failure is logged, and the reply still follows
+        the upstream's: "not sent, try again" for copies the upstream took would have them
+        sent twice."""
         remember = self.config.smtp.dedupe_hours > 0
         try:
             await self.store.write(lambda conn: _record(conn, record, outcome, remember,
-                                                        self.listeners))
+                                                        self.listeners, stored))
         except Exception:
             log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
                           len(outcome.sent), len(outcome.failed))
@@ -242,11 +255,10 @@ class MessageRecord:
     tracked: Decision | None
     reason: str
     size: int
+    created_at: float  # before the copies went out
 
 
-def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
-            listeners: Sequence[MessageListener] = ()) -> None:
-    now = time.time()
+def _insert_message(conn: sqlite3.Connection, m: MessageRecord) -> None:
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
         "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
@@ -254,7 +266,16 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
          json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
-         int(clicks), m.reason, m.size, now))
+         int(clicks), m.reason, m.size, m.created_at))
+
+
+def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
+            listeners: Sequence[MessageListener] = (), stored: bool = False) -> None:
+    """The message's row (unless ``stored`` already), its recipients and deliveries, and
+    the listeners' rows, in one transaction."""
+    now = time.time()
+    if not stored:
+        _insert_message(conn, m)
     rows = [(m.email_id, r, _status(reply), str(reply), now)
             for r, reply in outcome.replies.items()]
     rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]

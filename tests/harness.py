@@ -71,9 +71,10 @@ class UpstreamHandler:
     # Connections the server ended after ``timeout`` idle seconds (with Postfix's 421).
     timed_out: int = 0
     # When set, DATA waits for this event (create it on the loop) before answering; ``held``
-    # counts the DATA commands that reached it.
+    # counts the DATA commands that reached it, ``holding`` has their messages.
     gate: asyncio.Event | None = None
     held: int = 0
+    holding: list[bytes] = field(default_factory=list)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -85,6 +86,7 @@ class UpstreamHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.gate is not None:
             self.held += 1
+            self.holding.append(envelope.original_content)
             await self.gate.wait()
         if self.data_reply:
             return self.data_reply

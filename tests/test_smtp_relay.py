@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import shutil
@@ -12,6 +13,8 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
@@ -484,6 +487,39 @@ def read_to_close(replies: BinaryIO) -> bytes:
         return replies.read()
     except ConnectionResetError:
         return b""
+
+
+def test_a_click_while_the_message_is_being_delivered_meets_the_scanner_window(
+        make_relay, loops, upstream):
+    """Link scanners at the recipient's gateway click as the copy arrives, while the relay
+    still delivers. The message's row was written only after every copy went out, so the
+    tracker did not know when it was sent: the click counted as a person's, took the
+    recipient's first flags and went out as a webhook."""
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay({"tracking": {"scanner_window_seconds": 60}}, upstream=upstream,
+                       http=True)
+    message = (b"From: News <news@shop.example>\r\nTo: a@example.org\r\nSubject: Sale\r\n"
+               b"X-Anypost-Track-Clicks: true\r\nContent-Type: text/html\r\n\r\n"
+               b'<html><body><a href="https://shop.example/sale">Sale</a></body></html>\r\n')
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+        replies = send_raw(sock, message)
+        wait_until_held(upstream)
+        [click] = re.findall(r"http://track\.test(/c/[A-Za-z0-9_-]+)",
+                             decoded(upstream.handler.holding[0]))
+        request = urllib.request.Request(relay.http_url + click, headers={
+            "User-Agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Gecko/20100101 Firefox/128.0"})
+        with contextlib.suppress(urllib.error.HTTPError):  # the redirect is not followed
+            urllib.request.build_opener(NoRedirect).open(request, timeout=10)
+        loops.loop.call_soon_threadsafe(gate.set)
+        assert replies.readline().startswith(b"250")
+    with relay.db() as db:
+        rows = db.execute("SELECT type, classification, counted FROM events").fetchall()
+    assert [tuple(row) for row in rows] == [("click", "scanner", 0)]
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object) -> None:
+        return None
 
 
 def test_stop_lets_a_message_being_delivered_finish_and_answer(make_relay, loops, upstream):
