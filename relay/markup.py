@@ -5,9 +5,10 @@ The scanner follows the WHATWG tokenizer where it decides what is markup: commen
 and ``--!>`` included), bogus comments (``<!...>``, ``<?...>``, ``</ ...>``, which covers the
 doctype and ``<![if !mso]>``), quoted and unquoted attribute values (a ``>`` inside quotes does
 not end a tag), and the raw text of ``script``, ``style``, ``textarea``, ``title``, ``xmp``,
-``iframe``, ``noembed``, ``noframes`` and ``plaintext``, with the escapes of script data
-(``<!--<script>`` inside a script). One compiled pattern skips everything uninteresting in C;
-Python only sees ``<a>``, ``<area>``, ``<meta>`` and ``</body>``.
+``iframe``, ``noembed`` and ``noframes``, with the escapes of script data (``<!--<script>``
+inside a script). ``<plaintext>`` makes the rest of the document text: the scan is stuck there.
+One compiled pattern skips everything uninteresting in C; Python only sees ``<a>``, ``<area>``,
+``<meta>`` and ``</body>``.
 
 Not modelled: foreign content. Inside ``<svg>`` or ``<math>``, ``<![CDATA[`` opens a section of
 text that ends at ``]]>``; the scanner ends it at its first ``>``, as in HTML content, so an
@@ -95,7 +96,6 @@ _BORING = "|".join(  # markup to skip, most frequent first: ordinary end tags, t
             rf"|<(?!/(?i:{name})[{_WS}/>])|)*+(?=</(?i:{name})[{_WS}/>])"
             for name in _RAW_TEXT
         ),
-        rf"<(?i:plaintext)(?=[{_WS}/>]){_ATTRS}.*+",
         r"<!(?!--)[^>]*+>|<\?[^>]*+>|</[^A-Za-z>][^>]*+>|</>",
         r"<(?![A-Za-z!?/])",  # a "<" that opens nothing is text
     )
@@ -196,6 +196,32 @@ def _ascii_lower(name: str) -> str:
     if name.islower():  # most names are; no upper-case letter at all
         return name
     return name.lower() if name.isascii() else name.translate(_ASCII_UPPER)
+
+
+class Declared(NamedTuple):
+    label: str  # as written
+    start: int  # its span in the document
+    end: int
+
+
+def meta_charset(tag: Tag) -> Declared | None:
+    """The charset a ``<meta>`` declares: ``charset=``, or ``http-equiv="Content-Type"`` with a
+    ``charset=`` in its ``content``."""
+    charset = tag.attrs.get("charset")
+    if charset is not None and charset.value is not None:
+        return Declared(charset.value, charset.start, charset.end)
+    http_equiv, content = tag.attrs.get("http-equiv"), tag.attrs.get("content")
+    if http_equiv is None or content is None or content.value is None:
+        return None
+    if unescape_attr(http_equiv.value or "").strip().lower() != "content-type":
+        return None
+    found = _CONTENT_CHARSET.search(content.value)
+    if found is None:
+        return None
+    return Declared(found[1], content.start + found.start(1), content.start + found.end(1))
+
+
+_CONTENT_CHARSET = re.compile(r"(?i)charset[\t\n\f\r ]*=[\t\n\f\r ]*[\"']?([^\t\n\f\r ;\"']+)")
 
 
 def unescape_attr(value: str) -> str:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from relay import markup
 from relay.headers import Header, HeaderBlock, parse_header_block
 
 MAX_DEPTH = 32  # nesting beyond this is left alone as one opaque part
@@ -192,17 +193,21 @@ def transfer_decode(raw: bytes, part: Part) -> bytes:
 def decode_text(data: bytes, charset: str | None) -> str:
     """``data`` as text in its declared charset, read the way mail clients and browsers read it.
 
-    Labels are mapped as the WHATWG Encoding Standard does (``iso-8859-1`` and ``us-ascii``
-    are windows-1252, ``gb2312`` is GB18030, ...). Without a declared charset a ``<meta>``
-    charset near the start counts, then UTF-8, then windows-1252. Decoding is strict:
-    anything that does not decode raises ``DecodeError`` rather than losing bytes.
+    A byte-order mark decides first, whatever the label says, as in browsers. Labels are mapped
+    as the WHATWG Encoding Standard does (``iso-8859-1`` and ``us-ascii`` are windows-1252,
+    ``gb2312`` is GB18030, ...). Without a declared charset a ``<meta>`` charset in the first
+    4096 bytes counts (not one inside a comment), then UTF-8, then windows-1252. Decoding is
+    strict: anything that does not decode raises ``DecodeError`` rather than losing bytes.
     """
-    label = (charset or "").strip().strip('"').lower()
-    if not label:
-        sniffed = _META_CHARSET.search(data, 0, 4096)
-        label = sniffed.group(1).decode("ascii").lower() if sniffed else ""
-        if not label or label.startswith(("utf-16", "utf16")):
-            label = "unknown-8bit"
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)  # a UTF-8 BOM stays: the part is written as UTF-8
+            except UnicodeError:
+                raise DecodeError(f"not valid {codec} after its byte-order mark") from None
+    label = (charset or "").strip().strip('"').lower() or _sniffed_label(data)
+    if not label or label.startswith(("utf-16", "utf16")):
+        label = "unknown-8bit"
     if not _LABEL.fullmatch(label):
         raise DecodeError(f"unknown charset {label[:40]!r}")
     if label in _ASCII_LABELS and data.isascii():
@@ -229,9 +234,18 @@ def _decode(data: bytes, codec: str) -> str:
     return text
 
 
-_META_CHARSET = re.compile(
-    rb"(?i)<meta[^>]{0,500}?charset[ \t\r\n]*=[ \t\r\n]*[\"']?[ \t\r\n]*([a-z0-9_:.()+-]{1,40})"
-)
+def _sniffed_label(data: bytes) -> str:
+    """The label the first ``<meta>`` charset declaration in the first 4096 bytes gives, the
+    markup read as the HTML prescan reads it (Latin-1 keeps every byte as one character)."""
+    for tag in markup.scan(data[:4096].decode("latin-1")).metas:
+        declared = markup.meta_charset(tag)
+        if declared is not None:
+            return declared.label.strip().lower()
+    return ""
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
 _LABEL = re.compile(r"[a-z0-9_:.()+-]{1,40}")
 _WINDOWS_1252 = {
     i: bytes((i,)).decode("cp1252")

@@ -28,6 +28,9 @@ OPT_OUT_ATTRIBUTES = (
     "ses:no-track",
 )
 SIGNED_PART = "inside multipart/signed: a change would break its signature"
+# A longer URL would make a click link past what the tracker verifies (tokens.MAX_TOKEN_CHARS)
+# and what HTTP servers take in a request line (8 KB).
+MAX_URL_BYTES = 4096
 TEMPLATE_MARKERS = ("{{", "}}", "{%", "%}", "*|", "|*")
 PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;overflow:hidden"
 _PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
@@ -299,7 +302,9 @@ def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str | None, str
     match = _PLAIN_URL.fullmatch(value) or _URL.fullmatch(value)
     if match is None or not _valid_ip_literal(host := match["host"]):
         return None, "not a well-formed URL"
-    host = host.lower().rstrip(".")
+    if len(value.encode()) > MAX_URL_BYTES:
+        return None, f"URL too long to track (over {MAX_URL_BYTES} bytes)"
+    host = host.lower().rstrip(".").strip("[]")  # IPv6 literals as urlsplit gives them
     if host == _tracking_host(options.base_url):
         return None, "already a tracking link"
     for excluded in options.excluded_hosts:
@@ -331,22 +336,9 @@ def _meta_charset_edits(metas: tuple[markup.Tag, ...]) -> list[_Edit]:
     """Edits that make every ``<meta>`` charset declaration say UTF-8."""
     edits: list[_Edit] = []
     for tag in metas:
-        charset = tag.attrs.get("charset")
-        if charset is not None and charset.value is not None:
-            if not _is_utf8_label(charset.value):
-                edits.append((charset.start, charset.end, ["utf-8"]))
-            continue
-        http_equiv, content = tag.attrs.get("http-equiv"), tag.attrs.get("content")
-        if http_equiv is None or content is None or content.value is None:
-            continue
-        if markup.unescape_attr(http_equiv.value or "").strip().lower() != "content-type":
-            continue
-        found = re.search(
-            r"(?i)charset[\t\n\f\r ]*=[\t\n\f\r ]*[\"']?([^\t\n\f\r ;\"']+)", content.value
-        )
-        if found and not _is_utf8_label(found.group(1)):
-            start = content.start + found.start(1)
-            edits.append((start, content.start + found.end(1), ["utf-8"]))
+        declared = markup.meta_charset(tag)
+        if declared is not None and not _is_utf8_label(declared.label):
+            edits.append((declared.start, declared.end, ["utf-8"]))
     return edits
 
 

@@ -87,7 +87,8 @@ def test_body_close_is_the_last_real_one() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["<a href='x", "<!-- open", "<style>a{}", "<b", "<!x", "<?x", '<a href="x>y</a>', "<i t='>"],
+    ["<a href='x", "<!-- open", "<style>a{}", "<b", "<!x", "<?x", '<a href="x>y</a>', "<i t='>",
+     "<plaintext>the rest is text</body>"],
 )
 def test_stuck_at_unterminated(text: str) -> None:
     markup = scan("<p>ok</p>" + text)

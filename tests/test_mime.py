@@ -116,6 +116,17 @@ def test_transfer_decode_refuses(cte: str, body: bytes) -> None:
         (b"\xe9", "us-ascii", "é"),
         (b'<meta charset="koi8-r">\xc1', None, '<meta charset="koi8-r">а'),
         ("中文".encode("gbk"), "gb2312", "中文"),
+        # a byte-order mark decides, whatever the label says (a UTF-8 one is kept)
+        (b"\xef\xbb\xbfcaf\xc3\xa9", "iso-8859-1", "\ufeffcafé"),
+        ("\ufeffcafé".encode("utf-16-le"), None, "café"),
+        ("\ufeffcafé".encode("utf-16-be"), "us-ascii", "café"),
+        # the prescan skips comments, and content= counts only with http-equiv
+        (b'<!-- <meta charset="koi8-r"> --><meta charset="utf-8">\xc3\xa9', None,
+         '<!-- <meta charset="koi8-r"> --><meta charset="utf-8">é'),
+        (b'<meta content="text/html; charset=koi8-r">\xc3\xa9', None,
+         '<meta content="text/html; charset=koi8-r">é'),
+        (b'<meta http-equiv="Content-Type" content="text/html; charset=koi8-r">\xc1', None,
+         '<meta http-equiv="Content-Type" content="text/html; charset=koi8-r">а'),
     ],
 )
 def test_decode_text(data: bytes, charset: str | None, expected: str) -> None:
@@ -124,7 +135,8 @@ def test_decode_text(data: bytes, charset: str | None, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("data", "charset"),
-    [(b"\xff", "utf-8"), (b"x", "no-such"), (b"x", "unicode_escape"), (b"x", "a\x00b")],
+    [(b"\xff", "utf-8"), (b"x", "no-such"), (b"x", "unicode_escape"), (b"x", "a\x00b"),
+     (b"\xff\xfe\x00\xd8", None)],  # a lone surrogate after a UTF-16 byte-order mark
 )
 def test_decode_text_refuses(data: bytes, charset: str) -> None:
     with pytest.raises(mime.DecodeError):

@@ -645,3 +645,43 @@ def test_unsigned_html_beside_a_signed_part_is_rewritten(tmp_path: Path) -> None
     out = prepare(raw, OPTIONS).render(EMAIL_ID, RCPT, KEYS)
     assert f"{BASE}/c/".encode() in out
     assert signed_entity in out
+
+
+def test_a_url_too_long_for_a_click_link_is_left_alone() -> None:
+    """Its token would be longer than the tracker verifies: a link that could never work."""
+    url = "https://shop.example/p?d=".ljust(4096, "a")  # the longest tracked
+    raw = build(f'<body><a href="{url}">x</a><a href="{url}a">y</a></body>', "utf-8", "8bit")
+    prepared = prepare(raw, OPTIONS)
+    [part] = [p for p in prepared.report.parts if p.content_type == "text/html"]
+    assert [(link.url, link.reason) for link in part.links] == [
+        (url, ""), (None, "URL too long to track (over 4096 bytes)")]
+    out = html_part(prepared.render(EMAIL_ID, RCPT, KEYS)).get_payload(decode=True).decode()
+    [token] = re.findall(re.escape(BASE) + r"/c/([A-Za-z0-9_-]+)", out)
+    assert verify(KEYS, token).url == url
+
+
+def test_plaintext_gets_no_pixel() -> None:
+    """After <plaintext> everything is text: a pixel there would show as markup."""
+    options = RewriteOptions(opens=True, clicks=False, base_url=BASE)
+    raw = build("<body><p>Log:</p><plaintext>a < b</body>", "utf-8", "8bit")
+    prepared = prepare(raw, options)
+    assert not prepared.will_change
+    assert "ends inside a tag, comment or raw text" in prepared.reason
+
+
+def test_links_to_an_ipv6_tracking_host_are_not_tracked_again() -> None:
+    options = RewriteOptions(opens=False, clicks=True, base_url="http://[::1]:8080")
+    raw = build('<body><a href="http://[::1]:8080/c/abc">x</a></body>', "utf-8", "8bit")
+    [part] = [p for p in prepare(raw, options).report.parts if p.content_type == "text/html"]
+    assert [link.reason for link in part.links] == ["already a tracking link"]
+
+
+def test_a_utf16_part_with_a_byte_order_mark_is_rewritten_as_utf8() -> None:
+    html = '<html><body>café <a href="https://shop.example/">x</a></body></html>'
+    raw = build("\ufeff" + html, "utf-16-le", "base64", label="")
+    raw = raw.replace(b'Content-Type: text/html; charset=""', b"Content-Type: text/html")
+    out = prepare(raw, OPTIONS).render(EMAIL_ID, RCPT, KEYS)
+    part = html_part(out)
+    assert part.get_content_charset() == "utf-8"
+    text = part.get_payload(decode=True).decode("utf-8")
+    assert text.startswith("<html><body>café <a href=\"" + BASE + "/c/")
