@@ -269,10 +269,10 @@ class FakeClock:
         return self.now
 
 
-async def test_retry_after_is_honoured_on_an_injected_clock(tmp_path, receiver):
-    receiver.start()
-    receiver.script = [(503, {"Retry-After": "120"})]
-    clock = FakeClock()
+async def one_event_queued(tmp_path: Path, receiver: Receiver, clock: FakeClock
+                           ) -> tuple[Store, DeliveryWorker]:
+    """A store with one open event queued for the receiver, and a worker (not started) on
+    ``clock`` whose backoff takes the low end of its jitter."""
     store = await Store.open(tmp_path / "relay.db")
     sync_endpoints(store.writer, [WebhookEndpoint("crm", receiver.url, SECRET,
                                                   allow_private=True)], clock())
@@ -282,6 +282,14 @@ async def test_retry_after_is_honoured_on_an_injected_clock(tmp_path, receiver):
     event = Event("evt_1", "open", clock(), "email_1", "a@example.org", None, "127.0.0.1",
                   FIREFOX, "GET", "person", None, None, True, False, True, False)
     await store.write(lambda conn: outbox.on_event(conn, event))
+    return store, worker
+
+
+async def test_retry_after_is_honoured_on_an_injected_clock(tmp_path, receiver):
+    receiver.start()
+    receiver.script = [(503, {"Retry-After": "120"})]
+    clock = FakeClock()
+    store, worker = await one_event_queued(tmp_path, receiver, clock)
     worker.start()
     try:
         async def batch() -> tuple[Any, ...]:
@@ -307,12 +315,7 @@ async def test_an_unforeseen_error_while_sending_is_a_failed_attempt(tmp_path, r
     expiry, with no backoff and past its deadline."""
     receiver.start()
     clock = FakeClock()
-    store = await Store.open(tmp_path / "relay.db")
-    sync_endpoints(store.writer, [WebhookEndpoint("crm", receiver.url, SECRET,
-                                                  allow_private=True)], clock())
-    outbox = Outbox(clock)
-    worker = DeliveryWorker(store, WebhookDelivery(poll_seconds=0.02), outbox.wake,
-                            clock=clock, random=lambda: 0.0)
+    store, worker = await one_event_queued(tmp_path, receiver, clock)
     send = worker.sender.send
 
     async def broken_once(*args: Any) -> Any:
@@ -320,9 +323,6 @@ async def test_an_unforeseen_error_while_sending_is_a_failed_attempt(tmp_path, r
         raise RuntimeError("a bug in sending")
 
     worker.sender.send = broken_once
-    event = Event("evt_1", "open", clock(), "email_1", "a@example.org", None, "127.0.0.1",
-                  FIREFOX, "GET", "person", None, None, True, False, True, False)
-    await store.write(lambda conn: outbox.on_event(conn, event))
     worker.start()
     try:
         await wait_async(lambda: store.execute_now("SELECT 1 FROM webhook_attempts"))
