@@ -203,9 +203,12 @@ def _header(raw: bytes, block: HeaderBlock, name: str) -> str | None:
 
 
 def _sender_domain(raw: bytes, block: HeaderBlock, envelope_sender: str) -> str:
-    """The From header's domain (what recipients see and DKIM signs), else the envelope's."""
-    from_header = _header(raw, block, "From")
-    addresses = getaddresses([from_header]) if from_header else []
+    """The From header's domain (what recipients see and DKIM signs), else the envelope's.
+    The value is parsed as written: decoding RFC 2047 words first would let a display name
+    such as ``=?utf-8?q?x=40other.example?=`` pass for the address, and pick which domain's
+    settings and tracking host apply."""
+    from_header = block.get("From")
+    addresses = getaddresses([from_header.raw_value(raw)]) if from_header is not None else []
     for _, address in addresses:
         if "@" in address:
             return address.rpartition("@")[2].lower()

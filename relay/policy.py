@@ -79,10 +79,11 @@ def read_controls(raw: bytes, block: HeaderBlock) -> Controls:
     found = tuple(h for h in block.headers if h.key in CONTROL_HEADERS)
     if not found:
         return Controls()
-    for header in found:
-        if sum(1 for h in found if h.key == header.key) > 1:
-            raise ControlHeaderError(header.name, "given more than once")
-    values = {h.key: h.raw_value(raw) for h in found}
+    values: dict[str, str] = {}
+    for header in found:  # RFC 2047 words decoded: "=?utf-8?q?true?=" is a true
+        value = header.value(raw)
+        if values.setdefault(header.key, value) != value:
+            raise ControlHeaderError(header.name, "given more than once, with different values")
     opens, clicks, tag_name = _alidm(values.get(ALIDM_TRACE.lower()))
     opens = _toggle(TRACK_OPENS, values.get(TRACK_OPENS.lower()), opens)
     clicks = _toggle(TRACK_CLICKS, values.get(TRACK_CLICKS.lower()), clicks)

@@ -66,9 +66,16 @@ def test_tags_campaign_topic():
     assert len(c.headers) == 3
 
 
-def test_duplicate_control_header_is_refused():
-    with pytest.raises(ControlHeaderError, match="more than once"):
+def test_duplicate_control_header_is_refused_when_the_values_differ():
+    with pytest.raises(ControlHeaderError, match="more than once, with different values"):
         controls_of("X-Anypost-Track-Opens: true", "X-Anypost-Track-Opens: false")
+    c = controls_of("X-Anypost-Track-Opens: true", "x-anypost-track-opens:  true")
+    assert (c.opens, len(c.headers)) == (True, 2)  # both are removed before forwarding
+
+
+def test_encoded_words_in_control_headers_are_decoded():
+    c = controls_of("X-Anypost-Track-Opens: =?utf-8?q?true?=", "X-Anypost-Tags: =?utf-8?B?YSxi?=")
+    assert (c.opens, c.tags) == (True, ("a", "b"))
 
 
 @settings(max_examples=200, deadline=None)
