@@ -137,7 +137,7 @@ def openapi_document(operations: Iterable[Operation], server_url: str) -> dict[s
             "operationId": op.operation_id,
             "summary": op.summary,
             "parameters": list(op.parameters),
-            "responses": {**op.responses, **_ERROR_RESPONSES},
+            "responses": {**_not_found(op.path), **op.responses, **_ERROR_RESPONSES},
         }
         if op.tags:
             entry["tags"] = list(op.tags)
@@ -166,8 +166,15 @@ ERROR_SCHEMA: dict[str, Any] = {
         "properties": {"status": {"type": "integer"}, "message": {"type": "string"}},
     }},
 }
-_ERROR_REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+ERROR_REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _not_found(path: str) -> dict[str, Any]:
+    """A path naming something (``/tags/{name}``) answers 404 when there is no such thing."""
+    return {"404": {"description": "Not found", **ERROR_REF}} if "{" in path else {}
+
+
 _ERROR_RESPONSES = {
-    "400": {"description": "Bad input", **_ERROR_REF},
-    "401": {"description": "Missing, invalid or revoked API key", **_ERROR_REF},
+    "400": {"description": "Bad input", **ERROR_REF},
+    "401": {"description": "Missing, invalid or revoked API key", **ERROR_REF},
 }

@@ -130,10 +130,15 @@ def delete_domain(conn: sqlite3.Connection, name: str) -> bool:
     return deleted == 1
 
 
-def exclude_hosts(hosts: list[Any]) -> tuple[str, ...]:
+MAX_EXCLUDED_HOSTS = 100  # per domain: they are checked for every link of every message
+
+
+def exclude_hosts(hosts: Any) -> tuple[str, ...]:
     """Validated, lower-cased, deduplicated link hosts."""
-    if not all(isinstance(h, str) for h in hosts):
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise ValueError("exclude_hosts must be a list of host names")
+    if len(hosts) > MAX_EXCLUDED_HOSTS:
+        raise ValueError(f"exclude_hosts: at most {MAX_EXCLUDED_HOSTS} hosts")
     return tuple(dict.fromkeys(names.domain_name(h) for h in hosts))
 
 
@@ -256,9 +261,14 @@ def _clear(args: argparse.Namespace) -> int:
 # --- API -----------------------------------------------------------------------------------
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or a 400."""
+    """The request's JSON object, or a 400. JSON is UTF-8 whatever the Content-Type says (an
+    unknown charset there made aiohttp raise LookupError), and a string holding a lone
+    surrogate (``"\\ud800"``) is refused here, since SQLite cannot store one."""
     try:
-        body = await request.json()
+        body = json.loads((await request.read()).decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeError:
+        raise ApiError(400, "the body must be UTF-8 text, without lone surrogates") from None
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         raise ApiError(400, "the body must be JSON") from None
     if not isinstance(body, dict):
@@ -314,9 +324,8 @@ async def _get_domain(request: web.Request) -> web.Response:
 async def _put_domain(request: web.Request) -> web.Response:
     name = _domain_name(request)
     body = await json_body(request)
-    hosts = body.get("exclude_hosts", [])
     try:
-        excluded = exclude_hosts(hosts if isinstance(hosts, list) else [hosts])
+        excluded = exclude_hosts(body.get("exclude_hosts", []))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     new = Domain(name, _flag(body, "opens", nullable=True), _flag(body, "clicks", nullable=True),

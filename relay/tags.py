@@ -118,7 +118,9 @@ _NAME_BODY = {"required": True, "content": {"application/json": {"schema": {
 OPERATIONS = [
     Operation("GET", "/tags", _list_tags, "Registered tags", "listTags", tags=["tags"]),
     Operation("POST", "/tags", _add_tag, "Register a tag (201; 200 if it was already)", "addTag",
-              request_body=_NAME_BODY, tags=["tags"]),
+              request_body=_NAME_BODY, tags=["tags"],
+              responses={"201": {"description": "Registered"},
+                         "200": {"description": "Registered already"}}),
     Operation("DELETE", "/tags/{name}", _remove_tag,
               "Remove a tag: mail naming it is refused from then on", "removeTag",
               parameters=[{"name": "name", "in": "path", "required": True,

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from relay import config as config_module
-from relay.api import CONTEXT, ApiError, Operation, json_response
+from relay.api import CONTEXT, ERROR_REF, ApiError, Operation, json_response
 from relay.commands import ConfigOption, fail, format_time, open_store, print_table
 from relay.outbox import delete_endpoint, sync_endpoints
 from relay.settings import json_body, transaction
@@ -388,9 +388,15 @@ OPERATIONS = [
     Operation("GET", "/webhooks", _list_endpoints, "List webhook endpoints", "listWebhooks",
               tags=_TAGS),
     Operation("POST", "/webhooks", _add_endpoint, "Add a webhook endpoint (returns its secret)",
-              "addWebhook", request_body=_ADD_BODY, tags=_TAGS),
+              "addWebhook", request_body=_ADD_BODY, tags=_TAGS, responses={
+                  "201": {"description": "Added: its name and secret"},
+                  "409": {"description": "An endpoint of that name exists already",
+                          **ERROR_REF}}),
     Operation("DELETE", "/webhooks/{name}", _remove_endpoint, "Remove a webhook endpoint",
-              "removeWebhook", parameters=_NAME, tags=_TAGS),
+              "removeWebhook", parameters=_NAME, tags=_TAGS, responses={
+                  "204": {"description": "Removed"},
+                  "409": {"description": "Defined in the config file: remove it there",
+                          **ERROR_REF}}),
     Operation("POST", "/webhooks/{name}/enable", _enable_endpoint,
               "Enable an endpoint disabled by a 410", "enableWebhook", parameters=_NAME,
               tags=_TAGS),

@@ -68,8 +68,13 @@ def secret_problem(secret: str) -> str | None:
     return None
 
 
+MAX_URL_CHARS = 2048
+
+
 def url_problem(url: str) -> str | None:
     """What is wrong with a target URL, or None. Addresses are checked when delivering."""
+    if len(url) > MAX_URL_CHARS:
+        return f"the URL is longer than {MAX_URL_CHARS} characters"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"expected an http(s) URL, got {url!r}"

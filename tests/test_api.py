@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import urllib.error
+import urllib.request
 
 import pytest
 from clients import call, cli
@@ -56,6 +59,69 @@ def test_ill_typed_fields_and_endless_numbers_are_400s(api):
     status, answer = call(relay, key, "GET", "/events?limit=" + "1" * 5000)  # past int()'s limit
     assert status == 400
     assert answer["error"]["parameter"] == "limit"
+
+
+def raw_call(relay, key, method, path, data: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{relay.http_url}/api/v1{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_bodies_that_are_not_clean_utf8_json_are_400s(api):
+    """An unknown charset in Content-Type made aiohttp raise LookupError (500); a lone
+    surrogate reached SQLite, which cannot store it (500)."""
+    relay, _, key = api
+    account = b'{"opens": true, "clicks": true}'
+    status, _ = raw_call(relay, key, "PUT", "/settings/account", account,
+                         "application/json; charset=x")  # JSON is UTF-8 whatever it says
+    assert status == 200
+    for data in (b'{"opens": true, "clicks": "\\ud800"}', b'{"opens": true, "\xff": 1}'):
+        status, body = raw_call(relay, key, "PUT", "/settings/account", data, "application/json")
+        assert status == 400, (data, body)
+        assert body["error"]["status"] == 400
+    status, body = raw_call(relay, key, "POST", "/webhook-deliveries/replay",
+                            b'{"batch_ids": ["\\ud800"]}', "application/json")
+    assert status == 400
+
+
+def test_what_clients_control_is_bounded(api):
+    relay, _, key = api
+    long_url = {"name": "hook", "url": "https://hooks.example/" + "a" * 2100}
+    status, body = call(relay, key, "POST", "/webhooks", long_url)
+    assert status == 400 and "longer than 2048" in body["error"]["message"]
+    hosts = [f"h{i}.example" for i in range(101)]
+    status, body = call(relay, key, "PUT", "/settings/domains/shop.example",
+                        {"exclude_hosts": hosts})
+    assert status == 400 and "at most 100" in body["error"]["message"]
+    status, _ = call(relay, key, "PUT", "/settings/domains/shop.example",
+                     {"exclude_hosts": "cdn.example"})
+    assert status == 400
+
+
+def test_the_openapi_document_lists_the_statuses_the_api_answers(api):
+    relay, _, key = api
+    document = call(relay, key, "GET", "/openapi.json")[1]
+
+    def documented(method: str, template: str, path: str, body: object = None) -> None:
+        status, _ = call(relay, key, method, path, body)
+        responses = document["paths"][template][method.lower()]["responses"]
+        assert str(status) in responses, (method, path, status, sorted(responses))
+
+    hook = {"name": "hook", "url": "https://hooks.example/in"}
+    documented("POST", "/webhooks", "/webhooks", hook)  # 201
+    documented("POST", "/webhooks", "/webhooks", hook)  # 409
+    documented("DELETE", "/webhooks/{name}", "/webhooks/hook")  # 204
+    documented("DELETE", "/webhooks/{name}", "/webhooks/hook")  # 404
+    documented("POST", "/tags", "/tags", {"name": "spring"})  # 201
+    documented("POST", "/tags", "/tags", {"name": "spring"})  # 200
+    documented("DELETE", "/tags/{name}", "/tags/nope")  # 404
+    documented("GET", "/settings/domains/{domain}", "/settings/domains/shop.example")  # 404
+    documented("GET", "/tracking-domains/{host}", "/tracking-domains/t.shop.example")  # 404
 
 
 def test_revoked_key_stops_working(api):
