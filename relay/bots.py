@@ -112,7 +112,8 @@ AGENT_RULES: tuple[_AgentRule, ...] = (
     _rule(
         r"^(?:curl|Wget|python-requests|python-urllib|python-httpx|aiohttp|Go-http-client|"
         r"Java|okhttp|Apache-HttpClient|libwww-perl|node-fetch|axios|undici|Ruby|PHP|"
-        r"GuzzleHttp|HTTPie|Scrapy|PostmanRuntime|Dart|reqwest|http\.rb)\b",
+        r"GuzzleHttp|HTTPie|Scrapy|PostmanRuntime|Dart|reqwest|http\.rb)\b"
+        r"|\baiohttp/",  # aiohttp's own agent is "Python/3.x aiohttp/3.x"
         AUTOMATION,
     ),
     _rule(
@@ -211,7 +212,7 @@ def _agent_verdict(kind: str, user_agent: str) -> Verdict | None:
     agent = user_agent.strip()
     if not agent:
         return Verdict(AUTOMATION, None, "no user agent")
-    if agent == APPLE_PREFETCH_AGENT:
+    if agent.lower() == APPLE_PREFETCH_AGENT.lower():
         if kind == OPEN:
             return Verdict(PREFETCH, "apple", "Apple Mail Privacy Protection user agent")
         return Verdict(AUTOMATION, None, "bare user agent 'Mozilla/5.0'")

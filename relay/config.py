@@ -245,7 +245,7 @@ class _Reader:
         nets = []
         for item in items:
             try:
-                nets.append(ipaddress.ip_network(str(item), strict=False))
+                nets.append(_unmapped(ipaddress.ip_network(str(item), strict=False)))
             except ValueError:
                 raise self.fail(name, f"not an IP network: {item!r}") from None
         return tuple(nets)
@@ -594,6 +594,17 @@ def _selector(r: _Reader, text: str) -> str:
         return names.dkim_selector(text)
     except ValueError as exc:
         raise r.fail("selector", str(exc)) from None
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(net: Network) -> Network:
+    """An IPv4-mapped range (``::ffff:198.51.100.0/120``) as the IPv4 range it is: client
+    addresses are compared unwrapped (relay.bots.parse_ip), and would never fall inside it."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 _Named = TypeVar("_Named", "DomainSettings", "WebhookEndpoint")

@@ -18,6 +18,7 @@ from relay.bots import (
     Signals,
     networks_of,
 )
+from relay.config import parse
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
@@ -38,6 +39,7 @@ CASES = [
     (OPEN, "GET", YAHOO, HOME, PROXY, "yahoo", True),
     (OPEN, "GET", OUTLOOK_PROXY, "40.92.1.1", PROXY, "microsoft", True),
     (OPEN, "GET", "Mozilla/5.0", HOME, PREFETCH, "apple", False),
+    (OPEN, "GET", "mozilla/5.0", HOME, PREFETCH, "apple", False),  # case does not matter
     (OPEN, "GET", IPHONE, "17.58.1.2", PREFETCH, "apple", False),
     (CLICK, "GET", IPHONE, "17.58.1.2", PERSON, None, True),  # Apple range: opens only
     (CLICK, "GET", "Mozilla/5.0", HOME, AUTOMATION, None, False),
@@ -59,6 +61,7 @@ CASES = [
     (CLICK, "GET", "curl/8.5.0", HOME, AUTOMATION, "curl", False),
     (CLICK, "GET", "python-requests/2.31.0", HOME, AUTOMATION, "python-requests", False),
     (OPEN, "GET", "Go-http-client/1.1", HOME, AUTOMATION, "go-http-client", False),
+    (CLICK, "GET", "Python/3.11 aiohttp/3.14.5", HOME, AUTOMATION, "aiohttp/", False),
     (CLICK, "GET", "Mozilla/5.0 (compatible; Googlebot/2.1)", HOME, AUTOMATION, "bot/", False),
     (CLICK, "GET", "Slackbot-LinkExpanding 1.0", HOME, AUTOMATION, "slackbot", False),
     (CLICK, "GET", "", HOME, AUTOMATION, None, False),
@@ -114,6 +117,14 @@ def test_configured_networks_extend_the_defaults() -> None:
     verdict = classifier.classify(Signals(CLICK, "GET", FIREFOX, "198.51.100.9"))
     assert (verdict.classification, verdict.source) == (SCANNER, "config")
     assert classifier.classify(Signals(CLICK, "GET", FIREFOX, HOME)).classification == PERSON
+
+
+def test_configured_ipv4_mapped_ranges_match_ipv4_clients() -> None:
+    """Clients are compared unwrapped; a range written ::ffff:a.b.c.d/1xx never matched."""
+    config = parse({"tracking": {"scanner_networks": ["::ffff:198.51.100.0/120"]}})
+    classifier = Classifier(networks_of(config.tracking.scanner_networks))
+    for client in ("198.51.100.9", "::ffff:198.51.100.9"):
+        assert classifier.classify(Signals(CLICK, "GET", FIREFOX, client)).classification == SCANNER
 
 
 def test_proxy_agent_wins_over_scanner_network() -> None:
