@@ -57,7 +57,9 @@ def fill(conn, events: int, end: float) -> None:
         SELECT printf('email_%012d', i / 2), printf('r%d@', i) || d.name,
                CASE WHEN i % 50 THEN 'sent' ELSE 'failed' END, '250', {start} + i / 2 * {step}
         FROM n JOIN d ON d.k = i % {len(DOMAINS)} + 1""",
-        f"""INSERT INTO events
+        f"""INSERT INTO events (id, type, at, email_id, recipient, url, ip, user_agent, method,
+                            classification, bot_source, reason, counted, implied,
+                            first_for_recipient, first_for_link)
         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {events - 1}),
         e AS (SELECT i, i / {EVENTS_PER_MESSAGE} AS m, (i / {EVENTS_PER_MESSAGE}) * 2 + i % 2 AS r,
                      i % {EVENTS_PER_MESSAGE} AS kind, {start} + i * {step / EVENTS_PER_MESSAGE}
