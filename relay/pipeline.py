@@ -8,10 +8,12 @@ never raises for a problem with the message: every outcome is a reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -63,6 +65,9 @@ class Outcome:
         return {r: reply for r, reply in self.replies.items() if not reply.ok}
 
 
+NOT_RECORDED = "451 4.3.0 The relay cannot record messages right now; not sent, try again later"
+
+
 class MailPipeline:
     def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream,
                  listeners: Sequence[MessageListener] = ()):
@@ -72,6 +77,9 @@ class MailPipeline:
         self.upstream = upstream
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
+        # one lock per Message-ID being sent; forgotten once nobody holds or waits for it
+        self._senders: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     async def process(self, incoming: Incoming) -> str:
         started = time.perf_counter()
@@ -104,31 +112,48 @@ class MailPipeline:
                           self.config.http.public_url)
         clean = remove_headers(raw, controls.headers)
         message_id = _header(raw, block, "Message-ID")
-        pending, duplicates = self._split_delivered(message_id, incoming.recipients)
-        outcome = Outcome(email_id, duplicates=duplicates)
-        prepared = await self._prepare(clean, decision, sender_domain) if pending else None
-        reason = decision.reason if prepared is None else _reason(decision, prepared)
-        tracked = prepared is not None and prepared.will_change
-        options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
-        if tracked:
-            assert prepared is not None
-            copies = [Copy(incoming.sender, [r], stuff(prepared.render(email_id, r, self.keyring)),
-                           options, email_id) for r in pending]
-        elif pending:
-            copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
-        else:
-            copies = []
-        record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
-                               _header(raw, block, "Subject"), controls,
-                               decision if tracked else None, reason, len(raw), time.time())
-        stored = tracked and await self._store_message(record)
-        sent = await asyncio.gather(*(self.upstream.send(c) for c in copies),
-                                    return_exceptions=True)
-        for copy, replies in zip(copies, sent, strict=True):
-            outcome.replies.update(_replies_of(copy, replies, email_id))
-        await self._record(record, outcome, stored)
-        _count(outcome, decision if tracked else None)
-        return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+        async with self._sending(message_id):
+            pending, duplicates = self._split_delivered(message_id, incoming.recipients)
+            outcome = Outcome(email_id, duplicates=duplicates)
+            prepared = await self._prepare(clean, decision, sender_domain) if pending else None
+            reason = decision.reason if prepared is None else _reason(decision, prepared)
+            tracked = prepared is not None and prepared.will_change
+            options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
+            if tracked:
+                assert prepared is not None
+                copies = [Copy(incoming.sender, [r],
+                               stuff(prepared.render(email_id, r, self.keyring)),
+                               options, email_id) for r in pending]
+            elif pending:
+                copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
+            else:
+                copies = []
+            record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
+                                   _header(raw, block, "Subject"), controls,
+                                   decision if tracked else None, reason, len(raw), time.time())
+            stored = bool(copies)
+            if stored and not await self._store_message(record):
+                metrics.SMTP_MESSAGES.labels("deferred").inc()
+                return NOT_RECORDED, outcome, "store unavailable: nothing sent"
+            sent = await asyncio.gather(*(self.upstream.send(c) for c in copies),
+                                        return_exceptions=True)
+            for copy, replies in zip(copies, sent, strict=True):
+                outcome.replies.update(_replies_of(copy, replies, email_id))
+            await self._record(record, outcome, stored)
+            _count(outcome, decision if tracked else None)
+            return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+
+    def _sending(self, message_id: str | None) -> contextlib.AbstractAsyncContextManager[object]:
+        """Held while a message is checked against earlier deliveries, sent and recorded: a
+        client that retries while its first try still waits on the upstream would otherwise
+        find no delivery recorded yet, and send the copies twice. Per process: with SMTP
+        workers a retry may reach another process."""
+        if not message_id or not self.config.smtp.dedupe_hours:
+            return contextlib.nullcontext()
+        lock = self._senders.get(message_id)
+        if lock is None:
+            lock = self._senders[message_id] = asyncio.Lock()
+        return lock
 
     def _split_delivered(self, message_id: str | None, recipients: Sequence[str]
                          ) -> tuple[list[str], list[str]]:
@@ -143,9 +168,10 @@ class MailPipeline:
         return [r for r in recipients if r not in done], [r for r in recipients if r in done]
 
     async def _store_message(self, record: MessageRecord) -> bool:
-        """The message's row, before its tracked copies go out: a link scanner may click
-        within a second of delivery, and the tracker needs the send time to tell it from a
-        person (events stored without it count as people). A failure is logged."""
+        """The message's row, before its copies go out: a link scanner may click within a
+        second of delivery, and the tracker needs the send time to tell it from a person; and
+        a store that cannot be written (locked, disk full) is found before anything is sent,
+        rather than after, when the copies could not be recorded nor retries recognised."""
         try:
             await self.store.write(lambda conn: _insert_message(conn, record))
         except Exception:

@@ -215,6 +215,7 @@ class RelayHandler:
         self.settings = settings
         self.pipeline = pipeline
         self._users = {u.name: u.password_hash for u in settings.users}
+        self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -256,7 +257,13 @@ class RelayHandler:
             mail_options=list(envelope.mail_options),
             peer=str(session.peer[0]) if session.peer else "",
         )
-        return await self.pipeline.process(incoming)
+        delivery = asyncio.create_task(self.pipeline.process(incoming))
+        self.deliveries.add(delivery)
+        delivery.add_done_callback(self.deliveries.discard)
+        # Shielded: when a client hangs up, aiosmtpd cancels its session, and a delivery cut
+        # in two would leave copies at the upstream without their record, so the client's
+        # retry would send them again. It goes on to the end; only the reply is lost.
+        return await asyncio.shield(delivery)
 
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data: object) -> AuthResult:
@@ -356,10 +363,11 @@ class SmtpService:
         ``wait_closed`` waits for every connection to end, and an idle or half-sent session
         would hold the stop for up to ``smtp.timeout``; on 3.11 they would outlive the
         store. Aborted, not closed: a close waits to flush replies that a client which
-        stopped reading never takes."""
+        stopped reading never takes. Deliveries whose client hung up are waited for within
+        the same drain; whatever outlives it is cancelled."""
         for server in self.servers:
             server.close()
-        draining: list[asyncio.Future[None]] = []
+        draining: list[asyncio.Future[object]] = [*self.handler.deliveries]  # hung-up ones too
         for session in list(self.sessions):
             if session.transport is None:
                 continue
@@ -380,6 +388,10 @@ class SmtpService:
                 session.transport.abort()
         for server in self.servers:
             await server.wait_closed()
+        late = list(self.handler.deliveries)  # what outlived the drain ends here
+        for delivery in late:
+            delivery.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
         await self.upstream.close()
 
 

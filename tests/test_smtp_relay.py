@@ -11,6 +11,7 @@ import re
 import shutil
 import smtplib
 import socket
+import sqlite3
 import ssl
 import subprocess
 import urllib.error
@@ -520,6 +521,68 @@ def test_a_click_while_the_message_is_being_delivered_meets_the_scanner_window(
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object) -> None:
         return None
+
+
+def test_a_client_that_hangs_up_during_delivery_does_not_cut_it(make_relay, loops, upstream):
+    """aiosmtpd cancels the session of a client that hangs up; the delivery was cancelled with
+    it, after the upstream had the copy and before its record: the retry sent it again."""
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay(upstream=upstream)
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as sock:
+        send_raw(sock, html_message("hang-up-1"))
+        wait_until_held(upstream)
+    sessions = relay.services.smtp.sessions
+    wait_until(lambda: not any(s.transport for s in sessions), what="the relay to see the hang-up")
+    loops.loop.call_soon_threadsafe(gate.set)
+    with relay.db() as db:
+        wait_until(lambda: db.execute("SELECT status FROM recipients").fetchall(),
+                   what="the delivery's record")
+        assert [tuple(r) for r in db.execute("SELECT status FROM recipients")] == [("sent",)]
+    assert len(upstream.received) == 1
+
+
+def test_a_store_that_cannot_be_written_defers_the_message_before_sending(make_relay,
+                                                                         upstream):
+    """It was forwarded anyway and answered 250, with no record: no dedupe for the client's
+    retries, no webhook. A mail server whose queue cannot be written answers 4xx."""
+    relay = make_relay(upstream=upstream)
+    relay.services.store.lock_timeout = 0.2
+    lock = sqlite3.connect(relay.config.store.path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        client.mail("app@shop.example")
+        client.rcpt("a@example.org")
+        code, text = client.data(html_message("locked-1"))
+        assert (code, text) == (451, b"4.3.0 The relay cannot record messages right now; "
+                                     b"not sent, try again later")
+        lock.execute("COMMIT")
+        assert client.sendmail("app@shop.example", ["a@example.org"],
+                               html_message("locked-1")) == {}
+    lock.close()
+    assert len(upstream.received) == 1
+
+
+def test_a_retry_while_the_first_try_is_still_sending_is_not_sent_twice(make_relay, loops,
+                                                                         upstream):
+    """The duplicate check saw only deliveries already recorded: a client retrying while its
+    first try waited on a slow upstream got every copy sent again."""
+    gate = hold_upstream(loops, upstream)
+    relay = make_relay(upstream=upstream)
+    sessions = relay.services.smtp.sessions
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as first, \
+            socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as retry:
+        first_replies = send_raw(first, html_message("retry-1"))
+        wait_until_held(upstream)
+        retry_replies = send_raw(retry, html_message("retry-1"))
+        wait_until(lambda: sum(s.delivering for s in sessions) == 2, what="both in DATA")
+        loops.loop.call_soon_threadsafe(gate.set)
+        assert first_replies.readline().startswith(b"250")
+        assert retry_replies.readline().startswith(b"250")
+    assert len(upstream.received) == 1
+    with relay.db() as db:
+        statuses = sorted(r[0] for r in db.execute("SELECT status FROM recipients"))
+    assert statuses == ["duplicate", "sent"]
 
 
 def test_stop_lets_a_message_being_delivered_finish_and_answer(make_relay, loops, upstream):
