@@ -150,13 +150,8 @@ def listing(conn: sqlite3.Connection) -> list[TrackingDomain]:
 
 def get(conn: sqlite3.Connection, host: str) -> TrackingDomain | None:
     rows = conn.execute(f"SELECT {_COLUMNS} FROM tracking_domains WHERE host = ?",
-                        (_key(host),)).fetchall()
+                        (names.normal(host),)).fetchall()
     return TrackingDomain(*rows[0]) if rows else None
-
-
-def _key(host: str) -> str:
-    """A host as ``add`` stores it: lower case, no trailing dot."""
-    return host.strip().lower().removesuffix(".")
 
 
 def add(conn: sqlite3.Connection, host: str, sender_domain: str | None = None
@@ -178,7 +173,7 @@ def add(conn: sqlite3.Connection, host: str, sender_domain: str | None = None
 
 def remove(conn: sqlite3.Connection, host: str) -> bool:
     removed = conn.execute("DELETE FROM tracking_domains WHERE host = ?",
-                           (_key(host),)).rowcount == 1
+                           (names.normal(host),)).rowcount == 1
     if removed:
         bump(conn)
     return removed
@@ -289,7 +284,7 @@ def _add(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     cfg, conn = open_seeded(args, seed)
-    host = _key(args.host)
+    host = names.normal(args.host)
     if get(conn, host) is None:
         return fail(f"no tracking domain {args.host!r}")
     result = asyncio.run(check(host, cname_target(cfg.http.public_url), make_resolver(cfg.dns)))

@@ -11,8 +11,9 @@ from email.header import decode_header, make_header
 from typing import NamedTuple
 
 _FOLD = re.compile(r"\r?\n[ \t]")
-# A byte that is not UTF-8, kept by surrogateescape (or a lone surrogate a UTF-7 word decodes to)
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# A byte that is not UTF-8, kept by surrogateescape (as Header values and aiosmtpd's command
+# arguments keep them), or a lone surrogate a UTF-7 word decodes to
+NOT_UTF8 = re.compile("[\ud800-\udfff]")
 
 
 class Header(NamedTuple):
@@ -34,7 +35,7 @@ class Header(NamedTuple):
         not UTF-8 (a raw Latin-1 header, say) as U+FFFD, not a lone surrogate, which SQLite
         refuses."""
         text = _decode_words(self.raw_value(raw))
-        return text if text.isascii() else _SURROGATE.sub("\N{REPLACEMENT CHARACTER}", text)
+        return text if text.isascii() else NOT_UTF8.sub("\N{REPLACEMENT CHARACTER}", text)
 
 
 def _decode_words(text: str) -> str:

@@ -17,9 +17,14 @@ _PREFIX = re.compile(r"(?!-)[A-Za-z0-9-]{3,63}(?<!-)")
 TAG_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
 
+def normal(text: str) -> str:
+    """A host or domain name as it is stored and looked up: lower case, no trailing dot."""
+    return text.strip().lower().removesuffix(".")
+
+
 def domain_name(text: str) -> str:
     """A DNS host name of at least two labels, lower-cased, without a trailing dot."""
-    name = text.strip().lower().removesuffix(".")
+    name = normal(text)
     labels = name.split(".")
     if len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(x) for x in labels):
         raise ValueError(f"{text!r} is not a domain name (labels of letters, digits and "

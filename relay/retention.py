@@ -102,9 +102,8 @@ ERASE_STEPS: tuple[Step, ...] = (
 )
 _TEMP_TABLES = {"erase_addresses": "address", "erase_messages": "email_id", "erase_events": "id"}
 
-# Every spelling of the address stored anywhere (the tables keep it as it was received).
-# relay_lower is Python's lower(): SQLite's folds ASCII letters only, and SMTPUTF8 lets
-# addresses such as JÖRG@example.org in.
+# Every spelling of the address stored anywhere (the tables keep it as it was received);
+# relay_lower: see store.add_lower.
 _SPELLINGS = """
     SELECT recipient FROM recipients WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM deliveries WHERE relay_lower(recipient) = :address
@@ -129,7 +128,7 @@ def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     """Delete every row about ``address`` (``local@domain``; ValueError otherwise); returns
     rows deleted per table."""
     params = {"address": valid_address(address).lower()}
-    conn.create_function("relay_lower", 1, _lower, deterministic=True)
+    store.add_lower(conn)
     conn.create_function("relay_names_address", 1, _names(params["address"]), deterministic=True)
     for table, column in _TEMP_TABLES.items():
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({column} TEXT PRIMARY KEY)")
@@ -141,10 +140,6 @@ def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     finally:
         for table in _TEMP_TABLES:
             conn.execute(f"DELETE FROM temp.{table}")
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
 
 
 def _names(address: str) -> Callable[[str], bool]:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from relay import store
 from relay.bots import CLICK, OPEN
 from relay.events import Event
 from relay.stats import add_counts, day_of, esp_of
@@ -209,7 +210,7 @@ def rebuild(conn: sqlite3.Connection) -> None:
 
     The caller must keep other writers out (the relay stopped, or the benchmark's fill)."""
     conn.create_function("relay_esp", 1, esp_of, deterministic=True)
-    conn.create_function("relay_lower", 1, str.lower, deterministic=True)
+    store.add_lower(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         for table in _TABLES:

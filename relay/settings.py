@@ -251,7 +251,7 @@ def _set_domain(conn: sqlite3.Connection, args: argparse.Namespace) -> Domain:
 def _clear(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
     with transaction(conn):
-        found = delete_domain(conn, args.domain.strip().lower().removesuffix("."))
+        found = delete_domain(conn, names.normal(args.domain))
     if not found:
         return fail(f"no settings for domain {args.domain!r}")
     print(f"cleared {args.domain}")

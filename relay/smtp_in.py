@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import Config, SmtpSettings
+from relay.headers import NOT_UTF8
 from relay.passwords import verify_password
 from relay.pipeline import Incoming, MailPipeline, MessageListener
 from relay.smtp_out import Upstream, build_upstream
@@ -36,8 +37,6 @@ _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9
 # Control characters (a bare CR among them: aiosmtpd ends command lines at LF only), which no
 # address may carry to the upstream
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# aiosmtpd keeps bytes that are not UTF-8 as lone surrogates (surrogateescape).
-_NOT_UTF8 = re.compile("[\ud800-\udfff]")
 # How long stop() lets the messages being delivered finish and be answered, well under
 # systemd's 90 s stop timeout.
 DRAIN_SECONDS = 30.0
@@ -401,7 +400,7 @@ def _address_problem(address: str) -> str:
     into a token, after the upstream took the message."""
     if _CONTROL.search(address):
         return "control character in the address"
-    if _NOT_UTF8.search(address):
+    if NOT_UTF8.search(address):
         return "the address is not valid UTF-8"
     return ""
 

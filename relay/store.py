@@ -322,6 +322,16 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def add_lower(conn: sqlite3.Connection) -> None:
+    """``relay_lower()`` in SQL on ``conn``: Python's lower(), since SQLite's folds ASCII
+    letters only (and SMTPUTF8 lets addresses such as JÖRG@example.org in); NULL stays NULL."""
+    conn.create_function("relay_lower", 1, _lower, deterministic=True)
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply the migrations this file has not seen; returns their names."""
     conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
