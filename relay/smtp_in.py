@@ -21,11 +21,12 @@ from collections.abc import Sequence
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay import metrics
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
 from relay.passwords import verify_password
 from relay.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp_out import Upstream, build_upstream
+from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
 
@@ -55,8 +56,10 @@ class RelaySMTP(SMTP):
     The stock DATA loop reads line by line; this one asks the stream for everything up to the
     next ``.\\r\\n`` and checks whether that dot starts a line, so a 40 KB message costs a
     handful of reads. The body is kept as received (dot-stuffed), and checked afterwards for
-    size, line length and bare CR or LF (which some servers take as line endings: a way to
-    smuggle a second message past a relay, so it is refused).
+    size, line length and bare CR or LF. The end of DATA is only ``CRLF.CRLF``; a bare CR or
+    LF is a line ending to some servers, a way to smuggle a second message past a relay. So
+    the upstream gets CRLF only: from clients the handler trusts they are made CRLF (as
+    Postfix's ``smtpd_forbid_bare_newline = normalize``), from others the message is refused.
     """
 
     # The stream's buffer limit: how much readuntil() may look at before giving up. Command
@@ -101,8 +104,11 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         body, too_big = await self._read_data()
-        problem = "552 5.3.4 Message too big" if too_big else self._check_body(body)
+        body, problem = (body, "552 5.3.4 Message too big") if too_big else self._check_body(body)
         if problem:
+            log.info("refused from=%s peer=%s: %s", self.envelope.mail_from,
+                     self.session.peer if self.session else None, problem)
+            metrics.SMTP_MESSAGES.labels("refused").inc()
             self._set_post_data_state()
             await self.push(problem)
             return
@@ -157,15 +163,18 @@ class RelaySMTP(SMTP):
             last = (last + piece)[-2:]
         return b"".join(pieces), bool(limit and size > limit)
 
-    def _check_body(self, body: bytes) -> str | None:
+    def _check_body(self, body: bytes) -> tuple[bytes, str | None]:
+        """The body to deliver (line endings made CRLF), or the reply that refuses it."""
         crlf = body.count(b"\r\n")
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-            return ("550 5.6.11 Bare CR or LF in message data: line endings must be CRLF "
-                    "(RFC 5321 2.3.8)")
+            if not self.event_handler.trusted(self.session):
+                return body, ("550 5.6.11 Bare CR or LF in message data: line endings must "
+                              "be CRLF (RFC 5321 2.3.8)")
+            body = crlf_line_endings(body)
         if has_long_line(body, self.max_line_length):
-            return (f"500 5.5.2 Line too long: message lines must be at most "
-                    f"{self.max_line_length} characters (RFC 5322 2.1.1)")
-        return None
+            return body, (f"500 5.5.2 Line too long: message lines must be at most "
+                          f"{self.max_line_length} characters (RFC 5322 2.1.1)")
+        return body, None
 
 
 @functools.cache
@@ -178,6 +187,20 @@ def _ends_line(before: bytes, piece: bytes) -> bool:
     head = piece[:-len(DATA_END)]
     tail = (before + head)[-2:] if len(head) < 2 else head[-2:]
     return tail == b"\r\n"
+
+
+def crlf_line_endings(stuffed: bytes) -> bytes:
+    """The dot-stuffed DATA ``stuffed`` with every bare CR and bare LF made CRLF, stuffed
+    again so that it holds no line of a lone dot.
+
+    Each of them ends a line, as for the clients that send them (smtplib sending
+    ``msg.as_bytes()`` ends lines with LF, and dot-stuffs the lines that follow one): so the
+    first dot of a line that follows one is dot-stuffing, as after a CRLF. A lone ``.`` after a
+    bare line ending is not the end of DATA (only ``CRLF.CRLF`` is): it becomes an empty line,
+    and whatever follows it stays in this message.
+    """
+    crlf = stuffed.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return stuff(unstuff(crlf))
 
 
 def has_long_line(body: bytes, limit: int) -> bool:
@@ -216,9 +239,13 @@ class RelayHandler:
         self._users = {u.name: u.password_hash for u in settings.users}
         self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
 
+    def trusted(self, session: Session | None) -> bool:
+        """Whether the client may relay: it authenticated or comes from allowed_networks."""
+        return session is not None and bool(session.authenticated or self._allowed(session.peer))
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if not (session.authenticated or self._allowed(session.peer)):
+        if not self.trusted(session):
             if self._users:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: this client may not send through the relay"
