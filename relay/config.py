@@ -6,8 +6,10 @@ the key and what is wrong, so a bad config fails at start-up with a clear messag
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +41,16 @@ class SmtpUser:
     password_hash: str
 
 
+@functools.cache
+def machine_name() -> str:
+    """The machine's fully qualified name; a DNS lookup, so asked once per process."""
+    return socket.getfqdn()
+
+
 @dataclass(frozen=True)
 class SmtpSettings:
     listen: Address = Address("127.0.0.1", 2525)
-    hostname: str = "localhost"
+    hostname: str | None = None  # None: the machine's fully qualified name (server_name)
     allowed_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -59,6 +67,12 @@ class SmtpSettings:
     # A resend of a Message-ID within this many hours skips the recipients it already reached.
     dedupe_hours: float = 72.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
+    add_received: bool = True  # a Received: line at the top of every copy
+
+    @property
+    def server_name(self) -> str:
+        """The relay's name: in its greeting, its EHLO to the upstream, its Received lines."""
+        return self.hostname or machine_name()
 
 
 @dataclass(frozen=True)
@@ -333,7 +347,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         users.append(SmtpUser(name, password_hash))
     settings = SmtpSettings(
         listen=r.address("listen", d.listen),
-        hostname=r.get("hostname", str, d.hostname),
+        hostname=_host_name(r, "hostname"),
         allowed_networks=r.networks("allowed_networks", d.allowed_networks),
         users=tuple(users),
         auth_require_tls=r.get("auth_require_tls", bool, d.auth_require_tls),
@@ -346,6 +360,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         timeout=r.positive("timeout", d.timeout, float),
         dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
         workers=_workers(r, r.address("listen", d.listen)),
+        add_received=r.get("add_received", bool, d.add_received),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise r.fail("tls_cert", "tls_cert and tls_key go together")
@@ -357,6 +372,16 @@ def _smtp(r: _Reader) -> SmtpSettings:
         raise r.fail("tls_listen", "needs tls_cert and tls_key")
     r.done()
     return settings
+
+
+def _host_name(r: _Reader, key: str) -> str | None:
+    text = r.get(key, str, None)
+    if text is None:
+        return None
+    try:
+        return names.host_name(text)
+    except ValueError as exc:
+        raise r.fail(key, str(exc)) from None
 
 
 def _password_hash(r: _Reader, encoded: str | None) -> None:

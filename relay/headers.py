@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from typing import NamedTuple
 
 _FOLD = re.compile(r"\r?\n[ \t]")
+FOLD_AT = 78  # where a header line is folded if its words allow (RFC 5322 2.1.1)
 # A byte that is not UTF-8, kept by surrogateescape (as Header values and aiosmtpd's command
 # arguments keep them), or a lone surrogate a UTF-7 word decodes to
 NOT_UTF8 = re.compile("[\ud800-\udfff]")
@@ -107,3 +108,26 @@ def remove_headers(raw: bytes, doomed: Iterable[Header]) -> bytes:
         pos = end
     pieces.append(raw[pos:])
     return b"".join(pieces)
+
+
+def header_field(name: str, chunks: Sequence[str]) -> bytes:
+    """A whole ``Name: value`` field ending in CRLF, the value ``chunks`` joined by spaces and
+    folded between two of them (RFC 5322 2.2.3) where the line would pass ``FOLD_AT``
+    characters; a chunk is never split."""
+    lines = [f"{name}:"]
+    for chunk in chunks:
+        if len(lines[-1]) + 1 + len(chunk) > FOLD_AT and len(lines[-1]) > len(name) + 1:
+            lines.append(f" {chunk}")
+        else:
+            lines[-1] += f" {chunk}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def prepend_headers(raw: bytes, fields: Iterable[bytes]) -> bytes:
+    """``raw`` (CRLF line endings) with whole header fields (from :func:`header_field`) in
+    front of its first header, in the order given; every byte of ``raw`` is kept, and so is
+    any DKIM signature over it (a verifier takes the last instance of a signed header name,
+    so a field added on top is never one it signed). A message whose first line starts with
+    a space or tab (no header before it to continue) gets it read as part of the last field
+    added, as in every mail server that adds a Received line."""
+    return b"".join((*fields, raw))

@@ -32,6 +32,16 @@ def domain_name(text: str) -> str:
     return name
 
 
+def host_name(text: str) -> str:
+    """A DNS host name of one label or more (``localhost`` too), lower-cased, without a
+    trailing dot."""
+    name = normal(text)
+    if len(name) > 253 or not all(_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ValueError(f"{text!r} is not a host name (labels of letters, digits and "
+                         "hyphens, separated by dots)")
+    return name
+
+
 def tracking_prefix(prefix: str) -> str:
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix {prefix!r} must be 3-63 letters, digits or hyphens, "

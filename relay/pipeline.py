@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
-from relay import metrics
+from relay import metrics, trace
 from relay.config import Config
 from relay.dkim import DkimSigner
 from relay.errors import SmtpReplyError
-from relay.headers import HeaderBlock, parse_header_block, remove_headers
+from relay.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
 from relay.ids import new_email_id
 from relay.policy import Controls, Decision, decide, read_controls
 from relay.rewrite import Prepared, RewriteOptions, prepare
@@ -46,6 +46,8 @@ class Incoming:
     stuffed: bytes  # the DATA as received: CRLF, dot-stuffed, without the final ".\r\n"
     mail_options: Sequence[str] = ()
     peer: str = ""
+    helo: str = ""  # the name the client gave in EHLO or HELO
+    protocol: str = "ESMTP"  # as the Received line names it (trace.protocol)
 
 
 @dataclass(slots=True)
@@ -121,11 +123,13 @@ class MailPipeline:
             options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
             if tracked:
                 assert prepared is not None
-                copies = [Copy(incoming.sender, [r],
-                               stuff(prepared.render(email_id, r, self.keyring)),
-                               options, email_id) for r in pending]
+                copies = [Copy(incoming.sender, [r], stuff(self._traced(
+                               prepared.render(email_id, r, self.keyring), incoming, email_id,
+                               [r])), options, email_id) for r in pending]
             elif pending:
-                copies = [Copy(incoming.sender, pending, stuff(clean), options, email_id)]
+                copies = [Copy(incoming.sender, pending,
+                               stuff(self._traced(clean, incoming, email_id, pending)),
+                               options, email_id)]
             else:
                 copies = []
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
@@ -142,6 +146,18 @@ class MailPipeline:
             await self._record(record, outcome, stored)
             _count(outcome, decision if tracked else None)
             return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+
+    def _traced(self, message: bytes, incoming: Incoming, email_id: str,
+                recipients: Sequence[str]) -> bytes:
+        """One copy with the relay's ``Received:`` line on top (unless ``smtp.add_received``
+        is off): added after the rewrite and any DKIM re-signing, so no signature covers it."""
+        if not self.config.smtp.add_received:
+            return message
+        line = trace.received(
+            helo=incoming.helo, address=incoming.peer, by=self.config.smtp.server_name,
+            protocol=incoming.protocol, email_id=email_id,
+            recipient=recipients[0] if len(recipients) == 1 else None, when=time.time())
+        return prepend_headers(message, [line])
 
     def _sending(self, message_id: str | None) -> contextlib.AbstractAsyncContextManager[object]:
         """Held while a message is checked against earlier deliveries, sent and recorded: a

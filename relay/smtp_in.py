@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay import metrics
+from relay import metrics, trace
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
 from relay.passwords import verify_password
@@ -282,6 +282,12 @@ class RelayHandler:
             stuffed=envelope.original_content,
             mail_options=list(envelope.mail_options),
             peer=str(session.peer[0]) if session.peer else "",
+            helo=session.host_name or "",
+            protocol=trace.protocol(
+                esmtp=session.extended_smtp, authenticated=bool(session.authenticated),
+                tls=server.transport is not None
+                and server.transport.get_extra_info("ssl_object") is not None,
+                utf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options)),
         )
         delivery = asyncio.create_task(self.pipeline.process(incoming))
         self.deliveries.add(delivery)
@@ -332,7 +338,7 @@ class SmtpService:
                  upstream: Upstream | None = None,
                  listeners: Sequence[MessageListener] = ()) -> None:
         self.config = config
-        self.upstream = upstream or build_upstream(config.upstream, config.smtp.hostname)
+        self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name)
         self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
                                                               self.upstream, listeners))
         self.servers: list[asyncio.AbstractServer] = []
@@ -361,7 +367,7 @@ class SmtpService:
             max_line_length=s.max_line_length,
             data_size_limit=s.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=s.hostname,
+            hostname=s.server_name,
             ident="tracking-relay",
             tls_context=None if implicit else tls,
             timeout=s.timeout,

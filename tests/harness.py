@@ -5,6 +5,7 @@ swaks) over loopback."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import sqlite3
 import ssl
@@ -201,6 +202,17 @@ class Relay:
 
     def close(self) -> None:
         self.loops.run(self._context.__aexit__(None, None, None))
+
+
+def without_received(data: bytes) -> bytes:
+    """A forwarded copy without the ``Received:`` line the relay puts on top of it (which
+    must be there, ending with its date): the message as the relay took it."""
+    line = _RECEIVED.match(data)
+    assert line, data[:200]
+    return data[line.end() :]
+
+
+_RECEIVED = re.compile(rb"Received: .*?;\s+[^\r\n]* [+-][0-9]{4}\r\n", re.DOTALL)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def test_example_config_loads_with_capture_upstream():
      "no key"),
     ({"smtp": {"listen_on": "x"}}, "smtp.listen_on", "unknown setting"),
     ({"domains": [{"name": "nodot"}]}, "domains[0].name", "domain name"),
+    ({"smtp": {"hostname": "relay host"}}, "smtp.hostname", "not a host name"),
+    ({"smtp": {"add_received": "no"}}, "smtp.add_received", "expected bool"),
 ])
 def test_errors_name_file_and_key(document, key, problem):
     with pytest.raises(ConfigError) as info:
@@ -49,6 +52,14 @@ def test_errors_name_file_and_key(document, key, problem):
     assert info.value.file == "relay.toml"
     assert info.value.key == key
     assert problem in info.value.problem
+
+
+def test_the_relay_is_named_after_the_machine_unless_smtp_hostname_says():
+    assert parse({}).smtp.server_name == socket.getfqdn()
+    smtp = parse({"smtp": {"hostname": "Relay.Shop.Example."}}).smtp
+    assert smtp.server_name == "relay.shop.example"
+    assert (smtp.add_received, parse({"smtp": {"add_received": False}}).smtp.add_received) == (
+        True, False)
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import smtplib
 from email.message import EmailMessage
 
 import pytest
-from harness import Relay
+from harness import Relay, without_received
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -61,7 +61,7 @@ def test_a_fake_end_of_data_from_a_trusted_client_stays_in_one_message(make_rela
     assert copy.rcpt_tos == ["a@example.org"]
     assert only_crlf(copy.data)
     assert b"NO SMUGGLING" in copy.data
-    assert copy.data == lines_read_as(data)
+    assert without_received(copy.data) == lines_read_as(data)
 
 
 def test_aiosmtpd_smuggling_test_message_stays_in_one_message(make_relay, upstream):
@@ -113,7 +113,7 @@ def test_smtplib_sending_as_bytes_with_bare_lf_is_delivered_with_crlf(make_relay
     [copy] = upstream.received
     assert only_crlf(copy.data)
     # smtplib ends the data with CRLF after the message's own final LF: one empty line more
-    assert copy.data == raw.replace(b"\n", b"\r\n") + b"\r\n"
+    assert without_received(copy.data) == raw.replace(b"\n", b"\r\n") + b"\r\n"
 
 
 PIECES = st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"..", b"a", b" ", b"From: x"])
@@ -140,7 +140,7 @@ def test_any_mix_of_line_endings_and_dots_arrives_as_one_crlf_message(make_relay
             assert code == 250, text
             [copy] = upstream.received
             assert only_crlf(copy.data)
-            assert copy.data == lines_read_as(data)
+            assert without_received(copy.data) == lines_read_as(data)
             assert client.noop()[0] == 250  # nothing smuggled is waiting to be answered
 
         check()

@@ -16,12 +16,11 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from clients import decoded
-from harness import Relay, UpstreamServer, wait_until
+from harness import Relay, UpstreamServer, wait_until, without_received
 
 from relay import smtp_in
 from relay.passwords import hash_password
@@ -92,7 +91,7 @@ def test_untracked_mail_arrives_byte_identical_without_control_headers(make_rela
     assert re.search(rb"email_[0-9a-f-]{36}", text)
     [copy] = upstream.received
     expected = re.sub(rb"X-Anypost-[A-Za-z]+: [^\r]*\r\n", b"", PLAIN)
-    assert copy.data == expected
+    assert without_received(copy.data) == expected
     assert copy.rcpt_tos == ["a@example.org"]
     assert b"X-Anypost" not in copy.data
 
@@ -193,15 +192,6 @@ def test_client_outside_allowed_networks_is_refused(make_relay, upstream):
     assert code == 554
     assert b"Relay access denied" in text
     assert upstream.received == []
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 def test_auth_is_offered_only_after_starttls(make_relay, upstream, certificate):
@@ -306,7 +296,7 @@ def test_swaks_delivers_through_the_relay(make_relay, upstream, tmp_path):
     assert re.search(r"<-  250 2\.0\.0 Ok: queued as email_", result.stdout)
     expected = re.sub(rb"X-Anypost-[A-Za-z]+: [^\r]*\r\n", b"", PLAIN)
     # swaks sends one CRLF of its own before the final dot
-    assert upstream.received[0].data == expected + b"\r\n"
+    assert without_received(upstream.received[0].data) == expected + b"\r\n"
 
 
 def test_smtputf8_is_passed_on_and_refused_when_the_upstream_lacks_it(make_relay, loops):
@@ -326,7 +316,7 @@ def test_smtputf8_is_passed_on_and_refused_when_the_upstream_lacks_it(make_relay
             if supported:
                 assert code == 250
                 assert server.received[0].mail_options == ["SMTPUTF8"]
-                assert server.received[0].data == utf8_message.encode()
+                assert without_received(server.received[0].data) == utf8_message.encode()
             else:
                 assert code == 553
                 assert b"does not support SMTPUTF8" in text
@@ -383,7 +373,8 @@ def test_control_headers_after_a_header_with_space_before_its_colon_are_removed(
                b"x-anypost-campaign:\r\n spring\r\nX-AliDM-Trace\t: e30=\r\n\r\nbody\r\n")
     send(relay, "app@shop.example", ["a@example.org"], message)
     [copy] = upstream.received
-    assert copy.data == b"From: App <app@shop.example>\r\nSubject : Hi\r\n\r\nbody\r\n"
+    assert without_received(copy.data) == (b"From: App <app@shop.example>\r\nSubject : Hi\r\n"
+                                           b"\r\nbody\r\n")
     row = relay.db().execute("SELECT subject, campaign FROM messages").fetchone()
     assert tuple(row) == ("Hi", "spring")
 
@@ -663,7 +654,7 @@ def test_a_998_character_line_starting_with_a_dot_is_accepted(make_relay, upstre
     line = b"." + b"x" * 997
     message = b"From: a@shop.example\r\nSubject: dots\r\n\r\n" + line + b"\r\n"
     assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
-    assert upstream.received[0].data == message
+    assert without_received(upstream.received[0].data) == message
     code, text = last_reply(relay, "app@shop.example", ["a@example.org"],
                             message.replace(line, b"." + line))
     assert code == 500
@@ -679,7 +670,7 @@ def test_a_raw_8bit_header_is_delivered_once_and_recorded(make_relay, upstream):
     for _ in range(2):  # a client that did not get the 250 tries again
         assert last_reply(relay, "app@shop.example", ["b@example.org"], LATIN1)[0] == 250
     assert len(upstream.received) == 1
-    assert upstream.received[0].data == LATIN1
+    assert without_received(upstream.received[0].data) == LATIN1
     subjects = [row[0] for row in relay.db().execute("SELECT subject FROM messages")]
     assert subjects == ["caf\N{REPLACEMENT CHARACTER} cr\N{REPLACEMENT CHARACTER}me"] * 2
 

@@ -1,0 +1,59 @@
+"""The trace field the relay adds to every copy it forwards: a ``Received:`` line (RFC 5321
+section 4.4), saying from which client, by which host, with which protocol and under which
+id the relay took the message."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from email.utils import formatdate
+
+from relay.headers import header_field
+
+# An EHLO name that can stand as the From-domain: a host name (underscores and all, as
+# Windows machines name themselves) or an address literal; others are shown in a comment.
+_HELO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252}[A-Za-z0-9])?\.?"
+                   r"|\[[A-Za-z0-9:.]{1,64}\]")
+_NOT_IN_COMMENT = re.compile(r"[^!-'*-\[\]-~]")  # printable ASCII but ( ) \ and space
+
+
+def protocol(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
+    """The ``with`` keyword (RFC 3848, RFC 6531): ``SMTP`` after HELO, else ``ESMTP`` or
+    ``UTF8SMTP`` (an SMTPUTF8 transaction), ``S`` for TLS, ``A`` for AUTH."""
+    if not esmtp:
+        return "SMTP"
+    return ("UTF8SMTP" if utf8 else "ESMTP") + "S" * tls + "A" * authenticated
+
+
+def received(*, helo: str, address: str, by: str, protocol: str, email_id: str,
+             recipient: str | None, when: float) -> bytes:
+    """The whole ``Received:`` field, folded, ending in CRLF.
+
+    ``from`` the client's EHLO name and its address as a literal (``[192.0.2.1]``,
+    ``[IPv6:2001:db8::1]``), ``by`` the relay's host name, ``with`` :func:`protocol`, ``id``
+    the relay's email id, ``for`` the recipient when the copy has one, then the date.
+    """
+    literal = _address_literal(address)
+    if _HELO.fullmatch(helo):
+        origin = f"from {helo} ({literal})" if literal else f"from {helo}"
+    else:
+        shown = _NOT_IN_COMMENT.sub("?", helo[:64])
+        origin = f"from {literal or 'unknown'}" + (f" (helo={shown})" if shown else "")
+    chunks = [origin, f"by {by}", f"with {protocol}", f"id {email_id}"]
+    if recipient is not None:
+        chunks.append(f"for <{recipient}>")
+    chunks[-1] += ";"
+    chunks.append(formatdate(when, localtime=True))
+    return header_field("Received", chunks)
+
+
+def _address_literal(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return f"[IPv6:{ip.compressed}]"
+        ip = ip.ipv4_mapped
+    return f"[{ip}]"
