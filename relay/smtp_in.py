@@ -73,6 +73,9 @@ class RelaySMTP(SMTP):
         self.stopping = False  # set by SmtpService.stop(): end the session after the reply
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         if not self.closed.done():
@@ -177,6 +180,14 @@ class RelaySMTP(SMTP):
         return body, None
 
 
+class RelaySession(Session):
+    """aiosmtpd's session, with ``login_data`` a plain attribute: aiosmtpd sets it after
+    every successful AUTH, and its own property logs "Session.login_data is deprecated" each
+    time. The user name is in ``auth_data`` (``RelayHandler.authenticate``)."""
+
+    login_data: object = None
+
+
 @functools.cache
 def _command_names(cls: type) -> tuple[str, ...]:
     return tuple(name for name in dir(cls) if name.startswith(("smtp_", "auth_")))
@@ -261,7 +272,9 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return (f"452 4.5.3 Too many recipients: at most {self.settings.max_recipients} "
                     f"per message, send the rest in another message")
-        if "@" not in address:
+        if address.lower() == "postmaster":  # RFC 5321 4.5.1: taken without a domain
+            address = f"postmaster@{self.settings.server_name}"
+        elif "@" not in address:
             return "501 5.1.3 Bad recipient address syntax: expected user@domain"
         problem = _address_problem(address)
         if problem:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +26,8 @@ from typing import Protocol
 import aiosmtplib
 
 from relay.config import UpstreamSettings
+
+log = logging.getLogger("relay.upstream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,11 @@ class SmtpUpstream:
                 async with self._connection(fresh=True) as smtp:
                     return await self._transaction(smtp, copy)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            reply = Reply(451, f"{UNREACHABLE} ({_describe(exc)})")
+            # the details (the upstream's address among them) are for the log, not the client
+            log.warning("%s upstream %s:%s failed for %d recipient(s): %s", copy.email_id,
+                        self.settings.host, self.settings.port, len(copy.recipients),
+                        _describe(exc))
+            reply = Reply(451, UNREACHABLE)
             return {r: reply for r in copy.recipients}
 
     async def close(self) -> None:

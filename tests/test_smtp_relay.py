@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import re
 import shutil
 import smtplib
@@ -154,6 +155,17 @@ def test_upstream_down_gives_451_and_a_retry_goes_through(make_relay, upstream):
     assert len(upstream.received) == 1
 
 
+def test_a_451_does_not_name_the_upstream_to_the_client(make_relay, upstream, caplog):
+    """The client learns that the upstream is unreachable; where it is stays in the log."""
+    relay = make_relay(upstream=upstream)
+    upstream.stop()
+    caplog.set_level(logging.WARNING, logger="relay.upstream")
+    code, text = last_reply(relay, "app@shop.example", ["a@example.org"], PLAIN)
+    assert (code, text) == (451, b"4.4.1 Upstream unreachable, try again later")
+    [record] = caplog.records
+    assert f"upstream 127.0.0.1:{upstream.port} failed for 1 recipient(s)" in record.getMessage()
+
+
 def test_one_refused_recipient_is_reported_and_the_others_delivered(make_relay, upstream):
     relay = make_relay(upstream=upstream)
     upstream.handler.refuse["bad@example.org"] = "550 5.1.1 No such user"
@@ -192,6 +204,23 @@ def test_client_outside_allowed_networks_is_refused(make_relay, upstream):
     assert code == 554
     assert b"Relay access denied" in text
     assert upstream.received == []
+
+
+def test_an_auth_session_logs_no_deprecation_warning(make_relay, upstream, certificate,
+                                                    caplog):
+    """aiosmtpd's Session.login_data property warned on every successful AUTH."""
+    cert, key = certificate
+    relay = make_relay({"smtp": {
+        "allowed_networks": [], "tls_cert": str(cert), "tls_key": str(key),
+        "users": [{"name": "app", "password_hash": hash_password("s3cret")}]}},
+        upstream=upstream)
+    caplog.set_level(logging.INFO)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.login("app", "s3cret")
+        assert client.sendmail("app@shop.example", ["a@example.org"], PLAIN) == {}
+    assert any("auth ok for 'app'" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_auth_is_offered_only_after_starttls(make_relay, upstream, certificate):
@@ -260,6 +289,17 @@ def test_too_many_recipients_get_452(make_relay, upstream):
         code, text = client.rcpt("c@example.org")
     assert code == 452
     assert b"Too many recipients" in text
+
+
+def test_postmaster_without_a_domain_is_the_relay_hosts_postmaster(make_relay, upstream):
+    """RFC 5321 4.5.1: RCPT TO:<Postmaster> must be accepted (it got 501)."""
+    relay = make_relay(upstream=upstream)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        client.mail("app@shop.example")
+        assert client.rcpt("<Postmaster>")[0] == 250
+        assert client.data(PLAIN)[0] == 250
+    assert [r.rcpt_tos for r in upstream.received] == [["postmaster@relay.test"]]
 
 
 def test_overlong_line_gets_500(make_relay, upstream):
