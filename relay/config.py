@@ -94,6 +94,16 @@ class HttpSettings:
     public_url: str = "http://127.0.0.1:8080"
     trusted_proxies: tuple[Network, ...] = ()
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT)
+    # connections per process: past either limit, 503 and close (relay/http_site.py)
+    max_connections: int = 10000
+    max_connections_per_ip: int = 200  # the socket's peer; trusted_proxies are exempt
+    keepalive_timeout: float = 75.0  # idle seconds after a response before closing
+    header_timeout: float = 10.0  # seconds a new connection has to send its request head
+    # who may read /metrics (the client address as the tracker sees it, trusted_proxies rule)
+    metrics_allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
 
 
 @dataclass(frozen=True)
@@ -446,6 +456,12 @@ def _http(r: _Reader) -> HttpSettings:
         public_url=_public_url(r, r.get("public_url", str, d.public_url).rstrip("/")),
         trusted_proxies=r.networks("trusted_proxies", d.trusted_proxies),
         workers=_workers(r, r.address("listen", d.listen)),
+        max_connections=r.positive("max_connections", d.max_connections),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip),
+        keepalive_timeout=r.positive("keepalive_timeout", d.keepalive_timeout, float),
+        header_timeout=r.positive("header_timeout", d.header_timeout, float),
+        metrics_allowed_networks=r.networks("metrics_allowed_networks",
+                                            d.metrics_allowed_networks),
     )
     r.done()
     return settings

@@ -41,6 +41,34 @@ HTTP_REQUESTS = Counter(
     ["route", "status"],
     registry=REGISTRY,
 )
+HTTP_CONNECTIONS = Gauge(
+    "relay_http_connections",
+    "HTTP connections open now (admitted under http.max_connections)",
+    registry=REGISTRY,
+)
+HTTP_CONNECTIONS_REFUSED = Counter(
+    "relay_http_connections_refused_total",
+    "HTTP connections answered 503 and closed at once, by the limit they hit "
+    "(total: http.max_connections, per_ip: http.max_connections_per_ip)",
+    ["limit"],
+    registry=REGISTRY,
+)
+HTTP_HEADER_TIMEOUTS = Counter(
+    "relay_http_header_timeouts_total",
+    "HTTP connections closed because no complete request head came within http.header_timeout",
+    registry=REGISTRY,
+)
+HTTP_MALFORMED = Counter(
+    "relay_http_malformed_requests_total",
+    "HTTP requests that could not be parsed (answered 400), by aiohttp's error kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+ACCEPT_ERRORS = Counter(
+    "relay_accept_errors_total",
+    "Failed accept() calls on any listener, SMTP or HTTP (out of file descriptors: EMFILE)",
+    registry=REGISTRY,
+)
 TRACKING_EVENTS = Counter(
     "relay_tracking_events_total",
     "Open and click events recorded, by type and classification (person, proxy, prefetch, "

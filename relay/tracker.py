@@ -6,7 +6,9 @@
                     token, or whose URL is not http(s)) gets ``404`` JSON, never a redirect.
 ``HEAD`` on both    the same answer without a body; stored as scanner traffic, never counted.
 ``GET /healthz``    ``200`` JSON when the store answers, ``503`` otherwise.
-``GET /metrics``    Prometheus text of :data:`relay.metrics.REGISTRY`.
+``GET /metrics``    Prometheus text of :data:`relay.metrics.REGISTRY`, only for clients in
+                    ``http.metrics_allowed_networks`` (the address as events record it, so
+                    ``X-Forwarded-For`` only from trusted proxies); ``403`` JSON for others.
 
 Other errors (an unknown path, a method not allowed) are JSON too: ``{"error": "<reason>"}``.
 
@@ -68,7 +70,8 @@ def build_app(config: Config, store: Store, keyring: Keyring, *,
     classifier = Classifier(networks, config.tracking.scanner_window_seconds)
     enricher = open_enricher(config.geo, config.privacy, config.source)
     recorder = Recorder(store, classifier, listeners=listeners, enricher=enricher)
-    tracker = Tracker(store, keyring, recorder, config.http.trusted_proxies)
+    tracker = Tracker(store, keyring, recorder, config.http.trusted_proxies,
+                      config.http.metrics_allowed_networks)
     app = web.Application(middlewares=[_json_errors])
     app[RECORDER] = recorder
 
@@ -87,11 +90,13 @@ def build_app(config: Config, store: Store, keyring: Keyring, *,
 
 class Tracker:
     def __init__(self, store: Store, keyring: Keyring, recorder: Recorder,
-                 trusted_proxies: tuple[Network, ...]) -> None:
+                 trusted_proxies: tuple[Network, ...],
+                 metrics_networks: tuple[Network, ...] = ()) -> None:
         self.store = store
         self.keyring = keyring
         self.recorder = recorder
         self.trusted_proxies = trusted_proxies
+        self.metrics_networks = metrics_networks
         self._is_trusted = lru_cache(maxsize=1024)(self._trusted)
         self._requests: dict[tuple[str, int], Counter] = {}
         self._opened = metrics.HTTP_REQUESTS.labels("open", 200)
@@ -123,6 +128,11 @@ class Tracker:
         return web.json_response({"status": "ok", "store": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        address = parse_ip(self._client_ip(request))
+        if address is None or not any(address in net for net in self.metrics_networks):
+            self._count("metrics", 403)
+            return web.json_response({"error": "forbidden: not in http.metrics_allowed_networks"},
+                                     status=403)
         self._count("metrics", 200)
         return web.Response(body=generate_latest(metrics.REGISTRY),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

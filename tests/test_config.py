@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load, parse
+from relay.config import HttpSettings, load, parse
 from relay.errors import ConfigError
 from relay.passwords import hash_password, verify_password
 
@@ -24,6 +24,7 @@ def test_example_config_loads_with_capture_upstream():
     assert cfg.upstream.capture_dir == ROOT / "var" / "outbox"
     assert cfg.store.path == ROOT / "var" / "relay.db"
     assert (cfg.tracking.opens, cfg.tracking.clicks) == (False, False)
+    assert cfg.http == HttpSettings()  # the example shows the defaults
 
 
 @pytest.mark.parametrize(("document", "key", "problem"), [
@@ -36,6 +37,12 @@ def test_example_config_loads_with_capture_upstream():
     ({"upstream": {"host": "x", "capture_dir": "y"}}, "upstream.capture_dir", "not both"),
     ({"upstream": {"tls": "maybe"}}, "upstream.tls", "starttls"),
     ({"http": {"public_url": "ftp://x"}}, "http.public_url", "http(s) URL"),
+    ({"http": {"max_connections": 0}}, "http.max_connections", "greater than 0"),
+    ({"http": {"max_connections_per_ip": 1.5}}, "http.max_connections_per_ip", "expected int"),
+    ({"http": {"header_timeout": 0}}, "http.header_timeout", "greater than 0"),
+    ({"http": {"keepalive_timeout": "1"}}, "http.keepalive_timeout", "expected a number"),
+    ({"http": {"metrics_allowed_networks": ["localhost"]}}, "http.metrics_allowed_networks",
+     "not an IP"),
     ({"store": {"url": "postgres://x"}}, "store.url", "sqlite:///"),
     ({"tracking": {"opens": "yes"}}, "tracking.opens", "expected bool"),
     ({"tracking": {"keys": {"k1": "short"}}}, "tracking.keys.k1", "32 characters"),

@@ -1,0 +1,107 @@
+"""Limits every listener shares (pure, no I/O): connections in total and per client address,
+and a log line that repeats at most once per interval.
+
+:class:`ConnectionLimits` is the bookkeeping only; each service decides what a refusal looks
+like (HTTP: ``503`` with ``Retry-After``, relay/http_site.py). Addresses are the socket's
+peer, never a header: a limit a client can talk its way around is no limit.
+
+:class:`ThrottledLog` is for conditions that can repeat thousands of times a second (asyncio
+reports every failed ``accept()`` when descriptors run out): the first occurrence is logged,
+then at most one line per interval saying how many were left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from relay.bots import Network, parse_ip
+
+TOTAL = "total"
+PER_IP = "per_ip"
+
+
+class ConnectionLimits:
+    """Open connections, counted in total and per client address.
+
+    ``admit(ip)`` takes a slot or says which limit refused it (:data:`TOTAL`, :data:`PER_IP`);
+    every admitted connection must be released exactly once. IPv4-mapped IPv6 peers count as
+    the IPv4 address. Addresses in ``exempt`` (trusted reverse proxies, which carry many
+    clients on their connections) have no per-address limit but count towards the total.
+    """
+
+    def __init__(self, total: int, per_ip: int, exempt: tuple[Network, ...] = ()) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.exempt = exempt
+        self.open = 0
+        self._by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str | None) -> str | None:
+        """None when the connection may stay (its slot is taken), else the limit it hit."""
+        if self.open >= self.total:
+            return TOTAL
+        key = self._key(ip)
+        if key is not None:
+            held = self._by_ip.get(key, 0)
+            if held >= self.per_ip:
+                return PER_IP
+            self._by_ip[key] = held + 1
+        self.open += 1
+        return None
+
+    def release(self, ip: str | None) -> None:
+        self.open -= 1
+        key = self._key(ip)
+        if key is not None:
+            held = self._by_ip[key] - 1
+            if held:
+                self._by_ip[key] = held
+            else:
+                del self._by_ip[key]
+
+    def held(self, ip: str | None) -> int:
+        """Connections open from ``ip`` (0 for an exempt address)."""
+        key = self._key(ip)
+        return 0 if key is None else self._by_ip.get(key, 0)
+
+    def _key(self, ip: str | None) -> str | None:
+        """The address as counted, or None when it has no per-address limit."""
+        address = parse_ip(ip)
+        if address is None:
+            return ip  # not an IP (a Unix socket): counted as written
+        if any(address in net for net in self.exempt):
+            return None
+        return str(address)
+
+
+class ThrottledLog:
+    """Logs a recurring condition at most once per ``interval`` seconds.
+
+    ``log(...)`` logs at once the first time and whenever ``interval`` has passed since the
+    last line, adding how many occurrences were left out in between; otherwise it only counts.
+    ``clock`` is injectable for tests (monotonic seconds).
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.suppressed = 0
+        self._last: float | None = None
+
+    def log(self, level: int, message: str, *args: object) -> bool:
+        """True when a line was written."""
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, self.suppressed, now - self._last)
+        self.logger.log(level, message, *args)
+        self._last = now
+        self.suppressed = 0
+        return True
