@@ -11,20 +11,33 @@ prefetch        no       Apple Mail Privacy Protection loads every image on deli
 scanner         no       a security gateway checking links (Barracuda, Proofpoint, Mimecast,
                          Microsoft Safe Links, ms-office), a click seconds after sending,
                          several links clicked at once, a ``HEAD`` request
-automation      no       headless browsers, HTTP libraries, crawlers, link-preview bots
+automation      no       headless browsers, HTTP libraries, crawlers, link-preview bots, and
+                         floods: more hits from one address and agent than a person makes
 ==============  =======  ==================================================================
 
 Signals are checked in a fixed order and the first that matches decides: the request method,
 the user agent, the client address (:data:`DEFAULT_NETWORKS` plus configured ones), then for
-clicks the time since sending and other links clicked in the same second. The verdict carries
-the source (``google``, ``barracuda``, ``curl`` ...) and a human-readable reason for the audit
-trail. User agent and address verdicts are cached (bounded), since both repeat heavily.
+clicks the time since sending and other links clicked in the same second, then the flood rule.
+The verdict carries the source (``google``, ``barracuda``, ``curl`` ...) and a human-readable
+reason for the audit trail. User agent and address verdicts are cached (bounded), since both
+repeat heavily.
+
+The flood rule (``tracking.flood_hits`` per ``tracking.flood_seconds``): a browser-like agent
+hammering the tracker from one address (600,000 hits in four minutes were all counted as a
+person). Hits that every earlier rule let through as a person are counted per (address, user
+agent) over a sliding window (:class:`FloodWindow`); past ``flood_hits`` in the window they are
+automation. Every such hit counts towards the rate, so a sustained flood stays automation
+throughout, while the first ``flood_hits`` of it are people: the rule cannot tell them apart.
+Mailbox proxies are decided before the rule (their agents and addresses) and never reach it.
+Per process, like the burst rule.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,6 +80,7 @@ class Signals(NamedTuple):
     ip: str | None
     seconds_since_sent: float | None = None  # None: the message is not in the store
     other_link_within_second: bool = False  # clicks: the same recipient clicked another link
+    at: float | None = None  # when the hit arrived (Unix seconds); None: no flood rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,21 +169,73 @@ DEFAULT_NETWORKS: tuple[BotNetwork, ...] = (
 )
 
 BURST_SECONDS = 1.0
+# (address, user agent) pairs the flood rule remembers at most: about 240 bytes each.
+FLOOD_KEYS = 65536
+
+
+class FloodWindow:
+    """Hits per key over a sliding window of ``seconds``, with bounded memory.
+
+    The count is estimated from two fixed windows, the current one and the one before it,
+    the latter weighted by how much of it the sliding window still covers (a steady rate is
+    counted exactly; more than twice ``limit`` hits within any ``seconds`` always exceeds it).
+    Three numbers per key, and at most ``max_keys`` keys: the least recently hit is forgotten
+    first. Time is the hits' own (``at``), so the rule needs no clock of its own.
+    """
+
+    def __init__(self, limit: int, seconds: float, max_keys: int = FLOOD_KEYS) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self.max_keys = max_keys
+        # hash of the key -> [fixed window number, hits in it, hits in the one before]
+        self._keys: OrderedDict[int, list[int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def exceeded(self, key: object, at: float) -> bool:
+        """Count a hit at ``at``; True when the window now holds more than ``limit``."""
+        position = at / self.seconds
+        window = math.floor(position)
+        digest = hash(key)  # a user agent can be 1 KB: keep 8 bytes (salted per process)
+        state = self._keys.get(digest)
+        if state is None:
+            state = self._keys[digest] = [window, 0, 0]
+            if len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(digest)
+            if window > state[0]:
+                state[2] = state[1] if window == state[0] + 1 else 0
+                state[1] = 0
+                state[0] = window
+            # a hit a little older than the current window (hits of one batch are written in
+            # arrival order, give or take) counts in the current window
+        state[1] += 1
+        covered = 1.0 - min(max(position - state[0], 0.0), 1.0)
+        return state[2] * covered + state[1] > self.limit
 
 
 class Classifier:
-    """Classifies hits; ``scanner_window_seconds`` 0 turns the time-since-sending rule off."""
+    """Classifies hits; ``scanner_window_seconds`` 0 turns the time-since-sending rule off,
+    ``flood_hits`` 0 the flood rule."""
 
     def __init__(
         self,
         networks: Iterable[BotNetwork] = DEFAULT_NETWORKS,
         scanner_window_seconds: float = 10.0,
         cache_size: int = 8192,
+        flood_hits: int = 0,
+        flood_seconds: float = 60.0,
     ) -> None:
         self.networks = tuple(networks)
         self.scanner_window_seconds = scanner_window_seconds
         self._by_agent = lru_cache(maxsize=cache_size)(_agent_verdict)
         self._by_ip = lru_cache(maxsize=cache_size)(self._ip_verdict)
+        self.flood = FloodWindow(flood_hits, flood_seconds) if flood_hits else None
+        self._flooding = Verdict(AUTOMATION, None, f"more than {flood_hits} hits within "
+                                                   f"{flood_seconds:g} s from this address and "
+                                                   "user agent")
 
     def classify(self, signals: Signals) -> Verdict:
         if signals.method == "HEAD":
@@ -178,8 +244,16 @@ class Classifier:
             self._by_agent(signals.kind, signals.user_agent)
             or self._by_ip(signals.kind, signals.ip)
             or (self._click_verdict(signals) if signals.kind == CLICK else None)
+            or self._flood_verdict(signals)
             or HUMAN
         )
+
+    def _flood_verdict(self, signals: Signals) -> Verdict | None:
+        if self.flood is None or signals.at is None:
+            return None
+        if self.flood.exceeded((signals.ip, signals.user_agent), signals.at):
+            return self._flooding
+        return None
 
     def _ip_verdict(self, kind: str, ip: str | None) -> Verdict | None:
         address = parse_ip(ip)

@@ -121,6 +121,9 @@ class TrackingSettings:
     scanner_window_seconds: float = 10.0
     # extra client networks whose hits are link scanners (the shipped list: relay/bots.py)
     scanner_networks: tuple[Network, ...] = ()
+    # hits from one (address, user agent) past flood_hits within flood_seconds are automation
+    flood_hits: int = 300  # 0: no flood rule
+    flood_seconds: float = 60.0
     # registered tags (X-AliDM-Trace TagName), seeded into the store (relay/settings.py)
     tags: tuple[str, ...] = ()
 
@@ -410,11 +413,11 @@ def _workers(r: _Reader, listen: Address | None) -> int:
     return workers
 
 
-def _non_negative(r: _Reader, name: str, default: float) -> float:
-    value = r.get(name, (int, float), default)
+def _non_negative(r: _Reader, name: str, default: float, kind: type = float) -> Any:
+    value = r.get(name, int if kind is int else (int, float), default)
     if value < 0:
         raise r.fail(name, "must be 0 (off) or more")
-    return float(value)
+    return kind(value)
 
 
 _UPSTREAM_TLS = ("none", "starttls", "implicit")
@@ -526,6 +529,8 @@ def _tracking(r: _Reader) -> TrackingSettings:
         current_key=current,
         scanner_window_seconds=window,
         scanner_networks=r.networks("scanner_networks", d.scanner_networks),
+        flood_hits=_non_negative(r, "flood_hits", d.flood_hits, int),
+        flood_seconds=r.positive("flood_seconds", d.flood_seconds, float),
         tags=_tags(r),
     )
     r.done()

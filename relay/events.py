@@ -304,7 +304,7 @@ class Recorder:
         opened, clicked, clicked_link, recently = _seen(state, hit)
         verdict = self.classifier.classify(Signals(
             hit.type, hit.method, hit.user_agent, hit.ip,
-            None if sent is None else hit.at - sent, recently))
+            None if sent is None else hit.at - sent, recently, hit.at))
         details = self.enricher.describe(hit.user_agent, hit.ip, verdict.classification)
         counted = verdict.counted
         key = (hit.email_id, hit.recipient)

@@ -67,7 +67,9 @@ def build_app(config: Config, store: Store, keyring: Keyring, *,
               listeners: Sequence[Listener] = ()) -> web.Application:
     """The tracking service; ``listeners`` write in each event's transaction (events.py)."""
     networks = DEFAULT_NETWORKS + networks_of(config.tracking.scanner_networks)
-    classifier = Classifier(networks, config.tracking.scanner_window_seconds)
+    classifier = Classifier(networks, config.tracking.scanner_window_seconds,
+                            flood_hits=config.tracking.flood_hits,
+                            flood_seconds=config.tracking.flood_seconds)
     enricher = open_enricher(config.geo, config.privacy, config.source)
     recorder = Recorder(store, classifier, listeners=listeners, enricher=enricher)
     tracker = Tracker(store, keyring, recorder, config.http.trusted_proxies,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.bots import (
     AUTOMATION,
@@ -15,10 +17,12 @@ from relay.bots import (
     PROXY,
     SCANNER,
     Classifier,
+    FloodWindow,
     Signals,
     networks_of,
 )
 from relay.config import parse
+from relay.errors import ConfigError
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
@@ -131,3 +135,96 @@ def test_proxy_agent_wins_over_scanner_network() -> None:
     """Outlook.com's proxy fetches from Microsoft's network: the agent decides first."""
     verdict = Classifier().classify(Signals(OPEN, "GET", OUTLOOK_PROXY, "40.107.1.1"))
     assert verdict.classification == PROXY
+
+
+# --- the flood rule: hits from one address and agent past a rate (the hits' own times) ---
+
+T0 = 1_700_000_000.0
+
+
+def flood_verdicts(classifier: Classifier, times: list[float], agent: str = FIREFOX,
+                   ip: str = HOME) -> list[str]:
+    return [classifier.classify(Signals(OPEN, "GET", agent, ip, 60.0, False, at)).classification
+            for at in times]
+
+
+def test_the_issues_flood_is_automation_after_its_first_hits() -> None:
+    """600,000 hits in four minutes from one address and browser string: all counted as a
+    person before; now the first 300 (the limit) are, the rest are automation, with a reason."""
+    classifier = Classifier(flood_hits=300, flood_seconds=60)
+    verdicts = flood_verdicts(classifier, [T0 + i * 240 / 600_000 for i in range(600_000)])
+    assert verdicts.count(PERSON) == 300
+    assert verdicts[:300] == [PERSON] * 300
+    verdict = classifier.classify(Signals(OPEN, "GET", FIREFOX, HOME, 60.0, False, T0 + 240))
+    assert (verdict.classification, verdict.counted) == (AUTOMATION, False)
+    assert verdict.reason == ("more than 300 hits within 60 s from this address and user "
+                              "agent")
+
+
+def test_the_flood_rule_is_per_address_and_agent() -> None:
+    classifier = Classifier(flood_hits=3, flood_seconds=60)
+    assert flood_verdicts(classifier, [T0] * 5) == [PERSON] * 3 + [AUTOMATION] * 2
+    assert flood_verdicts(classifier, [T0], ip="198.51.100.1") == [PERSON]
+    assert flood_verdicts(classifier, [T0], agent=IPHONE) == [PERSON]
+
+
+def test_a_steady_rate_under_the_limit_is_never_a_flood() -> None:
+    """240 hits a minute for an hour against a limit of 300 a minute: a busy office NAT."""
+    classifier = Classifier(flood_hits=300, flood_seconds=60)
+    assert set(flood_verdicts(classifier, [T0 + i * 0.25 for i in range(4 * 3600)])) == {PERSON}
+
+
+def test_proxies_and_earlier_rules_are_not_subject_to_the_flood_rule() -> None:
+    classifier = Classifier(flood_hits=2, flood_seconds=60)
+    gmail = {classifier.classify(Signals(OPEN, "GET", GMAIL, "66.249.84.1", 60.0, False, T0))
+             .classification for _ in range(10)}
+    assert gmail == {PROXY}
+    assert flood_verdicts(classifier, [T0] * 3) == [PERSON, PERSON, AUTOMATION]
+
+
+def test_flood_rule_off() -> None:
+    classifier = Classifier(flood_hits=0)
+    assert set(flood_verdicts(classifier, [T0] * 1000)) == {PERSON}
+    assert classifier.flood is None
+
+
+@given(limit=st.integers(1, 20), seconds=st.sampled_from([1.0, 10.0, 60.0]),
+       gaps=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]),
+                               st.floats(0, 30, allow_nan=False)), max_size=300))
+def test_flood_window_bounds(limit: int, seconds: float, gaps: list[tuple[str, float]]) -> None:
+    """Whatever the timing: a key with at most ``limit`` hits in all is never flagged; a key
+    with more than twice ``limit`` hits within some ``seconds`` is flagged at least once."""
+    window = FloodWindow(limit, seconds)
+    at = T0
+    hits: dict[str, list[tuple[float, bool]]] = {}
+    for key, gap in gaps:
+        at += gap
+        hits.setdefault(key, []).append((at, window.exceeded(key, at)))
+    for key_hits in hits.values():
+        times = [t for t, _ in key_hits]
+        flagged = any(f for _, f in key_hits)
+        if len(times) <= limit:
+            assert not flagged
+        if any(sum(start <= t < start + seconds for t in times) > 2 * limit for start in times):
+            assert flagged
+
+
+def test_flood_window_memory_is_bounded() -> None:
+    window = FloodWindow(5, 60.0, max_keys=1000)
+    for n in range(5000):
+        window.exceeded(("198.51.100.1", f"agent {n}"), T0 + n)
+    assert len(window) == 1000
+    # the most recent keys are the ones kept: the newest is still counted
+    assert [window.exceeded(("198.51.100.1", "agent 4999"), T0 + 5000) for _ in range(5)] == [
+        False, False, False, False, True]
+
+
+@pytest.mark.parametrize(("document", "key", "problem"), [
+    ({"flood_hits": -1}, "tracking.flood_hits", "0 (off) or more"),
+    ({"flood_hits": 2.5}, "tracking.flood_hits", "expected int"),
+    ({"flood_seconds": 0}, "tracking.flood_seconds", "greater than 0"),
+])
+def test_flood_settings_are_checked(document: dict[str, object], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tracking": document}, "relay.toml")
+    assert (info.value.key, problem in info.value.problem) == (key, True)

@@ -251,6 +251,24 @@ def test_scanner_window_over_http(service: Callable[..., Service]) -> None:
     assert sorted(rows) == sorted([(fresh, "scanner"), (old, "person")])
 
 
+def test_a_flood_from_one_address_and_agent_is_automation(service: Callable[..., Service]
+                                                          ) -> None:
+    """Past tracking.flood_hits within tracking.flood_seconds, one address with one agent is
+    automation, whichever recipients' pixels it loads; another agent still counts."""
+    svc = service({"scanner_window_seconds": 0, "flood_hits": 3, "flood_seconds": 3600})
+    email_id = new_email_id()
+    for n in range(5):
+        assert svc.get("/o/" + sign_open(KEYRING, email_id, f"r{n}@x.net"))[0] == 200
+    svc.get("/o/" + sign_open(KEYRING, email_id, "r0@x.net"), headers={"User-Agent": "Other/1"})
+    rows = svc.rows("SELECT recipient, user_agent, classification, counted, reason FROM events "
+                    "ORDER BY at")
+    reason = "more than 3 hits within 3600 s from this address and user agent"
+    assert rows == [*[(f"r{n}@x.net", FIREFOX, "person", 1, None) for n in range(3)],
+                    ("r3@x.net", FIREFOX, "automation", 0, reason),
+                    ("r4@x.net", FIREFOX, "automation", 0, reason),
+                    ("r0@x.net", "Other/1", "person", 1, None)]
+
+
 def test_forwarded_for_only_from_trusted_proxies(service: Callable[..., Service]) -> None:
     untrusted = service()
     token = sign_open(KEYRING, new_email_id(), "a@x.net")
