@@ -27,6 +27,7 @@ from relay.outbox import DeliveryWorker, Outbox, sync_endpoints
 from relay.pipeline import MessageListener
 from relay.rollup import Rollup
 from relay.store import Store
+from relay.throttle import ThrottledLog, install_accept_handler
 from relay.tokens import Keyring
 
 log = logging.getLogger("relay")
@@ -69,6 +70,9 @@ async def running(
     sync_endpoints(store.writer, config.webhooks, time.time())
     webhooks = DeliveryWorker(store, config.webhook_delivery, outbox.wake)
     webhooks.start()
+    # one line a minute per listener when accept() fails (out of descriptors), not a
+    # traceback per attempt
+    restore_handler = install_accept_handler(asyncio.get_running_loop(), ThrottledLog(log))
     try:
         if smtp:
             from relay.smtp_in import SmtpService
@@ -92,6 +96,7 @@ async def running(
         await stop_retention()
         await webhooks.stop()
         await store.close()
+        restore_handler()
 
 
 async def _start_http(config: Config, services: Services) -> web.AppRunner:
