@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import multiprocessing
 import signal
@@ -12,17 +11,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 from aiohttp import web
 
-from relay import metrics, retention, rules
+from relay import retention, rules
 from relay.breakdown import Breakdown
 from relay.config import Config
 from relay.events import Listener
 from relay.http_site import GuardedSite, ServerLog
 from relay.keys import load_keyring
-from relay.limits import ConnectionLimits, ThrottledLog
+from relay.limits import ConnectionLimits
 from relay.outbox import DeliveryWorker, Outbox, sync_endpoints
 from relay.pipeline import MessageListener
 from relay.rollup import Rollup
@@ -135,7 +133,6 @@ async def serve(config: Config, *, smtp: bool = True, http: bool = True,
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    log_accept_errors(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     died: list[BaseProcess] = []
@@ -198,35 +195,6 @@ def _stop_workers(workers: list[BaseProcess], timeout: float = WORKER_STOP_SECON
                       timeout)
             worker.kill()
             worker.join()
-
-
-# asyncio's errno values for an accept() that failed for want of resources (descriptors above
-# all: EMFILE at the process's RLIMIT_NOFILE, systemd's LimitNOFILE).
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_ERROR_LOG_SECONDS = 60.0
-
-
-def log_accept_errors(loop: asyncio.AbstractEventLoop,
-                      interval: float = ACCEPT_ERROR_LOG_SECONDS) -> None:
-    """Failed ``accept()`` calls, on every listener of ``loop`` (SMTP and HTTP), logged once per
-    ``interval`` and counted in ``relay_accept_errors_total``.
-
-    asyncio reports each one to the loop's exception handler with a traceback, and retries a
-    second later up to a backlog's worth at a time: a process out of descriptors wrote
-    hundreds of megabytes of log a minute. Other reports go to asyncio's default handler."""
-    throttled = ThrottledLog(log, interval)
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if "socket" in context and isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-            metrics.ACCEPT_ERRORS.inc()
-            throttled.log(logging.ERROR, "cannot accept connections: %s (open connections "
-                          "hold the process's descriptors: raise LimitNOFILE or lower "
-                          "max_connections)", exc.strerror)
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handle)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

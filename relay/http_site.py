@@ -32,7 +32,8 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 
 from relay import metrics
-from relay.limits import ConnectionLimits, ThrottledLog
+from relay.limits import ConnectionLimits
+from relay.throttle import ThrottledLog
 
 log = logging.getLogger("relay.http")
 
@@ -81,8 +82,9 @@ class GuardedSite(web.BaseSite):
 
     def refused(self, ip: str | None, limit: str) -> None:
         metrics.HTTP_CONNECTIONS_REFUSED.labels(limit).inc()
-        self.refusals.log(logging.WARNING, "http connection from %s refused: %s limit reached "
-                          "(%d open)", ip, limit, self.limits.open)
+        self.refusals(f"refused {limit}", logging.WARNING,
+                      "http connection from %s refused: %s limit reached (%d open)", ip, limit,
+                      self.limits.open)
 
 
 class _Guard(asyncio.Protocol):

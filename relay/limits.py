@@ -1,20 +1,13 @@
-"""Limits every listener shares (pure, no I/O): connections in total and per client address,
-and a log line that repeats at most once per interval.
+"""Connection limits any listener can use (pure, no I/O): connections in total and per
+client address.
 
 :class:`ConnectionLimits` is the bookkeeping only; each service decides what a refusal looks
 like (HTTP: ``503`` with ``Retry-After``, relay/http_site.py). Addresses are the socket's
-peer, never a header: a limit a client can talk its way around is no limit.
-
-:class:`ThrottledLog` is for conditions that can repeat thousands of times a second (asyncio
-reports every failed ``accept()`` when descriptors run out): the first occurrence is logged,
-then at most one line per interval saying how many were left out.
+peer, never a header: a limit a client can talk its way around is no limit. Log refusals
+through relay/throttle.py: a flood of them must not become a flood of log lines.
 """
 
 from __future__ import annotations
-
-import logging
-import time
-from collections.abc import Callable
 
 from relay.bots import Network, parse_ip
 
@@ -74,34 +67,3 @@ class ConnectionLimits:
         if any(address in net for net in self.exempt):
             return None
         return str(address)
-
-
-class ThrottledLog:
-    """Logs a recurring condition at most once per ``interval`` seconds.
-
-    ``log(...)`` logs at once the first time and whenever ``interval`` has passed since the
-    last line, adding how many occurrences were left out in between; otherwise it only counts.
-    ``clock`` is injectable for tests (monotonic seconds).
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger = logger
-        self.interval = interval
-        self.clock = clock
-        self.suppressed = 0
-        self._last: float | None = None
-
-    def log(self, level: int, message: str, *args: object) -> bool:
-        """True when a line was written."""
-        now = self.clock()
-        if self._last is not None and now - self._last < self.interval:
-            self.suppressed += 1
-            return False
-        if self.suppressed:
-            message += " (and %d more like it in the last %.0f s)"
-            args = (*args, self.suppressed, now - self._last)
-        self.logger.log(level, message, *args)
-        self._last = now
-        self.suppressed = 0
-        return True

@@ -64,11 +64,6 @@ HTTP_MALFORMED = Counter(
     ["kind"],
     registry=REGISTRY,
 )
-ACCEPT_ERRORS = Counter(
-    "relay_accept_errors_total",
-    "Failed accept() calls on any listener, SMTP or HTTP (out of file descriptors: EMFILE)",
-    registry=REGISTRY,
-)
 TRACKING_EVENTS = Counter(
     "relay_tracking_events_total",
     "Open and click events recorded, by type and classification (person, proxy, prefetch, "

@@ -307,8 +307,8 @@ def test_out_of_descriptors_the_relay_logs_once_and_recovers(
         sockets: list[socket.socket]) -> None:
     """Limits set above what the process may open (max_connections 10,000 under 1,024
     descriptors) and 1,100 idle connections from eleven addresses: accept() fails with
-    EMFILE. That is one log line, not a traceback per attempt; the idle connections are closed
-    at the header timeout and SMTP and HTTP answer again."""
+    EMFILE. That is a log line a minute, not a traceback per attempt; the idle connections are
+    closed at the header timeout and SMTP and HTTP answer again."""
     process, smtp_port, http_port = serve("header_timeout = 10")  # longer than the flood
     flood(http_port, [f"127.0.0.{n}" for n in range(2, 13)], sockets, timeout=1)
     for sock in sockets:
@@ -318,7 +318,7 @@ def test_out_of_descriptors_the_relay_logs_once_and_recovers(
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     failures = [line for line in stderr.splitlines() if b"cannot accept connections" in line]
-    assert len(failures) == 1, stderr[-2000:]
+    assert 1 <= len(failures) <= 2, stderr[-2000:]  # a line per listener at most
     assert b"Too many open files" in failures[0]
     assert b"Traceback" not in stderr and b"out of system resource" not in stderr
 

@@ -1,15 +1,13 @@
-"""relay.limits: connection bookkeeping and the throttled log (pure, an injected clock)."""
+"""relay.limits: connection bookkeeping (pure)."""
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.limits import PER_IP, TOTAL, ConnectionLimits, ThrottledLog
+from relay.limits import PER_IP, TOTAL, ConnectionLimits
 
 ADDRESSES = ["192.0.2.1", "192.0.2.2", "::ffff:192.0.2.1", "2001:db8::1", "10.0.0.1", None]
 
@@ -52,28 +50,3 @@ def test_trusted_proxies_have_no_per_address_limit_but_count_in_total() -> None:
     limits = ConnectionLimits(3, 1, exempt=(ipaddress.ip_network("10.0.0.0/8"),))
     assert [limits.admit("10.1.1.1") for _ in range(3)] == [None, None, None]
     assert limits.admit("10.1.1.1") == TOTAL
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_throttled_log_writes_once_per_interval_with_the_count(
-        caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
-    throttled = ThrottledLog(logging.getLogger("test.throttle"), 60.0, clock)
-    with caplog.at_level(logging.WARNING, "test.throttle"):
-        assert throttled.log(logging.WARNING, "accept failed: %s", "EMFILE")
-        for _ in range(5000):
-            clock.now += 0.001
-            assert not throttled.log(logging.WARNING, "accept failed: %s", "EMFILE")
-        clock.now += 60.0
-        assert throttled.log(logging.WARNING, "accept failed: %s", "EMFILE")
-    assert [r.getMessage() for r in caplog.records] == [
-        "accept failed: EMFILE",
-        "accept failed: EMFILE (and 5000 more like it in the last 65 s)",
-    ]
