@@ -121,15 +121,15 @@ class MailPipeline:
             reason = decision.reason if prepared is None else _reason(decision, prepared)
             tracked = prepared is not None and prepared.will_change
             options = [o for o in incoming.mail_options if o.upper() in PASSED_MAIL_OPTIONS]
+            received = self._received(incoming, email_id)
             if tracked:
                 assert prepared is not None
-                copies = [Copy(incoming.sender, [r], stuff(self._traced(
-                               prepared.render(email_id, r, self.keyring), incoming, email_id,
-                               [r])), options, email_id) for r in pending]
+                copies = [Copy(incoming.sender, [r], stuff(_traced(
+                               prepared.render(email_id, r, self.keyring), received, [r])),
+                               options, email_id) for r in pending]
             elif pending:
                 copies = [Copy(incoming.sender, pending,
-                               stuff(self._traced(clean, incoming, email_id, pending)),
-                               options, email_id)]
+                               stuff(_traced(clean, received, pending)), options, email_id)]
             else:
                 copies = []
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
@@ -147,17 +147,12 @@ class MailPipeline:
             _count(outcome, decision if tracked else None)
             return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
 
-    def _traced(self, message: bytes, incoming: Incoming, email_id: str,
-                recipients: Sequence[str]) -> bytes:
-        """One copy with the relay's ``Received:`` line on top (unless ``smtp.add_received``
-        is off): added after the rewrite and any DKIM re-signing, so no signature covers it."""
+    def _received(self, incoming: Incoming, email_id: str) -> trace.Received | None:
         if not self.config.smtp.add_received:
-            return message
-        line = trace.received(
-            helo=incoming.helo, address=incoming.peer, by=self.config.smtp.server_name,
-            protocol=incoming.protocol, email_id=email_id,
-            recipient=recipients[0] if len(recipients) == 1 else None, when=time.time())
-        return prepend_headers(message, [line])
+            return None
+        return trace.Received(helo=incoming.helo, address=incoming.peer,
+                              by=self.config.smtp.server_name, protocol=incoming.protocol,
+                              email_id=email_id, when=time.time())
 
     def _sending(self, message_id: str | None) -> contextlib.AbstractAsyncContextManager[object]:
         """Held while a message is checked against earlier deliveries, sent and recorded: a
@@ -220,6 +215,16 @@ class MailPipeline:
         if len(clean) > LARGE_MESSAGE:
             return await asyncio.to_thread(prepare, clean, options)
         return prepare(clean, options)
+
+
+def _traced(message: bytes, received: trace.Received | None, recipients: Sequence[str]
+            ) -> bytes:
+    """One copy with the relay's ``Received:`` line on top (unless ``smtp.add_received`` is
+    off): added after the rewrite and any DKIM re-signing, so no signature covers it."""
+    if received is None:
+        return message
+    field = received.field(recipients[0] if len(recipients) == 1 else None)
+    return prepend_headers(message, [field])
 
 
 def _replies_of(copy: Copy, replies: dict[str, Reply] | BaseException, email_id: str

@@ -4,6 +4,7 @@ id the relay took the message."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from email.utils import formatdate
@@ -22,31 +23,44 @@ def protocol(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
     ``UTF8SMTP`` (an SMTPUTF8 transaction), ``S`` for TLS, ``A`` for AUTH."""
     if not esmtp:
         return "SMTP"
-    return ("UTF8SMTP" if utf8 else "ESMTP") + "S" * tls + "A" * authenticated
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
 
 
-def received(*, helo: str, address: str, by: str, protocol: str, email_id: str,
-             recipient: str | None, when: float) -> bytes:
-    """The whole ``Received:`` field, folded, ending in CRLF.
+class Received:
+    """The ``Received:`` field of one message, worked out once; :meth:`field` gives it for
+    each copy.
 
     ``from`` the client's EHLO name and its address as a literal (``[192.0.2.1]``,
     ``[IPv6:2001:db8::1]``), ``by`` the relay's host name, ``with`` :func:`protocol`, ``id``
     the relay's email id, ``for`` the recipient when the copy has one, then the date.
     """
-    literal = _address_literal(address)
-    if _HELO.fullmatch(helo):
-        origin = f"from {helo} ({literal})" if literal else f"from {helo}"
-    else:
-        shown = _NOT_IN_COMMENT.sub("?", helo[:64])
-        origin = f"from {literal or 'unknown'}" + (f" (helo={shown})" if shown else "")
-    chunks = [origin, f"by {by}", f"with {protocol}", f"id {email_id}"]
-    if recipient is not None:
-        chunks.append(f"for <{recipient}>")
-    chunks[-1] += ";"
-    chunks.append(formatdate(when, localtime=True))
-    return header_field("Received", chunks)
+
+    __slots__ = ("_clauses", "_date")
+
+    def __init__(self, *, helo: str, address: str, by: str, protocol: str, email_id: str,
+                 when: float) -> None:
+        literal = _address_literal(address)
+        if _HELO.fullmatch(helo):
+            origin = f"from {helo} ({literal})" if literal else f"from {helo}"
+        else:
+            shown = _NOT_IN_COMMENT.sub("?", helo[:64])
+            origin = f"from {literal or 'unknown'}" + (f" (helo={shown})" if shown else "")
+        self._clauses = (origin, f"by {by}", f"with {protocol}", f"id {email_id}")
+        self._date = _date(int(when))
+
+    def field(self, recipient: str | None) -> bytes:
+        """The whole field for a copy to ``recipient`` (None: several), folded, with CRLF."""
+        *head, last = self._clauses if recipient is None else (*self._clauses,
+                                                                f"for <{recipient}>")
+        return header_field("Received", [*head, f"{last};", self._date])
 
 
+@functools.lru_cache(maxsize=1)
+def _date(second: int) -> str:
+    return formatdate(second, localtime=True)
+
+
+@functools.lru_cache(maxsize=1024)
 def _address_literal(address: str) -> str:
     try:
         ip = ipaddress.ip_address(address.split("%")[0])

@@ -141,15 +141,15 @@ def test_a_dkim_signed_message_still_verifies(make_relay, upstream, dkim_key, me
     ("fe80::1%eth0", "[IPv6:fe80::1]"),
 ])
 def test_the_client_address_is_an_address_literal(address, literal):
-    line = trace.received(helo="client.test", address=address, by="relay.test",
-                          protocol="ESMTP", email_id="email_x", recipient=None, when=0)
+    line = trace.Received(helo="client.test", address=address, by="relay.test",
+                          protocol="ESMTP", email_id="email_x", when=0).field(None)
     assert line.startswith(f"Received: from client.test ({literal}) by relay.test".encode())
 
 
 def test_long_names_are_folded_between_clauses():
-    line = trace.received(helo="h" * 60 + ".test", address="192.0.2.1", by="r" * 70 + ".test",
+    line = trace.Received(helo="h" * 60 + ".test", address="192.0.2.1", by="r" * 70 + ".test",
                           protocol="UTF8SMTPSA", email_id="email_" + "0" * 36,
-                          recipient="zoë@" + "d" * 60 + ".example", when=0)
+                          when=0).field("zoë@" + "d" * 60 + ".example")
     lines = line.decode().split("\r\n")
     assert lines[-1] == ""
     assert all(rest.startswith(" ") for rest in lines[1:-1])
