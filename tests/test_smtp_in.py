@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtp_in import has_long_line
+from relay.smtp_in import crlf_line_endings, has_long_line
 
 
 def naive_long_line(body: bytes, limit: int) -> bool:
@@ -36,3 +36,15 @@ def test_limit_is_exact_at_998():
 def test_the_dot_of_dot_stuffing_is_not_counted():
     assert not has_long_line(b"b\r\n." + b"." * 998 + b"\r\n", 998)
     assert has_long_line(b".." + b"a" * 998 + b"\r\n", 998)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"a"]), max_size=30))
+def test_line_endings_made_crlf_leave_no_end_of_data_inside(pieces):
+    """Whatever the client sent, the result is CRLF only and validly dot-stuffed: no line
+    is a lone dot, so even forwarded as it is it could not end the upstream's DATA early."""
+    body = crlf_line_endings(b"".join(pieces) + b"\r\n")
+    assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")
+    assert b"\r\n.\r\n" not in body
+    assert not body.startswith(b".\r\n")
+    assert crlf_line_endings(body) == body
