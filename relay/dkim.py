@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import dkim as dkimpy
 
-from relay.headers import Header
+from relay.headers import Header, HeaderBlock
 from relay.mime import line_ending
 
 _TAG = re.compile(r"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)")
@@ -49,3 +49,11 @@ def signature_tags(raw: bytes, header: Header) -> dict[str, str]:
     """The tag=value pairs of a DKIM-Signature header (whitespace inside values removed)."""
     value = header.raw_value(raw)
     return {name: re.sub(r"\s+", "", tag_value) for name, tag_value in _TAG.findall(value.lower())}
+
+
+def signs_header(raw: bytes, block: HeaderBlock, name: str) -> bool:
+    """Whether a DKIM-Signature of the message names header ``name`` in its ``h=`` tag, as
+    signers that "oversign" do for headers absent at signing: adding one breaks it."""
+    key = name.lower()
+    return any(key in signature_tags(raw, header).get("h", "").split(":")
+               for header in block.all("dkim-signature"))

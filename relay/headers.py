@@ -123,11 +123,12 @@ def header_field(name: str, chunks: Sequence[str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
-def prepend_headers(raw: bytes, fields: Iterable[bytes]) -> bytes:
+def prepend_headers(raw: bytes, fields: Iterable[bytes], at: int = 0) -> bytes:
     """``raw`` (CRLF line endings) with whole header fields (from :func:`header_field`) in
-    front of its first header, in the order given; every byte of ``raw`` is kept, and so is
+    front of its first header (or of the header at offset ``at``: below a trace block, say),
+    in the order given; every byte of ``raw`` is kept, and so is
     any DKIM signature over it (a verifier takes the last instance of a signed header name,
     so a field added on top is never one it signed). A message whose first line starts with
     a space or tab (no header before it to continue) gets it read as part of the last field
     added, as in every mail server that adds a Received line."""
-    return b"".join((*fields, raw))
+    return b"".join((raw[:at], *fields, raw[at:]))

@@ -8,19 +8,17 @@ never raises for a problem with the message: every outcome is a reply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
-from relay import metrics, trace
+from relay import dedupe, metrics, trace
 from relay.config import Config
-from relay.dkim import DkimSigner
+from relay.dkim import DkimSigner, signs_header
 from relay.errors import SmtpReplyError
 from relay.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
 from relay.ids import new_email_id
@@ -79,9 +77,7 @@ class MailPipeline:
         self.upstream = upstream
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
-        # one lock per Message-ID being sent; forgotten once nobody holds or waits for it
-        self._senders: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary())
+        self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600)
 
     async def process(self, incoming: Incoming) -> str:
         started = time.perf_counter()
@@ -113,9 +109,21 @@ class MailPipeline:
         decision = decide(controls, sender_domain, self.rules.current(),
                           self.config.http.public_url)
         clean = remove_headers(raw, controls.headers)
+        digest = dedupe.content_digest(raw, block)
         message_id = _header(raw, block, "Message-ID")
-        async with self._sending(message_id):
-            pending, duplicates = self._split_delivered(message_id, incoming.recipients)
+        if block.get("Message-ID") is None and not signs_header(raw, block, "Message-ID"):
+            # below the trace block, which stays on top (control headers are never in it)
+            message_id = dedupe.message_id_for(digest, self.config.smtp.server_name)
+            clean = prepend_headers(clean, [f"Message-ID: {message_id}\r\n".encode()],
+                                    dedupe.trace_end(block))
+        try:
+            claim = await self.claims.acquire(digest, incoming.recipients, email_id)
+        except Exception:
+            log.exception("%s: earlier deliveries could not be looked up", email_id)
+            metrics.SMTP_MESSAGES.labels("deferred").inc()
+            return NOT_RECORDED, Outcome(email_id), "store unavailable: nothing sent"
+        try:
+            pending, duplicates = claim.pending, claim.duplicates
             outcome = Outcome(email_id, duplicates=duplicates)
             prepared = await self._prepare(clean, decision, sender_domain) if pending else None
             reason = decision.reason if prepared is None else _reason(decision, prepared)
@@ -143,9 +151,13 @@ class MailPipeline:
                                         return_exceptions=True)
             for copy, replies in zip(copies, sent, strict=True):
                 outcome.replies.update(_replies_of(copy, replies, email_id))
-            await self._record(record, outcome, stored)
+            await self._record(record, outcome, stored, claim)
             _count(outcome, decision if tracked else None)
             return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+        finally:
+            # Held from the look-up of earlier deliveries until the record of this try's:
+            # a retry arriving meanwhile (in this process or another) waits, then finds them.
+            await self.claims.release(claim)
 
     def _received(self, incoming: Incoming, email_id: str) -> trace.Received | None:
         if not self.config.smtp.add_received:
@@ -153,30 +165,6 @@ class MailPipeline:
         return trace.Received(helo=incoming.helo, address=incoming.peer,
                               by=self.config.smtp.server_name, protocol=incoming.protocol,
                               email_id=email_id, when=time.time())
-
-    def _sending(self, message_id: str | None) -> contextlib.AbstractAsyncContextManager[object]:
-        """Held while a message is checked against earlier deliveries, sent and recorded: a
-        client that retries while its first try still waits on the upstream would otherwise
-        find no delivery recorded yet, and send the copies twice. Per process: with SMTP
-        workers a retry may reach another process."""
-        if not message_id or not self.config.smtp.dedupe_hours:
-            return contextlib.nullcontext()
-        lock = self._senders.get(message_id)
-        if lock is None:
-            lock = self._senders[message_id] = asyncio.Lock()
-        return lock
-
-    def _split_delivered(self, message_id: str | None, recipients: Sequence[str]
-                         ) -> tuple[list[str], list[str]]:
-        """Recipients still to send to, and those a recent try already delivered to."""
-        window = self.config.smtp.dedupe_hours * 3600
-        if not message_id or not window:
-            return list(recipients), []
-        marks = ",".join("?" * len(recipients))
-        done = {row[0] for row in self.store.execute_now(
-            "SELECT recipient FROM deliveries WHERE message_id = ? AND at > ?"
-            f" AND recipient IN ({marks})", [message_id, time.time() - window, *recipients])}
-        return [r for r in recipients if r not in done], [r for r in recipients if r in done]
 
     async def _store_message(self, record: MessageRecord) -> bool:
         """The message's row, before its copies go out: a link scanner may click within a
@@ -190,17 +178,20 @@ class MailPipeline:
             return False
         return True
 
-    async def _record(self, record: MessageRecord, outcome: Outcome, stored: bool) -> None:
-        """Store what became of the message; a failure is logged, and the reply still follows
-        the upstream's: "not sent, try again" for copies the upstream took would have them
-        sent twice."""
+    async def _record(self, record: MessageRecord, outcome: Outcome, stored: bool,
+                      claim: dedupe.Claim) -> None:
+        """Store what became of the message, and let go of the try's claim; a failure is
+        logged, and the reply still follows the upstream's: "not sent, try again" for copies
+        the upstream took would have them sent twice."""
         remember = self.config.smtp.dedupe_hours > 0
         try:
             await self.store.write(lambda conn: _record(conn, record, outcome, remember,
-                                                        self.listeners, stored))
+                                                        self.listeners, stored, claim))
         except Exception:
             log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
                           len(outcome.sent), len(outcome.failed))
+            return
+        self.claims.settled(claim)
 
     async def _prepare(self, clean: bytes, decision: Decision, sender_domain: str
                        ) -> Prepared | None:
@@ -320,9 +311,10 @@ def _insert_message(conn: sqlite3.Connection, m: MessageRecord) -> None:
 
 
 def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
-            listeners: Sequence[MessageListener] = (), stored: bool = False) -> None:
-    """The message's row (unless ``stored`` already), its recipients and deliveries, and
-    the listeners' rows, in one transaction."""
+            listeners: Sequence[MessageListener] = (), stored: bool = False,
+            claim: dedupe.Claim | None = None) -> None:
+    """The message's row (unless ``stored`` already), its recipients and deliveries (and the
+    end of the try's claim), and the listeners' rows, in one transaction."""
     now = time.time()
     if not stored:
         _insert_message(conn, m)
@@ -330,9 +322,8 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
             for r, reply in outcome.replies.items()]
     rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]
     conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
-    if m.message_id and remember:
-        conn.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?)",
-                         [(m.message_id, r, m.email_id, now) for r in outcome.sent])
+    if claim is not None:
+        dedupe.settle(conn, claim, m.message_id, outcome.sent, now, remember)
     for listener in listeners:
         listener(conn, m, outcome)
 

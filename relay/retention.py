@@ -5,7 +5,7 @@
 ==================  ======================================================================
 events              opens and clicks recorded before the cutoff
 recipients          the rows of messages created before the cutoff
-deliveries          those recorded before the cutoff (the resend guard by Message-ID)
+deliveries          those recorded before the cutoff (the resend guard, relay/dedupe.py)
 messages            those created before the cutoff
 engagement          rows last hit before the cutoff whose message is gone
 webhook_attempts,   batches finished (delivered or failed) before the cutoff, with their

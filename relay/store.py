@@ -299,6 +299,35 @@ MIGRATIONS: dict[str, str] = {
             FROM events e JOIN messages m ON m.email_id = e.email_id
             WHERE e.counted GROUP BY 1;
     """,
+    # Deliveries are remembered by the message's content digest (relay/dedupe.py), not by its
+    # Message-ID, which distinct messages may share; claims keep two tries of one message
+    # from sending at once, across processes. The rows remembered by Message-ID alone cannot
+    # be given a digest: they are dropped (a retry of a message sent before this migration,
+    # within smtp.dedupe_hours, may reach its recipients again; taking them by Message-ID
+    # would go on dropping distinct messages that share one).
+    "0031_deliveries_by_content": """
+        DROP TABLE deliveries;
+        CREATE TABLE deliveries (
+            digest BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            message_id TEXT,
+            email_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (digest, recipient)
+        );
+        CREATE TABLE send_owners (
+            owner TEXT PRIMARY KEY,
+            seen_at REAL NOT NULL
+        );
+        CREATE TABLE send_claims (
+            digest BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            email_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (digest, recipient)
+        );
+    """,
 }
 
 

@@ -3,11 +3,13 @@ the JSON API with a key, the ``relay`` CLI in another process, and a config file
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import smtplib
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,9 +19,13 @@ from harness import Relay
 
 from relay import apikeys, store
 
+_SENT = itertools.count()
+
 
 def message(sender: str = "news@shop.example", headers: str = "") -> bytes:
+    """A new message at each call (its own Message-ID), as an application sends them."""
     return (f"From: News <{sender}>\r\nTo: a@example.org\r\nSubject: News\r\n{headers}"
+            f"Message-ID: <{next(_SENT)}.{time.time_ns()}@shop.example>\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
             '<html><body><a href="https://shop.example/sale">Sale</a>'
             '<a href="https://pay.example/now">Pay</a></body></html>\r\n').encode()

@@ -108,9 +108,10 @@ def test_smtp_workers_share_the_port_and_a_dead_worker_stops_the_relay(tmp_path)
         while not workers_of(process.pid) and time.monotonic() < deadline:
             time.sleep(0.05)  # waiting for the worker process to appear
         [worker] = workers_of(process.pid)[:1]
-        for _ in range(6):
+        for n in range(6):  # six messages (a retry of one would be delivered once)
             with smtplib.SMTP("127.0.0.1", smtp_port) as client:
-                client.sendmail("a@shop.example", ["b@example.org"], MESSAGE)
+                client.sendmail("a@shop.example", ["b@example.org"],
+                                f"Message-ID: <{n}@shop.example>\r\n".encode() + MESSAGE)
         assert len(list((tmp_path / "outbox").glob("*.eml"))) == 6
         os.kill(worker, signal.SIGKILL)
         assert process.wait(20) == 1

@@ -340,8 +340,9 @@ def test_swaks_delivers_through_the_relay(make_relay, upstream, tmp_path):
 
 
 def test_smtputf8_is_passed_on_and_refused_when_the_upstream_lacks_it(make_relay, loops):
-    utf8_message = "From: Zoë <zoë@shop.example>\r\nTo: b@example.org\r\nSubject: é\r\n\r\nhi\r\n"
     for supported in (True, False):
+        utf8_message = ("From: Zoë <zoë@shop.example>\r\nTo: b@example.org\r\nSubject: é\r\n"
+                        f"Message-ID: <é-{supported}@shop.example>\r\n\r\nhi\r\n")
         server = UpstreamServer(loops, smtputf8=supported)
         server.start()
         try:
@@ -410,11 +411,12 @@ def test_control_headers_after_a_header_with_space_before_its_colon_are_removed(
     servers read it as one, so the header block does not end there."""
     relay = make_relay(upstream=upstream)
     message = (b"From: App <app@shop.example>\r\nSubject : Hi\r\nX-Anypost-Tags: secret\r\n"
-               b"x-anypost-campaign:\r\n spring\r\nX-AliDM-Trace\t: e30=\r\n\r\nbody\r\n")
+               b"x-anypost-campaign:\r\n spring\r\nX-AliDM-Trace\t: e30=\r\n"
+               b"Message-ID: <colon-1@shop.example>\r\n\r\nbody\r\n")
     send(relay, "app@shop.example", ["a@example.org"], message)
     [copy] = upstream.received
     assert without_received(copy.data) == (b"From: App <app@shop.example>\r\nSubject : Hi\r\n"
-                                           b"\r\nbody\r\n")
+                                           b"Message-ID: <colon-1@shop.example>\r\n\r\nbody\r\n")
     row = relay.db().execute("SELECT subject, campaign FROM messages").fetchone()
     assert tuple(row) == ("Hi", "spring")
 
@@ -692,7 +694,8 @@ def test_a_998_character_line_starting_with_a_dot_is_accepted(make_relay, upstre
     """The dot added by dot-stuffing is not part of the line (RFC 5321 4.5.3.1.6)."""
     relay = make_relay(upstream=upstream)
     line = b"." + b"x" * 997
-    message = b"From: a@shop.example\r\nSubject: dots\r\n\r\n" + line + b"\r\n"
+    message = (b"From: a@shop.example\r\nSubject: dots\r\nMessage-ID: <dots-1@shop.example>\r\n"
+               b"\r\n" + line + b"\r\n")
     assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
     assert without_received(upstream.received[0].data) == message
     code, text = last_reply(relay, "app@shop.example", ["a@example.org"],
