@@ -22,7 +22,8 @@ from relay import trace
 from relay.passwords import hash_password
 
 MESSAGE = (b"From: News <news@shop.example>\r\nTo: list@example.org\r\nSubject: News\r\n"
-           b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n{extra}\r\n"
+           b"Message-ID: <news-1@shop.example>\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n{extra}\r\n"
            b'<html><body><a href="https://shop.example/sale">Sale</a></body></html>\r\n')
 TRACKED = MESSAGE.replace(b"{extra}", b"X-Anypost-Track-Opens: true\r\n"
                                       b"X-Anypost-Track-Clicks: true\r\n")
