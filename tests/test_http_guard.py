@@ -122,23 +122,41 @@ def test_a_silent_connection_is_closed_after_the_header_timeout(
     assert metric(relay_port, "relay_http_header_timeouts_total") == 1
 
 
+def trickle_until_closed(sock: socket.socket) -> float:
+    """Send a header line every 0.2 s until the relay closes the connection (at most 10 s);
+    the seconds it took."""
+    sock.settimeout(0.2)
+    started = time.monotonic()
+    while time.monotonic() - started < 10:
+        try:
+            sock.sendall(b"X-Slow: 1\r\n")
+            if sock.recv(1) == b"":
+                break
+        except TimeoutError:
+            continue  # still open: the next line
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return time.monotonic() - started
+
+
 def test_a_trickled_request_head_is_closed_though_bytes_keep_coming(
         make_relay: Callable[..., Relay]) -> None:
     relay = make_relay({"http": {"header_timeout": 1.0}}, http=True)
     with connect(port_of(relay)) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        sock.settimeout(0.2)  # a header line every 0.2 s
-        started = time.monotonic()
-        closed = False
-        while not closed and time.monotonic() - started < 10:
-            try:
-                sock.sendall(b"X-Slow: 1\r\n")
-                closed = sock.recv(1) == b""
-            except TimeoutError:
-                continue  # still open: the next line
-            except (BrokenPipeError, ConnectionResetError):
-                closed = True
-        assert closed and time.monotonic() - started < 5
+        assert trickle_until_closed(sock) < 5
+
+
+def test_a_trickled_second_request_is_closed_at_the_keepalive_timeout(
+        make_relay: Callable[..., Relay]) -> None:
+    """After a first request, aiohttp's keep-alive timer is the deadline, and the bytes of an
+    unfinished head do not restart it."""
+    relay = make_relay({"http": {"keepalive_timeout": 1.0}}, http=True)
+    with connect(port_of(relay)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert trickle_until_closed(sock) < 5
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_keepalive_timeout(
