@@ -32,10 +32,11 @@ class Received:
 
     ``from`` the client's EHLO name and its address as a literal (``[192.0.2.1]``,
     ``[IPv6:2001:db8::1]``), ``by`` the relay's host name, ``with`` :func:`protocol`, ``id``
-    the relay's email id, ``for`` the recipient when the copy has one, then the date.
+    the relay's email id, ``for`` the recipient when the copy has one (and it is ASCII, or
+    the transaction SMTPUTF8: an 8-bit header needs it, RFC 6532), then the date.
     """
 
-    __slots__ = ("_clauses", "_date")
+    __slots__ = ("_clauses", "_date", "_utf8")
 
     def __init__(self, *, helo: str, address: str, by: str, protocol: str, email_id: str,
                  when: float) -> None:
@@ -47,11 +48,14 @@ class Received:
             origin = f"from {literal or 'unknown'}" + (f" (helo={shown})" if shown else "")
         self._clauses = (origin, f"by {by}", f"with {protocol}", f"id {email_id}")
         self._date = _date(int(when))
+        self._utf8 = protocol.startswith("UTF8")
 
     def field(self, recipient: str | None) -> bytes:
         """The whole field for a copy to ``recipient`` (None: several), folded, with CRLF."""
-        *head, last = self._clauses if recipient is None else (*self._clauses,
-                                                                f"for <{recipient}>")
+        if recipient is None or not (recipient.isascii() or self._utf8):
+            *head, last = self._clauses
+        else:
+            *head, last = (*self._clauses, f"for <{recipient}>")
         return header_field("Received", [*head, f"{last};", self._date])
 
 

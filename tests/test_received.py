@@ -161,6 +161,16 @@ def test_long_names_are_folded_between_clauses():
     assert message_from_bytes(line + b"\r\n", policy=policy.SMTPUTF8)["Received"]
 
 
+def test_a_non_ascii_recipient_is_named_only_in_smtputf8_mail():
+    """A header with UTF-8 in it needs an SMTPUTF8 transaction (RFC 6532); aiosmtpd takes
+    such an address without one."""
+    for protocol, named in (("ESMTP", False), ("UTF8SMTP", True)):
+        line = trace.Received(helo="client.test", address="192.0.2.1", by="relay.test",
+                              protocol=protocol, email_id="email_x", when=0).field("zoë@x.test")
+        assert ("for <zoë@x.test>;".encode() in line) == named
+        assert line.isascii() != named
+
+
 @pytest.mark.parametrize(("options", "expected"), [
     ({"esmtp": False, "tls": False, "authenticated": False, "utf8": False}, "SMTP"),
     ({"esmtp": True, "tls": False, "authenticated": False, "utf8": False}, "ESMTP"),
