@@ -134,6 +134,11 @@ def _drop(conn: sqlite3.Connection, claim: Claim) -> None:
 def heartbeat(conn: sqlite3.Connection, owner: str, now: float) -> None:
     """``owner`` is alive; owners not seen for a lease are gone, with their claims."""
     conn.execute("UPDATE send_owners SET seen_at = ? WHERE owner = ?", (now, owner))
+    forget_stale(conn, now)
+
+
+def forget_stale(conn: sqlite3.Connection, now: float) -> None:
+    """Delete the owners not seen for a lease and their claims (a process killed mid-send)."""
     stale = now - LEASE_SECONDS
     conn.execute("DELETE FROM send_claims WHERE owner IN"
                  " (SELECT owner FROM send_owners WHERE seen_at <= ?)", (stale,))
@@ -158,6 +163,7 @@ class Claims:
         self._held = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._released = asyncio.Event()
+        self._swept = False  # what processes killed before this one left: at the first claim
 
     async def acquire(self, digest: bytes, recipients: Sequence[str], email_id: str) -> Claim:
         """The try's claim; waits while another live try holds one of its recipients. Raises
@@ -166,8 +172,9 @@ class Claims:
             return Claim(digest, email_id, list(recipients), [])
         waited = False
         while True:
-            claim = await self.store.write(lambda conn: take(
-                conn, digest, recipients, email_id, self.owner, self.clock(), self.window))
+            claim = await self.store.write(lambda conn: self._take(conn, digest, recipients,
+                                                                   email_id))
+            self._swept = True
             if claim is not None:
                 if claim.held:
                     self._hold()
@@ -179,6 +186,13 @@ class Claims:
             released = self._released
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(released.wait(), POLL_SECONDS)
+
+    def _take(self, conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str],
+              email_id: str) -> Claim | None:
+        now = self.clock()
+        if not self._swept:
+            forget_stale(conn, now)
+        return take(conn, digest, recipients, email_id, self.owner, now, self.window)
 
     def settled(self, claim: Claim) -> None:
         """The claim's rows are gone from the store (:func:`settle` committed)."""

@@ -19,7 +19,7 @@ from test_app import wait_for_port
 from test_smtp_relay import hold_upstream, last_reply
 
 from relay import store as store_module
-from relay.dedupe import LEASE_SECONDS, content_digest, settle, take, trace_end
+from relay.dedupe import LEASE_SECONDS, Claims, content_digest, settle, take, trace_end
 from relay.headers import parse_header_block
 
 SHARED_ID = "Message-ID: <1234@example.com>\r\n"
@@ -178,6 +178,22 @@ def test_a_claim_holds_off_other_tries_until_settled_or_its_owner_is_gone(tmp_pa
     # and the deliveries are forgotten after the window
     gone = take(conn, digest, RECIPIENTS, "email_5", "host:3:c", now + 3 + window, window)
     assert gone is not None and gone.pending == RECIPIENTS
+
+
+async def test_claims_left_by_a_killed_process_are_swept_at_the_next_start(tmp_path):
+    """Else the recipients of what it was sending stayed in send_claims for good (erasure
+    and retention do not look there)."""
+    store = await store_module.Store.open(tmp_path / "relay.db")
+    try:
+        take(store.writer, b"d" * 32, RECIPIENTS, "email_1", "host:1:a", 1000.0, 3600.0)
+        claims = Claims(store, 3600.0, clock=lambda: 1000.0 + LEASE_SECONDS)
+        claim = await claims.acquire(b"e" * 32, ["c@example.org"], "email_2")
+        rows = store.writer.execute("SELECT email_id FROM send_claims").fetchall()
+        assert rows == [("email_2",)]
+        await claims.release(claim)
+        assert store.writer.execute("SELECT count(*) FROM send_claims").fetchone()[0] == 0
+    finally:
+        await store.close()
 
 
 def test_a_database_remembering_by_message_id_is_migrated(tmp_path, monkeypatch):
