@@ -10,13 +10,11 @@ input's own (PRODUCT.md section 2).
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from relay import markup, mime
+from relay import markup, mime, urls
 from relay.dkim import DkimSigner, signature_tags
 from relay.headers import HeaderBlock
 from relay.tokens import Keyring, RecipientSigner
@@ -28,10 +26,10 @@ OPT_OUT_ATTRIBUTES = (
     "ses:no-track",
 )
 SIGNED_PART = "inside multipart/signed: a change would break its signature"
-# A longer URL would make a click link past what the tracker verifies (tokens.MAX_TOKEN_CHARS)
-# and what HTTP servers take in a request line (8 KB).
-MAX_URL_BYTES = 4096
-TEMPLATE_MARKERS = ("{{", "}}", "{%", "%}", "*|", "|*")
+# Why a link was left alone, beside the reasons relay/urls.py gives for the URL itself.
+OPT_OUT = "opt_out"
+TRACKING_HOST = "tracking_host"
+EXCLUDED_HOST = "excluded_host"
 PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;overflow:hidden"
 _PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
 _OPEN = -1  # token index of the open pixel in a rendering's token list
@@ -39,21 +37,7 @@ _OPEN = -1  # token index of the open pixel in a rendering's token list
 TRACKING_BASE = re.compile(  # what a tracking base URL (http.public_url) may look like
     r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[\w.~/-]*)?"
 )
-_PCT = r"%[0-9A-Fa-f]{2}"
-_PCHAR = rf"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|{_PCT})"
-_URL = re.compile(
-    rf"(?i:https?)://(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|{_PCT})*@)?"
-    rf"(?P<host>\[[^\]]*\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|{_PCT})+)(?::[0-9]*)?"
-    rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?"
-)
-_PLAIN_URL = re.compile(  # the usual case, in C without alternations; a subset of _URL
-    r"(?i:https?)://(?P<host>[A-Za-z0-9.-]+)(?::[0-9]{1,5})?(?:/[\w.~/-]*)?(?:\?[\w.~/=&-]*)?",
-    re.ASCII,
-)
-_TEMPLATE = re.compile("|".join(re.escape(marker) for marker in TEMPLATE_MARKERS))
 _LONE_CR = re.compile(r"\r(?!\n)")
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_ASCII_WS = "\t\n\f\r "
 
 
 @dataclass(frozen=True)
@@ -68,8 +52,9 @@ class RewriteOptions:
 @dataclass(frozen=True, slots=True)
 class LinkResult:
     href: str  # the attribute value as written
-    url: str | None  # where the click token redirects, when rewritten
-    reason: str = ""  # why it was left alone
+    url: str | None  # what the click token carries, when rewritten: the URL as written
+    reason: str = ""  # why it was left alone, for people
+    code: str = ""  # why it was left alone: a code from relay/urls.py or this module
 
     @property
     def rewritten(self) -> bool:
@@ -90,10 +75,31 @@ class PartResult:
 class Report:
     parts: tuple[PartResult, ...]
     dkim: str = ""  # what was done about an existing DKIM-Signature
+    clicks: bool = False  # whether links were looked at (click tracking on)
+
+    @property
+    def links(self) -> tuple[LinkResult, ...]:
+        return tuple(link for part in self.parts for link in part.links)
 
     @property
     def links_rewritten(self) -> int:
         return sum(link.rewritten for part in self.parts for link in part.links)
+
+    def links_text(self, limit: int = 20) -> str:
+        """``5/6 tracked`` and each link left alone with its reason (the first ``limit``)."""
+        links = self.links
+        left = [link for link in links if not link.rewritten]
+        text = f"{len(links) - len(left)}/{len(links)} tracked"
+        if left:
+            listed = "; ".join(f"{_shorten(link.href, 100)} ({link.reason})"
+                               for link in left[:limit])
+            more = f"; {len(left) - limit} more" if len(left) > limit else ""
+            text += f", untracked: {listed}{more}"
+        return text
+
+
+def _shorten(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:length - 1] + "…"
 
 
 class Prepared:
@@ -194,11 +200,11 @@ def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
         results.append(result)
         if part_plan is not None:
             part_edits.append((part, part_plan))
-    report = Report(tuple(results))
+    report = Report(tuple(results), clicks=options.clicks)
     if not part_edits:
         return Prepared(raw, _nothing_reason(results), report)
     dkim, dkim_headers, dkim_note, removals = _dkim_plan(raw, root.headers, options)
-    report = Report(report.parts, dkim_note)
+    report = Report(report.parts, dkim_note, options.clicks)
     if dkim_note and dkim is None:
         return Prepared(raw, dkim_note, report)
     plan = _assemble(raw, part_edits, removals, eol.decode("ascii"))
@@ -272,64 +278,41 @@ def _why_not_trackable(part: mime.Part) -> str:
 
 def _link(tag: markup.Tag, options: RewriteOptions, edits: list[_Edit]) -> LinkResult:
     href = tag.attrs["href"]
+    written = href.value or ""
     url, reason = _classify(tag, options)
-    if url is not None:
+    if isinstance(reason, urls.Url):
         edits.append((href.start, href.end, [f"{options.base_url}/c/", _Click(url)]))
-    return LinkResult(href.value or "", url, reason)
+        return LinkResult(written, url)
+    return LinkResult(written, None, reason.detail, reason.code)
 
 
-def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str | None, str]:
-    """(the URL to redirect to, "") for a link to rewrite, else (None, why not)."""
+def _classify(tag: markup.Tag, options: RewriteOptions) -> tuple[str, urls.Url | urls.Refusal]:
+    """The URL as written (entity references decoded, for the token) and where it leads, or
+    why it is not tracked."""
     for name in OPT_OUT_ATTRIBUTES:
         if name in tag.attrs:
-            return None, f"opt-out attribute {name}"
+            return "", urls.Refusal(OPT_OUT, f"opt-out attribute {name}")
     clicktracking = tag.attrs.get("clicktracking")
     if clicktracking and markup.unescape_attr(clicktracking.value or "").strip().lower() == "off":
-        return None, "opt-out attribute clicktracking=off"
-    value = markup.unescape_attr(tag.attrs["href"].value or "").strip(_ASCII_WS)
-    if not value:
-        return None, "empty href"
-    if _TEMPLATE.search(value):
-        return None, "template placeholder"
-    if value.startswith("#"):
-        return None, "fragment link"
-    scheme = _SCHEME.match(value)
-    if scheme is None:
-        return None, "relative link"
-    scheme_name = scheme[1].lower()
-    if scheme_name not in ("http", "https"):
-        return None, f"{scheme_name}: link"
-    match = _PLAIN_URL.fullmatch(value) or _URL.fullmatch(value)
-    if match is None or not _valid_ip_literal(host := match["host"]):
-        return None, "not a well-formed URL"
-    if len(value.encode()) > MAX_URL_BYTES:
-        return None, f"URL too long to track (over {MAX_URL_BYTES} bytes)"
-    host = host.lower().rstrip(".").strip("[]")  # IPv6 literals as urlsplit gives them
+        return "", urls.Refusal(OPT_OUT, "opt-out attribute clicktracking=off")
+    value = markup.unescape_attr(tag.attrs["href"].value or "").strip(urls.C0_OR_SPACE)
+    judged = urls.judge(value)
+    if isinstance(judged, urls.Refusal):
+        return value, judged
+    host = judged.host.removesuffix(".")
     if host == _tracking_host(options.base_url):
-        return None, "already a tracking link"
+        return value, urls.Refusal(TRACKING_HOST, "already a tracking link")
     for excluded in options.excluded_hosts:
         excluded = excluded.lower().rstrip(".")
         if host == excluded or host.endswith("." + excluded):
-            return None, f"excluded host {excluded}"
-    return value, ""
+            return value, urls.Refusal(EXCLUDED_HOST, f"excluded host {excluded}")
+    return value, judged
 
 
 @functools.lru_cache(maxsize=64)
 def _tracking_host(base_url: str) -> str:
-    return (urlsplit(base_url).hostname or "").lower()
-
-
-def _valid_ip_literal(host: str) -> bool:
-    if not host.startswith("["):
-        return True
-    inner = host[1:-1]
-    if re.fullmatch(r"[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+", inner):
-        return True
-    try:
-        ipaddress.IPv6Address(inner)
-    except ValueError:
-        return False
-    return True
+    parsed = urls.parse(base_url)
+    return parsed.host if isinstance(parsed, urls.Url) else ""
 
 
 def _meta_charset_edits(metas: tuple[markup.Tag, ...]) -> list[_Edit]:
@@ -443,12 +426,14 @@ def _nothing_reason(results: list[PartResult]) -> str:
 
 
 def _summary(report: Report) -> str:
-    parts = [part for part in report.parts if part.rewritten]
-    links = report.links_rewritten
-    pixels = sum(part.pixel for part in parts)
-    text = f"rewrote {links} link{'s' if links != 1 else ''}"
+    pixels = sum(part.pixel for part in report.parts if part.rewritten)
+    total = len(report.links)
+    texts = [f"rewrote {report.links_rewritten} of {total} link{'s' if total != 1 else ''}"]
+    if not report.clicks:
+        texts = []
     if pixels:
-        text += ", pixel inserted" if pixels == 1 else f", {pixels} pixels inserted"
+        texts.append("pixel inserted" if pixels == 1 else f"{pixels} pixels inserted")
+    text = ", ".join(texts)
     if report.dkim:
         text += f"; {report.dkim}"
     return text

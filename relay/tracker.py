@@ -2,8 +2,10 @@
 
 ``GET /o/<token>``  the 43-byte transparent GIF, always ``200``: a token that does not verify
                     (or any other path under ``/o/``) just records nothing.
-``GET /c/<token>``  ``302`` to the signed URL; a token that does not verify (or is not a click
-                    token, or whose URL is not http(s)) gets ``404`` JSON, never a redirect.
+``GET /c/<token>``  ``302`` to the signed URL in its ASCII form (relay/urls.py: IDNA host,
+                    UTF-8 percent-encoding), where a browser would go for a direct click; a
+                    token that does not verify (or is not a click token, or whose URL is not
+                    an http(s) URL a browser follows) gets ``404`` JSON, never a redirect.
 ``HEAD`` on both    the same answer without a body; stored as scanner traffic, never counted.
 ``GET /healthz``    ``200`` JSON when the store answers, ``503`` otherwise.
 ``GET /metrics``    Prometheus text of :data:`relay.metrics.REGISTRY`, only for clients in
@@ -42,6 +44,7 @@ from relay.errors import InvalidToken
 from relay.events import Hit, Listener, Recorder
 from relay.store import Store
 from relay.tokens import ClickTarget, Keyring, OpenTarget, verify
+from relay.urls import location
 
 log = logging.getLogger("relay.tracker")
 
@@ -113,12 +116,14 @@ class Tracker:
 
     async def click(self, request: web.Request) -> web.Response:
         target = self._target(request)
-        if not isinstance(target, ClickTarget) or not redirectable(target.url):
+        where = location(target.url) if isinstance(target, ClickTarget) else None
+        if where is None:
             self._count("click", 404)
             return web.Response(status=404, body=_NOT_FOUND, content_type="application/json")
+        assert isinstance(target, ClickTarget)
         await self._record(request, CLICK, target.email_id, target.recipient, target.url)
         self._redirected.inc()
-        return web.Response(status=302, headers={"Location": target.url, "Cache-Control": NO_STORE})
+        return web.Response(status=302, headers={"Location": where, "Cache-Control": NO_STORE})
 
     async def healthz(self, request: web.Request) -> web.Response:
         try:
@@ -188,12 +193,6 @@ def client_ip(peer: str | None, forwarded_for: str, trusted: Callable[[str], boo
             return candidate
         hop = candidate
     return hop
-
-
-def redirectable(url: str) -> bool:
-    """Only http(s) URLs without control characters are followed, whatever a token carries.
-    The scheme is case-insensitive (RFC 3986), as the rewriter reads it."""
-    return url[:8].lower().startswith(("https://", "http://")) and url.isprintable()
 
 
 def user_agent(header: str) -> str:
