@@ -23,7 +23,7 @@ from relay.errors import SmtpReplyError
 from relay.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
 from relay.ids import new_email_id
 from relay.policy import Controls, Decision, decide, read_controls
-from relay.rewrite import Prepared, RewriteOptions, prepare
+from relay.rewrite import LinkResult, Prepared, RewriteOptions, prepare
 from relay.rules import RulesCache
 from relay.smtp_out import Copy, Reply, Upstream, stuff, unstuff
 from relay.store import Store
@@ -35,6 +35,9 @@ log = logging.getLogger("relay.mail")
 LARGE_MESSAGE = 256 * 1024
 # MAIL FROM parameters passed on to the upstream (SIZE is not: the rewrite changes the size).
 PASSED_MAIL_OPTIONS = ("BODY=8BITMIME", "SMTPUTF8")
+# Links left untracked kept in a message's record, each href cut to this many characters.
+UNTRACKED_KEPT = 100
+HREF_KEPT = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +143,11 @@ class MailPipeline:
                                stuff(_traced(clean, received, pending)), options, email_id)]
             else:
                 copies = []
+            links = prepared.links if prepared is not None else None
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                    _header(raw, block, "Subject"), controls,
-                                   decision if tracked else None, reason, len(raw), time.time())
+                                   decision if tracked else None, reason, len(raw), time.time(),
+                                   links)
             stored = bool(copies)
             if stored and not await self._store_message(record):
                 metrics.SMTP_MESSAGES.labels("deferred").inc()
@@ -153,7 +158,10 @@ class MailPipeline:
                 outcome.replies.update(_replies_of(copy, replies, email_id))
             await self._record(record, outcome, stored, claim)
             _count(outcome, decision if tracked else None)
-            return _reply(outcome, incoming.recipients), outcome, f"tracking={reason!r}"
+            summary = f"tracking={reason!r}"
+            if prepared is not None and links is not None:
+                summary += f" links={prepared.report.links_text()!r}"
+            return _reply(outcome, incoming.recipients), outcome, summary
         finally:
             # Held from the look-up of earlier deliveries until the record of this try's:
             # a retry arriving meanwhile (in this process or another) waits, then finds them.
@@ -297,17 +305,32 @@ class MessageRecord:
     reason: str
     size: int
     created_at: float  # before the copies went out
+    links: tuple[LinkResult, ...] | None = None  # None: not looked at (rewrite.Prepared.links)
+
+
+def links_json(links: tuple[LinkResult, ...] | None) -> str | None:
+    """The ``messages.links`` column: how many links were tracked out of how many, and the
+    first :data:`UNTRACKED_KEPT` left alone, each with its reason code and detail."""
+    if links is None:
+        return None
+    untracked = [link for link in links if not link.rewritten]
+    return json.dumps({
+        "total": len(links), "tracked": len(links) - len(untracked),
+        "untracked": [{"href": link.href[:HREF_KEPT], "reason": link.code, "detail": link.reason}
+                      for link in untracked[:UNTRACKED_KEPT]],
+        "omitted": max(0, len(untracked) - UNTRACKED_KEPT),
+    }, ensure_ascii=False)
 
 
 def _insert_message(conn: sqlite3.Connection, m: MessageRecord) -> None:
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
         "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
-        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at, links)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
          json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
-         int(clicks), m.reason, m.size, m.created_at))
+         int(clicks), m.reason, m.size, m.created_at, links_json(m.links)))
 
 
 def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,

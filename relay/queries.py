@@ -282,7 +282,7 @@ def message_queries(email_id: str) -> tuple[Query, Query, Query]:
     """The message, its recipients, and all its events (machine traffic included)."""
     return (
         Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags, "
-              "campaign, topic, track_opens, track_clicks, decision, size, created_at "
+              "campaign, topic, track_opens, track_clicks, decision, size, created_at, links "
               "FROM messages WHERE email_id = ?", (email_id,)),
         Query("SELECT recipient, status, reply, at FROM recipients WHERE email_id = ? "
               "ORDER BY recipient", (email_id,)),
@@ -293,13 +293,14 @@ def message_queries(email_id: str) -> tuple[Query, Query, Query]:
 def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
                  ) -> dict[str, Any]:
     (email_id, message_id, sender, sender_domain, subject, tag_name, tags, campaign, topic,
-     opens, clicks, decision, size, created_at) = message
+     opens, clicks, decision, size, created_at, links) = message
     return {
         "email_id": email_id, "message_id": message_id, "sender": sender,
         "sender_domain": sender_domain, "subject": subject, "tag_name": tag_name,
         "tags": json.loads(tags), "campaign": campaign, "topic": topic, "size": size,
         "created_at": iso_time(created_at),
-        "tracking": {"opens": bool(opens), "clicks": bool(clicks), "decision": decision},
+        "tracking": {"opens": bool(opens), "clicks": bool(clicks), "decision": decision,
+                     "links": json.loads(links) if links is not None else None},
         "recipients": [{"recipient": r, "status": status, "reply": reply, "at": iso_time(at)}
                        for r, status, reply, at in recipients],
         "events": [event_json(row) for row in events],

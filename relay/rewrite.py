@@ -30,6 +30,8 @@ SIGNED_PART = "inside multipart/signed: a change would break its signature"
 OPT_OUT = "opt_out"
 TRACKING_HOST = "tracking_host"
 EXCLUDED_HOST = "excluded_host"
+LINK_REASONS = (urls.EMPTY, urls.FRAGMENT, urls.RELATIVE, urls.NOT_HTTP, urls.PLACEHOLDER,
+                urls.MALFORMED, urls.TOO_LONG, OPT_OUT, TRACKING_HOST, EXCLUDED_HOST)
 PIXEL_STYLE = "display:block;border:0;height:1px;width:1px;margin:0;padding:0;overflow:hidden"
 _PIXEL_TAIL = f'" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}" />'
 _OPEN = -1  # token index of the open pixel in a rendering's token list
@@ -128,6 +130,16 @@ class Prepared:
             self._statics, self._slots = plan.statics, plan.slots
             self._urls, self._pixel, self._eol = plan.urls, plan.pixel, plan.eol
             self._dkim, self._dkim_headers = plan.dkim, plan.dkim_headers
+
+    @property
+    def links(self) -> tuple[LinkResult, ...] | None:
+        """The links as the message goes out, each rewritten or left alone with its reason;
+        ``None`` when they were not looked at (clicks off) or the message goes out unchanged
+        although some were to be rewritten (a DKIM signature without a key: the reason says)."""
+        links = self.report.links
+        if not self.report.clicks or (not self.will_change and self.report.links_rewritten):
+            return None
+        return links
 
     def render(self, email_id: str, recipient: str, keyring: Keyring) -> bytes:
         """The message for one recipient (the input itself when nothing changes)."""

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from relay import queries
 from relay.api import CONTEXT, ApiError, Operation, json_response
+from relay.rewrite import LINK_REASONS
 from relay.stats import (
     DEFAULT_PAGE_SIZE,
     ESPS,
@@ -198,7 +199,13 @@ MESSAGE = _object({
     "tags": {"type": "array", "items": STRING}, "campaign": NULLABLE_STRING,
     "topic": NULLABLE_STRING, "size": INTEGER, "created_at": {"type": "string",
                                                               "format": "date-time"},
-    "tracking": _object({"opens": BOOLEAN, "clicks": BOOLEAN, "decision": STRING}),
+    "tracking": _object({"opens": BOOLEAN, "clicks": BOOLEAN, "decision": STRING,
+                         "links": {**_object({
+                             "total": INTEGER, "tracked": INTEGER, "omitted": INTEGER,
+                             "untracked": {"type": "array", "items": _object({
+                                 "href": STRING, "detail": STRING,
+                                 "reason": {"type": "string", "enum": list(LINK_REASONS)}})},
+                         }), "nullable": True}}),
     "recipients": {"type": "array", "items": _object({
         "recipient": STRING, "status": STRING, "reply": STRING,
         "at": {"type": "string", "format": "date-time"}})},

@@ -328,6 +328,12 @@ MIGRATIONS: dict[str, str] = {
             PRIMARY KEY (digest, recipient)
         );
     """,
+    # Each message's links: how many were tracked out of how many, and why the others were
+    # left alone (relay/pipeline.py links_json). NULL for messages recorded before, and for
+    # those whose links were not looked at.
+    "0040_message_links": """
+        ALTER TABLE messages ADD COLUMN links TEXT;
+    """,
 }
 
 

@@ -212,7 +212,9 @@ def test_one_message_with_its_recipients_events_and_decision(world):
     body = world.ok(f"/messages/{world.news}")
     assert (body["sender"], body["tag_name"], body["tags"], body["campaign"]) == (
         "news@shop.example", "spring", ["sale"], "c1")
-    assert set(body["tracking"]) == {"opens", "clicks", "decision"} and body["tracking"]["decision"]
+    assert set(body["tracking"]) == {"opens", "clicks", "decision", "links"}
+    assert body["tracking"]["decision"]
+    assert body["tracking"]["links"] == {"total": 1, "tracked": 1, "untracked": [], "omitted": 0}
     assert [(r["recipient"], r["status"]) for r in body["recipients"]] == [
         ("x@gmail.com", "sent"), ("y@hotmail.com", "sent"), ("z@example.org", "sent")]
     assert len(body["events"]) == 6  # machine traffic included: the HEAD
