@@ -40,7 +40,9 @@ def fill(conn, events: int, end: float) -> None:
     step = DAYS * 86400 / messages
     domains = ",".join(f"('{d}')" for d in DOMAINS)
     script = (
-        f"""INSERT INTO messages
+        f"""INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,
+                                  tags, campaign, topic, track_opens, track_clicks, decision,
+                                  size, created_at)
         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {messages - 1})
         SELECT printf('email_%012d', i), printf('<%d@bench>', i),
                printf('sender%d@shop%d.example', i % {SENDERS}, i % {SENDERS} % 4),

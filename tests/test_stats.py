@@ -202,9 +202,11 @@ def add_message(conn: sqlite3.Connection, email_id: str, sender: str, recipients
                 campaign: str | None = None, at: float = SENT_AT, failed: tuple[str, ...] = ()
                 ) -> None:
     with conn:
-        conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, 'Hi', ?, ?, ?, NULL, 1, 1, 'on', 10,"
-                     " ?)", (email_id, f"<{email_id}@x>", sender, sender.rpartition("@")[2],
-                             tag_name, json.dumps(list(tags)), campaign, at))
+        conn.execute("INSERT INTO messages (email_id, message_id, sender, sender_domain, subject,"
+                     " tag_name, tags, campaign, topic, track_opens, track_clicks, decision, size,"
+                     " created_at) VALUES (?, ?, ?, ?, 'Hi', ?, ?, ?, NULL, 1, 1, 'on', 10, ?)",
+                     (email_id, f"<{email_id}@x>", sender, sender.rpartition("@")[2],
+                      tag_name, json.dumps(list(tags)), campaign, at))
         conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, '', ?)",
                          [(email_id, r, "failed" if r in failed else "sent", at)
                           for r in recipients])
