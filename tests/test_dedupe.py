@@ -204,7 +204,7 @@ def test_a_database_remembering_by_message_id_is_migrated(tmp_path, monkeypatch)
     conn.execute("INSERT INTO deliveries VALUES ('<1234@example.com>', 'a@example.org',"
                  " 'email_1', 1000.0)")
     monkeypatch.undo()
-    assert store_module.migrate(conn) == ["0031_deliveries_by_content"]
+    assert store_module.migrate(conn)[0] == "0031_deliveries_by_content"  # and any later
     columns = [r[1] for r in conn.execute("PRAGMA table_info(deliveries)")]
     assert columns == ["digest", "recipient", "message_id", "email_id", "at"]
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
