@@ -57,6 +57,12 @@ class SmtpSettings:
     )
     users: tuple[SmtpUser, ...] = ()
     auth_require_tls: bool = True
+    # Failed logins per client address (relay/smtp_guard.py): each past the first answered
+    # auth_failure_delay seconds later than the one before; at auth_max_failures the address
+    # is refused AUTH for auth_block_seconds.
+    auth_max_failures: int = 10
+    auth_block_seconds: float = 900.0
+    auth_failure_delay: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_listen: Address | None = None
@@ -364,6 +370,9 @@ def _smtp(r: _Reader) -> SmtpSettings:
         allowed_networks=r.networks("allowed_networks", d.allowed_networks),
         users=tuple(users),
         auth_require_tls=r.get("auth_require_tls", bool, d.auth_require_tls),
+        auth_max_failures=r.positive("auth_max_failures", d.auth_max_failures),
+        auth_block_seconds=r.positive("auth_block_seconds", d.auth_block_seconds, float),
+        auth_failure_delay=_non_negative(r, "auth_failure_delay", d.auth_failure_delay),
         tls_cert=r.path("tls_cert", None),
         tls_key=r.path("tls_key", None),
         tls_listen=r.address("tls_listen", None),

@@ -106,3 +106,17 @@ TRACKING_DOMAIN_CHECKS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+# SMTP AUTH and the failed-login budget (relay/smtp_guard.py).
+SMTP_AUTH = Counter(
+    "relay_smtp_auth_total",
+    "AUTH attempts, by result (ok, failed, refused: the client address is in its refusal window)",
+    ["result"],
+    registry=REGISTRY,
+)
+SMTP_AUTH_BLOCKS = Counter(
+    "relay_smtp_auth_blocks_total",
+    "Client addresses refused AUTH for smtp.auth_block_seconds after smtp.auth_max_failures "
+    "failed logins",
+    registry=REGISTRY,
+)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import ipaddress
 import logging
 import re
@@ -19,13 +18,13 @@ import ssl
 import weakref
 from collections.abc import Sequence
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import metrics, trace
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
-from relay.passwords import verify_password
 from relay.pipeline import Incoming, MailPipeline, MessageListener
+from relay.smtp_guard import Logins
 from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -247,7 +246,7 @@ class RelayHandler:
     def __init__(self, settings: SmtpSettings, pipeline: MailPipeline) -> None:
         self.settings = settings
         self.pipeline = pipeline
-        self._users = {u.name: u.password_hash for u in settings.users}
+        self.logins = Logins(settings)
         self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
 
     def trusted(self, session: Session | None) -> bool:
@@ -257,7 +256,7 @@ class RelayHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not self.trusted(session):
-            if self._users:
+            if self.settings.users:
                 return "530 5.7.0 Authentication required"
             return "554 5.7.1 Relay access denied: this client may not send through the relay"
         problem = _address_problem(address)
@@ -310,17 +309,13 @@ class RelayHandler:
         # retry would send them again. It goes on to the end; only the reply is lost.
         return await asyncio.shield(delivery)
 
-    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
-                     mechanism: str, auth_data: object) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        name = auth_data.login.decode("utf-8", "replace")
-        encoded = self._users.get(name)
-        ok = encoded is not None and _check_password(auth_data.password, encoded)
-        log.info("auth %s for %r from %s", "ok" if ok else "failed", name, session.peer)
-        if not ok:
-            return AuthResult(success=False, handled=False)  # aiosmtpd then answers 535
-        return AuthResult(success=True, auth_data=name)
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """aiosmtpd's mechanism hooks (see relay/smtp_guard.py: the password check runs off
+        the event loop, within a budget of failures per client address)."""
+        return await self.logins.plain(server, args)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self.logins.login(server, args)
 
     def _allowed(self, peer: object) -> bool:
         if not isinstance(peer, tuple) or not peer:
@@ -332,16 +327,6 @@ class RelayHandler:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         return any(address in net for net in self.settings.allowed_networks)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_check(password_digest: bytes, encoded: str, password: bytes) -> bool:
-    return verify_password(password.decode("utf-8", "replace"), encoded)
-
-
-def _check_password(password: bytes, encoded: str) -> bool:
-    """scrypt is slow on purpose; a client that logs in on every connection pays it once."""
-    return _cached_check(hashlib.sha256(password).digest(), encoded, password)
 
 
 class SmtpService:
@@ -386,7 +371,6 @@ class SmtpService:
             timeout=s.timeout,
             command_call_limit=self.call_limits,
             auth_require_tls=s.auth_require_tls and not implicit,
-            authenticator=self.handler.authenticate if s.users else None,
             loop=asyncio.get_running_loop(),
         )
         self.sessions.add(session)
@@ -438,6 +422,7 @@ class SmtpService:
             delivery.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         await self.upstream.close()
+        self.handler.logins.close()
 
 
 def _address_problem(address: str) -> str:

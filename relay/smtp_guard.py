@@ -1,0 +1,245 @@
+"""Abuse limits of the SMTP listener that outlive one session: password checks off the event
+loop, and a budget of failed logins per client address.
+
+- ``PasswordChecker``: scrypt (about 50 ms a check, on purpose) runs in a small thread pool.
+  ``hashlib.scrypt`` releases the GIL (measured: two threads hash 1.8 times as fast as one, and
+  the loop thread runs at full speed beside them), so the loop keeps serving SMTP and HTTP
+  during a flood of logins. An unknown user costs the same check as a wrong password (against
+  a dummy hash), so the time of the reply does not tell which user names exist.
+- ``AuthBudget``: failed logins per client address (an IPv6 client by its /64, which one
+  machine usually holds whole). Each failure past the first is answered after a growing delay;
+  at ``smtp.auth_max_failures`` the address is refused AUTH (``421``) for
+  ``smtp.auth_block_seconds``. Per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+
+from relay import passwords
+from relay.bots import parse_ip
+from relay.metrics import SMTP_AUTH, SMTP_AUTH_BLOCKS
+from relay.throttle import ThrottledLog
+
+if TYPE_CHECKING:
+    from relay.config import SmtpSettings
+
+log = logging.getLogger("relay.smtp")
+
+# Threads that hash passwords: enough to use two cores, few enough that a flood cannot take
+# every core from the loop.
+HASH_THREADS = min(2, os.cpu_count() or 1)
+# The most client addresses whose failures are remembered (the oldest are forgotten first).
+MAX_ADDRESSES = 100_000
+# The longest a failed login's reply is delayed.
+MAX_DELAY = 10.0
+
+
+class PasswordChecker:
+    """Checks AUTH credentials against ``[[smtp.users]]`` in a thread pool."""
+
+    def __init__(self, users: Mapping[str, str], threads: int = HASH_THREADS) -> None:
+        self._users = dict(users)
+        # What an unknown user's password is checked against: the same work as a real check.
+        self._dummy = passwords.hash_password(secrets.token_urlsafe(16)) if users else ""
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-scrypt")
+        # The password that last verified, per user (its SHA-256): a client that logs in on
+        # every connection pays the scrypt check once. Failures are never remembered, so a
+        # wrong password always costs the full check.
+        self._verified: dict[str, bytes] = {}
+
+    async def check(self, name: str, password: bytes) -> bool:
+        encoded = self._users.get(name)
+        digest = hashlib.sha256(password).digest()
+        known = self._verified.get(name)
+        if encoded is not None and known is not None and hmac.compare_digest(known, digest):
+            return True
+        if not self._users:
+            return False
+        ok = await asyncio.get_running_loop().run_in_executor(
+            self._pool, passwords.verify_password, password.decode("utf-8", "replace"),
+            encoded if encoded is not None else self._dummy)
+        if ok and encoded is not None:
+            self._verified[name] = digest
+            return True
+        return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Record:
+    failures: int
+    last: float
+    blocked_until: float = 0.0
+
+
+class AuthBudget:
+    """Failed logins per client address, on an injectable ``clock`` (seconds).
+
+    Failures are remembered until ``block_seconds`` pass without one. The n-th failure's reply
+    waits ``delay * (n - 1)`` seconds (at most ``MAX_DELAY``); the ``max_failures``-th refuses
+    the address for ``block_seconds``: logged once per block, counted in ``/metrics``.
+    """
+
+    def __init__(self, max_failures: int, block_seconds: float, delay: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_addresses: int = MAX_ADDRESSES) -> None:
+        self.max_failures = max_failures
+        self.block_seconds = block_seconds
+        self.delay = delay
+        self.clock = clock
+        self.max_addresses = max_addresses
+        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._refusals = ThrottledLog(log, clock=clock)
+
+    def refused(self, peer: object) -> float:
+        """Seconds left in the refusal window of ``peer``'s address (0: it may try)."""
+        key = client_key(peer)
+        record = self._records.get(key)
+        if record is None:
+            return 0.0
+        left = record.blocked_until - self.clock()
+        if left <= 0:
+            return 0.0
+        SMTP_AUTH.labels("refused").inc()
+        self._refusals(key, logging.INFO, "auth refused for %s: %d s left of its refusal "
+                       "window", key, left)
+        return left
+
+    def failed(self, peer: object) -> tuple[float, bool]:
+        """Count a failed login; the delay before its reply, and whether it was the one that
+        used up the budget (then the address is refused from now on)."""
+        key = client_key(peer)
+        now = self.clock()
+        record = self._records.pop(key, None)
+        if record is None or now - record.last >= self.block_seconds:
+            record = _Record(0, now)
+        record.failures += 1
+        record.last = now
+        self._records[key] = record  # most recent last
+        while len(self._records) > self.max_addresses:
+            self._records.popitem(last=False)
+        SMTP_AUTH.labels("failed").inc()
+        if record.failures >= self.max_failures:
+            record.blocked_until = now + self.block_seconds
+            record.failures = 0  # a fresh budget once the window is over
+            SMTP_AUTH_BLOCKS.inc()
+            log.warning("auth: %s refused for %.0f s after %d failed logins", key,
+                        self.block_seconds, self.max_failures)
+            return 0.0, True
+        return min(self.delay * (record.failures - 1), MAX_DELAY), False
+
+
+def client_key(peer: object) -> str:
+    """The address a budget is kept for: the client's IP (IPv4-mapped unwrapped), an IPv6 one
+    by its /64."""
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    address = parse_ip(host)
+    if address is None:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class Logins:
+    """AUTH PLAIN and LOGIN, as aiosmtpd's mechanism hooks (its docs/auth.rst: a handler's
+    ``auth_PLAIN``/``auth_LOGIN`` replace the built-in ones). The built-in hooks call a
+    synchronous authenticator, which would run scrypt on the event loop; these read the
+    credentials the same way (``challenge_auth``, RFC 4954 and 4616) and await the check."""
+
+    def __init__(self, settings: SmtpSettings, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.checker = PasswordChecker({u.name: u.password_hash for u in settings.users})
+        self.budget = AuthBudget(settings.auth_max_failures, settings.auth_block_seconds,
+                                 settings.auth_failure_delay, clock)
+
+    async def plain(self, server: SMTP, args: list[str]) -> AuthResult:
+        if await self._refused(server):
+            return AuthResult(success=False)
+        blob = await _response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False)
+        try:  # authzid NUL authcid NUL passwd; the authorization identity is ignored
+            _, login, password = blob.split(b"\x00")
+        except ValueError:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False)
+        return await self._check(server, login, password)
+
+    async def login(self, server: SMTP, args: list[str]) -> AuthResult:
+        if await self._refused(server):
+            return AuthResult(success=False)
+        login = await _response(server, args, SMTP.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False)
+        password = await _response(server, [], SMTP.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False)
+        return await self._check(server, login, password)
+
+    async def _refused(self, server: SMTP) -> bool:
+        assert server.session is not None
+        left = self.budget.refused(server.session.peer)
+        if left:
+            await _close(server, f"421 4.7.0 Too many failed logins from your address: try "
+                                 f"again in {left:.0f} s")
+        return bool(left)
+
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        peer = server.session.peer
+        name = login.decode("utf-8", "replace")
+        if await self.checker.check(name, password):
+            SMTP_AUTH.labels("ok").inc()
+            log.info("auth ok for %r from %s", name, client_key(peer))
+            return AuthResult(success=True, auth_data=name)
+        delay, blocked = self.budget.failed(peer)
+        log.info("auth failed for %r from %s", name, client_key(peer))
+        if blocked:
+            await _close(server, f"421 4.7.0 Too many failed logins from your address: try "
+                                 f"again in {self.budget.block_seconds:.0f} s")
+            return AuthResult(success=False)
+        if delay:
+            await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+
+    def close(self) -> None:
+        self.checker.close()
+
+
+async def _response(server: SMTP, args: list[str], challenge: str) -> bytes | None:
+    """The client's base64 answer: given with the command (``args[1]``) or to a ``334``
+    challenge; None once the client has been answered (cancelled, not base64)."""
+    if len(args) > 1:
+        try:
+            return base64.b64decode(args[1], validate=True)
+        except (binascii.Error, ValueError):
+            await server.push("501 5.5.2 Can't decode base64")
+            return None
+    blob = await server.challenge_auth(challenge)  # answers '*' and bad base64 itself
+    return None if blob is MISSING else blob  # type: ignore[return-value]
+
+
+async def _close(server: SMTP, reply: str) -> None:
+    await server.push(reply)
+    if server.transport is not None:
+        server.transport.close()

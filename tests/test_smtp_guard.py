@@ -1,0 +1,245 @@
+"""The SMTP listener under attack: AUTH floods, failed-login budgets, connection floods, slow
+and endless uploads, floods of errors. Against the running relay with real clients."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from harness import free_port, wait_until
+
+from relay import passwords
+from relay.config import SmtpSettings, load, parse
+from relay.errors import ConfigError
+from relay.metrics import REGISTRY
+from relay.smtp_guard import AuthBudget, client_key
+from relay.throttle import ThrottledLog
+
+USER, PASSWORD = "app", "s3cret"
+HASH = passwords.hash_password(PASSWORD)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("smtp", "key", "problem"), [
+    ({"auth_max_failures": 0}, "smtp.auth_max_failures", "greater than 0"),
+    ({"auth_block_seconds": -1}, "smtp.auth_block_seconds", "greater than 0"),
+    ({"auth_failure_delay": -1}, "smtp.auth_failure_delay", "0 (off) or more"),
+    ({"auth_failure_delay": "1s"}, "smtp.auth_failure_delay", "expected"),
+])
+def test_guard_settings_are_checked(smtp, key, problem):
+    with pytest.raises(ConfigError) as info:
+        parse({"smtp": smtp}, "relay.toml")
+    assert (info.value.file, info.value.key) == ("relay.toml", key)
+    assert problem in info.value.problem
+
+
+def test_the_example_config_shows_the_defaults():
+    example, defaults = load(ROOT / "config.example.toml").smtp, SmtpSettings()
+    for name in ("auth_max_failures", "auth_block_seconds", "auth_failure_delay"):
+        assert getattr(example, name) == getattr(defaults, name)
+
+
+def auth_settings(**smtp: object) -> dict:
+    return {"smtp": {"allowed_networks": [], "auth_require_tls": False,
+                     "users": [{"name": USER, "password_hash": HASH}], **smtp}}
+
+
+def login(port: int, name: str, password: str) -> tuple[int, bytes]:
+    """One AUTH PLAIN on a new connection: its reply (smtplib raises on 421 and 535)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        blob = base64.b64encode(f"\0{name}\0{password}".encode()).decode()
+        return client.docmd("AUTH", f"PLAIN {blob}")
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_unknown_users_and_wrong_passwords_cost_the_same_check(make_relay, upstream,
+                                                               monkeypatch):
+    """A wrong password for a real user cost a scrypt check (~50 ms), an unknown user none
+    (~1 ms): user names could be told apart by the time of the reply."""
+    checked: list[str] = []
+    verify = passwords.verify_password
+
+    def recording(password: str, encoded: str) -> bool:
+        checked.append(encoded)
+        return verify(password, encoded)
+
+    monkeypatch.setattr(passwords, "verify_password", recording)
+    relay = make_relay(auth_settings(auth_failure_delay=0), upstream=upstream)
+    assert login(relay.smtp_port, "nobody", "guess")[0] == 535
+    assert login(relay.smtp_port, USER, "guess")[0] == 535
+    assert len(checked) == 2
+    unknown, wrong = (passwords.parse_hash(h) for h in checked)
+    assert wrong.digest == passwords.parse_hash(HASH).digest
+    assert unknown.digest != wrong.digest  # a dummy hash ...
+    assert (unknown.n, unknown.r, unknown.p) == (wrong.n, wrong.r, wrong.p)  # ... as costly
+    assert login(relay.smtp_port, USER, PASSWORD)[0] == 235
+    assert login(relay.smtp_port, USER, PASSWORD)[0] == 235
+    assert len(checked) == 3  # a password that verified is remembered; failures never are
+
+
+def test_the_failed_login_budget_ends_in_421_and_a_refusal_window(make_relay, upstream):
+    relay = make_relay(auth_settings(auth_max_failures=3, auth_failure_delay=0),
+                       upstream=upstream)
+    blocks = metric("relay_smtp_auth_blocks_total")
+    refused = metric("relay_smtp_auth_total", result="refused")
+    assert login(relay.smtp_port, USER, "one")[0] == 535
+    assert login(relay.smtp_port, USER, "two")[0] == 535
+    code, text = login(relay.smtp_port, USER, "three")
+    assert (code, text[:6]) == (421, b"4.7.0 ")
+    assert b"Too many failed logins" in text
+    assert metric("relay_smtp_auth_blocks_total") == blocks + 1
+    # refused at once, before any check, even with the right password
+    code, _ = login(relay.smtp_port, USER, PASSWORD)
+    assert code == 421
+    assert metric("relay_smtp_auth_total", result="refused") == refused + 1
+    # mail that needs no AUTH is not refused: only logins are
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        assert client.mail("app@shop.example")[0] == 530
+
+
+def test_the_budget_delays_then_refuses_and_forgets_on_its_clock(caplog):
+    now = [1000.0]
+    budget = AuthBudget(max_failures=4, block_seconds=60, delay=1.5, clock=lambda: now[0])
+    peer = ("198.51.100.7", 4321)
+    with caplog.at_level(logging.INFO, logger="relay.smtp"):
+        assert [budget.failed(peer) for _ in range(3)] == [(0, False), (1.5, False),
+                                                          (3.0, False)]
+        assert budget.failed(peer) == (0, True)
+        for _ in range(100):
+            assert budget.refused(("198.51.100.7", 1)) == 60
+    assert budget.refused(("198.51.100.8", 1)) == 0  # another address
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # the block is logged once ...
+    assert len([r for r in caplog.records if "auth refused" in r.message]) == 1  # ... refusals
+    now[0] += 60  # too
+    assert budget.refused(peer) == 0
+    assert budget.failed(peer) == (0, False)  # a fresh budget
+    now[0] += 59
+    assert budget.failed(peer) == (1.5, False)
+    now[0] += 60  # failures are forgotten after a quiet window
+    assert budget.failed(peer) == (0, False)
+
+
+def test_ipv6_clients_share_a_budget_per_64():
+    assert client_key(("2001:db8:1:2:aaaa::1", 25, 0, 0)) == "2001:db8:1:2::/64"
+    assert client_key(("2001:db8:1:2:bbbb::9", 25, 0, 0)) == "2001:db8:1:2::/64"
+    assert client_key(("::ffff:198.51.100.7", 25, 0, 0)) == "198.51.100.7"
+    assert client_key(("198.51.100.7", 25)) == "198.51.100.7"
+
+
+def test_throttled_log_holds_back_repeats_and_counts_them(caplog):
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("relay.test"), interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="relay.test"):
+        logged = [throttled("k", logging.ERROR, "accept failed") for _ in range(1000)]
+        now[0] = 10
+        throttled("k", logging.ERROR, "accept failed")
+    assert logged.count(True) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "accept failed", "accept failed (and 999 more like it held back since the last line)"]
+
+
+def serve(tmp_path: Path, smtp: str = "", limit_files: int | None = None
+          ) -> tuple[subprocess.Popen, int, int]:
+    """``relay serve`` in a subprocess (optionally under a descriptor limit); its ports."""
+    smtp_port, http_port = free_port(), free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+{smtp}
+[upstream]
+capture_dir = "outbox"
+[http]
+listen = "127.0.0.1:{http_port}"
+public_url = "http://127.0.0.1:{http_port}"
+[store]
+url = "sqlite:///relay.db"
+""")
+    command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
+    if limit_files is not None:
+        command = ["prlimit", f"--nofile={limit_files}", "--", *command]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for port in (smtp_port, http_port):
+        wait_until(lambda p=port: _open(p, process), what=f"port {port}")
+    return process, smtp_port, http_port
+
+
+def _open(port: int, process: subprocess.Popen) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"relay exited: {process.stderr.read()}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    return stderr
+
+
+def healthz_seconds(http_port: int) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=30) as r:
+        assert r.status == 200
+    return time.perf_counter() - started
+
+
+def failed_logins(http_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    line = re.search(r'^relay_smtp_auth_total\{result="failed"\} (\S+)$', text, re.M)
+    return float(line.group(1)) if line else 0.0
+
+
+def test_healthz_answers_quickly_during_an_auth_flood(tmp_path):
+    """16 clients trying passwords held the event loop in scrypt: /healthz took 1.5-2.7 s."""
+    users = f'[[smtp.users]]\nname = "{USER}"\npassword_hash = "{HASH}"\n'
+    process, smtp_port, http_port = serve(
+        tmp_path, "auth_require_tls = false\nallowed_networks = []\n"
+                  "auth_max_failures = 100000\nauth_failure_delay = 0\n" + users)
+    try:
+        flooding = True
+
+        def flood() -> int:
+            tries = 0
+            while flooding:
+                assert login(smtp_port, USER, f"wrong{tries}")[0] == 535
+                tries += 1
+            return tries
+
+        with ThreadPoolExecutor(16) as pool:
+            clients = [pool.submit(flood) for _ in range(16)]
+            wait_until(lambda: failed_logins(http_port) >= 16, what="the flood under way")
+            try:
+                samples = sorted(healthz_seconds(http_port) for _ in range(20))
+            finally:
+                flooding = False
+            tries = sum(c.result() for c in clients)
+        assert tries >= 16
+        assert samples[-1] < 0.1, samples
+    finally:
+        stop(process)
