@@ -120,3 +120,11 @@ SMTP_AUTH_BLOCKS = Counter(
     "failed logins",
     registry=REGISTRY,
 )
+SMTP_LIMITS = Counter(
+    "relay_smtp_limits_total",
+    "SMTP sessions and connections ended by a limit, by limit (errors: too many error replies; "
+    "connections, connections_per_ip: refused at connect; data_seconds: an upload over "
+    "smtp.max_data_seconds; timeout: idle for smtp.timeout)",
+    ["limit"],
+    registry=REGISTRY,
+)

@@ -34,7 +34,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay import passwords
 from relay.bots import parse_ip
-from relay.metrics import SMTP_AUTH, SMTP_AUTH_BLOCKS
+from relay.metrics import SMTP_AUTH, SMTP_AUTH_BLOCKS, SMTP_LIMITS
 from relay.throttle import ThrottledLog
 
 if TYPE_CHECKING:
@@ -49,6 +49,16 @@ HASH_THREADS = min(2, os.cpu_count() or 1)
 MAX_ADDRESSES = 100_000
 # The longest a failed login's reply is delayed.
 MAX_DELAY = 10.0
+
+
+# One line a minute per limit and client address, however often it is reached.
+_limits_log = ThrottledLog(log)
+
+
+def limit_reached(limit: str, peer: str, message: str, *args: object) -> None:
+    """Count a session or connection ended by ``limit`` in /metrics, and log it (throttled)."""
+    SMTP_LIMITS.labels(limit).inc()
+    _limits_log(f"{limit} {peer}", logging.WARNING, message, *args)
 
 
 class PasswordChecker:

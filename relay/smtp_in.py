@@ -24,7 +24,7 @@ from relay import metrics, trace
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
 from relay.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp_guard import Logins
+from relay.smtp_guard import Logins, client_key, limit_reached
 from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -47,6 +47,14 @@ DRAIN_SECONDS = 30.0
 MESSAGES_PER_SESSION = 1000
 PER_MESSAGE_COMMANDS = ("EHLO", "HELO", "MAIL", "DATA", "RSET", "NOOP")
 OTHER_COMMANDS_PER_SESSION = 20
+# Beside that budget, one for errors: every 4xx/5xx reply (an empty line's 500, an unknown
+# command's, a refused address...) counts, and the 20th ends the session with 421, as Postfix's
+# smtpd_hard_error_limit. A delivered message starts the count again (Postfix: errors "without
+# delivering mail"). Not counted: 452 for too many recipients, which RFC 5321 4.5.3.1.10 has
+# clients expect (they send the rest in another transaction; Postfix does not count it either),
+# and the 421 that ends a session anyway.
+ERRORS_PER_SESSION = 20
+NOT_ERRORS = ("452 4.5.3", "421")
 
 
 class RelaySMTP(SMTP):
@@ -71,6 +79,7 @@ class RelaySMTP(SMTP):
         self.delivering = False  # in the DATA hook or writing its reply
         self.stopping = False  # set by SmtpService.stop(): end the session after the reply
         self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.errors = 0  # error replies since the session began or last delivered a message
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -79,6 +88,26 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
         if not self.closed.done():
             self.closed.set_result(None)
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply goes through here (aiosmtpd's public ``push``), the ones aiosmtpd's own
+        command loop gives too (an empty line's ``500``, which no hook sees): the place to
+        count errors against ``ERRORS_PER_SESSION``."""
+        await super().push(status)
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text[:1] not in ("4", "5") or text.startswith(NOT_ERRORS):
+            if self.delivering and text[:1] == "2":
+                self.errors = 0  # a delivered message
+            return
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.errors += 1
+        if self.errors >= ERRORS_PER_SESSION:
+            peer = client_key(self.session.peer) if self.session else "?"
+            limit_reached("errors", peer, "%s made %d errors in one session: closed it",
+                          peer, self.errors)
+            await super().push("421 4.7.0 Too many errors: closing the session")
+            self.transport.close()
 
     def __dir__(self) -> list[str]:
         """aiosmtpd finds its ``smtp_*`` commands and ``auth_*`` mechanisms by scanning
