@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -45,6 +47,8 @@ log = logging.getLogger("relay.smtp")
 # Threads that hash passwords: enough to use two cores, few enough that a flood cannot take
 # every core from the loop.
 HASH_THREADS = min(2, os.cpu_count() or 1)
+# How much lower than the loop thread's the hashing threads' CPU priority is (a nice value).
+HASH_NICE = 10
 # The most client addresses whose failures are remembered (the oldest are forgotten first).
 MAX_ADDRESSES = 100_000
 # The longest a failed login's reply is delayed.
@@ -68,7 +72,8 @@ class PasswordChecker:
         self._users = dict(users)
         # What an unknown user's password is checked against: the same work as a real check.
         self._dummy = passwords.hash_password(secrets.token_urlsafe(16)) if users else ""
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-scrypt")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-scrypt",
+                                        initializer=_lower_priority)
         # The password that last verified, per user (its SHA-256): a client that logs in on
         # every connection pays the scrypt check once. Failures are never remembered, so a
         # wrong password always costs the full check.
@@ -92,6 +97,13 @@ class PasswordChecker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority() -> None:
+    """Run this hashing thread at a lower CPU priority than the loop thread, so that under a
+    flood the cores go to answering clients first (Linux: a nice value is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):  # not permitted, not Linux: as is
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
 
 
 @dataclass
