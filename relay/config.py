@@ -69,7 +69,8 @@ class SmtpSettings:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = 998
-    timeout: float = 300.0
+    timeout: float = 300.0  # idleness: during DATA, from the last bytes received
+    max_data_seconds: float = 3600.0  # a whole upload
     # A resend of a Message-ID within this many hours skips the recipients it already reached.
     dedupe_hours: float = 72.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
@@ -380,6 +381,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         max_recipients=r.positive("max_recipients", d.max_recipients),
         max_line_length=r.positive("max_line_length", d.max_line_length),
         timeout=r.positive("timeout", d.timeout, float),
+        max_data_seconds=r.positive("max_data_seconds", d.max_data_seconds, float),
         dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
         workers=_workers(r, r.address("listen", d.listen)),
         add_received=r.get("add_received", bool, d.add_received),

@@ -124,7 +124,7 @@ SMTP_LIMITS = Counter(
     "relay_smtp_limits_total",
     "SMTP sessions and connections ended by a limit, by limit (errors: too many error replies; "
     "connections, connections_per_ip: refused at connect; data_seconds: an upload over "
-    "smtp.max_data_seconds; timeout: idle for smtp.timeout)",
+    "smtp.max_data_seconds)",
     ["limit"],
     registry=REGISTRY,
 )

@@ -73,9 +73,14 @@ class RelaySMTP(SMTP):
     # lines are still held to aiosmtpd's command_size_limit.
     line_length_limit = 64 * 1024
 
-    def __init__(self, handler: RelayHandler, *, max_line_length: int, **kwargs: object):
+    def __init__(self, handler: RelayHandler, *, max_line_length: int,
+                 max_data_seconds: float, **kwargs: object):
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self.max_line_length = max_line_length
+        self.max_data_seconds = max_data_seconds
+        # While DATA is read: when the last bytes arrived (loop time), and the upload's deadline
+        self._received_at = 0.0
+        self._upload_deadline: asyncio.TimerHandle | None = None
         self.delivering = False  # in the DATA hook or writing its reply
         self.stopping = False  # set by SmtpService.stop(): end the session after the reply
         self.closed: asyncio.Future[None] = self.loop.create_future()
@@ -107,6 +112,43 @@ class RelaySMTP(SMTP):
             limit_reached("errors", peer, "%s made %d errors in one session: closed it",
                           peer, self.errors)
             await super().push("421 4.7.0 Too many errors: closing the session")
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._received_at = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer went off (``_timeout_cb``, ``_reset_timeout`` and
+        ``_timeout_duration`` are aiosmtpd privates, pinned by tests/test_smtp_guard.py).
+
+        During DATA, ``smtp.timeout`` is idleness, not the upload's age: a client still
+        sending gets the rest of a timeout from its last bytes (a 20 MB message at 50 KB/s
+        takes 7 minutes). Otherwise the session ends with Postfix's 421, not a silent close.
+        """
+        if self._upload_deadline is not None:
+            idle = self.loop.time() - self._received_at
+            if idle < self._timeout_duration:
+                self._reset_timeout(self._timeout_duration - idle)
+                return
+        self._end(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _upload_too_long(self) -> None:
+        peer = client_key(self.session.peer) if self.session else "?"
+        limit_reached("data_seconds", peer, "%s took more than %.0f s to send a message: "
+                      "closed the session", peer, self.max_data_seconds)
+        self._end(f"421 4.4.2 {self.hostname} Error: the message took longer than "
+                  f"{self.max_data_seconds:.0f} s to send (smtp.max_data_seconds)")
+
+    def _end(self, reply: str) -> None:
+        """Send ``reply`` and close, from a timer; a client that reads nothing (its buffer
+        full) is aborted rather than waited for."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(reply.encode() + b"\r\n")
+        if self.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            self.transport.abort()  # type: ignore[attr-defined]
+        else:
             self.transport.close()
 
     def __dir__(self) -> list[str]:
@@ -168,7 +210,18 @@ class RelaySMTP(SMTP):
             self._timeout_handle.cancel()
 
     async def _read_data(self) -> tuple[bytes, bool]:
-        """Everything up to the line holding a lone dot; past the size limit only counted."""
+        """Everything up to the line holding a lone dot; past the size limit only counted.
+        Within ``max_data_seconds``, and ``smtp.timeout`` from the last bytes received."""
+        self._received_at = self.loop.time()
+        self._upload_deadline = self.loop.call_later(self.max_data_seconds,
+                                                     self._upload_too_long)
+        try:
+            return await self._read_data_pieces()
+        finally:
+            self._upload_deadline.cancel()
+            self._upload_deadline = None
+
+    async def _read_data_pieces(self) -> tuple[bytes, bool]:
         pieces: list[bytes] = []
         size = 0
         limit = self.data_size_limit or 0
@@ -392,6 +445,7 @@ class SmtpService:
         session = RelaySMTP(
             self.handler,
             max_line_length=s.max_line_length,
+            max_data_seconds=s.max_data_seconds,
             data_size_limit=s.max_message_size,
             enable_SMTPUTF8=True,
             hostname=s.server_name,
