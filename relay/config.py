@@ -71,6 +71,8 @@ class SmtpSettings:
     max_line_length: int = 998
     timeout: float = 300.0  # idleness: during DATA, from the last bytes received
     max_data_seconds: float = 3600.0  # a whole upload
+    max_connections: int = 1000  # open at once; past it (or the next) new ones get 421
+    max_connections_per_ip: int = 50  # per client address (IPv6: per /64)
     # A resend of a Message-ID within this many hours skips the recipients it already reached.
     dedupe_hours: float = 72.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
@@ -382,6 +384,8 @@ def _smtp(r: _Reader) -> SmtpSettings:
         max_line_length=r.positive("max_line_length", d.max_line_length),
         timeout=r.positive("timeout", d.timeout, float),
         max_data_seconds=r.positive("max_data_seconds", d.max_data_seconds, float),
+        max_connections=r.positive("max_connections", d.max_connections),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip),
         dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
         workers=_workers(r, r.address("listen", d.listen)),
         add_received=r.get("add_received", bool, d.add_received),

@@ -106,6 +106,42 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
 
 
+class ConnectionLimits:
+    """Open connections, in all and per client address (an IPv6 one by its /64). Past
+    either limit a new connection is answered ``421 4.7.0 Too many connections`` and closed
+    before its session starts, so a flood of idle connections cannot use up the process's
+    file descriptors (and with them SMTP, HTTP and the store)."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self._per_client: dict[str, int] = {}
+
+    def admit(self, peer: object) -> tuple[str, str | None]:
+        """Count a new connection: its client key, and the refusal to answer (None: it is
+        admitted, and must be ``release``d when it ends)."""
+        key = client_key(peer)
+        if self.total >= self.max_total:
+            limit_reached("connections", "", "refusing connections: %d open, the most "
+                          "smtp.max_connections allows", self.total)
+            return key, "421 4.7.0 Too many connections, try again later"
+        count = self._per_client.get(key, 0)
+        if count >= self.max_per_client:
+            limit_reached("connections_per_ip", key, "refusing connections from %s: %d open, "
+                          "the most smtp.max_connections_per_ip allows", key, count)
+            return key, "421 4.7.0 Too many connections from your address, try again later"
+        self.total += 1
+        self._per_client[key] = count + 1
+        return key, None
+
+    def release(self, key: str) -> None:
+        self.total -= 1
+        count = self._per_client.pop(key, 1) - 1
+        if count:
+            self._per_client[key] = count
+
+
 @dataclass
 class _Record:
     failures: int

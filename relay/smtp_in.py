@@ -24,7 +24,7 @@ from relay import metrics, trace
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
 from relay.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp_guard import Logins, client_key, limit_reached
+from relay.smtp_guard import ConnectionLimits, Logins, client_key, limit_reached
 from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -74,8 +74,11 @@ class RelaySMTP(SMTP):
     line_length_limit = 64 * 1024
 
     def __init__(self, handler: RelayHandler, *, max_line_length: int,
-                 max_data_seconds: float, **kwargs: object):
+                 max_data_seconds: float, limits: ConnectionLimits, **kwargs: object):
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+        self._client: str | None = None  # counted in ``limits`` while the connection is open
+        self._refused = False
         self.max_line_length = max_line_length
         self.max_data_seconds = max_data_seconds
         # While DATA is read: when the last bytes arrived (loop time), and the upload's deadline
@@ -89,8 +92,23 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection (aiosmtpd calls this again at STARTTLS)
+            client, refusal = self.limits.admit(transport.get_extra_info("peername"))
+            if refusal is not None:  # answered and closed before any session starts
+                self._refused = True
+                transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._client = client
+        super().connection_made(transport)
+
     def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
+        if self._client is not None:
+            self.limits.release(self._client)
+            self._client = None
+        if not self._refused:
+            super().connection_lost(error)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -424,6 +442,8 @@ class SmtpService:
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         self.call_limits = _call_limits(config.smtp.max_recipients)
+        self.limits = ConnectionLimits(config.smtp.max_connections,
+                                       config.smtp.max_connections_per_ip)
 
     async def start(self) -> None:
         settings = self.config.smtp
@@ -446,6 +466,7 @@ class SmtpService:
             self.handler,
             max_line_length=s.max_line_length,
             max_data_seconds=s.max_data_seconds,
+            limits=self.limits,
             data_size_limit=s.max_message_size,
             enable_SMTPUTF8=True,
             hostname=s.server_name,

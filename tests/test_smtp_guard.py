@@ -7,6 +7,7 @@ import base64
 import inspect
 import logging
 import re
+import resource
 import signal
 import smtplib
 import socket
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ({"auth_failure_delay": -1}, "smtp.auth_failure_delay", "0 (off) or more"),
     ({"auth_failure_delay": "1s"}, "smtp.auth_failure_delay", "expected"),
     ({"max_data_seconds": 0}, "smtp.max_data_seconds", "greater than 0"),
+    ({"max_connections": 0}, "smtp.max_connections", "greater than 0"),
+    ({"max_connections_per_ip": 1.5}, "smtp.max_connections_per_ip", "expected int"),
 ])
 def test_guard_settings_are_checked(smtp, key, problem):
     with pytest.raises(ConfigError) as info:
@@ -52,7 +55,7 @@ def test_guard_settings_are_checked(smtp, key, problem):
 def test_the_example_config_shows_the_defaults():
     example, defaults = load(ROOT / "config.example.toml").smtp, SmtpSettings()
     for name in ("auth_max_failures", "auth_block_seconds", "auth_failure_delay",
-                 "max_data_seconds"):
+                 "max_data_seconds", "max_connections", "max_connections_per_ip"):
         assert getattr(example, name) == getattr(defaults, name)
 
 
@@ -365,3 +368,110 @@ def test_the_aiosmtpd_privates_the_relay_overrides_are_there():
     assert callable(SMTP._timeout_cb)
     assert list(inspect.signature(SMTP._reset_timeout).parameters) == ["self", "duration"]
     assert "_timeout_duration" in inspect.getsource(SMTP.__init__)
+
+
+@pytest.fixture
+def many_files() -> None:
+    """This test process holds over a thousand sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def hold(port: int, count: int, source: str) -> list[socket.socket]:
+    """``count`` idle connections from ``source`` (a loopback address), greeting unread."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(30)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        held.append(sock)
+    return held
+
+
+def first_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        piece = sock.recv(1000)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def greeting_seconds(port: int) -> tuple[bytes, float]:
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        return first_line(sock), time.perf_counter() - started
+
+
+def test_idle_connections_from_one_address_leave_others_a_greeting(tmp_path, many_files):
+    """About 1,000 idle connections used up the relay's 1024 descriptors: SMTP and HTTP
+    stopped answering. Past smtp.max_connections_per_ip (50) a client's new connections are
+    answered 421 and closed."""
+    process, smtp_port, _ = serve(tmp_path, limit_files=1024)
+    held = hold(smtp_port, 1100, "127.0.0.2")
+    try:
+        greetings = [first_line(sock) for sock in held]
+        line, seconds = greeting_seconds(smtp_port)
+        assert line.startswith(b"220 ")
+        assert seconds < 1
+    finally:
+        for sock in held:
+            sock.close()
+        stderr = stop(process)
+    assert sum(g.startswith(b"220 ") for g in greetings) == 50
+    refused = [g for g in greetings if not g.startswith(b"220 ")]
+    assert set(refused) == {b"421 4.7.0 Too many connections from your address, try again "
+                            b"later\r\n"}
+    assert stderr.count("refusing connections from 127.0.0.2") == 1  # not one per connection
+
+
+def test_past_max_connections_a_new_client_is_told_at_once(tmp_path, many_files):
+    process, smtp_port, _ = serve(tmp_path, "max_connections = 900\n"
+                                  "max_connections_per_ip = 5000\n", limit_files=1024)
+    held = hold(smtp_port, 1000, "127.0.0.2")
+    try:
+        greetings = [first_line(sock) for sock in held]
+        line, seconds = greeting_seconds(smtp_port)
+        assert line == b"421 4.7.0 Too many connections, try again later\r\n"
+        assert seconds < 1
+        for sock in held[:10]:  # room again
+            sock.close()
+        wait_until(lambda: greeting_seconds(smtp_port)[0].startswith(b"220 "),
+                   what="a connection admitted")
+    finally:
+        for sock in held:
+            sock.close()
+        stop(process)
+    assert sum(g.startswith(b"220 ") for g in greetings) == 900
+
+
+def test_out_of_descriptors_is_logged_once_per_interval_not_per_accept(tmp_path, many_files):
+    """asyncio logged a traceback per failed accept: 207 MB of log in 20 s."""
+    process, smtp_port, _ = serve(tmp_path, "max_connections = 5000\n"
+                                  "max_connections_per_ip = 5000\n", limit_files=1024)
+    held = hold(smtp_port, 1100, "127.0.0.2")
+    try:
+        # the relay greets what it could accept; the rest wait in the kernel's queue while
+        # asyncio tries again every second
+        greeted = sum(first_line(sock).startswith(b"220 ") for sock in held[:900])
+        assert greeted == 900
+        with (socket.create_connection(("127.0.0.1", smtp_port), timeout=3.5) as sock,
+              pytest.raises(TimeoutError)):  # three failed accepts at least
+            sock.recv(100)
+        for sock in held:
+            sock.close()
+        held = []
+        line, _ = greeting_seconds(smtp_port)  # descriptors free again: served
+        assert line.startswith(b"220 ")
+    finally:
+        for sock in held:
+            sock.close()
+        stderr = stop(process)
+    assert stderr.count("cannot accept connections on 127.0.0.1:") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "socket.accept() out of system resource" not in stderr
