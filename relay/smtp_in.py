@@ -163,7 +163,7 @@ class RelaySMTP(SMTP):
         full) is aborted rather than waited for."""
         if self.transport is None or self.transport.is_closing():
             return
-        self._writer.write(reply.encode() + b"\r\n")
+        self.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
         if self.transport.get_write_buffer_size():  # type: ignore[attr-defined]
             self.transport.abort()  # type: ignore[attr-defined]
         else:
