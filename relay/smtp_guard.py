@@ -1,5 +1,5 @@
 """Abuse limits of the SMTP listener that outlive one session: password checks off the event
-loop, and a budget of failed logins per client address.
+loop, a budget of failed logins per client address, connections per client address.
 
 - ``PasswordChecker``: scrypt (about 50 ms a check, on purpose) runs in a small thread pool.
   ``hashlib.scrypt`` releases the GIL (measured: two threads hash 1.8 times as fast as one, and
@@ -10,6 +10,8 @@ loop, and a budget of failed logins per client address.
   machine usually holds whole). Each failure past the first is answered after a growing delay;
   at ``smtp.auth_max_failures`` the address is refused AUTH (``421``) for
   ``smtp.auth_block_seconds``. Per process.
+- ``admit``: ``smtp.max_connections`` and ``max_connections_per_ip``, counted by the
+  bookkeeping the HTTP listener uses too (relay/limits.py); past either, ``421``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay import passwords
 from relay.bots import parse_ip
+from relay.limits import PER_IP, TOTAL, ConnectionLimits
 from relay.metrics import SMTP_AUTH, SMTP_AUTH_BLOCKS, SMTP_LIMITS
 from relay.throttle import ThrottledLog
 
@@ -106,40 +109,24 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
 
 
-class ConnectionLimits:
-    """Open connections, in all and per client address (an IPv6 one by its /64). Past
-    either limit a new connection is answered ``421 4.7.0 Too many connections`` and closed
-    before its session starts, so a flood of idle connections cannot use up the process's
-    file descriptors (and with them SMTP, HTTP and the store)."""
-
-    def __init__(self, max_total: int, max_per_client: int) -> None:
-        self.max_total = max_total
-        self.max_per_client = max_per_client
-        self.total = 0
-        self._per_client: dict[str, int] = {}
-
-    def admit(self, peer: object) -> tuple[str, str | None]:
-        """Count a new connection: its client key, and the refusal to answer (None: it is
-        admitted, and must be ``release``d when it ends)."""
-        key = client_key(peer)
-        if self.total >= self.max_total:
-            limit_reached("connections", "", "refusing connections: %d open, the most "
-                          "smtp.max_connections allows", self.total)
-            return key, "421 4.7.0 Too many connections, try again later"
-        count = self._per_client.get(key, 0)
-        if count >= self.max_per_client:
-            limit_reached("connections_per_ip", key, "refusing connections from %s: %d open, "
-                          "the most smtp.max_connections_per_ip allows", key, count)
-            return key, "421 4.7.0 Too many connections from your address, try again later"
-        self.total += 1
-        self._per_client[key] = count + 1
-        return key, None
-
-    def release(self, key: str) -> None:
-        self.total -= 1
-        count = self._per_client.pop(key, 1) - 1
-        if count:
-            self._per_client[key] = count
+def admit(limits: ConnectionLimits, peer: object) -> tuple[str, str | None]:
+    """Take a slot in ``limits`` (relay/limits.py: ``smtp.max_connections`` and
+    ``max_connections_per_ip``) for a new connection from ``peer``, counted by its
+    ``client_key`` (an IPv6 client by its /64). Returns that key (to release when the
+    connection ends) and None, or the ``421`` that refuses the connection: answered and closed
+    before its session starts, so a flood of idle connections cannot use up the process's file
+    descriptors (and with them SMTP, HTTP and the store)."""
+    key = client_key(peer)
+    refused = limits.admit(key)
+    if refused == TOTAL:
+        limit_reached("connections", "", "refusing connections: %d open, the most "
+                      "smtp.max_connections allows", limits.open)
+        return key, "421 4.7.0 Too many connections, try again later"
+    if refused == PER_IP:
+        limit_reached("connections_per_ip", key, "refusing connections from %s: %d open, the "
+                      "most smtp.max_connections_per_ip allows", key, limits.held(key))
+        return key, "421 4.7.0 Too many connections from your address, try again later"
+    return key, None
 
 
 @dataclass

@@ -23,8 +23,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from relay import metrics, trace
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
+from relay.limits import ConnectionLimits
 from relay.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp_guard import ConnectionLimits, Logins, client_key, limit_reached
+from relay.smtp_guard import Logins, admit, client_key, limit_reached
 from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -94,7 +95,7 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection (aiosmtpd calls this again at STARTTLS)
-            client, refusal = self.limits.admit(transport.get_extra_info("peername"))
+            client, refusal = admit(self.limits, transport.get_extra_info("peername"))
             if refusal is not None:  # answered and closed before any session starts
                 self._refused = True
                 transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
