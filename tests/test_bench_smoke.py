@@ -17,3 +17,11 @@ def test_stats_bench_fills_and_queries_a_small_store(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "store: 2,000 events" in done.stdout
     assert "GetTrackList, one week, all senders: median" in done.stdout
+
+
+def test_dedupe_bench_runs_the_pipeline_both_ways():
+    bench = BENCH.with_name("dedupe_bench.py")
+    done = subprocess.run([sys.executable, str(bench), "--messages", "20", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "dedupe on " in done.stdout and "on - off" in done.stdout
