@@ -10,11 +10,13 @@ recipient to a sink (a minimal SMTP server in another process that hashes and dr
 gets). Meanwhile a client polls the relay's ``/healthz`` every 10 ms on one keep-alive
 connection: the longest request is how long the relay's event loop stalled at worst.
 
-Printed per phase (idle, one recipient, all recipients): the time, the longest and the 99th
-percentile ``/healthz`` request, the relay's resident memory after the phase and its peak so
-far (``VmHWM`` from /proc), and what the sink received. The idle and one-recipient phases are
-the reference for the fan-out, measured in the same run. ``--json`` prints one JSON object
-instead (for tests/test_fanout.py). The machine is shared: compare figures within one run.
+Printed per phase (idle, one recipient, all recipients): the time, the CPU time the relay used
+(all its threads) and the machine's load average (with the CPU time, they tell how much of the
+wall time the relay could run at all), the longest and the 99th percentile ``/healthz``
+request, the relay's resident memory after the phase and its peak so far (``VmHWM`` from
+/proc), and what the sink received. The idle and one-recipient phases are the reference for
+the fan-out, measured in the same run. ``--json`` prints one JSON object instead (for
+tests/test_fanout.py). The machine is shared: compare figures within one run.
 """
 
 from __future__ import annotations
@@ -194,6 +196,12 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30)
     raise SystemExit(f"relay not listening on {port}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used, all its threads together."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid``, in bytes."""
     values = {}
@@ -288,6 +296,7 @@ level = "WARNING"
             result["size"] = len(raw)
             poller.take()
             before = len(received)
+            cpu = _cpu_seconds(relay.pid)
             start = time.perf_counter()
             reply = ""
             if to:
@@ -311,6 +320,8 @@ level = "WARNING"
             copies = received[before:]
             result["phases"].append({  # type: ignore[union-attr]
                 "phase": name, "seconds": elapsed, "reply": reply[:200],
+                "relay_cpu_seconds": _cpu_seconds(relay.pid) - cpu,
+                "load_average": os.getloadavg()[0],
                 "healthz_max_ms": times[-1] * 1000 if times else None,
                 "healthz_p99_ms": times[int(len(times) * 0.99)] * 1000 if times else None,
                 "healthz_requests": len(times),
@@ -333,10 +344,11 @@ def report(result: dict[str, object]) -> None:
     print(f"message: {result['size'] / 2**20:.1f} MB, {result['links']:,} links, opens and "
           f"clicks on{', DKIM re-signed per copy' if result['dkim'] else ''}; relay: "
           f"python -m relay serve, upstream: a sink in another process; shared, loaded machine")
-    print(f"{'phase':<16}{'seconds':>9}{'healthz max ms':>16}{'p99 ms':>8}{'RSS MB':>8}"
-          f"{'peak MB':>9}{'copies':>8}{'copy MB':>9}  reply")
+    print(f"{'phase':<16}{'seconds':>9}{'relay CPU s':>12}{'load':>6}{'healthz max ms':>16}"
+          f"{'p99 ms':>8}{'RSS MB':>8}{'peak MB':>9}{'copies':>8}{'copy MB':>9}  reply")
     for p in result["phases"]:  # type: ignore[attr-defined]
-        print(f"{p['phase']:<16}{p['seconds']:>9.1f}{p['healthz_max_ms']:>16.0f}"
+        print(f"{p['phase']:<16}{p['seconds']:>9.1f}{p['relay_cpu_seconds']:>12.1f}"
+              f"{p['load_average']:>6.1f}{p['healthz_max_ms']:>16.0f}"
               f"{p['healthz_p99_ms']:>8.0f}{p['vmrss'] / 2**20:>8.0f}{p['vmhwm'] / 2**20:>9.0f}"
               f"{p['copies']:>8}{p['copy_mb']:>9.1f}  {p['reply'][:60]}")
     if result["healthz_failures"]:
