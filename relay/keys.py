@@ -1,5 +1,5 @@
-"""The keyring that signs tracking tokens: the configured keys, or one generated on first start
-and kept in the store, so links keep working across restarts without any setting."""
+"""The keyring of tracking tokens: the configured keys, or one generated on first start and kept
+in the store, so links keep working across restarts without any setting."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ GENERATED_KID = "g1"
 
 
 def load_keyring(settings: TrackingSettings, conn: sqlite3.Connection) -> Keyring:
-    """Configured keys plus any generated one (old links signed with it keep verifying)."""
+    """Configured keys plus any generated one (old links made with it keep working)."""
     keys = {kid: secret for kid, secret in _stored_keys(conn)}
     keys.update({kid: secret.encode() for kid, secret in settings.keys})
     if settings.current_key:

@@ -1,16 +1,37 @@
-"""Tracking tokens: self-contained, signed, never expiring.
+"""Tracking tokens: self-contained, opaque, authenticated, never expiring.
 
-A token is URL-safe base64 (no padding) of a compact binary payload followed by its MAC::
+A token is URL-safe base64 (no padding) of::
 
-    head      1 byte   version (high nibble) and kind (low nibble)
-    kid len   1 byte   then the key id (ASCII, 1-16 bytes)
-    email id  16 bytes the UUID of ``email_<uuid>``
-    rcpt len  varint   then the recipient (UTF-8)
-    url       rest     clicks only (UTF-8); the kind says which scheme prefix was left out
-    mac       16 bytes HMAC-SHA256 over everything before it, truncated to 128 bits
+    head      1 byte    version 2 (high nibble), key id length - 1 (low nibble)
+    key id    1-16 bytes (ASCII)
+    siv       16 bytes  AES-SIV's synthetic IV, which is also its authentication tag
+    sealed    rest      the payload, encrypted
 
-The key id travels inside the signed payload, so keys rotate: new tokens are signed with the
-current key and old tokens keep verifying as long as their key stays in the keyring.
+and the payload, which nobody without the key can read::
+
+    kind      1 byte    open, or click (and which scheme prefix was left out of the URL)
+    email id  16 bytes  the UUID of ``email_<uuid>``
+    rcpt len  varint    then the recipient (UTF-8)
+    url       rest      clicks only (UTF-8), an opaque string to this module
+
+The cipher is AES-SIV (RFC 5297, AES-256 in its 512-bit key form), with the head and the key id
+as associated data. It is a deterministic AEAD: it needs no nonce, and its 16-byte synthetic IV
+is the whole overhead, the size of the version 1 MAC, so a token is exactly as long as the
+version 1 token of the same link. The price of determinism is that equal payloads give equal
+tokens; a payload holds the message id and the recipient, so that tells only that two links of
+one message to one recipient go to the same URL, which version 1 tokens told as well (and the
+mail itself shows). The alternatives need a 12-byte nonce in every token (16 more characters):
+AES-GCM-SIV survives a repeated nonce, ChaCha20-Poly1305 does not (a repeat shows the XOR of two
+payloads and allows forgeries, and random 96-bit nonces repeat after about 2**32 tokens per key).
+What a token still shows: its version, the key id, and its length (the recipient's and the
+URL's lengths together).
+
+Keys: the AES-SIV key is derived with HKDF-SHA256 from the key id's secret, the same secret that
+signed version 1 tokens, so keys rotate as before (new tokens use the current key, old ones keep
+opening while their key stays in the keyring) and there is no second secret to keep.
+
+Version 1 tokens (readable payload, then HMAC-SHA256 truncated to 128 bits) are no longer made,
+but every one already sent keeps verifying forever; see :func:`_verify_v1`.
 """
 
 from __future__ import annotations
@@ -21,14 +42,23 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay.errors import InvalidToken
 from relay.ids import PREFIX
 
-VERSION = 1
-MAC_SIZE = 16
+VERSION = 2
+SIV_SIZE = 16
 MAX_TOKEN_CHARS = 8192  # far above any real URL; bounds the work done on hostile input
+_HKDF_INFO = b"relay tracking token v2 AES-SIV"
+
+_V1 = 1
+_V1_MAC_SIZE = 16
 
 _OPEN = 0
 _CLICK = 1  # URL stored as is
@@ -46,7 +76,9 @@ _EMAIL_ID = re.compile(
 @dataclass(frozen=True)
 class Keyring:
     keys: Mapping[str, bytes]  # key id -> secret (>= 16 bytes)
-    current: str  # the key id that signs new tokens
+    current: str  # the key id that seals new tokens
+    # key id (ASCII bytes) -> the AES-SIV derived from its secret, built once
+    ciphers: Mapping[bytes, AESSIV] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for kid, secret in self.keys.items():
@@ -56,6 +88,14 @@ class Keyring:
                 raise ValueError(f"key {kid!r} is shorter than 16 bytes")
         if self.current not in self.keys:
             raise ValueError(f"current key {self.current!r} is not in the keyring")
+        ciphers = {kid.encode("ascii"): AESSIV(_derive(secret))
+                   for kid, secret in self.keys.items()}
+        object.__setattr__(self, "ciphers", ciphers)
+
+
+def _derive(secret: bytes) -> bytes:
+    """The 64-byte AES-SIV key of a keyring secret (which itself is the version 1 HMAC key)."""
+    return HKDF(algorithm=SHA256(), length=64, salt=None, info=_HKDF_INFO).derive(secret)
 
 
 @dataclass(frozen=True)
@@ -80,20 +120,22 @@ def sign_click(keyring: Keyring, email_id: str, recipient: str, url: str) -> str
 
 
 class RecipientSigner:
-    """Signs many tokens for one (email id, recipient): the shared payload prefix and the
-    HMAC state over it are computed once, which keeps per-recipient rendering fast."""
+    """Makes many tokens for one (email id, recipient) under the current key: the clear head,
+    the payload's shared part and the cipher are looked up and packed once."""
 
-    __slots__ = ("_head", "_state")
+    __slots__ = ("_ad", "_cipher", "_head", "_shared")
 
     def __init__(self, keyring: Keyring, email_id: str, recipient: str) -> None:
         uuid = _email_id_bytes(email_id)
         kid = keyring.current.encode("ascii")
         rcpt = recipient.encode("utf-8")
-        self._head = b"".join((bytes((len(kid),)), kid, uuid, _varint(len(rcpt)), rcpt))
-        self._state = hmac.new(keyring.keys[keyring.current], digestmod=hashlib.sha256)
+        self._head = bytes((VERSION << 4 | len(kid) - 1,)) + kid
+        self._ad = [self._head]
+        self._cipher = keyring.ciphers[kid]
+        self._shared = b"".join((uuid, _varint(len(rcpt)), rcpt))
 
     def open(self) -> str:
-        return self._sign(_OPEN, b"")
+        return self._seal(_OPEN, b"")
 
     def click(self, url: str) -> str:
         kind = _CLICK
@@ -101,14 +143,11 @@ class RecipientSigner:
             if url.startswith(prefix):
                 kind, url = prefix_kind, url[len(prefix) :]
                 break
-        return self._sign(kind, url.encode("utf-8"))
+        return self._seal(kind, url.encode("utf-8"))
 
-    def _sign(self, kind: int, url: bytes) -> str:
-        body = b"".join((bytes((VERSION << 4 | kind,)), self._head, url))
-        state = self._state.copy()
-        state.update(body)
-        token = body + state.digest()[:MAC_SIZE]
-        return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
+    def _seal(self, kind: int, url: bytes) -> str:
+        sealed = self._cipher.encrypt(b"".join((bytes((kind,)), self._shared, url)), self._ad)
+        return base64.urlsafe_b64encode(self._head + sealed).rstrip(b"=").decode("ascii")
 
 
 def _email_id_bytes(email_id: str) -> bytes:
@@ -128,29 +167,51 @@ def click_url(base_url: str, token: str) -> str:
 
 
 def verify(keyring: Keyring, token: str) -> OpenTarget | ClickTarget:
-    """The target a token was signed for; ``InvalidToken`` for anything else, whatever the input."""
+    """The target a token was made for; ``InvalidToken`` for anything else, whatever the input.
+    Both versions are accepted: the first byte's high nibble says which."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _TOKEN.fullmatch(token):
         raise InvalidToken("malformed token")
     data = _b64decode(token)
-    if len(data) < 2 + 1 + 16 + 1 + MAC_SIZE or data[0] >> 4 != VERSION:
+    version = data[0] >> 4
+    if version == VERSION:
+        return _open(keyring, data)
+    if version == _V1:
+        return _verify_v1(keyring, data)
+    raise InvalidToken("malformed token")
+
+
+def _open(keyring: Keyring, data: bytes) -> OpenTarget | ClickTarget:
+    kid_end = 2 + (data[0] & 0x0F)
+    if len(data) < kid_end + SIV_SIZE + 1 + 16 + 1:
+        raise InvalidToken("malformed token")
+    cipher = keyring.ciphers.get(data[1:kid_end])
+    if cipher is None:
+        raise InvalidToken("unknown key")
+    try:
+        payload = cipher.decrypt(data[kid_end:], [data[:kid_end]])
+    except InvalidTag:
+        raise InvalidToken("bad token") from None
+    return _parse(payload, payload[0], 1)
+
+
+def _verify_v1(keyring: Keyring, data: bytes) -> OpenTarget | ClickTarget:
+    """A version 1 token: head (version 1, kind), key id length and key id, the payload in
+    clear from the email id on, then HMAC-SHA256 of all that under the raw secret, truncated."""
+    if len(data) < 2 + 1 + 16 + 1 + _V1_MAC_SIZE:
         raise InvalidToken("malformed token")
     kid_end = 2 + data[1]
     try:
         key = keyring.keys[data[2:kid_end].decode("ascii")]
     except (KeyError, UnicodeDecodeError):
         raise InvalidToken("unknown key") from None
-    body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-    if not hmac.compare_digest(_mac(key, body), mac):
+    body, mac = data[:-_V1_MAC_SIZE], data[-_V1_MAC_SIZE:]
+    if not hmac.compare_digest(hmac.digest(key, body, hashlib.sha256)[:_V1_MAC_SIZE], mac):
         raise InvalidToken("bad signature")
     return _parse(body, data[0] & 0x0F, kid_end)
 
 
-def _mac(key: bytes, body: bytes) -> bytes:
-    return hmac.digest(key, body, "sha256")[:MAC_SIZE]
-
-
 def _parse(body: bytes, kind: int, pos: int) -> OpenTarget | ClickTarget:
-    """Decode a payload whose MAC already verified (so it was made by ``_sign``)."""
+    """Decode a payload from ``pos`` on, once it is known to be authentic."""
     if len(body) < pos + 16:
         raise InvalidToken("malformed token")
     email_id = _email_id(body[pos : pos + 16])

@@ -2,7 +2,7 @@
 
 ``GET /o/<token>``  the 43-byte transparent GIF, always ``200``: a token that does not verify
                     (or any other path under ``/o/``) just records nothing.
-``GET /c/<token>``  ``302`` to the signed URL in its ASCII form (relay/urls.py: IDNA host,
+``GET /c/<token>``  ``302`` to the token's URL in its ASCII form (relay/urls.py: IDNA host,
                     UTF-8 percent-encoding), where a browser would go for a direct click; a
                     token that does not verify (or is not a click token, or whose URL is not
                     an http(s) URL a browser follows) gets ``404`` JSON, never a redirect.

@@ -3,8 +3,9 @@ import string
 import uuid
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, provisional, settings
 from hypothesis import strategies as st
+from legacy_tokens import FIXED, sign_v1
 
 from relay.errors import InvalidToken
 from relay.ids import PREFIX, new_email_id
@@ -51,7 +52,7 @@ def test_scheme_prefixes_round_trip(url: str) -> None:
 def test_token_is_url_safe_and_short() -> None:
     token = sign_click(KEYS, EMAIL, "reader@example.org", URL)
     assert set(token) <= set(ALPHABET)
-    # 1 head + 3 key id + 16 email id + 19 recipient + 92 url + 16 mac = 147 bytes
+    # 1 head + 2 key id + 16 siv + 1 kind + 16 email id + 19 recipient + 92 url = 147 bytes
     assert len(token) == 196
     assert len(sign_open(KEYS, EMAIL, "reader@example.org")) == 74
 
@@ -129,9 +130,10 @@ def test_any_string_raises_only_invalid_token(token: str) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.binary(min_size=36, max_size=200))
-def test_random_payloads_with_valid_header_fail(tail: bytes) -> None:
-    data = bytes((0x11, 2)) + b"k1" + tail
+@given(st.sampled_from([bytes((0x21,)) + b"k1", bytes((0x11, 2)) + b"k1"]),
+       st.binary(min_size=36, max_size=200))
+def test_random_payloads_with_valid_header_fail(head: bytes, tail: bytes) -> None:
+    data = head + tail
     with pytest.raises(InvalidToken):
         verify(KEYS, base64.urlsafe_b64encode(data).rstrip(b"=").decode())
 
@@ -175,3 +177,123 @@ def test_urls() -> None:
 def test_fresh_ids_round_trip() -> None:
     email_id = new_email_id()
     assert verify(KEYS, sign_open(KEYS, email_id, "r@x")).email_id == email_id
+
+
+# Opacity: nothing of the recipient, the URL or the email id can be read from a token.
+
+recipients = st.one_of(st.emails(), texts.filter(lambda t: len(t.encode()) >= 6))
+urls = st.one_of(
+    provisional.urls(),
+    st.builds("{}://{}/{}".format, st.sampled_from(["https", "http"]), provisional.domains(),
+              texts),
+)
+WINDOW = 8  # bytes: long enough that a token never holds one by chance (64**8 spellings)
+
+
+def readings(token: str) -> list[bytes]:
+    """Every plausible way to read a token's text: as it is, and base64-decoded from each of
+    the four alignments in both alphabets (a standard decoder drops the ``-`` and ``_``)."""
+    out = [token.encode()]
+    for start in range(4):
+        chunk = token[start:]
+        chunk = chunk[: len(chunk) - len(chunk) % 4]
+        out.append(base64.urlsafe_b64decode(chunk))
+        standard = chunk.replace("-", "").replace("_", "")
+        out.append(base64.b64decode(standard[: len(standard) - len(standard) % 4]))
+    return out
+
+
+def secrets_of(email_id: str, recipient: str, url: str) -> list[bytes]:
+    """What a token must not show, in every spelling it could be written in."""
+    parts = [recipient, *recipient.split("@"), url, url.split("://", 1)[-1], email_id,
+             email_id.removeprefix(PREFIX).replace("-", "")]
+    if "://" in url:
+        host, _, path = url.split("://", 1)[1].partition("/")
+        parts += [host, path]
+    found = [p.encode("utf-8") for p in parts] + [uuid.UUID(email_id.removeprefix(PREFIX)).bytes]
+    return [s for s in found if len(s) >= 6]
+
+
+@settings(max_examples=200, deadline=None)
+@given(email_ids, recipients, urls)
+def test_a_token_reveals_no_address_url_or_email_id(email_id: str, recipient: str, url: str
+                                                    ) -> None:
+    for token in (sign_click(KEYS, email_id, recipient, url), sign_open(KEYS, email_id, recipient)):
+        read = readings(token)
+        for secret in secrets_of(email_id, recipient, url):
+            for i in range(max(1, len(secret) - WINDOW + 1)):
+                window = secret[i : i + WINDOW]
+                assert not any(window in r for r in read), (token, window)
+
+
+def test_a_token_starts_with_its_version_and_key_id() -> None:
+    """The only clear part: version 2 and the key id's length in one byte, then the key id."""
+    token = sign_click(KEYS, EMAIL, "reader@example.org", URL)
+    data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert data[:3] == bytes((0x21,)) + b"k1"
+    long_kid = Keyring({"k" * 16: b"a" * 32}, "k" * 16)
+    data = base64.urlsafe_b64decode(sign_open(long_kid, EMAIL, "r@x") + "==")
+    assert data[:17] == bytes((0x2F,)) + b"k" * 16
+
+
+def test_same_link_same_token_other_recipient_other_token() -> None:
+    """AES-SIV is deterministic: equal payloads, equal tokens; anything else differs entirely."""
+    one = sign_click(KEYS, EMAIL, "a@x.example", URL)
+    other = sign_click(KEYS, EMAIL, "b@x.example", URL)
+    assert one == sign_click(KEYS, EMAIL, "a@x.example", URL)
+    assert one[:4] == other[:4]  # version and key id
+    assert sum(a == b for a, b in zip(one[4:], other[4:], strict=True)) < len(one) // 8
+
+
+@settings(max_examples=200, deadline=None)
+@given(email_ids, texts, st.one_of(st.none(), urls, texts))
+def test_as_long_as_a_version_1_token(email_id: str, recipient: str, url: str | None) -> None:
+    new = sign_open(KEYS, email_id, recipient) if url is None else sign_click(
+        KEYS, email_id, recipient, url)
+    assert len(new) == len(sign_v1(KEYS, email_id, recipient, url))
+
+
+def test_a_version_2_fixed_token_keeps_opening() -> None:
+    """Made by the first version 2 code: the format and the key derivation must not drift."""
+    keys = Keyring({"k1": b"a" * 32, "g1": bytes(range(32))}, "k1")
+    assert verify(keys, "IWsxI8fXXmWtZaKMHhURsxSYWgIO1BeQqfxBWbpSvkFpE8-J80seReRWFsLlVsOQCkonzaNOaw"
+                  ) == OpenTarget(EMAIL, "reader@example.org")
+    assert verify(keys, "IWcxf5UY5JA6VOpt1SqYRhG7QVyOB_eMRlL4TaJsArcSldBV7whn1B2dMcPelity0Dq0giWWCY"
+                  "tNHGnwDSTq_X6_FLT3WuHIrhls-V5bToL_iIk9PeZToZRU6hgLrLk") == ClickTarget(
+        EMAIL, "Jörg.Müller@bücher.example", "https://shop.example/größe-42?q=鞋")
+
+
+# Version 1 tokens, already sent, keep verifying; none is made any more.
+
+V1_KEYS = Keyring({"k1": b"a" * 32, "g1": bytes(range(32))}, "k1")
+
+
+@pytest.mark.parametrize(("kid", "recipient", "url", "token"), FIXED)
+def test_version_1_tokens_made_by_the_old_code_still_verify(
+        kid: str, recipient: str, url: str | None, token: str) -> None:
+    keys = Keyring(V1_KEYS.keys, kid)
+    assert sign_v1(keys, EMAIL, recipient, url) == token  # the helper is the old code
+    want = OpenTarget(EMAIL, recipient) if url is None else ClickTarget(EMAIL, recipient, url)
+    assert verify(keys, token) == want
+    assert verify(Keyring(V1_KEYS.keys, "k1" if kid == "g1" else "g1"), token) == want
+    assert sign_click(keys, EMAIL, recipient, url or "") != token  # new ones are version 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(email_ids, texts, st.one_of(st.none(), texts))
+def test_version_1_round_trip(email_id: str, recipient: str, url: str | None) -> None:
+    want = OpenTarget(email_id, recipient) if url is None else ClickTarget(email_id, recipient, url)
+    assert verify(KEYS, sign_v1(KEYS, email_id, recipient, url)) == want
+
+
+@pytest.mark.parametrize("token", [sign_v1(KEYS, EMAIL, "r@x", URL), sign_v1(KEYS, EMAIL, "")])
+def test_every_change_to_a_version_1_token_fails(token: str) -> None:
+    test_every_single_character_change_fails(token)
+
+
+def test_rotation_keeps_version_1_tokens_valid() -> None:
+    rotated = Keyring({"k1": b"a" * 32, "k2": b"b" * 32}, "k2")
+    old_token = sign_v1(KEYS, EMAIL, "r@x", URL)
+    assert verify(rotated, old_token) == ClickTarget(EMAIL, "r@x", URL)
+    with pytest.raises(InvalidToken):
+        verify(Keyring({"k2": b"b" * 32}, "k2"), old_token)

@@ -5,6 +5,7 @@ tests talk to it with http.client (redirects are never followed). The durability
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import ipaddress
 import json
@@ -25,6 +26,7 @@ from aiohttp import web
 from harness import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from legacy_tokens import sign_v1
 
 from relay import config as config_module
 from relay.ids import new_email_id
@@ -154,6 +156,33 @@ def test_bad_click_token_is_404_json(service: Callable[..., Service]) -> None:
         assert status == 404 and "Location" not in headers
         assert headers["Content-Type"].startswith("application/json")
         assert "error" in json.loads(body)
+    assert svc.rows() == []
+
+
+def test_version_1_tokens_still_count_and_redirect(service: Callable[..., Service]) -> None:
+    """Links sent before tokens were encrypted keep working: the same answers, the same events."""
+    svc = service()
+    email_id = new_email_id()
+    status, _, body = svc.get("/o/" + sign_v1(KEYRING, email_id, "ann@example.net"))
+    assert (status, body) == (200, PIXEL)
+    status, headers, _ = svc.get("/c/" + sign_v1(KEYRING, email_id, "ann@example.net", URL))
+    assert (status, headers["Location"]) == (302, URL)
+    assert svc.rows("SELECT type, email_id, recipient, url FROM events WHERE NOT implied "
+                    "ORDER BY type") == [("click", email_id, "ann@example.net", URL),
+                                         ("open", email_id, "ann@example.net", None)]
+
+
+def test_every_changed_byte_is_404_and_records_nothing(service: Callable[..., Service]) -> None:
+    svc = service()
+    for valid in (sign_click(KEYRING, new_email_id(), "ann@example.net", URL),
+                  sign_v1(KEYRING, new_email_id(), "ann@example.net", URL)):
+        data = base64.urlsafe_b64decode(valid + "=" * (-len(valid) % 4))
+        for i in range(len(data)):
+            changed = data[:i] + bytes((data[i] ^ 0xFF,)) + data[i + 1:]
+            token = base64.urlsafe_b64encode(changed).rstrip(b"=").decode()
+            status, headers, _ = svc.get("/c/" + token)
+            assert (status, headers.get("Location")) == (404, None), i
+            assert svc.get("/o/" + token)[0] == 200
     assert svc.rows() == []
 
 
@@ -321,6 +350,7 @@ def test_healthz_and_metrics(service: Callable[..., Service]) -> None:
 
 _FORGERY = Keyring({"k1": b"f" * 40}, "k1")
 _VALID = sign_click(KEYRING, new_email_id(), "ann@example.net", URL)
+_VALID_V1 = sign_v1(KEYRING, new_email_id(), "ann@example.net", URL)
 
 
 @pytest.fixture(scope="module")
@@ -332,13 +362,19 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 def _mutations() -> st.SearchStrategy[str]:
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    flip = st.tuples(st.integers(0, len(_VALID) - 1), st.sampled_from(alphabet)).map(
-        lambda p: _VALID[:p[0]] + p[1] + _VALID[p[0] + 1:])
-    cut = st.integers(1, len(_VALID) - 1).map(lambda n: _VALID[:n])
-    grow = st.text(alphabet, min_size=1, max_size=8).map(lambda extra: _VALID + extra)
-    forged = st.tuples(st.emails(), st.sampled_from(["https://evil.example/", URL])).map(
-        lambda p: sign_click(_FORGERY, new_email_id(), p[0], p[1]))
-    return st.one_of(flip, cut, grow, forged, st.text(alphabet, min_size=1, max_size=300))
+
+    def changes(valid: str) -> st.SearchStrategy[str]:
+        flip = st.tuples(st.integers(0, len(valid) - 1), st.sampled_from(alphabet)).map(
+            lambda p: valid[:p[0]] + p[1] + valid[p[0] + 1:])
+        cut = st.integers(1, len(valid) - 1).map(lambda n: valid[:n])
+        grow = st.text(alphabet, min_size=1, max_size=8).map(lambda extra: valid + extra)
+        return st.one_of(flip, cut, grow)
+
+    forged = st.tuples(st.emails(), st.sampled_from(["https://evil.example/", URL]),
+                       st.sampled_from([sign_click, sign_v1])).map(
+        lambda p: p[2](_FORGERY, new_email_id(), p[0], p[1]))
+    return st.one_of(st.sampled_from([_VALID, _VALID_V1]).flatmap(changes), forged,
+                     st.text(alphabet, min_size=1, max_size=300))
 
 
 @settings(max_examples=300, deadline=None,
@@ -346,7 +382,7 @@ def _mutations() -> st.SearchStrategy[str]:
 @given(token=_mutations())
 def test_mutated_and_forged_tokens_never_redirect(shared: Service, token: str) -> None:
     status, headers, _ = shared.get("/c/" + token)
-    if token == _VALID:
+    if token in (_VALID, _VALID_V1):
         assert status == 302
     else:
         assert status == 404 and "Location" not in headers
