@@ -17,8 +17,9 @@ the runs the events in the SQLite file are counted against the requests wrk comp
 
 ``--floor`` then measures, in this process and without HTTP, what the durable write alone
 costs per click (the tracker's own ``Recorder.write`` and COMMIT in batches, on a fresh store
-with the same listeners) and what one bare row into a bare table costs, beside the bare app's
-time per request: how much of the gap to the bare app is the store's.
+with the same listeners), what one bare row into a bare table costs and what opening the click's
+token costs, beside the bare app's time per request: how much of the gap to the bare app is the
+store's, and how much the token's.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from relay.tokens import Keyring, RecipientSigner, verify  # noqa: E402
 from relay.tracker import PIXEL, RECORDER, build_app  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"
+KEYRING = Keyring({"b1": SECRET.encode()}, "b1")
 AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
 BARE_APP = """
@@ -115,7 +117,6 @@ def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[P
     db = folder / "relay.db"
     conn = connect(db)
     migrate(conn)
-    keyring = Keyring({"b1": SECRET.encode()}, "b1")
     clicks, opens = [], []
     sent = time.time() - 86400
     with conn:
@@ -127,7 +128,7 @@ def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[P
                 "track_clicks, decision, size, created_at) VALUES (?, ?, ?, 1, 1, ?, 0, ?)",
                 (email_id, "news@shop.example", "shop.example", "bench", sent))
             for r in range(recipients):
-                signer = RecipientSigner(keyring, email_id, f"reader{r}.{len(opens)}@example.net")
+                signer = RecipientSigner(KEYRING, email_id, f"reader{r}.{len(opens)}@example.net")
                 opens.append("/o/" + signer.open())
                 clicks.extend("/c/" + signer.click(f"https://shop.example/item/{n}?utm=bench")
                               for n in range(links))
@@ -310,11 +311,13 @@ def floor(folder: Path, args: argparse.Namespace, bare_rps: float) -> None:
     config = load(write_config(folder, db, free_port()))
     recorder_us = asyncio.run(recorder_write_cost(config, clicks[:FLOOR_HITS]))
     insert_us = bare_insert_cost(folder / "bare.db")
+    verify_us = verify_cost(clicks[:FLOOR_HITS])
     bare_us = 1e6 / bare_rps
-    print(f"store write alone, per click, batches of {FLOOR_BATCH}, no HTTP (one CPU)")
+    print(f"per click, no HTTP (one CPU): the store write in batches of {FLOOR_BATCH}, the token")
     print(f"  {'Recorder.write + COMMIT':<36} {recorder_us:6.1f} µs  "
           f"(ceiling {1e6 / recorder_us:,.0f} clicks/s with no HTTP at all)")
     print(f"  {'one bare row into a bare table':<36} {insert_us:6.1f} µs")
+    print(f"  {'tokens.verify of the click token':<36} {verify_us:6.1f} µs")
     print(f"  {'bare aiohttp, whole request':<36} {bare_us:6.1f} µs  "
           f"(75% of its rate leaves {bare_us / 0.75 - bare_us:.1f} µs per click for our work)")
 
@@ -339,6 +342,18 @@ async def recorder_write_cost(config: Config, paths: list[str]) -> float:
             recorder.write(conn, hits)
             conn.execute("COMMIT")
         return (time.perf_counter() - started) / len(targets) * 1e6
+
+
+def verify_cost(paths: list[str]) -> float:
+    """µs per token of ``tokens.verify`` (decode, authenticate, unpack), best of 5 rounds."""
+    tokens = [path[3:] for path in paths]
+    rounds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for token in tokens:
+            verify(KEYRING, token)
+        rounds.append((time.perf_counter() - started) / len(tokens) * 1e6)
+    return min(rounds)
 
 
 def bare_insert_cost(db: Path) -> float:

@@ -22,7 +22,7 @@ tokens; a payload holds the message id and the recipient, so that tells only tha
 one message to one recipient go to the same URL, which version 1 tokens told as well (and the
 mail itself shows). The alternatives need a 12-byte nonce in every token (16 more characters):
 AES-GCM-SIV survives a repeated nonce, ChaCha20-Poly1305 does not (a repeat shows the XOR of two
-payloads and allows forgeries, and random 96-bit nonces repeat after about 2**32 tokens per key).
+payloads and allows forgeries; random 96-bit nonces are safe for only about 2**32 tokens a key).
 What a token still shows: its version, the key id, and its length (the recipient's and the
 URL's lengths together).
 
