@@ -110,7 +110,8 @@ TRACKING_DOMAIN_CHECKS = Counter(
 # SMTP AUTH and the failed-login budget (relay/smtp_guard.py).
 SMTP_AUTH = Counter(
     "relay_smtp_auth_total",
-    "AUTH attempts, by result (ok, failed, refused: the client address is in its refusal window)",
+    "AUTH attempts, by result (ok, failed, refused: the client address is in its refusal window, "
+    "busy: too many password checks at once, answered 454)",
     ["result"],
     registry=REGISTRY,
 )

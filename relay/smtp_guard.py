@@ -52,6 +52,9 @@ log = logging.getLogger("relay.smtp")
 HASH_THREADS = min(2, os.cpu_count() or 1)
 # How much lower than the loop thread's the hashing threads' CPU priority is (a nice value).
 HASH_NICE = 10
+# The most password checks waiting or running at once (per process): past it a login is
+# answered 454 (RFC 4954: temporary failure) at once, instead of queueing behind a flood.
+MAX_PENDING_CHECKS = 64
 # The most client addresses whose failures are remembered (the oldest are forgotten first).
 MAX_ADDRESSES = 100_000
 # The longest a failed login's reply is delayed.
@@ -71,8 +74,11 @@ def limit_reached(limit: str, peer: str, message: str, *args: object) -> None:
 class PasswordChecker:
     """Checks AUTH credentials against ``[[smtp.users]]`` in a thread pool."""
 
-    def __init__(self, users: Mapping[str, str], threads: int = HASH_THREADS) -> None:
+    def __init__(self, users: Mapping[str, str], threads: int = HASH_THREADS,
+                 max_pending: int | None = None) -> None:
         self._users = dict(users)
+        self.max_pending = MAX_PENDING_CHECKS if max_pending is None else max_pending
+        self._pending = 0
         # What an unknown user's password is checked against: the same work as a real check.
         self._dummy = passwords.hash_password(secrets.token_urlsafe(16)) if users else ""
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-scrypt",
@@ -82,7 +88,9 @@ class PasswordChecker:
         # wrong password always costs the full check.
         self._verified: dict[str, bytes] = {}
 
-    async def check(self, name: str, password: bytes) -> bool:
+    async def check(self, name: str, password: bytes) -> bool | None:
+        """Whether ``password`` is ``name``'s; None when ``max_pending`` checks are already
+        waiting or running (try again later)."""
         encoded = self._users.get(name)
         digest = hashlib.sha256(password).digest()
         known = self._verified.get(name)
@@ -90,9 +98,15 @@ class PasswordChecker:
             return True
         if not self._users:
             return False
-        ok = await asyncio.get_running_loop().run_in_executor(
-            self._pool, passwords.verify_password, password.decode("utf-8", "replace"),
-            encoded if encoded is not None else self._dummy)
+        if self._pending >= self.max_pending:
+            return None
+        self._pending += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._pool, passwords.verify_password, password.decode("utf-8", "replace"),
+                encoded if encoded is not None else self._dummy)
+        finally:
+            self._pending -= 1
         if ok and encoded is not None:
             self._verified[name] = digest
             return True
@@ -253,7 +267,15 @@ class Logins:
         assert server.session is not None
         peer = server.session.peer
         name = login.decode("utf-8", "replace")
-        if await self.checker.check(name, password):
+        ok = await self.checker.check(name, password)
+        if ok is None:
+            SMTP_AUTH.labels("busy").inc()
+            _limits_log("auth busy", logging.WARNING, "auth: %d password checks already "
+                        "waiting or running; answering 454", self.checker.max_pending)
+            return AuthResult(success=False, handled=False, message=(
+                "454 4.7.0 Temporary authentication failure: too many logins at once, try "
+                "again later"))
+        if ok:
             SMTP_AUTH.labels("ok").inc()
             log.info("auth ok for %r from %s", name, client_key(peer))
             return AuthResult(success=True, auth_data=name)

@@ -13,6 +13,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import BinaryIO
 import pytest
 from harness import free_port, wait_until
 
-from relay import passwords
+from relay import passwords, smtp_guard
 from relay.config import SmtpSettings, load, parse
 from relay.errors import ConfigError
 from relay.metrics import REGISTRY
@@ -99,6 +100,31 @@ def test_unknown_users_and_wrong_passwords_cost_the_same_check(make_relay, upstr
     assert login(relay.smtp_port, USER, PASSWORD)[0] == 235
     assert login(relay.smtp_port, USER, PASSWORD)[0] == 235
     assert len(checked) == 3  # a password that verified is remembered; failures never are
+
+
+def test_logins_past_the_checks_in_progress_get_454_at_once(make_relay, upstream,
+                                                            monkeypatch):
+    """The hashing threads are bounded, and so is the queue in front of them: a login that
+    would wait behind too many others is told to come back later instead."""
+    monkeypatch.setattr(smtp_guard, "MAX_PENDING_CHECKS", 1)
+    entered, release = threading.Event(), threading.Event()
+    verify = passwords.verify_password
+
+    def held(password: str, encoded: str) -> bool:
+        entered.set()
+        release.wait(30)
+        return verify(password, encoded)
+
+    monkeypatch.setattr(passwords, "verify_password", held)
+    relay = make_relay(auth_settings(auth_failure_delay=0), upstream=upstream)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(login, relay.smtp_port, USER, "guess")
+        assert entered.wait(30)
+        code, text = login(relay.smtp_port, USER, PASSWORD)
+        release.set()
+        assert first.result()[0] == 535
+    assert (code, text[:6]) == (454, b"4.7.0 ")
+    assert login(relay.smtp_port, USER, PASSWORD)[0] == 235  # room again
 
 
 def test_the_failed_login_budget_ends_in_421_and_a_refusal_window(make_relay, upstream):
