@@ -249,19 +249,34 @@ def failed_logins(http_port: int) -> float:
 
 
 def test_healthz_answers_quickly_during_an_auth_flood(tmp_path):
-    """16 clients trying passwords held the event loop in scrypt: /healthz took 1.5-2.7 s."""
+    """16 clients trying passwords held the event loop in scrypt: /healthz took 1.5-2.7 s.
+
+    The clients speak raw SMTP (one socket each, a new one when the session's command budget
+    ends it), so this process's threads cost little and the relay is kept busy hashing.
+    Latency is judged by the 90th percentile of 20 samples: on this shared machine a single
+    sample can be slow for reasons of its own."""
     users = f'[[smtp.users]]\nname = "{USER}"\npassword_hash = "{HASH}"\n'
     process, smtp_port, http_port = serve(
         tmp_path, "auth_require_tls = false\nallowed_networks = []\n"
                   "auth_max_failures = 100000\nauth_failure_delay = 0\n" + users)
+    blob = base64.b64encode(f"\0{USER}\0wrong".encode())
     try:
         flooding = True
 
         def flood() -> int:
             tries = 0
             while flooding:
-                assert login(smtp_port, USER, f"wrong{tries}")[0] == 535
-                tries += 1
+                sock, replies = session(smtp_port)
+                with sock:
+                    sock.sendall(b"EHLO flood.test\r\n")
+                    while not replies.readline().startswith(b"250 "):
+                        pass
+                    for _ in range(15):  # within the session's budget of AUTH commands
+                        sock.sendall(b"AUTH PLAIN " + blob + b"\r\n")
+                        assert replies.readline().startswith(b"535 ")
+                        tries += 1
+                        if not flooding:
+                            break
             return tries
 
         with ThreadPoolExecutor(16) as pool:
@@ -273,7 +288,7 @@ def test_healthz_answers_quickly_during_an_auth_flood(tmp_path):
                 flooding = False
             tries = sum(c.result() for c in clients)
         assert tries >= 16
-        assert samples[-1] < 0.1, samples
+        assert samples[17] < 0.1, samples
     finally:
         stop(process)
 
