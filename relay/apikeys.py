@@ -7,9 +7,19 @@ import argparse
 import hashlib
 import secrets
 import sqlite3
+import sys
 import time
 
-from relay.commands import Action, ConfigOption, add_group, fail, format_time, open_store
+from relay.commands import (
+    Action,
+    ConfigOption,
+    add_group,
+    fail,
+    format_time,
+    open_store,
+    output,
+    print_table,
+)
 
 PREFIX = "rk_"
 
@@ -66,21 +76,31 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 
 def _create(args: argparse.Namespace) -> int:
     try:
-        print(create(open_store(args), args.name))
+        secret = create(open_store(args), args.name)
     except ValueError as exc:
         return fail(str(exc))
-    return 0
+
+    def human() -> None:  # the key alone on standard output, for KEY=$(relay api-keys ...)
+        print(secret)
+        print(f"relay: created API key {args.name!r}; it is shown only this once. Send it as "
+              "Authorization: Bearer <key>", file=sys.stderr)
+
+    return output(args, {"name": args.name, "key": secret}, human)
 
 
 def _revoke(args: argparse.Namespace) -> int:
     if not revoke(open_store(args), args.name):
         return fail(f"no active key named {args.name!r}")
-    print(f"revoked {args.name}")
-    return 0
+    return output(args, {"name": args.name, "revoked": True},
+                  lambda: print(f"revoked {args.name}"))
 
 
 def _list(args: argparse.Namespace) -> int:
-    for name, created, revoked in listing(open_store(args)):
-        state = f"revoked {format_time(revoked)}" if revoked else "active"
-        print(f"{name:24} created {format_time(created)}  {state}")
-    return 0
+    keys = listing(open_store(args))
+    return output(
+        args,
+        {"api_keys": [{"name": name, "created_at": created, "revoked_at": revoked}
+                      for name, created, revoked in keys]},
+        lambda: print_table(("NAME", "CREATED", "STATE"), [
+            (name, format_time(created), f"revoked {format_time(revoked)}" if revoked
+             else "active") for name, created, revoked in keys]))

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from relay import apikeys, domains, retention_admin, settings, stats_cli, tags, webhook_admin
 from relay import config as config_module
-from relay.commands import config_option
+from relay.commands import NO_CONFIG, config_option, fail, find_config, output
 from relay.errors import ConfigError, StoreError
 
 # Modules that add subcommands of their own (see relay/commands.py).
@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "config") and args.config is None:
+            args.config = find_config()
+            if args.config is None:
+                return fail(NO_CONFIG, 2)
         return args.run(args)
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
@@ -55,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", _check_config, "validate a configuration file"),
     ):
         command = commands.add_parser(name, help=text, description=text)
-        config_option(command)
+        config_option(command, json_output=run is _check_config)
         command.set_defaults(run=run)
     hasher = commands.add_parser("hash-password", help="print a password hash for [[smtp.users]]")
     hasher.add_argument("--password-stdin", action="store_true",
                         help="read the password from standard input instead of prompting")
+    hasher.add_argument("--json", action="store_true", help="print the result as JSON")
     hasher.set_defaults(run=_hash_password)
     for module in COMMAND_MODULES:
         module.add_commands(commands, config_option)
@@ -82,11 +87,17 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
     upstream = (f"capture folder {cfg.upstream.capture_dir}" if cfg.upstream.capture_dir
                 else f"{cfg.upstream.host}:{cfg.upstream.port} ({cfg.upstream.tls})")
-    print(f"{args.config}: ok")
-    print(f"  smtp on {cfg.smtp.listen}, upstream {upstream}")
-    print(f"  http on {cfg.http.listen}, tracking host {cfg.http.public_url}")
-    print(f"  store {cfg.store.path}")
-    return 0
+    summary = {"file": args.config, "ok": True, "smtp_listen": str(cfg.smtp.listen),
+               "upstream": upstream, "http_listen": str(cfg.http.listen),
+               "public_url": cfg.http.public_url, "store": str(cfg.store.path)}
+
+    def human() -> None:
+        print(f"{args.config}: ok")
+        print(f"  smtp on {cfg.smtp.listen}, upstream {upstream}")
+        print(f"  http on {cfg.http.listen}, tracking host {cfg.http.public_url}")
+        print(f"  store {cfg.store.path}")
+
+    return output(args, summary, human)
 
 
 def _hash_password(args: argparse.Namespace) -> int:
@@ -97,10 +108,8 @@ def _hash_password(args: argparse.Namespace) -> int:
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            print("relay: passwords differ", file=sys.stderr)
-            return 1
+            return fail("passwords differ")
     if not password:
-        print("relay: empty password", file=sys.stderr)
-        return 1
-    print(hash_password(password))
-    return 0
+        return fail("empty password")
+    hashed = hash_password(password)
+    return output(args, {"password_hash": hashed}, lambda: print(hashed))

@@ -1,28 +1,54 @@
-"""What the ``relay`` subcommands share: the --config option, the store, output helpers.
+"""What the ``relay`` subcommands share: the --config and --json options, the store, output
+helpers.
 
 Modules with subcommands expose ``add_commands(commands, config_option)``; cli.py lists them.
+Every command that prints a result prints it for people, or with ``--json`` as one JSON
+document for machines (:func:`output`); errors go to standard error either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relay import config as config_module
 from relay import store
 
-DEFAULT_CONFIG = "config.example.toml"
+# Where a command finds its config when --config is not given: this variable, else the first
+# file of CONFIG_SEARCH that exists (the second is where the systemd units read it).
+CONFIG_ENV = "RELAY_CONFIG"
+CONFIG_SEARCH = ("./relay.toml", "/etc/relay/relay.toml")
 
-ConfigOption = Callable[[argparse.ArgumentParser], None]
+ConfigOption = Callable[..., None]
 
 
-def config_option(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                         help=f"configuration file (default: {DEFAULT_CONFIG})")
+def config_option(command: argparse.ArgumentParser, *, json_output: bool = True) -> None:
+    """--config, and --json for a command that prints a result."""
+    command.add_argument("--config", "-c", metavar="FILE",
+                         help=f"configuration file (default: ${CONFIG_ENV}, else the first of "
+                              f"{', '.join(CONFIG_SEARCH)} that exists)")
+    if json_output:
+        command.add_argument("--json", action="store_true",
+                             help="print the result as JSON, for scripts")
+
+
+def find_config() -> str | None:
+    """The config file to use when --config is not given, or None when there is none."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return named
+    return next((path for path in CONFIG_SEARCH if os.path.isfile(path)), None)
+
+
+NO_CONFIG = (f"no configuration file: give --config FILE or set {CONFIG_ENV} "
+             f"(tried {', '.join(CONFIG_SEARCH)})")
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,15 @@ def open_store(args: argparse.Namespace) -> sqlite3.Connection:
 def fail(message: str, code: int = 1) -> int:
     print(f"relay: {message}", file=sys.stderr)
     return code
+
+
+def output(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> int:
+    """Print a command's result: ``data`` as JSON with --json, else ``human()``'s text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        human()
+    return 0
 
 
 def format_time(timestamp: float | None) -> str:

@@ -39,7 +39,15 @@ from aiohttp import web
 
 from relay import metrics, names
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import Action, ConfigOption, add_group, fail, format_time, print_table
+from relay.commands import (
+    Action,
+    ConfigOption,
+    add_group,
+    fail,
+    format_time,
+    output,
+    print_table,
+)
 from relay.config import Config, DnsSettings
 from relay.settings import bump, json_body, open_seeded, seed_once, transaction
 from relay.store import Store
@@ -276,10 +284,13 @@ def _add(args: argparse.Namespace) -> int:
             domain = add(conn, args.host, args.sender)
     except ValueError as exc:
         return fail(str(exc))
-    print(f"added {domain.host} for {domain.sender_domain} (pending). Create this DNS record,"
-          f" then run `relay domains verify {domain.host}`:")
-    print(f"  {dns_record(domain.host, cname_target(cfg.http.public_url))}")
-    return 0
+
+    def human() -> None:
+        print(f"added {domain.host} for {domain.sender_domain} (pending). Create this DNS "
+              f"record, then run `relay domains verify {domain.host}`:")
+        print(f"  {dns_record(domain.host, cname_target(cfg.http.public_url))}")
+
+    return output(args, domain_json(domain, cfg.http.public_url), human)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -293,16 +304,19 @@ def _verify(args: argparse.Namespace) -> int:
     if domain is None:
         return fail(f"{args.host!r} was removed meanwhile")
     report(domain, result)
-    print(f"{domain.host}: {domain.state} ({result.detail})")
+    output(args, {**domain_json(domain, cfg.http.public_url), "check": asdict(result)},
+           lambda: print(f"{domain.host}: {domain.state} ({result.detail})"))
     return 0 if domain.state == VERIFIED and result.result == MATCH else 1
 
 
 def _list(args: argparse.Namespace) -> int:
-    _, conn = open_seeded(args, seed)
-    rows = [(d.host, d.sender_domain, d.state, format_time(d.checked_at), d.last_check or "-")
-            for d in listing(conn)]
-    print_table(("HOST", "SENDER", "STATE", "CHECKED", "LAST CHECK"), rows)
-    return 0
+    cfg, conn = open_seeded(args, seed)
+    found = listing(conn)
+    return output(
+        args, {"domains": [domain_json(d, cfg.http.public_url) for d in found]},
+        lambda: print_table(("HOST", "SENDER", "STATE", "CHECKED", "LAST CHECK"), [
+            (d.host, d.sender_domain, d.state, format_time(d.checked_at), d.last_check or "-")
+            for d in found]))
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -311,8 +325,8 @@ def _remove(args: argparse.Namespace) -> int:
         removed = remove(conn, args.host)
     if not removed:
         return fail(f"no tracking domain {args.host!r}")
-    print(f"removed {args.host}")
-    return 0
+    return output(args, {"host": names.normal(args.host), "removed": True},
+                  lambda: print(f"removed {args.host}"))
 
 
 # --- API -----------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ class Controls:
     campaign: str | None = None
     topic: str | None = None
     headers: tuple[Header, ...] = ()  # the control headers found, to remove
+    # the header that set opens / clicks, when one did (for the decision's reason)
+    opens_header: str | None = None
+    clicks_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ def read_controls(raw: bytes, block: HeaderBlock) -> Controls:
         if values.setdefault(header.key, value) != value:
             raise ControlHeaderError(header.name, "given more than once, with different values")
     opens, clicks, tag_name = _alidm(values.get(ALIDM_TRACE.lower()))
+    alidm = ALIDM_TRACE if opens is not None else None
     opens = _toggle(TRACK_OPENS, values.get(TRACK_OPENS.lower()), opens)
     clicks = _toggle(TRACK_CLICKS, values.get(TRACK_CLICKS.lower()), clicks)
     return Controls(
@@ -95,6 +99,8 @@ def read_controls(raw: bytes, block: HeaderBlock) -> Controls:
         campaign=_single(CAMPAIGN, values.get(CAMPAIGN.lower()), _TAG),
         topic=_single(TOPIC, values.get(TOPIC.lower()), _TOPIC),
         headers=found,
+        opens_header=TRACK_OPENS if TRACK_OPENS.lower() in values else alidm,
+        clicks_header=TRACK_CLICKS if TRACK_CLICKS.lower() in values else alidm,
     )
 
 
@@ -169,8 +175,8 @@ def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str
         raise SmtpReplyError(550, "5.7.1", f"X-AliDM-Trace TagName {controls.tag_name!r} is not"
                                            " a registered tag")
     domain = rules.domains.get(sender_domain)
-    opens, clicks, source = toggles(rules.account, domain, controls)
-    reason = f"{_describe(opens, clicks)} by {source}"
+    opens, clicks, opens_source, clicks_source = toggles(rules.account, domain, controls)
+    reason = describe(opens, clicks, opens_source, clicks_source)
     excluded = frozenset(domain.exclude_hosts) if domain else frozenset()
     tracking = rules.tracking.get(sender_domain)
     if tracking is None:
@@ -185,24 +191,37 @@ def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str
 
 
 def toggles(account: Account, domain: Domain | None, controls: Controls
-            ) -> tuple[bool, bool, str]:
+            ) -> tuple[bool, bool, str, str]:
     """Opens and clicks, each from the most specific level that says it, and which level that
-    was: the message's headers, else the sender domain's setting, else the account's."""
-    opens, clicks, source = account.opens, account.clicks, "account default"
-    if domain is not None and (domain.opens is not None or domain.clicks is not None):
-        opens = opens if domain.opens is None else domain.opens
-        clicks = clicks if domain.clicks is None else domain.clicks
-        source = f"domain {domain.name}"
-    if controls.opens is not None or controls.clicks is not None:
-        opens = opens if controls.opens is None else controls.opens
-        clicks = clicks if controls.clicks is None else controls.clicks
-        source = "message headers"
-    return opens, clicks, source
+    was for each: the message's header (named), else the sender domain's setting, else the
+    account's."""
+    name = domain.name if domain else ""
+    opens, opens_source = _level(account.opens, domain.opens if domain else None, name,
+                                 controls.opens, controls.opens_header)
+    clicks, clicks_source = _level(account.clicks, domain.clicks if domain else None, name,
+                                   controls.clicks, controls.clicks_header)
+    return opens, clicks, opens_source, clicks_source
 
 
-def _describe(opens: bool, clicks: bool) -> str:
-    if opens and clicks:
-        return "opens and clicks tracked"
-    if opens or clicks:
-        return f"{'opens' if opens else 'clicks'} tracked"
-    return "tracking off"
+def _level(account: bool, domain: bool | None, domain_name: str, message: bool | None,
+           header: str | None) -> tuple[bool, str]:
+    if message is not None:
+        return message, f"message header {header}" if header else "message headers"
+    if domain is not None:
+        return domain, f"domain {domain_name}"
+    return account, "account default"
+
+
+def describe(opens: bool, clicks: bool, opens_source: str, clicks_source: str) -> str:
+    """The decision in words, naming what decided each toggle: "opens and clicks tracked by
+    account default", "opens tracked by message header X-Anypost-Track-Opens, clicks off by
+    domain shop.example"."""
+    if opens_source == clicks_source:
+        if opens and clicks:
+            return f"opens and clicks tracked by {opens_source}"
+        if opens or clicks:
+            return f"{'opens' if opens else 'clicks'} tracked by {opens_source}"
+        return f"tracking off by {opens_source}"
+    return ", ".join(f"{name} {'tracked' if on else 'off'} by {source}" for name, on, source in
+                     sorted((("opens", opens, opens_source), ("clicks", clicks, clicks_source)),
+                            key=lambda part: not part[1]))

@@ -13,7 +13,7 @@ import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -227,6 +227,21 @@ def id_floor(timestamp: float) -> str:
 
 def events_query(f: EventFilter) -> Query:
     """One page and one row more (to tell whether there is a next page), oldest first."""
+    where, params = _event_conditions(f)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
+                 (*params, f.limit + 1))
+
+
+def machine_count_query(f: EventFilter) -> Query:
+    """How many machine events (not counted: prefetch, scanner, automation) the filter's
+    window holds: what a listing without ``include_machine`` leaves out, cursor aside."""
+    where, params = _event_conditions(replace(f, include_machine=True, after=None))
+    return Query(f"SELECT count(*) FROM events WHERE {' AND '.join([*where, 'NOT counted'])}",
+                 tuple(params))
+
+
+def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     params: list[Any] = []
 
@@ -252,9 +267,7 @@ def events_query(f: EventFilter) -> Query:
         add("counted")
     if f.after is not None:
         add("id > ?", f.after)
-    clause = f"WHERE {' AND '.join(where)} " if where else ""
-    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
-                 (*params, f.limit + 1))
+    return where, params
 
 
 def event_json(row: Row) -> dict[str, Any]:

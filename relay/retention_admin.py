@@ -12,7 +12,7 @@ from aiohttp import web
 
 from relay import store
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import ConfigOption, fail, open_store, print_table
+from relay.commands import ConfigOption, fail, open_store, output, print_table
 from relay.retention import DAY, erase_recipient, purge
 
 
@@ -35,20 +35,20 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 def _purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         return fail("--older-than: days, 0 or more")
-    return _report(purge(open_store(args), time.time() - args.older_than * DAY))
+    return _report(args, purge(open_store(args), time.time() - args.older_than * DAY))
 
 
 def _erase(args: argparse.Namespace) -> int:
     conn = open_store(args)
     try:
-        return _report(erase_recipient(conn, args.recipient))
+        return _report(args, erase_recipient(conn, args.recipient))
     except ValueError as exc:
         return fail(str(exc))
 
 
-def _report(counts: dict[str, int]) -> int:
-    print_table(["table", "deleted"], sorted(counts.items()))
-    return 0
+def _report(args: argparse.Namespace, counts: dict[str, int]) -> int:
+    return output(args, {"deleted": counts},
+                  lambda: print_table(["table", "deleted"], sorted(counts.items())))
 
 
 def erase_in_file(path: Path, address: str) -> dict[str, int]:

@@ -31,7 +31,7 @@ from aiohttp import web
 from relay import config as config_module
 from relay import names, store
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import ConfigOption, fail, print_table
+from relay.commands import ConfigOption, fail, output, print_table
 from relay.config import Config
 
 log = logging.getLogger("relay.settings")
@@ -157,9 +157,10 @@ def seed(conn: sqlite3.Connection, config: Config) -> None:
             _kept(f"[[domains]] {entry.name}", stored, wanted)
 
 
-def _kept(item: str, stored: object, configured: object) -> None:
+def _kept(item: str, stored: Account | Domain | None, configured: Account | Domain) -> None:
     log.warning("%s: the store keeps %s (changed at run time); the config's %s is not applied"
-                " (use `relay settings set` to change it)", item, stored, configured)
+                " (use `relay settings set` to change it)", item,
+                _values(stored) if stored else "no settings", _values(configured))
 
 
 def open_seeded(args: argparse.Namespace, seed_fn: Callable[[sqlite3.Connection, Config], None]
@@ -200,17 +201,34 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 
 def _show(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
-    acct = account(conn)
-    print(f"account: opens={_word(acct.opens)} clicks={_word(acct.clicks)}")
-    rows = [(d.name, _word(d.opens), _word(d.clicks), ",".join(d.exclude_hosts) or "-")
-            for d in domains(conn).values()]
-    if rows:
-        print_table(("DOMAIN", "OPENS", "CLICKS", "EXCLUDE_HOSTS"), rows)
-    return 0
+    acct, found = account(conn), list(domains(conn).values())
+
+    def human() -> None:
+        print(_describe(acct))
+        rows = [(d.name, _word(d.opens), _word(d.clicks), ",".join(d.exclude_hosts) or "-")
+                for d in found]
+        if rows:
+            print_table(("DOMAIN", "OPENS", "CLICKS", "EXCLUDE_HOSTS"), rows)
+
+    return output(args, {"account": account_json(acct),
+                         "domains": [domain_json(d) for d in found]}, human)
 
 
 def _word(value: bool | None) -> str:
     return "inherit" if value is None else ("on" if value else "off")
+
+
+def _describe(settings: Account | Domain) -> str:
+    """One line, as ``relay settings show`` and ``set`` print it."""
+    name = "account" if isinstance(settings, Account) else f"domain {settings.name}"
+    return f"{name}: {_values(settings)}"
+
+
+def _values(settings: Account | Domain) -> str:
+    words = f"opens={_word(settings.opens)} clicks={_word(settings.clicks)}"
+    if isinstance(settings, Domain):
+        words += f" exclude_hosts={','.join(settings.exclude_hosts) or '-'}"
+    return words
 
 
 def _set(args: argparse.Namespace) -> int:
@@ -220,8 +238,8 @@ def _set(args: argparse.Namespace) -> int:
             changed = _set_domain(conn, args) if args.domain else _set_account(conn, args)
     except ValueError as exc:
         return fail(str(exc))
-    print(changed)
-    return 0
+    data = domain_json(changed) if isinstance(changed, Domain) else account_json(changed)
+    return output(args, data, lambda: print(_describe(changed)))
 
 
 def _set_account(conn: sqlite3.Connection, args: argparse.Namespace) -> Account:
@@ -254,8 +272,8 @@ def _clear(args: argparse.Namespace) -> int:
         found = delete_domain(conn, names.normal(args.domain))
     if not found:
         return fail(f"no settings for domain {args.domain!r}")
-    print(f"cleared {args.domain}")
-    return 0
+    return output(args, {"domain": names.normal(args.domain), "cleared": True},
+                  lambda: print(f"cleared {args.domain}: it follows the account's settings"))
 
 
 # --- API -----------------------------------------------------------------------------------

@@ -1,19 +1,19 @@
 """``relay stats`` and ``relay events``: the API's statistics and event listing from the command
-line, over the same queries (relay/queries.py). Tables by default, the API's JSON with --json.
+line, over the same queries (relay/queries.py). Tables by default, the API's JSON with --json
+(``relay events`` adds ``machine_events_hidden`` there when it leaves machine traffic out).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from relay import queries
-from relay.commands import ConfigOption, fail, open_store, print_table
+from relay.commands import ConfigOption, fail, open_store, output, print_table
 from relay.stats import InvalidParameter
 
 DEFAULT_EVENTS_HOURS = 24
@@ -44,7 +44,6 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
     events.add_argument("--limit", type=int, default=queries.DEFAULT_PAGE, help="at most N")
     events.add_argument("--cursor", help="next_cursor of a previous --json page")
     for command, run in ((stats, _stats), (events, _events)):
-        command.add_argument("--json", action="store_true", help="print the API's JSON")
         config_option(command)
         command.set_defaults(run=run)
 
@@ -63,11 +62,11 @@ def _stats(args: argparse.Namespace) -> int:
     conn = open_store(args)
     if args.by == "url":
         body = queries.links_body(query, _run(queries.links_query(query), conn))
-        return _output(args, body, lambda: print_table(
+        return output(args, body, lambda: print_table(
             ["url", "clicks", "unique clicks"],
             [(link["url"], link["clicks"], link["unique_clicks"]) for link in body["links"]]))
     body = queries.stats_body(query, _run(queries.stats_query(query), conn))
-    return _output(args, body, lambda: print_table(
+    return output(args, body, lambda: print_table(
         [args.by, "sent", "opens", "unique opens", "clicks", "unique clicks", "open %",
          "click %", "click-to-open %"],
         [(row["key"] or "-", row["sent"], row["opens"], row["unique_opens"], row["clicks"],
@@ -88,29 +87,32 @@ def _events(args: argparse.Namespace) -> int:
         event_filter = queries.parse_events(params)
     except InvalidParameter as exc:
         return fail(str(exc))
-    body = queries.events_body(event_filter, _run(queries.events_query(event_filter),
-                                                  open_store(args)))
-    return _output(args, body, lambda: _print_events(body))
+    conn = open_store(args)
+    body = queries.events_body(event_filter, _run(queries.events_query(event_filter), conn))
+    if not args.all:
+        [(hidden,)] = _run(queries.machine_count_query(event_filter), conn)
+        body["machine_events_hidden"] = hidden
+    return output(args, body, lambda: _print_events(body, since))
 
 
-def _print_events(body: Mapping[str, Any]) -> None:
-    print_table(["time", "type", "classification", "recipient", "email id", "url", "device",
-                 "client", "location"],
-                [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
-                  e["classification"] + (f" ({e['bot_source']})" if e["bot_source"] else ""),
-                  e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
-                  ", ".join(filter(None, (e["geo"] or {}).values()))) for e in body["events"]])
+def _print_events(body: Mapping[str, Any], since: str) -> None:
+    if body["events"]:
+        print_table(["time", "type", "classification", "recipient", "email id", "url",
+                     "device", "client", "location"],
+                    [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
+                      e["classification"] + (f" ({e['bot_source']})" if e["bot_source"]
+                                             else ""),
+                      e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
+                      ", ".join(filter(None, (e["geo"] or {}).values())))
+                     for e in body["events"]])
+    else:
+        print(f"no events since {since}")
     if body["next_cursor"]:
         print(f"more: --cursor {body['next_cursor']}")
-
-
-def _output(args: argparse.Namespace, body: Mapping[str, Any], table: Callable[[], None]
-            ) -> int:
-    if args.json:
-        print(json.dumps(body, ensure_ascii=False, indent=2))
-    else:
-        table()
-    return 0
+    hidden = body.get("machine_events_hidden")
+    if hidden:
+        print(f"{hidden} machine event{'s' if hidden != 1 else ''} hidden (prefetches, link "
+              "scanners, automation such as curl or scripts); add --all to list them")
 
 
 def _percent(rate: float | None) -> str:

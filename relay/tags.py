@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
+from typing import Any
 
 from aiohttp import web
 
 from relay import names
 from relay.api import CONTEXT, ApiError, Operation, json_response
-from relay.commands import Action, ConfigOption, add_group, fail, format_time, print_table
+from relay.commands import Action, ConfigOption, add_group, fail, format_time, output, print_table
 from relay.config import Config
 from relay.settings import bump, json_body, open_seeded, seed_once, transaction
 
@@ -66,8 +67,8 @@ def _add(args: argparse.Namespace) -> int:
             added = add(conn, args.name)
     except ValueError as exc:
         return fail(str(exc))
-    print(f"added {args.name}" if added else f"{args.name} is registered already")
-    return 0
+    return output(args, {"name": args.name, "added": added}, lambda: print(
+        f"added {args.name}" if added else f"{args.name} is registered already"))
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -76,21 +77,25 @@ def _remove(args: argparse.Namespace) -> int:
         removed = remove(conn, args.name)
     if not removed:
         return fail(f"no tag named {args.name!r}")
-    print(f"removed {args.name}")
-    return 0
+    return output(args, {"name": args.name, "removed": True},
+                  lambda: print(f"removed {args.name}"))
 
 
 def _list(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
-    print_table(("TAG", "CREATED"), [(n, format_time(at)) for n, at in listing(conn)])
-    return 0
+    rows = listing(conn)
+    return output(args, tags_json(rows), lambda: print_table(
+        ("TAG", "CREATED"), [(n, format_time(at)) for n, at in rows]))
 
 
 # --- API -----------------------------------------------------------------------------------
 
+def tags_json(rows: list[tuple[str, float]]) -> dict[str, Any]:
+    return {"tags": [{"name": n, "created_at": at} for n, at in rows]}
+
+
 async def _list_tags(request: web.Request) -> web.Response:
-    rows = listing(request.app[CONTEXT].store.writer)
-    return json_response({"tags": [{"name": n, "created_at": at} for n, at in rows]})
+    return json_response(tags_json(listing(request.app[CONTEXT].store.writer)))
 
 
 async def _add_tag(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from relay import config as config_module
 from relay.api import CONTEXT, ERROR_REF, ApiError, Operation, json_response
-from relay.commands import ConfigOption, fail, format_time, open_store, print_table
+from relay.commands import ConfigOption, fail, format_time, open_store, output, print_table
 from relay.outbox import delete_endpoint, sync_endpoints
 from relay.settings import json_body, transaction
 from relay.webhooks import (
@@ -208,11 +208,12 @@ def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, config_module.C
 
 def _list(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
-    print_table(("NAME", "SOURCE", "URL", "EVENTS", "STATE", "WAITING"), [
-        (e["name"], e["source"], e["url"], ",".join(e["events"]),
-         f"disabled {format_time(e['disabled_at'])}" if e["disabled_at"] else "enabled",
-         e["waiting_events"]) for e in endpoints(conn)])
-    return 0
+    found = endpoints(conn)
+    return output(args, {"webhooks": found}, lambda: print_table(
+        ("NAME", "SOURCE", "URL", "EVENTS", "STATE", "WAITING"), [
+            (e["name"], e["source"], e["url"], ",".join(e["events"]),
+             f"disabled {format_time(e['disabled_at'])}" if e["disabled_at"] else "enabled",
+             e["waiting_events"]) for e in found]))
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -225,8 +226,13 @@ def _add(args: argparse.Namespace) -> int:
             add(conn, endpoint, time.time())
     except ValueError as exc:
         return fail(str(exc))
-    print(secret)
-    return 0
+
+    def human() -> None:  # the secret alone on standard output, for scripts
+        print(secret)
+        print(f"relay: added webhook endpoint {args.name!r}; its signing secret is shown only "
+              "this once", file=sys.stderr)
+
+    return output(args, {"name": args.name, "secret": secret}, human)
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -238,8 +244,8 @@ def _remove(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if not removed:
         return fail(f"no endpoint named {args.name!r}")
-    print(f"removed {args.name}")
-    return 0
+    return output(args, {"name": args.name, "removed": True},
+                  lambda: print(f"removed {args.name}"))
 
 
 def _enable(args: argparse.Namespace) -> int:
@@ -247,8 +253,8 @@ def _enable(args: argparse.Namespace) -> int:
     with transaction(conn):
         if not enable(conn, args.name):
             return fail(f"no endpoint named {args.name!r}")
-    print(f"enabled {args.name}")
-    return 0
+    return output(args, {"name": args.name, "enabled": True},
+                  lambda: print(f"enabled {args.name}"))
 
 
 def _deliveries(args: argparse.Namespace) -> int:
@@ -257,19 +263,22 @@ def _deliveries(args: argparse.Namespace) -> int:
         found = batch(conn, args.batch)
         if found is None:
             return fail(f"no batch {args.batch!r}")
-        print(f"{found['id']} to {found['endpoint']}: {found['state']}, "
-              f"{found['events']} events: {' '.join(found['event_ids'])}")
-        print_table(("ATTEMPT", "AT", "SECONDS", "STATUS", "ERROR"), [
-            (a["attempt"], format_time(a["at"]), f"{a['seconds']:.2f}", a["status"], a["error"])
-            for a in found["attempt_log"]])
-        return 0
-    print_table(("BATCH", "ENDPOINT", "STATE", "EVENTS", "ATTEMPTS", "CREATED", "NEXT", "LAST"), [
-        (d["id"], d["endpoint"], d["state"], d["events"], d["attempts"],
-         format_time(d["created_at"]),
-         format_time(d["next_at"]) if d["state"] == PENDING else "-",
-         d["last_error"] or d["last_status"])
-        for d in deliveries(conn, args.endpoint, args.state, args.limit)])
-    return 0
+        return output(args, found, lambda: _print_batch(found))
+    rows = deliveries(conn, args.endpoint, args.state, args.limit)
+    return output(args, {"deliveries": rows}, lambda: print_table(
+        ("BATCH", "ENDPOINT", "STATE", "EVENTS", "ATTEMPTS", "CREATED", "NEXT", "LAST"), [
+            (d["id"], d["endpoint"], d["state"], d["events"], d["attempts"],
+             format_time(d["created_at"]),
+             format_time(d["next_at"]) if d["state"] == PENDING else "-",
+             d["last_error"] or d["last_status"]) for d in rows]))
+
+
+def _print_batch(found: dict[str, Any]) -> None:
+    print(f"{found['id']} to {found['endpoint']}: {found['state']}, "
+          f"{found['events']} events: {' '.join(found['event_ids'])}")
+    print_table(("ATTEMPT", "AT", "SECONDS", "STATUS", "ERROR"), [
+        (a["attempt"], format_time(a["at"]), f"{a['seconds']:.2f}", a["status"], a["error"])
+        for a in found["attempt_log"]])
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -279,7 +288,7 @@ def _replay(args: argparse.Namespace) -> int:
     with transaction(conn):
         ids = failed_batches(conn, args.endpoint) if args.failed else args.batch_ids
         count = replay(conn, ids, time.time(), cfg.webhook_delivery.retry_hours * 3600)
-    print(f"{count} batches queued again")
+    output(args, {"replayed": count}, lambda: print(f"{count} batches queued again"))
     return 0 if count == len(ids) else 1
 
 

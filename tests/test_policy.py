@@ -101,7 +101,25 @@ def test_decision_order_account_domain_message():
     assert "domain shop.example" in domain.reason
     message = decide(Controls(opens=False), "shop.example", r, "http://t.example")
     assert message.label == "clicks"
-    assert "message headers" in message.reason
+    assert message.reason == "clicks tracked by domain shop.example, opens off by message headers"
+
+
+@pytest.mark.parametrize(("headers", "reason"), [
+    ((), "opens tracked by account default, clicks off by domain shop.example"),
+    (("X-Anypost-Track-Opens: false",),
+     "opens off by message header X-Anypost-Track-Opens, clicks off by domain shop.example"),
+    (("X-Anypost-Track-Clicks: yes",),
+     "opens tracked by account default, clicks tracked by message header "
+     "X-Anypost-Track-Clicks"),
+    ((trace({"OpenTrace": "1"}),), "opens tracked by message header X-AliDM-Trace"),
+    ((trace({"OpenTrace": "1"}), "X-Anypost-Track-Clicks: true"),
+     "opens tracked by message header X-AliDM-Trace, clicks tracked by message header "
+     "X-Anypost-Track-Clicks"),
+])
+def test_the_reason_names_what_decided_each_toggle(headers, reason):
+    r = rules(Account(opens=True, clicks=True), Domain("shop.example", clicks=False))
+    decision = decide(controls_of("Subject: x", *headers), "shop.example", r, "http://t.example")
+    assert decision.reason == reason
 
 
 def test_decision_carries_excluded_hosts_and_base_url():

@@ -28,14 +28,17 @@ from relay.settings import Account, Domain
 
 
 @pytest.mark.parametrize(("account", "domain", "controls", "expected"), [
-    (Account(False, False), None, Controls(), (False, False, "account default")),
-    (Account(True, False), Domain("d.example"), Controls(), (True, False, "account default")),
+    (Account(False, False), None, Controls(),
+     (False, False, "account default", "account default")),
+    (Account(True, False), Domain("d.example"), Controls(),
+     (True, False, "account default", "account default")),
     (Account(True, False), Domain("d.example", clicks=True), Controls(),
-     (True, True, "domain d.example")),
+     (True, True, "account default", "domain d.example")),
     (Account(True, True), Domain("d.example", opens=False), Controls(clicks=False),
-     (False, False, "message headers")),
-    (Account(False, False), Domain("d.example", opens=True), Controls(clicks=True),
-     (True, True, "message headers")),
+     (False, False, "domain d.example", "message headers")),
+    (Account(False, False), Domain("d.example", opens=True),
+     Controls(clicks=True, clicks_header="X-Anypost-Track-Clicks"),
+     (True, True, "domain d.example", "message header X-Anypost-Track-Clicks")),
 ])
 def test_precedence_message_then_domain_then_account(account, domain, controls, expected):
     assert toggles(account, domain, controls) == expected
@@ -96,16 +99,20 @@ def test_cli_change_applies_to_the_next_message_without_restart(make_relay, upst
     config = write_config(relay, tmp_path / "cli.toml")
     changed = cli(config, "settings", "set", "--opens", "on", "--clicks", "on")
     assert changed.returncode == 0, changed.stderr
+    assert changed.stdout == "account: opens=on clicks=on\n"  # not a Python repr
     _, reply = data_reply(relay, message())
     assert len(tracking_urls(upstream.received[-1].data)) == 3
     assert decision(relay, reply).startswith("opens and clicks tracked by account default")
     domain = cli(config, "settings", "set", "--domain", "shop.example", "--clicks", "off",
                  "--exclude-hosts", "pay.example")
     assert domain.returncode == 0, domain.stderr
+    assert domain.stdout == ("domain shop.example: opens=inherit clicks=off "
+                             "exclude_hosts=pay.example\n")
     _, reply = data_reply(relay, message())
     [pixel] = tracking_urls(upstream.received[-1].data)
     assert "/o/" in pixel
-    assert decision(relay, reply).startswith("opens tracked by domain shop.example")
+    assert decision(relay, reply).startswith(
+        "opens tracked by account default, clicks off by domain shop.example")
     _, reply = data_reply(relay, message(headers="X-Anypost-Track-Clicks: yes\r\n"))
     urls = tracking_urls(upstream.received[-1].data)
     assert len(urls) == 2  # the pixel and the shop link; pay.example is never rewritten
@@ -133,7 +140,8 @@ def test_api_reads_and_changes_settings(make_relay, upstream):
                     "exclude_hosts": ["pay.example"]}
     _, reply = data_reply(relay, message())
     assert tracking_urls(upstream.received[-1].data) == []
-    assert decision(relay, reply) == "tracking off by domain shop.example"
+    assert decision(relay, reply) == ("opens off by domain shop.example, clicks off by account "
+                                      "default")
     assert call(relay, key, "PUT", "/settings/account", {"opens": True, "clicks": True})[0] == 200
     data_reply(relay, message())
     assert len(tracking_urls(upstream.received[-1].data)) == 1  # clicks; pay.example excluded

@@ -59,7 +59,11 @@ def test_events_table_json_and_machine_traffic(config, capsys):
     code, out, _ = run(capsys, "events", *window)
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["time", "type", "classification"]
-    assert len(lines) == 4  # x's open, y's implied open and click; not curl
+    assert len(lines) == 5  # x's open, y's implied open and click; not curl, but it says so:
+    assert lines[4] == ("1 machine event hidden (prefetches, link scanners, automation such as "
+                        "curl or scripts); add --all to list them")
+    code, out, _ = run(capsys, "events", "--json", *window)
+    assert json.loads(out)["machine_events_hidden"] == 1
     code, out, _ = run(capsys, "events", "--all", "--json", *window)
     events = json.loads(out)["events"]
     assert len(events) == 4 and {e["classification"] for e in events} == {"person",
@@ -77,4 +81,4 @@ def test_events_table_json_and_machine_traffic(config, capsys):
 
 def test_events_default_window_is_the_last_day(config, capsys):
     code, out, _ = run(capsys, "events", "--config", config)
-    assert code == 0 and len(out.splitlines()) == 1  # header only: the events are older
+    assert code == 0 and out.startswith("no events since ")  # the events are older
