@@ -14,7 +14,7 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
-from relay import retention, rules
+from relay import processes, retention, rules
 from relay.breakdown import Breakdown
 from relay.config import Config
 from relay.events import Listener
@@ -55,6 +55,7 @@ async def running(
 ) -> AsyncIterator[Services]:
     """Start the requested services; stop them, then close the store, on exit."""
     store = await Store.open(config.store.path)
+    processes.mark_unknown(store.writer)  # what stopped processes were sending
     services = Services(store, load_keyring(config.tracking, store.writer))
     stop_rules = rules.start(store, config, recheck=http)
     stop_retention = retention.start(config.store.path, config.retention.days if http else 0)

@@ -10,13 +10,23 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
-from relay import apikeys, domains, retention_admin, settings, stats_cli, tags, webhook_admin
+from relay import (
+    apikeys,
+    domains,
+    message_cli,
+    retention_admin,
+    settings,
+    stats_cli,
+    tags,
+    webhook_admin,
+)
 from relay import config as config_module
 from relay.commands import NO_CONFIG, config_option, fail, find_config, output
 from relay.errors import ConfigError, StoreError
 
 # Modules that add subcommands of their own (see relay/commands.py).
-COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, webhook_admin, retention_admin)
+COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, message_cli, webhook_admin,
+                   retention_admin)
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import TypeVar
 
-from relay import dedupe, metrics, trace
+from relay import dedupe, metrics, processes, trace
 from relay.config import Config
 from relay.dkim import DkimSigner, signs_header
 from relay.errors import SmtpReplyError
@@ -89,6 +89,7 @@ class MailPipeline:
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600)
+        self.process_id = processes.register(store.writer)  # what its messages name
 
     async def process(self, incoming: Incoming) -> str:
         started = time.perf_counter()
@@ -143,7 +144,7 @@ class MailPipeline:
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                    _header(raw, block, "Subject"), controls,
                                    decision if tracked else None, reason, len(raw), time.time(),
-                                   links)
+                                   links, self.process_id, tuple(pending))
             stored = bool(pending)
             if stored and not await self._store_message(record):
                 metrics.SMTP_MESSAGES.labels("deferred").inc()
@@ -400,6 +401,8 @@ class MessageRecord:
     size: int
     created_at: float  # before the copies went out
     links: tuple[LinkResult, ...] | None = None  # None: not looked at (rewrite.Prepared.links)
+    process: int | None = None  # the processes row of the relay process sending it
+    sending: Sequence[str] = ()  # the recipients its copies go to
 
 
 def links_json(links: tuple[LinkResult, ...] | None) -> str | None:
@@ -417,14 +420,18 @@ def links_json(links: tuple[LinkResult, ...] | None) -> str | None:
 
 
 def _insert_message(conn: sqlite3.Connection, m: MessageRecord) -> None:
+    """The message's row, and its recipients as ``sending`` until :func:`_record` stores
+    their answers (relay/processes.py tells a send in progress from one a crash ended)."""
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
     conn.execute(
         "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
-        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at, links)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at, links,"
+        " process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
          json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
-         int(clicks), m.reason, m.size, m.created_at, links_json(m.links)))
+         int(clicks), m.reason, m.size, m.created_at, links_json(m.links), m.process))
+    conn.executemany("INSERT OR IGNORE INTO recipients VALUES (?, ?, ?, '', ?)",
+                     [(m.email_id, r, processes.SENDING, m.created_at) for r in m.sending])
 
 
 def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
@@ -438,7 +445,7 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
     rows = [(m.email_id, r, _status(reply), str(reply), now)
             for r, reply in outcome.replies.items()]
     rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]
-    conn.executemany("INSERT INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
     if claim is not None:
         dedupe.settle(conn, claim, m.message_id, outcome.sent, now, remember)
     for listener in listeners:

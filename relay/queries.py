@@ -3,7 +3,8 @@
 Building a query and shaping its rows are pure functions, so the API (aiosqlite, on the
 reader's thread) and the CLI (a plain sqlite3 connection) run the very same SQL and print
 the very same JSON. Statistics read the daily counters of relay/rollup.py; event listings read
-``events`` by its time-ordered id (``evt_<uuid7>``), which is also the pagination cursor.
+``events`` by its time-ordered id (``evt_<uuid7>``), which is also the pagination cursor, and
+message listings ``messages`` by theirs (``email_<uuid7>``), newest first, the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 from relay.bots import CLICK, OPEN
 from relay.events import COLUMNS, EVENT_PREFIX, Event
+from relay.ids import PREFIX as EMAIL_PREFIX
+from relay.processes import SENDING, UNKNOWN
 from relay.rollup import COUNTERS
 from relay.stats import (
     DAY_FORMAT,
@@ -156,7 +159,7 @@ def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
 EVENT_TYPES = (OPEN, CLICK)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-_EVENT_ID = re.compile(EVENT_PREFIX + r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+_UUID = r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,18 +177,19 @@ class EventFilter:
     limit: int = DEFAULT_PAGE
 
 
-def encode_cursor(event_id: str) -> str:
-    return base64.urlsafe_b64encode(event_id.encode()).decode().rstrip("=")
+def encode_cursor(row_id: str) -> str:
+    """A page's cursor: the last row's time-ordered id (``evt_...``, ``email_...``)."""
+    return base64.urlsafe_b64encode(row_id.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> str:
+def decode_cursor(cursor: str, prefix: str = EVENT_PREFIX) -> str:
     try:
-        event_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        row_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        event_id = ""
-    if not _EVENT_ID.fullmatch(event_id):
+        row_id = ""
+    if not re.fullmatch(re.escape(prefix) + _UUID, row_id):
         raise InvalidParameter("cursor", "not a cursor this API returned")
-    return event_id
+    return row_id
 
 
 def parse_bool(parameter: str, value: str) -> bool:
@@ -218,11 +222,12 @@ def parse_events(params: Mapping[str, str]) -> EventFilter:
     )
 
 
-def id_floor(timestamp: float) -> str:
-    """A string sorting at or before every event id made at ``timestamp`` or later (a uuid7
-    starts with its Unix milliseconds, in hex)."""
-    ms = f"{int(timestamp * 1000):012x}"
-    return f"{EVENT_PREFIX}{ms[:8]}-{ms[8:]}"
+def id_floor(timestamp: float, prefix: str = EVENT_PREFIX) -> str:
+    """A string sorting at or before every id (event or message) made at ``timestamp`` or
+    later, and after every id made before it (a uuid7 starts with its Unix milliseconds, in
+    hex)."""
+    ms = f"{max(0, int(timestamp * 1000)):012x}"
+    return f"{prefix}{ms[:8]}-{ms[8:]}"
 
 
 def events_query(f: EventFilter) -> Query:
@@ -289,24 +294,131 @@ def events_body(f: EventFilter, rows: Sequence[Row]) -> dict[str, Any]:
             "next_cursor": encode_cursor(page[-1][0]) if more else None}
 
 
+# ---- messages ----
+
+# What the store records per recipient (recipients.status), in the order a copy goes through:
+RECIPIENT_STATUSES: Mapping[str, str] = {
+    SENDING: "being sent: the relay is waiting for the upstream's answer",
+    "sent": "the upstream accepted the copy (250)",
+    "deferred": "the upstream (or the relay) answered 4xx: the client was told to try again",
+    "failed": "the upstream answered 5xx: the client was told it failed",
+    "duplicate": "not sent again: an earlier try of the same Message-ID delivered it",
+    UNKNOWN: "the relay process sending it stopped (crash, kill -9) before the upstream's "
+             "answer was recorded: it may or may not have been delivered",
+}
+_MESSAGE_COLUMNS = ("m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, "
+                    "m.tag_name, m.tags, m.campaign, m.topic, m.track_opens, m.track_clicks, "
+                    "m.decision, m.size, m.created_at, m.links")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    since: float | None = None
+    until: float | None = None
+    recipient: str | None = None
+    message_id: str | None = None
+    sender: str | None = None
+    status: str | None = None
+    before: str | None = None  # the last email id of the previous page
+    limit: int = DEFAULT_PAGE
+
+
+def parse_messages(params: Mapping[str, str]) -> MessageFilter:
+    status = params.get("status") or None
+    if status is not None and status not in RECIPIENT_STATUSES:
+        raise InvalidParameter("status", f"{status!r} is not one of "
+                                         f"{', '.join(RECIPIENT_STATUSES)}")
+    since = parse_instant("since", params["since"]) if params.get("since") else None
+    until = parse_instant("until", params["until"], end=True) if params.get("until") else None
+    if since is not None and until is not None and since >= until:
+        raise InvalidParameter("since", "must be before until")
+    return MessageFilter(
+        since=since, until=until,
+        recipient=params.get("recipient") or None,
+        message_id=params.get("message_id") or None,
+        sender=params.get("sender") or None,
+        status=status,
+        before=decode_cursor(params["cursor"], EMAIL_PREFIX) if params.get("cursor") else None,
+        limit=parse_int("limit", params.get("limit") or str(DEFAULT_PAGE), 1, MAX_PAGE),
+    )
+
+
+def messages_query(f: MessageFilter) -> Query:
+    """One page and one row more, newest first. With a recipient or a status the walk goes
+    down a recipients index ((recipient, email_id) or (status, email_id)), else down the
+    messages' own (email id, sender, Message-ID): newest first in index order, so a page
+    reads about its own rows, never the whole store."""
+    by_recipient = f.recipient is not None or f.status is not None
+    key = "r.email_id" if by_recipient else "m.email_id"
+    where: list[str] = []
+    params: list[Any] = []
+    if f.since is not None:
+        where.append(f"{key} >= ?")
+        params.append(id_floor(f.since, EMAIL_PREFIX))
+    if f.until is not None:
+        where.append(f"{key} < ?")
+        params.append(id_floor(f.until, EMAIL_PREFIX))
+    if f.before is not None:
+        where.append(f"{key} < ?")
+        params.append(f.before)
+    if f.recipient is not None:
+        where.append("r.recipient = ? COLLATE NOCASE")
+        params.append(f.recipient)
+    if f.status is not None:  # with a recipient, its index leads ('+': not the status's)
+        where.append("+r.status = ?" if f.recipient is not None else "r.status = ?")
+        params.append(f.status)
+    if f.sender is not None:
+        where.append("m.sender = ? COLLATE NOCASE")
+        params.append(f.sender)
+    if f.message_id is not None:  # as written in the header, with or without its <>
+        bare = f.message_id.strip().removeprefix("<").removesuffix(">")
+        where.append("m.message_id IN (?, ?)")
+        params.extend((f"<{bare}>", bare))
+    source = ("recipients r JOIN messages m ON m.email_id = r.email_id" if by_recipient
+              else "messages m")
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
+    return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}{group}"
+                 f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+
+
+def recipients_query(email_ids: Sequence[str]) -> Query:
+    """The recipients of the listed messages."""
+    marks = ", ".join("?" * len(email_ids))
+    return Query("SELECT email_id, recipient, status, reply, at FROM recipients "
+                 f"WHERE email_id IN ({marks}) ORDER BY email_id, recipient", tuple(email_ids))
+
+
+def messages_body(f: MessageFilter, rows: Sequence[Row], recipients: Sequence[Row]
+                  ) -> dict[str, Any]:
+    page = rows[:f.limit]
+    by_message: dict[str, list[Row]] = {}
+    for email_id, *rest in recipients:
+        by_message.setdefault(email_id, []).append(rest)
+    return {"messages": [message_json(row, by_message.get(row[0], [])) for row in page],
+            "next_cursor": encode_cursor(page[-1][0]) if len(rows) > f.limit else None}
+
+
 # ---- one message ----
 
 def message_queries(email_id: str) -> tuple[Query, Query, Query]:
     """The message, its recipients, and all its events (machine traffic included)."""
     return (
-        Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags, "
-              "campaign, topic, track_opens, track_clicks, decision, size, created_at, links "
-              "FROM messages WHERE email_id = ?", (email_id,)),
+        Query(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE email_id = ?", (email_id,)),
         Query("SELECT recipient, status, reply, at FROM recipients WHERE email_id = ? "
               "ORDER BY recipient", (email_id,)),
         Query(f"SELECT {COLUMNS} FROM events WHERE email_id = ? ORDER BY id", (email_id,)),
     )
 
 
-def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
-                 ) -> dict[str, Any]:
+def message_json(message: Row, recipients: Sequence[Row]) -> dict[str, Any]:
+    """A message with its recipients and their outcome, and how many recipients have each
+    status (``statuses``)."""
     (email_id, message_id, sender, sender_domain, subject, tag_name, tags, campaign, topic,
      opens, clicks, decision, size, created_at, links) = message
+    statuses: dict[str, int] = {}
+    for _, status, _, _ in recipients:
+        statuses[status] = statuses.get(status, 0) + 1
     return {
         "email_id": email_id, "message_id": message_id, "sender": sender,
         "sender_domain": sender_domain, "subject": subject, "tag_name": tag_name,
@@ -314,7 +426,13 @@ def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
         "created_at": iso_time(created_at),
         "tracking": {"opens": bool(opens), "clicks": bool(clicks), "decision": decision,
                      "links": json.loads(links) if links is not None else None},
+        "statuses": statuses,
         "recipients": [{"recipient": r, "status": status, "reply": reply, "at": iso_time(at)}
                        for r, status, reply, at in recipients],
-        "events": [event_json(row) for row in events],
     }
+
+
+def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
+                 ) -> dict[str, Any]:
+    return {**message_json(message, recipients),
+            "events": [event_json(row) for row in events]}

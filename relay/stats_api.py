@@ -1,5 +1,6 @@
 """The statistics and events API: ``GetTrackList`` as Alibaba answers it (seed 002), and the
-native routes: events, one message, statistics by group, clicks per link.
+native routes: events, messages (a search, and one message), statistics by group, clicks per
+link.
 
 Handlers only parse, query (relay/queries.py, on the store's reader thread) and answer; a bad
 parameter becomes a ``400`` whose JSON error names it (``error.parameter``).
@@ -65,6 +66,15 @@ async def list_events(request: web.Request) -> web.Response:
     event_filter = queries.parse_events(_params(request))
     rows = await _rows(request, queries.events_query(event_filter))
     return json_response(queries.events_body(event_filter, rows))
+
+
+@_bad_input_is_400
+async def list_messages(request: web.Request) -> web.Response:
+    message_filter = queries.parse_messages(_params(request))
+    rows = await _rows(request, queries.messages_query(message_filter))
+    page = rows[:message_filter.limit]
+    recipients = await _rows(request, queries.recipients_query([row[0] for row in page]))
+    return json_response(queries.messages_body(message_filter, rows, recipients))
 
 
 @_bad_input_is_400
@@ -193,7 +203,10 @@ _EVENT_PARAMS = [
     _param("limit", f"Events per page (default {queries.DEFAULT_PAGE})",
            {"type": "integer", "minimum": 1, "maximum": queries.MAX_PAGE}),
 ]
-MESSAGE = _object({
+_STATUS = {"type": "string", "enum": list(queries.RECIPIENT_STATUSES),
+           "description": "; ".join(f"{name}: {meaning}" for name, meaning in
+                                    queries.RECIPIENT_STATUSES.items())}
+MESSAGE_SUMMARY = _object({
     "email_id": STRING, "message_id": NULLABLE_STRING, "sender": STRING,
     "sender_domain": STRING, "subject": NULLABLE_STRING, "tag_name": NULLABLE_STRING,
     "tags": {"type": "array", "items": STRING}, "campaign": NULLABLE_STRING,
@@ -206,11 +219,30 @@ MESSAGE = _object({
                                  "href": STRING, "detail": STRING,
                                  "reason": {"type": "string", "enum": list(LINK_REASONS)}})},
                          }), "nullable": True}}),
+    "statuses": {"type": "object", "additionalProperties": INTEGER,
+                 "description": "how many recipients have each status"},
     "recipients": {"type": "array", "items": _object({
-        "recipient": STRING, "status": STRING, "reply": STRING,
+        "recipient": STRING, "status": _STATUS, "reply": STRING,
         "at": {"type": "string", "format": "date-time"}})},
-    "events": {"type": "array", "items": EVENT},
 })
+MESSAGE = {**MESSAGE_SUMMARY, "required": [*MESSAGE_SUMMARY["required"], "events"],
+           "properties": {**MESSAGE_SUMMARY["properties"],
+                          "events": {"type": "array", "items": EVENT}}}
+MESSAGES = _object({"messages": {"type": "array", "items": MESSAGE_SUMMARY},
+                    "next_cursor": NULLABLE_STRING})
+_MESSAGE_PARAMS = [
+    _param("recipient", "A recipient's address (ASCII letters in any case)"),
+    _param("message_id", "The Message-ID header, with or without its angle brackets"),
+    _param("sender", "The envelope sender (MAIL FROM; ASCII letters in any case)"),
+    _param("status", "Messages with a recipient in this state (the recipient named by "
+                     "recipient, when given)", _STATUS),
+    _param("since", "Received from this instant: yyyy-mm-dd or an ISO 8601 date-time (UTC by "
+                    "default)"),
+    _param("until", "Received before this instant; a day (yyyy-mm-dd) is included whole"),
+    _param("cursor", "next_cursor of the previous page"),
+    _param("limit", f"Messages per page (default {queries.DEFAULT_PAGE})",
+           {"type": "integer", "minimum": 1, "maximum": queries.MAX_PAGE}),
+]
 _NOT_FOUND = {"404": {"description": "No such message", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Error"}}}}}
 
@@ -220,6 +252,10 @@ OPERATIONS = [
               "GetTrackList", _TRACK_PARAMS, responses=_ok(TRACK_LIST), tags=("statistics",)),
     Operation("GET", "/events", list_events, "Open and click events, oldest first, paged",
               "listEvents", _EVENT_PARAMS, responses=_ok(EVENTS), tags=("events",)),
+    Operation("GET", "/messages", list_messages,
+              "Messages, newest first, paged: by recipient, Message-ID, sender, recipient "
+              "status, time", "listMessages", _MESSAGE_PARAMS, responses=_ok(MESSAGES),
+              tags=("messages",)),
     Operation("GET", "/messages/{email_id}", get_message,
               "One message: its tracking decision, recipients and events", "getMessage",
               [_param("email_id", "The relay's message id", required=True, where="path")],

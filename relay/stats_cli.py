@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -97,14 +97,7 @@ def _events(args: argparse.Namespace) -> int:
 
 def _print_events(body: Mapping[str, Any], since: str) -> None:
     if body["events"]:
-        print_table(["time", "type", "classification", "recipient", "email id", "url",
-                     "device", "client", "location"],
-                    [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
-                      e["classification"] + (f" ({e['bot_source']})" if e["bot_source"]
-                                             else ""),
-                      e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
-                      ", ".join(filter(None, (e["geo"] or {}).values())))
-                     for e in body["events"]])
+        print_events(body["events"])
     else:
         print(f"no events since {since}")
     if body["next_cursor"]:
@@ -113,6 +106,16 @@ def _print_events(body: Mapping[str, Any], since: str) -> None:
     if hidden:
         print(f"{hidden} machine event{'s' if hidden != 1 else ''} hidden (prefetches, link "
               "scanners, automation such as curl or scripts); add --all to list them")
+
+
+def print_events(events: Sequence[Mapping[str, Any]]) -> None:
+    """Events (the API's JSON) as a table."""
+    print_table(["time", "type", "classification", "recipient", "email id", "url", "device",
+                 "client", "location"],
+                [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
+                  e["classification"] + (f" ({e['bot_source']})" if e["bot_source"] else ""),
+                  e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
+                  ", ".join(filter(None, (e["geo"] or {}).values()))) for e in events])
 
 
 def _percent(rate: float | None) -> str:

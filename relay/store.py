@@ -334,6 +334,23 @@ MIGRATIONS: dict[str, str] = {
     "0040_message_links": """
         ALTER TABLE messages ADD COLUMN links TEXT;
     """,
+    # Finding messages (relay/queries.py: by recipient, sender, status; Message-ID has its
+    # index) and knowing which process sends one (relay/processes.py): its recipients are
+    # 'sending' until their answers are recorded, 'unknown' if that process stopped first.
+    "0041_message_search": """
+        CREATE TABLE processes (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            boot_id TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        ALTER TABLE messages ADD COLUMN process INTEGER;
+        CREATE INDEX messages_sender ON messages (sender COLLATE NOCASE, email_id);
+        CREATE INDEX recipients_recipient ON recipients (recipient COLLATE NOCASE, email_id);
+        CREATE INDEX recipients_status ON recipients (status, email_id);
+    """,
 }
 
 

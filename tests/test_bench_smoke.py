@@ -25,3 +25,13 @@ def test_dedupe_bench_runs_the_pipeline_both_ways():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "dedupe on " in done.stdout and "on - off" in done.stdout
+
+
+def test_messages_bench_fills_and_searches_a_small_store(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH.with_name("messages_bench.py")),
+                           "--messages", "2000", "--repeat", "2", "--reference-repeat", "1",
+                           "--db", str(tmp_path / "bench.db")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "store: 2,000 messages, 4,000 recipients" in done.stdout
+    assert "status=failed: 80 messages, median" in done.stdout  # 1 in 50 of 4,000

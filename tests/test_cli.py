@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import cli
+from relay import cli, store
 from relay.commands import CONFIG_ENV
 
 # Long-running services print logs, not a result.
@@ -61,12 +61,19 @@ JSON_RUNS = [
     ["webhooks", "add", "hook", "https://hooks.example/in"], ["webhooks", "list"],
     ["webhooks", "enable", "hook"], ["webhooks", "deliveries"],
     ["webhooks", "replay", "--failed"], ["webhooks", "remove", "hook"],
+    ["messages", "list"], ["messages", "show", "email_01890a5d-ac96-774b-bcce-b302099a8057"],
     ["purge", "--older-than", "30"], ["erase", "nobody@example.org"],
 ]
 
 
 def test_json_output_of_every_command_is_one_json_document(config, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("a password\n"))
+    conn = store.connect(Path(config).parent / "relay.db")
+    store.migrate(conn)
+    conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
+                 "track_clicks, decision, size, created_at) VALUES (?, 'a@shop.example', "
+                 "'shop.example', 0, 0, 'tracking off by account default', 10, 0)",
+                 ("email_01890a5d-ac96-774b-bcce-b302099a8057",))
     for words in JSON_RUNS:
         needs_config = words[0] != "hash-password"
         code = cli.main([*words, "--json", *(["--config", config] if needs_config else [])])
