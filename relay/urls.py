@@ -56,6 +56,9 @@ _AUTHORITY_END = re.compile(r"[/\\?#]")
 _SLASHES = re.compile(r"[/\\]")
 _PERCENT_BYTE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _FORBIDDEN_DOMAIN = re.compile(r"[\x00-\x20#/:<>?@\[\\\]^|%\x7f]")
+_DECIMAL = re.compile("[0-9]+")
+_OCTAL = re.compile("[0-7]+")
+_HEX = re.compile("[0-9A-Fa-f]+")
 _DOUBLE_DOT = {"..", ".%2e", "%2e.", "%2e%2e"}
 _SINGLE_DOT = {".", "%2e"}
 # The usual link: ASCII letters, digits and the characters no percent-encode set holds, no
@@ -276,21 +279,22 @@ def _ends_in_number(domain: str) -> bool:
     if parts[-1] == "" and len(parts) > 1:
         parts.pop()
     last = parts[-1]
-    return bool(last) and (last.isdigit() or _ipv4_number(last) is not None)
+    return bool(last) and (_DECIMAL.fullmatch(last) is not None or _ipv4_number(last) is not None)
 
 
 def _ipv4_number(part: str) -> int | None:
-    radix = 10
+    """The WHATWG IPv4 number parser: decimal, octal after a leading ``0``, hex after ``0x``,
+    each with its own digits only (``int()`` would also take ``0x0x7f``, ``0o17`` or ``1_0``,
+    which a browser reads as a name, not as a number)."""
     if part[:2].lower() == "0x":
-        part, radix = part[2:], 16
+        digits, pattern, radix = part[2:], _HEX, 16
     elif len(part) > 1 and part[0] == "0":
-        part, radix = part[1:], 8
-    if not part:
-        return 0
-    try:
-        return int(part, radix) if part.isalnum() else None
-    except ValueError:
-        return None
+        digits, pattern, radix = part[1:], _OCTAL, 8
+    else:
+        digits, pattern, radix = part, _DECIMAL, 10
+    if not digits:
+        return 0 if radix != 10 else None
+    return int(digits, radix) if pattern.fullmatch(digits) else None
 
 
 def _ipv4(domain: str) -> str | Refusal:

@@ -45,6 +45,11 @@ from relay.urls import Refusal, Url, judge, location, parse
     ("http://ex%61mple.com/", "http://example.com/"),
     ("http://0x7f.1/", "http://127.0.0.1/"),
     ("http://2130706433/", "http://127.0.0.1/"),
+    # a second radix prefix makes a name, not a number (int() would take "0x7f000001")
+    ("http://0x0x7f000001/", "http://0x0x7f000001/"),
+    ("https://shop.0x0xa9fea9fe/", "https://shop.0x0xa9fea9fe/"),
+    ("http://0x0x9%2e/", "http://0x0x9./"),
+    ("http://1_0/", "http://1_0/"),
     ("http://[0:0::1]:8080/", "http://[::1]:8080/"),
     ("http://[1:0:0:2::3:0]/", "http://[1::2:0:0:3:0]/"),
     ("http://h.example/%2e%2E/x/.%2e/y", "http://h.example/y"),
@@ -77,6 +82,9 @@ def test_href(text: str, href: str) -> None:
     ("https://a%2fb/", urls.MALFORMED, "forbidden character in host 'a/b'"),
     ("https://1.2.3.999/", urls.MALFORMED, "bad IPv4 address '1.2.3.999'"),
     ("https://shop.1/", urls.MALFORMED, "bad IPv4 address 'shop.1'"),
+    ("http://00o177.0.0.1/", urls.MALFORMED, "bad IPv4 address '00o177.0.0.1'"),
+    ("http://0X0X7F.1/", urls.MALFORMED, "bad IPv4 address '0x0x7f.1'"),
+    ("http://0b1.0x1/", urls.MALFORMED, "bad IPv4 address '0b1.0x1'"),
     ("https://[::1/", urls.MALFORMED, "bad IPv6 address"),
     ("https://[fe80::1%25eth0]/", urls.MALFORMED, "bad IPv6 address"),
     ("https://[::1]x/", urls.MALFORMED, "bad IPv6 address"),
@@ -98,6 +106,73 @@ def test_length_limit_counts_utf8_bytes() -> None:
         urls.TOO_LONG, "URL too long to track (over 4096 bytes)")
     assert judge(head + "ü" * 2038).code == urls.TOO_LONG  # type: ignore[union-attr]
     assert judge("mailto:" + "a" * 5000).code == urls.NOT_HTTP  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- IPv4, against the spec
+
+def spec_ipv4_number(text: str) -> int | None:
+    """The URL standard's IPv4 number parser, step by step (None: failure)."""
+    if text == "":
+        return None
+    radix = 10
+    if len(text) >= 2 and text[:2] in ("0x", "0X"):
+        text, radix = text[2:], 16
+    elif len(text) >= 2 and text[0] == "0":
+        text, radix = text[1:], 8
+    if text == "":
+        return 0
+    digits = {10: "0123456789", 8: "01234567", 16: "0123456789abcdefABCDEF"}[radix]
+    if any(char not in digits for char in text):
+        return None
+    return int(text, radix)
+
+
+def spec_host(domain: str) -> str | None:
+    """An ASCII domain through the standard's "ends in a number" checker and IPv4 parser:
+    the serialized host, or None for failure."""
+    parts = domain.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    last = parts[-1]
+    ends_in_number = last != "" and (
+        all(char in "0123456789" for char in last) or spec_ipv4_number(last) is not None)
+    if not ends_in_number:
+        return domain.lower()
+    parts = domain.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    if len(parts) > 4:
+        return None
+    numbers = [spec_ipv4_number(part) for part in parts]
+    if None in numbers or any(n > 255 for n in numbers[:-1]):  # type: ignore[operator]
+        return None
+    if numbers[-1] >= 256 ** (5 - len(numbers)):  # type: ignore[operator]
+        return None
+    address = numbers[-1]
+    for index, number in enumerate(numbers[:-1]):
+        address += number * 256 ** (3 - index)  # type: ignore[operator]
+    return ".".join(str(address >> shift & 255) for shift in (24, 16, 8, 0))  # type: ignore[operator]
+
+
+IPV4_PARTS = st.lists(st.sampled_from(["0", "1", "7", "8", "9", "f", "x", "X", "o", "b", "_",
+                                       "0x", "0X", "0o", "0b", "00", "255", "256", "a"]),
+                      max_size=5).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(IPV4_PARTS, min_size=1, max_size=5).map(".".join))
+@example("0x0x7f000001")
+@example("00o177.0.0.1")
+@example("1_0")
+def test_a_numeric_host_is_the_address_the_spec_reads(domain: str) -> None:
+    """The redirect never names another IP than a browser reads in the link."""
+    parsed = parse(f"http://{domain}/")
+    expected = spec_host(domain)
+    if expected is None or expected == "":
+        assert isinstance(parsed, Refusal), (domain, parsed)
+    else:
+        assert isinstance(parsed, Url), (domain, expected, parsed)
+        assert parsed.host == expected
 
 
 # ---------------------------------------------------------------- generated, against ada
