@@ -262,15 +262,17 @@ def _domain_to_ascii(domain: str) -> str | Refusal:
 
 def _label_to_ascii(label: str) -> str:
     """Punycode for a label UTS 46 mapped (and found no disallowed code point in); a label
-    already in punycode must decode to one that mapping leaves as it is. The bidi and joiner
-    rules are not checked: a host that breaks them fails in the browser after the redirect
-    exactly as on a direct click."""
+    already in punycode must decode to one that mapping leaves as it is, and a label marked
+    ``xn--`` must be ASCII. The bidi and joiner rules are not checked: a host that breaks them
+    fails in the browser after the redirect exactly as on a direct click."""
     if label.isascii():
         if label.startswith("xn--"):
             decoded = label[4:].encode("ascii").decode("punycode")
             if idna.uts46_remap(decoded, std3_rules=False, transitional=False) != decoded:
                 raise ValueError(f"{label} does not decode to a valid label")
         return label
+    if label.startswith("xn--"):  # UTS 46 (and so the URL standard): an error, not xn--xn--
+        raise ValueError(f"{label} is marked as punycode but is not ASCII")
     return "xn--" + label.encode("punycode").decode("ascii")
 
 

@@ -93,6 +93,15 @@ def test_refusal(text: str, code: str, detail: str) -> None:
     assert judge(text) == Refusal(code, detail)
 
 
+@pytest.mark.parametrize("host", ["xn--ü.example", "XN--ü.example", "ｘｎ--ü.example"])
+def test_a_label_marked_punycode_must_be_ascii(host: str) -> None:
+    """UTS 46 makes it an error (browsers refuse the URL); punycoding it again would send
+    the click to xn--xn--...."""
+    refusal = judge(f"https://{host}/")
+    assert isinstance(refusal, Refusal) and refusal.code == urls.MALFORMED, refusal
+    assert str(refusal).endswith("xn--ü is marked as punycode but is not ASCII")
+
+
 def test_a_host_idna_refuses_is_malformed() -> None:
     refusal = judge("https://a\u0378b.example/")  # unassigned code point
     assert isinstance(refusal, Refusal) and refusal.code == urls.MALFORMED
@@ -179,7 +188,8 @@ def test_a_numeric_host_is_the_address_the_spec_reads(domain: str) -> None:
 
 LETTERS = "aZ09-_"
 WORDS = ["größe", "例え", "москва", "搜索", "ß", "münchen", "ÜNÏ", "ＡＢ", "ｃｏｍ", "日本語",
-         "xn--zca", "a", "shop", "Example", "0x7f", "0", "08", "255", "1", "4294967295", ""]
+         "xn--zca", "xn--ü", "a", "shop", "Example", "0x7f", "0", "08", "255", "1", "4294967295",
+         ""]
 HOSTS = st.one_of(
     st.lists(st.one_of(st.sampled_from(WORDS), st.text(LETTERS, min_size=1, max_size=4)),
              min_size=1, max_size=4).map(".".join),
