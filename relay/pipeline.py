@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import TypeVar
 
-from relay import dedupe, metrics, processes, trace
+from relay import dedupe, metrics, processes, trace, urls
 from relay.config import Config
 from relay.dkim import DkimSigner, signs_header
 from relay.errors import SmtpReplyError
@@ -407,14 +407,15 @@ class MessageRecord:
 
 def links_json(links: tuple[LinkResult, ...] | None) -> str | None:
     """The ``messages.links`` column: how many links were tracked out of how many, and the
-    first :data:`UNTRACKED_KEPT` left alone, each with its reason code and detail."""
+    first :data:`UNTRACKED_KEPT` left alone, each with its reason code and detail, the href
+    without its userinfo, query and fragment (:func:`urls.redacted`)."""
     if links is None:
         return None
     untracked = [link for link in links if not link.rewritten]
     return json.dumps({
         "total": len(links), "tracked": len(links) - len(untracked),
-        "untracked": [{"href": link.href[:HREF_KEPT], "reason": link.code, "detail": link.reason}
-                      for link in untracked[:UNTRACKED_KEPT]],
+        "untracked": [{"href": urls.redacted(link.href)[:HREF_KEPT], "reason": link.code,
+                       "detail": link.reason} for link in untracked[:UNTRACKED_KEPT]],
         "omitted": max(0, len(untracked) - UNTRACKED_KEPT),
     }, ensure_ascii=False)
 

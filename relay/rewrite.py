@@ -88,12 +88,13 @@ class Report:
         return sum(link.rewritten for part in self.parts for link in part.links)
 
     def links_text(self, limit: int = 20) -> str:
-        """``5/6 tracked`` and each link left alone with its reason (the first ``limit``)."""
+        """``5/6 tracked`` and each link left alone with its reason (the first ``limit``),
+        without its userinfo, query and fragment (:func:`urls.redacted`)."""
         links = self.links
         left = [link for link in links if not link.rewritten]
         text = f"{len(links) - len(left)}/{len(links)} tracked"
         if left:
-            listed = "; ".join(f"{_shorten(link.href, 100)} ({link.reason})"
+            listed = "; ".join(f"{_shorten(urls.redacted(link.href), 100)} ({link.reason})"
                                for link in left[:limit])
             more = f"; {len(left) - limit} more" if len(left) > limit else ""
             text += f", untracked: {listed}{more}"

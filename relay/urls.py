@@ -138,6 +138,27 @@ def location(url: str) -> str | None:
     return parsed.href if isinstance(parsed, Url) else None
 
 
+def redacted(href: str) -> str:
+    """``href`` as logged and recorded: scheme, host, port and path, without the userinfo
+    (``user:password@``), the query and the fragment, which may hold passwords and tokens.
+    The authority is found as :func:`parse` finds it (after the scheme and any slashes for
+    http(s), after ``//`` otherwise); a link without one (``mailto:``, a relative path) keeps
+    its text up to the query."""
+    text = href.strip(C0_OR_SPACE).translate(_TAB_OR_NEWLINE)
+    scheme_match = _SCHEME.match(text)
+    head = scheme_match[0] if scheme_match else ""
+    rest = text[len(head):]
+    after_slashes = rest.lstrip("/\\")
+    slashes = rest[:len(rest) - len(after_slashes)]
+    special = scheme_match is not None and scheme_match[1].lower() in DEFAULT_PORTS
+    if special or len(slashes) >= 2:
+        end = _AUTHORITY_END.search(after_slashes)
+        authority, tail = ((after_slashes[:end.start()], after_slashes[end.start():]) if end
+                           else (after_slashes, ""))
+        rest = slashes + authority.rpartition("@")[2] + tail
+    return head + re.split(r"[?#]", rest, maxsplit=1)[0]
+
+
 def _parse(text: str) -> Url | Refusal:
     text = text.translate(_TAB_OR_NEWLINE)
     if not text.isascii():

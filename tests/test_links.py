@@ -90,6 +90,24 @@ def test_record_api_and_log_line_say_which_links_were_tracked_and_why_not(relay,
             ) in line
 
 
+def test_an_untracked_links_userinfo_query_and_fragment_are_neither_recorded_nor_logged(
+        relay, caplog):
+    caplog.set_level(logging.INFO, logger="relay.mail")
+    secret = "https://admin:hunter2@intranet.example:99999/reset?token=SECRET123#otp=SECRET456"
+    body = message().replace(b"<html><body>\r\n",
+                             f'<html><body>\r\n<a href="{secret}">reset</a>\r\n'.encode())
+    email_id = send(relay, body)
+    with relay.db() as db:
+        row = db.execute("SELECT links FROM messages WHERE email_id = ?", (email_id,)).fetchone()
+    assert json.loads(row["links"])["untracked"][0] == {
+        "href": "https://intranet.example:99999/reset", "reason": "malformed",
+        "detail": "bad port '99999'"}
+    [line] = [r.getMessage() for r in caplog.records if email_id in r.getMessage()]
+    assert "untracked: https://intranet.example:99999/reset (bad port '99999'); " in line
+    for text in (row["links"], line):
+        assert not {"admin", "hunter2", "token", "SECRET", "otp"} & set(re.findall(r"\w+", text))
+
+
 def test_links_are_not_recorded_when_clicks_are_off(make_relay, upstream):
     relay = make_relay({"tracking": {"opens": True, "clicks": False}}, upstream=upstream)
     email_id = send(relay, message())

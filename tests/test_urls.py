@@ -117,6 +117,22 @@ def test_length_limit_counts_utf8_bytes() -> None:
     assert judge("mailto:" + "a" * 5000).code == urls.NOT_HTTP  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("href", "kept"), [
+    ("https://admin:hunter2@intranet.example:99999/reset?token=S#otp=S",
+     "https://intranet.example:99999/reset"),
+    ("HTTPS:\\\\u:p@h.example\\x?q", "HTTPS:\\\\h.example\\x"),
+    ("https:u:p@h.example/x?q", "https:h.example/x"),  # no "//": still an authority
+    ("ftp://u:p@h.example/p", "ftp://h.example/p"),
+    ("//u:p@h.example/p#f", "//h.example/p"),
+    ("mailto:help@shop.example?subject=s", "mailto:help@shop.example"),
+    ("page.html?t=1", "page.html"),
+    ("{{unsubscribe_url}}", "{{unsubscribe_url}}"),
+    ("https://shop.example:99999/", "https://shop.example:99999/"),
+])
+def test_redacted_keeps_scheme_host_port_and_path(href: str, kept: str) -> None:
+    assert urls.redacted(href) == kept
+
+
 # ---------------------------------------------------------------- IPv4, against the spec
 
 def spec_ipv4_number(text: str) -> int | None:
@@ -235,6 +251,21 @@ def test_same_as_ada(text: str) -> None:
     else:
         assert isinstance(parsed, Url), (text, expected, parsed)
         assert parsed.href == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["http", "HTTPS", "ftp", "mailto", ""]),
+       st.sampled_from(["//", "\\\\", "/\\", "///", "", "/"]), HOSTS,
+       st.sampled_from(["", ":80", ":x", ":"]), PIECES)
+def test_redacted_drops_userinfo_query_and_fragment(
+        scheme: str, slashes: str, host: str, port: str, path: str) -> None:
+    """Whatever the link, none of its userinfo, query or fragment (marked with a snowman,
+    which no other piece holds) is logged or recorded."""
+    if scheme.lower() not in urls.DEFAULT_PORTS:
+        slashes = "//"  # elsewhere, only "//" starts an authority
+    head = f"{scheme}:" if scheme else ""
+    marked = f"{head}{slashes}\u2603u:\u2603p@{host}{port}/{path}?\u2603q#\u2603f"
+    assert "\u2603" not in urls.redacted(marked)
 
 
 @settings(max_examples=400, deadline=None)
