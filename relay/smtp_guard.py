@@ -9,7 +9,8 @@ loop, a budget of failed logins per client address, connections per client addre
 - ``AuthBudget``: failed logins per client address (an IPv6 client by its /64, which one
   machine usually holds whole). Each failure past the first is answered after a growing delay;
   at ``smtp.auth_max_failures`` the address is refused AUTH (``421``) for
-  ``smtp.auth_block_seconds``. Per process.
+  ``smtp.auth_block_seconds``. Logins being checked count against the budget: one past it
+  waits for them (``454``). Per process.
 - ``admit``: ``smtp.max_connections`` and ``max_connections_per_ip``, counted by the
   bookkeeping the HTTP listener uses too (relay/limits.py); past either, ``421``.
 """
@@ -148,6 +149,7 @@ class _Record:
     failures: int
     last: float
     blocked_until: float = 0.0
+    checking: int = 0  # attempts reserved and not yet settled
 
 
 class AuthBudget:
@@ -156,6 +158,10 @@ class AuthBudget:
     Failures are remembered until ``block_seconds`` pass without one. The n-th failure's reply
     waits ``delay * (n - 1)`` seconds (at most ``MAX_DELAY``); the ``max_failures``-th refuses
     the address for ``block_seconds``: logged once per block, counted in ``/metrics``.
+
+    An attempt is reserved (:meth:`reserve`) before its password is checked and settled
+    (:meth:`settle`) after: attempts being checked count against the budget, so parallel
+    connections from one address get no more checks than serial ones would.
     """
 
     def __init__(self, max_failures: int, block_seconds: float, delay: float,
@@ -183,20 +189,32 @@ class AuthBudget:
                        "window", key, left)
         return left
 
-    def failed(self, peer: object) -> tuple[float, bool]:
-        """Count a failed login; the delay before its reply, and whether it was the one that
-        used up the budget (then the address is refused from now on)."""
+    def reserve(self, peer: object) -> bool:
+        """Take one of the attempts left in ``peer``'s budget before checking its password;
+        False when the failures so far and the attempts being checked use up the budget (try
+        again later). A reserved attempt must be settled."""
+        record = self._record(client_key(peer), self.clock())
+        if record.failures + record.checking >= self.max_failures:
+            return False
+        record.checking += 1
+        return True
+
+    def settle(self, peer: object, failed: bool | None) -> tuple[float, bool]:
+        """End a reserved attempt: ``failed`` True counts a failed login, False a good one,
+        None one that was never answered. Returns the delay before a failure's reply, and
+        whether the address is refused from now on (this failure used up the budget, or
+        another attempt's did while this one was checked)."""
         key = client_key(peer)
         now = self.clock()
-        record = self._records.pop(key, None)
-        if record is None or now - record.last >= self.block_seconds:
-            record = _Record(0, now)
+        record = self._record(key, now)
+        record.checking = max(0, record.checking - 1)
+        if not failed:
+            return 0.0, False
+        SMTP_AUTH.labels("failed").inc()
+        if record.blocked_until > now:  # blocked meanwhile: neither counted again nor extended
+            return 0.0, True
         record.failures += 1
         record.last = now
-        self._records[key] = record  # most recent last
-        while len(self._records) > self.max_addresses:
-            self._records.popitem(last=False)
-        SMTP_AUTH.labels("failed").inc()
         if record.failures >= self.max_failures:
             record.blocked_until = now + self.block_seconds
             record.failures = 0  # a fresh budget once the window is over
@@ -205,6 +223,19 @@ class AuthBudget:
                         self.block_seconds, self.max_failures)
             return 0.0, True
         return min(self.delay * (record.failures - 1), MAX_DELAY), False
+
+    def _record(self, key: str, now: float) -> _Record:
+        """``key``'s record, its failures forgotten after a quiet ``block_seconds``; the most
+        recently used last, the oldest forgotten past ``max_addresses``."""
+        record = self._records.pop(key, None)
+        if record is None:
+            record = _Record(0, now)
+        elif now - record.last >= self.block_seconds and now >= record.blocked_until:
+            record.failures, record.last = 0, now
+        self._records[key] = record
+        while len(self._records) > self.max_addresses:
+            self._records.popitem(last=False)
+        return record
 
 
 def client_key(peer: object) -> str:
@@ -267,7 +298,18 @@ class Logins:
         assert server.session is not None
         peer = server.session.peer
         name = login.decode("utf-8", "replace")
-        ok = await self.checker.check(name, password)
+        if not self.budget.reserve(peer):
+            if await self._refused(server):  # another attempt used up the budget meanwhile
+                return AuthResult(success=False)
+            SMTP_AUTH.labels("busy").inc()
+            return AuthResult(success=False, handled=False, message=(
+                "454 4.7.0 Temporary authentication failure: other logins from your address "
+                "are being checked, try again later"))
+        ok: bool | None = None
+        try:
+            ok = await self.checker.check(name, password)
+        finally:
+            delay, blocked = self.budget.settle(peer, None if ok is None else not ok)
         if ok is None:
             SMTP_AUTH.labels("busy").inc()
             _limits_log("auth busy", logging.WARNING, "auth: %d password checks already "
@@ -276,10 +318,11 @@ class Logins:
                 "454 4.7.0 Temporary authentication failure: too many logins at once, try "
                 "again later"))
         if ok:
+            if await self._refused(server):  # blocked while this password was checked
+                return AuthResult(success=False)
             SMTP_AUTH.labels("ok").inc()
             log.info("auth ok for %r from %s", name, client_key(peer))
             return AuthResult(success=True, auth_data=name)
-        delay, blocked = self.budget.failed(peer)
         log.info("auth failed for %r from %s", name, client_key(peer))
         if blocked:
             await _close(server, f"421 4.7.0 Too many failed logins from your address: try "

@@ -127,6 +127,43 @@ def test_logins_past_the_checks_in_progress_get_454_at_once(make_relay, upstream
     assert login(relay.smtp_port, USER, PASSWORD)[0] == 235  # room again
 
 
+def test_parallel_logins_from_one_address_get_no_more_checks_than_the_budget(
+        make_relay, upstream, monkeypatch, caplog):
+    """30 connections sending AUTH at once all had their password checked against a budget
+    of 3, and the right password sent last got 235; the block was logged once per failure
+    in flight, each extending it."""
+    checked: list[str] = []
+    release = threading.Event()
+    verify = passwords.verify_password
+
+    def held(password: str, encoded: str) -> bool:
+        checked.append(password)
+        release.wait(30)
+        return verify(password, encoded)
+
+    monkeypatch.setattr(passwords, "verify_password", held)
+    relay = make_relay(auth_settings(auth_max_failures=3, auth_failure_delay=0),
+                       upstream=upstream)
+    blocks = metric("relay_smtp_auth_blocks_total")
+    caplog.set_level(logging.WARNING, logger="relay.smtp")
+    with ThreadPoolExecutor(30) as pool:
+        guesses = [pool.submit(login, relay.smtp_port, USER, f"guess{n}") for n in range(29)]
+        try:  # all but the budget's 3 answered at once, before any check ends
+            wait_until(lambda: sum(g.done() for g in guesses) >= 26, timeout=15,
+                       what="logins past the budget answered")
+            right = login(relay.smtp_port, USER, PASSWORD)
+        finally:
+            release.set()
+        codes = sorted(g.result()[0] for g in guesses)
+    assert (right[0], right[1][:6]) == (454, b"4.7.0 ")
+    assert codes == [421, *[454] * 26, 535, 535]
+    assert len(checked) == 3
+    assert login(relay.smtp_port, USER, PASSWORD)[0] == 421  # refused, not checked
+    assert len(checked) == 3
+    assert metric("relay_smtp_auth_blocks_total") == blocks + 1
+    assert len([r for r in caplog.records if "refused for" in r.getMessage()]) == 1
+
+
 def test_the_failed_login_budget_ends_in_421_and_a_refusal_window(make_relay, upstream):
     relay = make_relay(auth_settings(auth_max_failures=3, auth_failure_delay=0),
                        upstream=upstream)
@@ -148,14 +185,20 @@ def test_the_failed_login_budget_ends_in_421_and_a_refusal_window(make_relay, up
         assert client.mail("app@shop.example")[0] == 530
 
 
+def failed(budget: AuthBudget, peer: tuple[str, int]) -> tuple[float, bool]:
+    """One failed login, reserved and settled as the SMTP session does."""
+    assert budget.reserve(peer)
+    return budget.settle(peer, True)
+
+
 def test_the_budget_delays_then_refuses_and_forgets_on_its_clock(caplog):
     now = [1000.0]
     budget = AuthBudget(max_failures=4, block_seconds=60, delay=1.5, clock=lambda: now[0])
     peer = ("198.51.100.7", 4321)
     with caplog.at_level(logging.INFO, logger="relay.smtp"):
-        assert [budget.failed(peer) for _ in range(3)] == [(0, False), (1.5, False),
-                                                          (3.0, False)]
-        assert budget.failed(peer) == (0, True)
+        assert [failed(budget, peer) for _ in range(3)] == [(0, False), (1.5, False),
+                                                           (3.0, False)]
+        assert failed(budget, peer) == (0, True)
         for _ in range(100):
             assert budget.refused(("198.51.100.7", 1)) == 60
     assert budget.refused(("198.51.100.8", 1)) == 0  # another address
@@ -164,11 +207,33 @@ def test_the_budget_delays_then_refuses_and_forgets_on_its_clock(caplog):
     assert len([r for r in caplog.records if "auth refused" in r.message]) == 1  # ... refusals
     now[0] += 60  # too
     assert budget.refused(peer) == 0
-    assert budget.failed(peer) == (0, False)  # a fresh budget
+    assert failed(budget, peer) == (0, False)  # a fresh budget
     now[0] += 59
-    assert budget.failed(peer) == (1.5, False)
+    assert failed(budget, peer) == (1.5, False)
     now[0] += 60  # failures are forgotten after a quiet window
-    assert budget.failed(peer) == (0, False)
+    assert failed(budget, peer) == (0, False)
+
+
+def test_attempts_being_checked_count_against_the_budget(caplog):
+    """Reserved before the check, settled after: parallel logins get no more checks than
+    serial ones, and those still in flight when the budget runs out neither count again nor
+    extend the block."""
+    now = [1000.0]
+    budget = AuthBudget(max_failures=3, block_seconds=60, delay=0, clock=lambda: now[0])
+    peer = ("198.51.100.7", 4321)
+    with caplog.at_level(logging.WARNING, logger="relay.smtp"):
+        assert [budget.reserve(peer) for _ in range(4)] == [True, True, True, False]
+        assert budget.settle(peer, False) == (0, False)  # a good password frees its attempt
+        assert budget.reserve(peer)
+        assert budget.settle(peer, None) == (0, False)  # so does one never answered
+        assert budget.reserve(peer)
+        assert [budget.settle(peer, True) for _ in range(2)] == [(0, False), (0, False)]
+        assert not budget.reserve(peer)  # two failures and one in flight
+        assert budget.settle(peer, True) == (0, True)
+        assert budget.refused(peer) == 60
+    assert len([r for r in caplog.records if "refused for" in r.message]) == 1
+    now[0] += 60
+    assert budget.reserve(peer)
 
 
 def test_ipv6_clients_share_a_budget_per_64():
