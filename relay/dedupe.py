@@ -19,14 +19,19 @@ not both send: before sending, a try *claims* each recipient it will send to, in
 transaction (:func:`take`); a try that finds a recipient claimed by another live try waits for
 it to finish, then finds its deliveries. A claim names its owner (a process: host, pid and a
 random part); owners refresh ``seen_at`` while they hold claims, and the claims of an owner
-not seen for :data:`LEASE_SECONDS` (a process killed mid-send) are taken over. Claims live in
-the store, so they hold across the worker processes (and relays) sharing it.
+not seen for :data:`LEASE_SECONDS` (a process killed mid-send) are taken over. A process that
+restarts at once cannot tell its dead predecessor from a live one until the lease runs out, so
+the claims of lapsed owners are deleted at every try (:func:`take`, an indexed lookup that
+finds nothing in the usual case) and every :data:`HEARTBEAT_SECONDS` by each process that has
+sent (:meth:`Claims._beat`): they never outlive their owner by much more than the lease. Claims
+live in the store, so they hold across the worker processes (and relays) sharing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -46,7 +51,7 @@ log = logging.getLogger("relay.mail")
 TRACE_FIELDS = frozenset({"received", "return-path"})
 # An owner not seen for this long is taken for dead and its claims for abandoned.
 LEASE_SECONDS = 60.0
-# How often an owner holding claims says it is alive.
+# How often a process that has sent says it is alive and deletes the claims of lapsed owners.
 HEARTBEAT_SECONDS = LEASE_SECONDS / 4
 # How often a try waiting for another process's try looks again (one in this process wakes it
 # at once).
@@ -90,7 +95,9 @@ def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], ema
     """In one transaction: the recipients delivered within ``window`` seconds are duplicates;
     the others are claimed for ``email_id``, unless another live try holds any of them (then
     None, and nothing is claimed: a try never holds some recipients while waiting for others,
-    so two tries cannot wait for each other)."""
+    so two tries cannot wait for each other). The claims of owners whose lease ran out are
+    deleted first, whatever they name."""
+    forget_stale(conn, now)
     marks = ",".join("?" * len(recipients))
     done = {row[0] for row in conn.execute(
         f"SELECT recipient FROM deliveries WHERE digest = ? AND at > ? AND recipient IN ({marks})",
@@ -133,7 +140,7 @@ def _drop(conn: sqlite3.Connection, claim: Claim) -> None:
 
 def heartbeat(conn: sqlite3.Connection, owner: str, now: float) -> None:
     """``owner`` is alive; owners not seen for a lease are gone, with their claims."""
-    conn.execute("UPDATE send_owners SET seen_at = ? WHERE owner = ?", (now, owner))
+    conn.execute("INSERT OR REPLACE INTO send_owners VALUES (?, ?)", (owner, now))
     forget_stale(conn, now)
 
 
@@ -160,10 +167,9 @@ class Claims:
         self.window = window_seconds
         self.clock = clock
         self.owner = new_owner()
-        self._held = 0
         self._heartbeat: asyncio.Task[None] | None = None
+        self._unreleased: list[Claim] = []  # their rows could not be deleted yet
         self._released = asyncio.Event()
-        self._swept = False  # what processes killed before this one left: at the first claim
 
     async def acquire(self, digest: bytes, recipients: Sequence[str], email_id: str) -> Claim:
         """The try's claim; waits while another live try holds one of its recipients. Raises
@@ -172,12 +178,11 @@ class Claims:
             return Claim(digest, email_id, list(recipients), [])
         waited = False
         while True:
-            claim = await self.store.write(lambda conn: self._take(conn, digest, recipients,
-                                                                   email_id))
-            self._swept = True
+            claim = await self.store.write(lambda conn: take(
+                conn, digest, recipients, email_id, self.owner, self.clock(), self.window))
+            if self._heartbeat is None:
+                self._heartbeat = asyncio.create_task(self._beat())
             if claim is not None:
-                if claim.held:
-                    self._hold()
                 return claim
             if not waited:
                 log.info("%s waits: another try of the same message is being sent to its "
@@ -187,46 +192,41 @@ class Claims:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(released.wait(), POLL_SECONDS)
 
-    def _take(self, conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str],
-              email_id: str) -> Claim | None:
-        now = self.clock()
-        if not self._swept:
-            forget_stale(conn, now)
-        return take(conn, digest, recipients, email_id, self.owner, now, self.window)
-
     def settled(self, claim: Claim) -> None:
         """The claim's rows are gone from the store (:func:`settle` committed)."""
         if not claim.held:
             return
         claim.held = False
-        self._held -= 1
-        if not self._held and self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
         self._released.set()
         self._released = asyncio.Event()
 
     async def release(self, claim: Claim) -> None:
         """Let go of a claim not settled with a record (the try ended early). If the store
-        cannot be written, its rows stay until this process holds no claims and its lease
-        runs out (a later try of the message waits that long)."""
+        cannot be written, each heartbeat tries again (a later try of the message waits that
+        long)."""
         if not claim.held:
             return
         try:
             await self.store.write(lambda conn: _drop(conn, claim))
         except Exception:
             log.exception("%s: its claims could not be released", claim.email_id)
+            self._unreleased.append(claim)
         self.settled(claim)
 
-    def _hold(self) -> None:
-        self._held += 1
-        if self._heartbeat is None:
-            self._heartbeat = asyncio.create_task(self._beat())
-
     async def _beat(self) -> None:
+        """From the first try on: keep this process's claims alive and delete lapsed owners'
+        (a killed predecessor's are gone about a lease after its death, even if no try needs
+        them)."""
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            unreleased, self._unreleased = self._unreleased, []
             try:
-                await self.store.write(lambda conn: heartbeat(conn, self.owner, self.clock()))
+                await self.store.write(functools.partial(self._alive, unreleased=unreleased))
             except Exception as exc:  # the next beat tries again; the lease is four beats
+                self._unreleased.extend(unreleased)
                 log.warning("claims heartbeat not written: %s", exc)
+
+    def _alive(self, conn: sqlite3.Connection, unreleased: Sequence[Claim]) -> None:
+        heartbeat(conn, self.owner, self.clock())
+        for claim in unreleased:
+            _drop(conn, claim)

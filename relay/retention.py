@@ -22,7 +22,8 @@ in the mail, which may carry personal data in their query strings: :func:`erase_
 deletes the rows whose URL names the recipient's address, whole (plain or percent-encoded).
 
 :func:`erase_recipient` matches the address case-insensitively (whole address) and deletes
-its recipients, deliveries, events and engagement rows, the webhook events naming it (with
+its recipients, deliveries, send claims (a try in progress, or one a killed process left;
+relay/dedupe.py), events and engagement rows, the webhook events naming it (with
 their outbox rows, even in a batch still pending: that batch goes out without them), and the
 messages whose only recipient it was (their subject may be about that person). A message that
 went to others too keeps its row; only the erased recipient's rows go.
@@ -94,6 +95,7 @@ ERASE_STEPS: tuple[Step, ...] = (
     Step("events", "id", f"recipient IN {_ADDRESSES}"),
     Step("engagement", "email_id, recipient, target", f"recipient IN {_ADDRESSES}"),
     Step("deliveries", "rowid", f"recipient IN {_ADDRESSES}"),
+    Step("send_claims", "rowid", f"recipient IN {_ADDRESSES}"),
     Step("recipients", "rowid", f"recipient IN {_ADDRESSES}"),
     Step("messages", "rowid", "email_id IN (SELECT email_id FROM temp.erase_messages)"),
     Step("webhook_outbox", "seq", "event_id IN (SELECT id FROM temp.erase_events)"),
@@ -107,6 +109,7 @@ _TEMP_TABLES = {"erase_addresses": "address", "erase_messages": "email_id", "era
 _SPELLINGS = """
     SELECT recipient FROM recipients WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM deliveries WHERE relay_lower(recipient) = :address
+    UNION SELECT recipient FROM send_claims WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM events WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM engagement WHERE relay_lower(recipient) = :address"""
 _ONLY_THEIRS = """SELECT DISTINCT r.email_id FROM recipients r

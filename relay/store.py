@@ -351,6 +351,12 @@ MIGRATIONS: dict[str, str] = {
         CREATE INDEX recipients_recipient ON recipients (recipient COLLATE NOCASE, email_id);
         CREATE INDEX recipients_status ON recipients (status, email_id);
     """,
+    # Every try deletes the claims of owners whose lease ran out (relay/dedupe.py
+    # forget_stale): found by these indexes, it costs next to nothing when there are none.
+    "0042_send_claims_by_owner": """
+        CREATE INDEX send_claims_owner ON send_claims (owner);
+        CREATE INDEX send_owners_seen_at ON send_owners (seen_at);
+    """,
 }
 
 

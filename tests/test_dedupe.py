@@ -3,6 +3,7 @@ messages without one; one try at a time per message and recipient, across worker
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import sqlite3
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from test_app import wait_for_port
 from test_smtp_relay import hold_upstream, last_reply
 
+from relay import dedupe
 from relay import store as store_module
 from relay.dedupe import LEASE_SECONDS, Claims, content_digest, settle, take, trace_end
 from relay.headers import parse_header_block
@@ -192,6 +194,51 @@ async def test_claims_left_by_a_killed_process_are_swept_at_the_next_start(tmp_p
         assert rows == [("email_2",)]
         await claims.release(claim)
         assert store.writer.execute("SELECT count(*) FROM send_claims").fetchone()[0] == 0
+    finally:
+        await store.close()
+
+
+async def claims_left(store: store_module.Store) -> list[str]:
+    return [row[0] for row in store.writer.execute("SELECT recipient FROM send_claims")]
+
+
+async def test_claims_of_a_process_killed_just_before_a_restart_go_when_its_lease_ends(tmp_path):
+    """Restarted at once (systemd RestartSec=2s), the next process's first try comes before
+    the dead one's lease ends: a later try deletes its claims, whatever they name."""
+    store = await store_module.Store.open(tmp_path / "relay.db")
+    now = [1000.0]
+    try:
+        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", "host:1:a", now[0],
+             3600.0)
+        claims = Claims(store, 3600.0, clock=lambda: now[0])
+        now[0] += 2
+        await claims.release(await claims.acquire(b"e" * 32, ["c@example.org"], "email_2"))
+        assert await claims_left(store) == ["secret@victim.example"]  # it may be alive
+        now[0] = 1000.0 + LEASE_SECONDS + 1
+        await claims.release(await claims.acquire(b"f" * 32, ["c@example.org"], "email_3"))
+        assert await claims_left(store) == []
+    finally:
+        await store.close()
+
+
+async def test_claims_of_a_dead_process_go_on_the_heartbeat_when_no_try_comes(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(dedupe, "HEARTBEAT_SECONDS", 0.01)
+    store = await store_module.Store.open(tmp_path / "relay.db")
+    now = [1000.0]
+    try:
+        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", "host:1:a", now[0],
+             3600.0)
+        claims = Claims(store, 3600.0, clock=lambda: now[0])
+        now[0] += 2
+        await claims.release(await claims.acquire(b"e" * 32, ["c@example.org"], "email_2"))
+        assert await claims_left(store) == ["secret@victim.example"]
+        now[0] = 1000.0 + LEASE_SECONDS + 1
+        for _ in range(500):
+            if not await claims_left(store):
+                break
+            await asyncio.sleep(0.01)
+        assert await claims_left(store) == []
     finally:
         await store.close()
 

