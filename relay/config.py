@@ -105,7 +105,7 @@ class HttpSettings:
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT)
     # connections per process: past either limit, 503 and close (relay/http_site.py)
     max_connections: int = 10000
-    max_connections_per_ip: int = 200  # the socket's peer; trusted_proxies are exempt
+    max_connections_per_ip: int = 200  # socket peer (IPv6: per /64); trusted_proxies exempt
     keepalive_timeout: float = 75.0  # idle seconds after a response before closing
     header_timeout: float = 10.0  # seconds a new connection has to send its request head
     # who may read /metrics (the client address as the tracker sees it, trusted_proxies rule)

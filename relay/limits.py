@@ -1,5 +1,5 @@
 """Connection limits any listener can use (pure, no I/O): connections in total and per
-client address.
+client (:func:`client_key`: an IPv4 address, an IPv6 one by its /64).
 
 :class:`ConnectionLimits` is the bookkeeping only; each service decides what a refusal looks
 like (HTTP: ``503`` with ``Retry-After``, relay/http_site.py). Addresses are the socket's
@@ -9,19 +9,37 @@ through relay/throttle.py: a flood of them must not become a flood of log lines.
 
 from __future__ import annotations
 
+import ipaddress
+
 from relay.bots import Network, parse_ip
 
 TOTAL = "total"
 PER_IP = "per_ip"
 
 
+def client_key(ip: str | None) -> str | None:
+    """The client a limit is kept for (connections here, failed logins in
+    relay/smtp_guard.py): an IPv4 address, IPv4-mapped IPv6 unwrapped; an IPv6 address by its
+    /64, which one machine usually holds whole (counted per address, one machine would open a
+    limit's worth per address); anything else (a Unix socket) as written."""
+    address = parse_ip(ip)
+    return ip if address is None else _address_key(address)
+
+
+def _address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class ConnectionLimits:
-    """Open connections, counted in total and per client address.
+    """Open connections, counted in total and per client (:func:`client_key`).
 
     ``admit(ip)`` takes a slot or says which limit refused it (:data:`TOTAL`, :data:`PER_IP`);
-    every admitted connection must be released exactly once. IPv4-mapped IPv6 peers count as
-    the IPv4 address. Addresses in ``exempt`` (trusted reverse proxies, which carry many
-    clients on their connections) have no per-address limit but count towards the total.
+    every admitted connection must be released exactly once. Addresses in ``exempt`` (trusted
+    reverse proxies, which carry many clients on their connections; the networks allowed to
+    relay over SMTP, an application's connection pool) have no per-client limit but count
+    towards the total.
     """
 
     def __init__(self, total: int, per_ip: int, exempt: tuple[Network, ...] = ()) -> None:
@@ -55,7 +73,7 @@ class ConnectionLimits:
                 del self._by_ip[key]
 
     def held(self, ip: str | None) -> int:
-        """Connections open from ``ip`` (0 for an exempt address)."""
+        """Connections open from ``ip``'s client (0 for an exempt address)."""
         key = self._key(ip)
         return 0 if key is None else self._by_ip.get(key, 0)
 
@@ -66,4 +84,4 @@ class ConnectionLimits:
             return ip  # not an IP (a Unix socket): counted as written
         if any(address in net for net in self.exempt):
             return None
-        return str(address)
+        return _address_key(address)

@@ -6,8 +6,8 @@ loop, a budget of failed logins per client address, connections per client addre
   the loop thread runs at full speed beside them), so the loop keeps serving SMTP and HTTP
   during a flood of logins. An unknown user costs the same check as a wrong password (against
   a dummy hash), so the time of the reply does not tell which user names exist.
-- ``AuthBudget``: failed logins per client address (an IPv6 client by its /64, which one
-  machine usually holds whole). Each failure past the first is answered after a growing delay;
+- ``AuthBudget``: failed logins per client (relay/limits.py ``client_key``: an IPv6 client
+  by its /64). Each failure past the first is answered after a growing delay;
   at ``smtp.auth_max_failures`` the address is refused AUTH (``421``) for
   ``smtp.auth_block_seconds``. Logins being checked count against the budget: one past it
   waits for them (``454``). Per process.
@@ -23,7 +23,6 @@ import binascii
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -38,8 +37,7 @@ from typing import TYPE_CHECKING
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay import passwords
-from relay.bots import parse_ip
-from relay.limits import PER_IP, TOTAL, ConnectionLimits
+from relay.limits import PER_IP, TOTAL, ConnectionLimits, client_key
 from relay.metrics import SMTP_AUTH, SMTP_AUTH_BLOCKS, SMTP_LIMITS
 from relay.throttle import ThrottledLog
 
@@ -127,21 +125,22 @@ def _lower_priority() -> None:
 def admit(limits: ConnectionLimits, peer: object) -> tuple[str, str | None]:
     """Take a slot in ``limits`` (relay/limits.py: ``smtp.max_connections`` and
     ``max_connections_per_ip``) for a new connection from ``peer``, counted by its
-    ``client_key`` (an IPv6 client by its /64). Returns that key (to release when the
+    ``client_key`` (an IPv6 client by its /64). Returns its address (to release when the
     connection ends) and None, or the ``421`` that refuses the connection: answered and closed
     before its session starts, so a flood of idle connections cannot use up the process's file
     descriptors (and with them SMTP, HTTP and the store)."""
-    key = client_key(peer)
-    refused = limits.admit(key)
+    host = peer_host(peer)
+    refused = limits.admit(host)
     if refused == TOTAL:
         limit_reached("connections", "", "refusing connections: %d open, the most "
                       "smtp.max_connections allows", limits.open)
-        return key, "421 4.7.0 Too many connections, try again later"
+        return host, "421 4.7.0 Too many connections, try again later"
     if refused == PER_IP:
+        key = peer_key(peer)
         limit_reached("connections_per_ip", key, "refusing connections from %s: %d open, the "
-                      "most smtp.max_connections_per_ip allows", key, limits.held(key))
-        return key, "421 4.7.0 Too many connections from your address, try again later"
-    return key, None
+                      "most smtp.max_connections_per_ip allows", key, limits.held(host))
+        return host, "421 4.7.0 Too many connections from your address, try again later"
+    return host, None
 
 
 @dataclass
@@ -177,7 +176,7 @@ class AuthBudget:
 
     def refused(self, peer: object) -> float:
         """Seconds left in the refusal window of ``peer``'s address (0: it may try)."""
-        key = client_key(peer)
+        key = peer_key(peer)
         record = self._records.get(key)
         if record is None:
             return 0.0
@@ -193,7 +192,7 @@ class AuthBudget:
         """Take one of the attempts left in ``peer``'s budget before checking its password;
         False when the failures so far and the attempts being checked use up the budget (try
         again later). A reserved attempt must be settled."""
-        record = self._record(client_key(peer), self.clock())
+        record = self._record(peer_key(peer), self.clock())
         if record.failures + record.checking >= self.max_failures:
             return False
         record.checking += 1
@@ -204,7 +203,7 @@ class AuthBudget:
         None one that was never answered. Returns the delay before a failure's reply, and
         whether the address is refused from now on (this failure used up the budget, or
         another attempt's did while this one was checked)."""
-        key = client_key(peer)
+        key = peer_key(peer)
         now = self.clock()
         record = self._record(key, now)
         record.checking = max(0, record.checking - 1)
@@ -238,16 +237,15 @@ class AuthBudget:
         return record
 
 
-def client_key(peer: object) -> str:
-    """The address a budget is kept for: the client's IP (IPv4-mapped unwrapped), an IPv6 one
-    by its /64."""
-    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-    address = parse_ip(host)
-    if address is None:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+def peer_host(peer: object) -> str:
+    """The host part of a socket's peer name (``(host, port, ...)``), or the name as text."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def peer_key(peer: object) -> str:
+    """The client a socket's peer is counted as (relay/limits.py ``client_key``)."""
+    host = peer_host(peer)
+    return client_key(host) or host
 
 
 class Logins:
@@ -321,9 +319,9 @@ class Logins:
             if await self._refused(server):  # blocked while this password was checked
                 return AuthResult(success=False)
             SMTP_AUTH.labels("ok").inc()
-            log.info("auth ok for %r from %s", name, client_key(peer))
+            log.info("auth ok for %r from %s", name, peer_key(peer))
             return AuthResult(success=True, auth_data=name)
-        log.info("auth failed for %r from %s", name, client_key(peer))
+        log.info("auth failed for %r from %s", name, peer_key(peer))
         if blocked:
             await _close(server, f"421 4.7.0 Too many failed logins from your address: try "
                                  f"again in {self.budget.block_seconds:.0f} s")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import re
 import ssl
@@ -21,11 +20,12 @@ from collections.abc import Sequence
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import metrics, trace
+from relay.bots import parse_ip
 from relay.config import Config, SmtpSettings
 from relay.headers import NOT_UTF8
 from relay.limits import ConnectionLimits
 from relay.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp_guard import Logins, admit, client_key, limit_reached
+from relay.smtp_guard import Logins, admit, limit_reached, peer_host, peer_key
 from relay.smtp_out import Upstream, build_upstream, stuff, unstuff
 from relay.store import Store
 from relay.tokens import Keyring
@@ -127,7 +127,7 @@ class RelaySMTP(SMTP):
             return
         self.errors += 1
         if self.errors >= ERRORS_PER_SESSION:
-            peer = client_key(self.session.peer) if self.session else "?"
+            peer = peer_key(self.session.peer) if self.session else "?"
             limit_reached("errors", peer, "%s made %d errors in one session: closed it",
                           peer, self.errors)
             await super().push("421 4.7.0 Too many errors: closing the session")
@@ -153,7 +153,7 @@ class RelaySMTP(SMTP):
         self._end(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
     def _upload_too_long(self) -> None:
-        peer = client_key(self.session.peer) if self.session else "?"
+        peer = peer_key(self.session.peer) if self.session else "?"
         limit_reached("data_seconds", peer, "%s took more than %.0f s to send a message: "
                       "closed the session", peer, self.max_data_seconds)
         self._end(f"421 4.4.2 {self.hostname} Error: the message took longer than "
@@ -421,13 +421,9 @@ class RelayHandler:
     def _allowed(self, peer: object) -> bool:
         if not isinstance(peer, tuple) or not peer:
             return False
-        try:
-            address = ipaddress.ip_address(str(peer[0]).split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.settings.allowed_networks)
+        address = parse_ip(peer_host(peer))
+        return address is not None and any(address in net
+                                           for net in self.settings.allowed_networks)
 
 
 class SmtpService:

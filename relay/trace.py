@@ -9,6 +9,7 @@ import ipaddress
 import re
 from email.utils import formatdate
 
+from relay.bots import parse_ip
 from relay.headers import header_field
 
 # An EHLO name that can stand as the From-domain: a host name (underscores and all, as
@@ -66,12 +67,9 @@ def _date(second: int) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _address_literal(address: str) -> str:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    ip = parse_ip(address.split("%")[0])
+    if ip is None:
         return ""
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is None:
-            return f"[IPv6:{ip.compressed}]"
-        ip = ip.ipv4_mapped
+        return f"[IPv6:{ip.compressed}]"
     return f"[{ip}]"

@@ -7,7 +7,8 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.limits import PER_IP, TOTAL, ConnectionLimits
+from relay.limits import PER_IP, TOTAL, ConnectionLimits, client_key
+from relay.smtp_guard import peer_key
 
 ADDRESSES = ["192.0.2.1", "192.0.2.2", "::ffff:192.0.2.1", "2001:db8::1", "10.0.0.1", None]
 
@@ -50,3 +51,16 @@ def test_trusted_proxies_have_no_per_address_limit_but_count_in_total() -> None:
     limits = ConnectionLimits(3, 1, exempt=(ipaddress.ip_network("10.0.0.0/8"),))
     assert [limits.admit("10.1.1.1") for _ in range(3)] == [None, None, None]
     assert limits.admit("10.1.1.1") == TOTAL
+
+
+def test_an_ipv6_client_is_counted_by_its_64_as_the_smtp_auth_budget_counts_it() -> None:
+    """One machine usually holds a whole /64: counted per address, it opened 1000 HTTP
+    connections where per_ip allows 200."""
+    limits = ConnectionLimits(10000, 200)
+    admitted = [limits.admit(f"2001:db8:1:2::{i:x}") for i in range(1, 1001)]
+    assert admitted.count(None) == 200 and set(admitted[200:]) == {PER_IP}
+    assert limits.admit("2001:db8:1:3::1") is None  # the next /64 is another client
+    assert limits.held("2001:db8:1:2:ffff::9") == 200
+    assert client_key("2001:db8:1:2:ffff::9") == peer_key(("2001:db8:1:2::1", 25, 0, 0)) \
+        == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.1") == peer_key(("192.0.2.1", 25)) == "192.0.2.1"

@@ -27,7 +27,7 @@ from relay import passwords, smtp_guard
 from relay.config import SmtpSettings, load, parse
 from relay.errors import ConfigError
 from relay.metrics import REGISTRY
-from relay.smtp_guard import AuthBudget, client_key
+from relay.smtp_guard import AuthBudget, peer_key
 from relay.throttle import ThrottledLog
 
 USER, PASSWORD = "app", "s3cret"
@@ -237,10 +237,10 @@ def test_attempts_being_checked_count_against_the_budget(caplog):
 
 
 def test_ipv6_clients_share_a_budget_per_64():
-    assert client_key(("2001:db8:1:2:aaaa::1", 25, 0, 0)) == "2001:db8:1:2::/64"
-    assert client_key(("2001:db8:1:2:bbbb::9", 25, 0, 0)) == "2001:db8:1:2::/64"
-    assert client_key(("::ffff:198.51.100.7", 25, 0, 0)) == "198.51.100.7"
-    assert client_key(("198.51.100.7", 25)) == "198.51.100.7"
+    assert peer_key(("2001:db8:1:2:aaaa::1", 25, 0, 0)) == "2001:db8:1:2::/64"
+    assert peer_key(("2001:db8:1:2:bbbb::9", 25, 0, 0)) == "2001:db8:1:2::/64"
+    assert peer_key(("::ffff:198.51.100.7", 25, 0, 0)) == "198.51.100.7"
+    assert peer_key(("198.51.100.7", 25)) == "198.51.100.7"
 
 
 def test_throttled_log_holds_back_repeats_and_counts_them(caplog):
