@@ -72,7 +72,7 @@ class SmtpSettings:
     timeout: float = 300.0  # idleness: during DATA, from the last bytes received
     max_data_seconds: float = 3600.0  # a whole upload
     max_connections: int = 1000  # open at once; past it (or the next) new ones get 421
-    max_connections_per_ip: int = 50  # per client address (IPv6: per /64)
+    max_connections_per_ip: int = 50  # per client (IPv6: per /64); allowed_networks exempt
     # A resend of a Message-ID within this many hours skips the recipients it already reached.
     dedupe_hours: float = 72.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)

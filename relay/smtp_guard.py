@@ -12,7 +12,9 @@ loop, a budget of failed logins per client address, connections per client addre
   ``smtp.auth_block_seconds``. Logins being checked count against the budget: one past it
   waits for them (``454``). Per process.
 - ``admit``: ``smtp.max_connections`` and ``max_connections_per_ip``, counted by the
-  bookkeeping the HTTP listener uses too (relay/limits.py); past either, ``421``.
+  bookkeeping the HTTP listener uses too (relay/limits.py); past either, ``421``. Clients in
+  ``smtp.allowed_networks`` (applications, whose pools may hold many connections; Postfix
+  exempts ``$mynetworks`` alike) have only the total limit.
 """
 
 from __future__ import annotations

@@ -440,7 +440,8 @@ class SmtpService:
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         self.call_limits = _call_limits(config.smtp.max_recipients)
         self.limits = ConnectionLimits(config.smtp.max_connections,
-                                       config.smtp.max_connections_per_ip)
+                                       config.smtp.max_connections_per_ip,
+                                       exempt=config.smtp.allowed_networks)
 
     async def start(self) -> None:
         settings = self.config.smtp

@@ -518,7 +518,8 @@ def test_idle_connections_from_one_address_leave_others_a_greeting(tmp_path, man
     """About 1,000 idle connections used up the relay's 1024 descriptors: SMTP and HTTP
     stopped answering. Past smtp.max_connections_per_ip (50) a client's new connections are
     answered 421 and closed."""
-    process, smtp_port, _ = serve(tmp_path, limit_files=1024)
+    process, smtp_port, _ = serve(tmp_path, 'allowed_networks = ["127.0.0.1/32"]\n',
+                                  limit_files=1024)
     held = hold(smtp_port, 1100, "127.0.0.2")
     try:
         greetings = [first_line(sock) for sock in held]
@@ -534,6 +535,20 @@ def test_idle_connections_from_one_address_leave_others_a_greeting(tmp_path, man
     assert set(refused) == {b"421 4.7.0 Too many connections from your address, try again "
                             b"later\r\n"}
     assert stderr.count("refusing connections from 127.0.0.2") == 1  # not one per connection
+
+
+def test_allowed_networks_have_no_per_address_limit(make_relay):
+    """An application's connection pool of more than 50 was refused 421 (Postfix exempts
+    $mynetworks too); clients elsewhere keep the limit."""
+    relay = make_relay({"smtp": {"allowed_networks": ["127.0.0.1/32"],
+                                 "max_connections_per_ip": 2}})
+    local, other = hold(relay.smtp_port, 5, "127.0.0.1"), hold(relay.smtp_port, 3, "127.0.0.2")
+    try:
+        assert [first_line(sock)[:4] for sock in local] == [b"220 "] * 5
+        assert [first_line(sock)[:4] for sock in other] == [b"220 ", b"220 ", b"421 "]
+    finally:
+        for sock in local + other:
+            sock.close()
 
 
 def test_past_max_connections_a_new_client_is_told_at_once(tmp_path, many_files):
