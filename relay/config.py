@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import re
 import socket
 import tomllib
@@ -256,6 +257,10 @@ class _Reader:
         if not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else "a number"
             raise self.fail(name, f"expected {expected}, got {_shown(name, value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML's nan and inf compare false with every bound: they would pass as "on" and
+            # turn dedupe, timeouts and limits off silently
+            raise self.fail(name, f"expected a finite number, got {value}")
         return value
 
     def positive(self, name: str, default: float, kind: type = int) -> Any:

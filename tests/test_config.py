@@ -91,6 +91,20 @@ def test_check_config_command_names_the_key(tmp_path):
     assert "ok" in good.stdout
 
 
+@pytest.mark.parametrize("key, value", [("smtp.dedupe_hours", "nan"),
+                                        ("smtp.timeout", "inf"),
+                                        ("smtp.max_data_seconds", "+inf"),
+                                        ("webhook_delivery.retry_hours", "-nan"),
+                                        ("http.keepalive_timeout", "-inf")])
+def test_check_config_refuses_numbers_that_are_not_finite(tmp_path, key, value):
+    """nan passed every bound (nan <= 0 is false): dedupe_hours = nan turned dedupe off,
+    timeout = inf the idle timeout."""
+    table, name = key.split(".")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"[{table}]\n{name} = {value}\n")
+    assert_refused(bad, f"{bad}: {key}: expected a finite number, got {float(value)}")
+
+
 def test_invalid_toml_is_reported_with_the_file(tmp_path):
     bad = tmp_path / "broken.toml"
     bad.write_text("[smtp\n")
