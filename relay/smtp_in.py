@@ -267,12 +267,12 @@ class RelaySMTP(SMTP):
         return b"".join(pieces), bool(limit and size > limit)
 
     def _check_body(self, body: bytes) -> tuple[bytes, str | None]:
-        """The body to deliver (line endings made CRLF), or the reply that refuses it."""
+        """The body to deliver (line endings made CRLF), or the reply that refuses it. Only a
+        client that may relay gets here (``RelayHandler.handle_MAIL`` refuses the others), so
+        its bare CR and LF are line endings, as Postfix's ``smtpd_forbid_bare_newline =
+        normalize`` takes them."""
         crlf = body.count(b"\r\n")
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-            if not self.event_handler.trusted(self.session):
-                return body, ("550 5.6.11 Bare CR or LF in message data: line endings must "
-                              "be CRLF (RFC 5321 2.3.8)")
             body = crlf_line_endings(body)
         if has_long_line(body, self.max_line_length):
             return body, (f"500 5.5.2 Line too long: message lines must be at most "
