@@ -12,7 +12,9 @@ new message, since nothing tells such a header from the content apart.
 
 Deliveries are remembered per (digest, recipient) for ``smtp.dedupe_hours``. A message without
 a Message-ID gets one derived from its digest (:func:`message_id_for`), so a client's retry of
-it gets the same one.
+it gets the same one; it is taken for a retry within :data:`NO_MESSAGE_ID_SECONDS` only:
+monitoring scripts send the same alert, byte for byte (no Message-ID, no Date), again and again,
+and each repeat is news, while a client's retry comes within minutes.
 
 Two tries of one message at once (a client that gave up waiting, or several connections) must
 not both send: before sending, a try *claims* each recipient it will send to, in one store
@@ -49,6 +51,8 @@ log = logging.getLogger("relay.mail")
 
 # The trace fields of RFC 5321 4.4 / RFC 5322 3.6.7, as found in a leading run.
 TRACE_FIELDS = frozenset({"received", "return-path"})
+# How long a message that arrived without a Message-ID counts as a retry (README: Retries).
+NO_MESSAGE_ID_SECONDS = 600.0
 # An owner not seen for this long is taken for dead and its claims for abandoned.
 LEASE_SECONDS = 60.0
 # How often a process that has sent says it is alive and deletes the claims of lapsed owners.
@@ -88,6 +92,7 @@ class Claim:
     pending: list[str]
     duplicates: list[str]
     held: bool = False  # claim rows in the store
+    earlier: tuple[str, ...] = ()  # the email ids that reached the duplicates
 
 
 def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], email_id: str,
@@ -99,13 +104,15 @@ def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], ema
     deleted first, whatever they name."""
     forget_stale(conn, now)
     marks = ",".join("?" * len(recipients))
-    done = {row[0] for row in conn.execute(
-        f"SELECT recipient FROM deliveries WHERE digest = ? AND at > ? AND recipient IN ({marks})",
-        [digest, now - window, *recipients])}
+    done = dict(conn.execute(
+        "SELECT recipient, email_id FROM deliveries"
+        f" WHERE digest = ? AND at > ? AND recipient IN ({marks})",
+        [digest, now - window, *recipients]).fetchall())
     pending = [r for r in recipients if r not in done]
     duplicates = [r for r in recipients if r in done]
+    earlier = tuple(sorted(set(done.values())))
     if not pending:
-        return Claim(digest, email_id, pending, duplicates)
+        return Claim(digest, email_id, pending, duplicates, earlier=earlier)
     marks = ",".join("?" * len(pending))
     busy = conn.execute(
         "SELECT 1 FROM send_claims c JOIN send_owners o ON o.owner = c.owner"
@@ -117,7 +124,7 @@ def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], ema
     conn.execute("INSERT OR REPLACE INTO send_owners VALUES (?, ?)", (owner, now))
     conn.executemany("INSERT OR REPLACE INTO send_claims VALUES (?, ?, ?, ?, ?)",
                      [(digest, r, email_id, owner, now) for r in pending])
-    return Claim(digest, email_id, pending, duplicates, held=True)
+    return Claim(digest, email_id, pending, duplicates, held=True, earlier=earlier)
 
 
 def settle(conn: sqlite3.Connection, claim: Claim, message_id: str | None,
@@ -171,15 +178,18 @@ class Claims:
         self._unreleased: list[Claim] = []  # their rows could not be deleted yet
         self._released = asyncio.Event()
 
-    async def acquire(self, digest: bytes, recipients: Sequence[str], email_id: str) -> Claim:
+    async def acquire(self, digest: bytes, recipients: Sequence[str], email_id: str,
+                      window: float | None = None) -> Claim:
         """The try's claim; waits while another live try holds one of its recipients. Raises
-        what the store raises when it cannot be written."""
+        what the store raises when it cannot be written. ``window``: a shorter time than
+        ``smtp.dedupe_hours`` in which earlier deliveries count (:data:`NO_MESSAGE_ID_SECONDS`)."""
         if not self.window:  # dedupe off: every try sends
             return Claim(digest, email_id, list(recipients), [])
+        window = self.window if window is None else min(window, self.window)
         waited = False
         while True:
             claim = await self.store.write(lambda conn: take(
-                conn, digest, recipients, email_id, self.owner, self.clock(), self.window))
+                conn, digest, recipients, email_id, self.owner, self.clock(), window))
             if self._heartbeat is None:
                 self._heartbeat = asyncio.create_task(self._beat())
             if claim is not None:

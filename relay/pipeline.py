@@ -123,17 +123,23 @@ class MailPipeline:
         clean = remove_headers(raw, controls.headers)
         digest = dedupe.content_digest(raw, block)
         message_id = _header(raw, block, "Message-ID")
-        if block.get("Message-ID") is None and not signs_header(raw, block, "Message-ID"):
+        no_id = block.get("Message-ID") is None
+        if no_id and not signs_header(raw, block, "Message-ID"):
             # below the trace block, which stays on top (control headers are never in it)
             message_id = dedupe.message_id_for(digest, self.config.smtp.server_name)
             clean = prepend_headers(clean, [f"Message-ID: {message_id}\r\n".encode()],
                                     dedupe.trace_end(block))
         try:
-            claim = await self.claims.acquire(digest, incoming.recipients, email_id)
+            claim = await self.claims.acquire(
+                digest, incoming.recipients, email_id,
+                dedupe.NO_MESSAGE_ID_SECONDS if no_id else None)
         except Exception:
             log.exception("%s: earlier deliveries could not be looked up", email_id)
             metrics.SMTP_MESSAGES.labels("deferred").inc()
             return NOT_RECORDED, Outcome(email_id), "store unavailable: nothing sent"
+        if claim.duplicates:
+            log.info("%s is a retry of %s: not sent again to %d recipient(s) it reached",
+                     email_id, ", ".join(claim.earlier), len(claim.duplicates))
         try:
             pending, duplicates = claim.pending, claim.duplicates
             outcome = Outcome(email_id, duplicates=duplicates)

@@ -4,11 +4,13 @@ messages without one; one try at a time per message and recipient, across worker
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import smtplib
 import sqlite3
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -108,6 +110,33 @@ def test_a_message_without_message_id_gets_one_and_its_retry_is_recognised(make_
     with relay.db() as db:
         ids = {r[0] for r in db.execute("SELECT message_id FROM messages")}
     assert ids == {added.group()[12:-2].decode()}
+
+
+def test_the_same_alert_without_message_id_is_a_retry_for_minutes_only(make_relay, upstream,
+                                                                      caplog):
+    """Monitoring scripts send the same text (no Message-ID, no Date) again and again: every
+    repeat for smtp.dedupe_hours (72 h) was dropped. A retry of it comes within minutes; a
+    message with a Message-ID is still remembered for hours. Each duplicate is logged."""
+    relay = make_relay(upstream=upstream)
+    claims = relay.services.smtp.handler.pipeline.claims
+    with_id = NO_ID.replace(b"Subject:", b"Message-ID: <alert@shop.example>\r\nSubject:")
+    caplog.set_level(logging.INFO, logger="relay.mail")
+    for message in (NO_ID, with_id):
+        assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
+    first = [r.getMessage().split()[0] for r in caplog.records
+             if r.getMessage().startswith("email_")]
+    caplog.clear()
+    for message in (NO_ID, with_id):  # a client's retry, at once: not sent again
+        assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
+    assert len(upstream.received) == 2
+    retries = [r.getMessage() for r in caplog.records if " is a retry of " in r.getMessage()]
+    assert [m.split(" is a retry of ")[1].split(":")[0] for m in retries] == first
+    assert all(r.levelno == logging.INFO for r in caplog.records if " is a retry" in r.message)
+    claims.clock = lambda: time.time() + dedupe.NO_MESSAGE_ID_SECONDS + 1
+    for message in (NO_ID, with_id):  # the alert again eleven minutes later: news
+        assert last_reply(relay, "app@shop.example", ["a@example.org"], message)[0] == 250
+    assert [without_received(m.data).endswith(NO_ID) for m in upstream.received] == [
+        True, False, True]
 
 
 def test_no_message_id_is_added_where_a_dkim_signature_covers_its_absence(make_relay, upstream):
