@@ -10,6 +10,7 @@ host can never hang directly under a top-level domain. (Without the public suffi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -34,12 +35,26 @@ def domain_name(text: str) -> str:
 
 def host_name(text: str) -> str:
     """A DNS host name of one label or more (``localhost`` too), lower-cased, without a
-    trailing dot."""
+    trailing dot. Not an IP address, bracketed (an address literal) or not: the relay's name
+    is the domain of its ``postmaster@`` and of the Message-IDs it adds, and is what its
+    EHLO and ``Received:`` lines say it is; a top label of digits only (RFC 3696 2) is none."""
     name = normal(text)
+    literal = name.removeprefix("[").removesuffix("]").removeprefix("ipv6:")
+    if _is_address(literal) or name.rpartition(".")[2].isdigit():
+        raise ValueError(f"{text!r} is an IP address, not a host name (give the relay's DNS "
+                         "name, such as relay.example.com)")
     if len(name) > 253 or not all(_LABEL.fullmatch(x) for x in name.split(".")):
         raise ValueError(f"{text!r} is not a host name (labels of letters, digits and "
                          "hyphens, separated by dots)")
     return name
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def tracking_prefix(prefix: str) -> str:

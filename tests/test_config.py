@@ -51,6 +51,10 @@ def test_example_config_loads_with_capture_upstream():
     ({"smtp": {"listen_on": "x"}}, "smtp.listen_on", "unknown setting"),
     ({"domains": [{"name": "nodot"}]}, "domains[0].name", "domain name"),
     ({"smtp": {"hostname": "relay host"}}, "smtp.hostname", "not a host name"),
+    ({"smtp": {"hostname": "192.0.2.25"}}, "smtp.hostname", "is an IP address"),
+    ({"smtp": {"hostname": "[192.0.2.25]"}}, "smtp.hostname", "is an IP address"),
+    ({"smtp": {"hostname": "[IPv6:2001:db8::25]"}}, "smtp.hostname", "is an IP address"),
+    ({"smtp": {"hostname": "2001:db8::25"}}, "smtp.hostname", "is an IP address"),
     ({"smtp": {"add_received": "no"}}, "smtp.add_received", "expected bool"),
 ])
 def test_errors_name_file_and_key(document, key, problem):
