@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.passwords import hash_password  # noqa: E402
+from relay.smtp.passwords import hash_password  # noqa: E402
 
 
 def scrypt_once() -> None:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from relay import config as config_module
-from relay.keys import load_keyring
-from relay.pipeline import Incoming, MailPipeline
-from relay.smtp_out import Copy, Reply, stuff
-from relay.store import Store
+from relay.smtp.pipeline import Incoming, MailPipeline
+from relay.smtp.upstream import Copy, Reply, stuff
+from relay.store.engine import Store
+from relay.tracking.keys import load_keyring
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ACCEPTED = Reply(250, "2.0.0 Ok")

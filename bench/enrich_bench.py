@@ -26,8 +26,8 @@ from netaddr import IPSet
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.bots import PERSON  # noqa: E402
-from relay.enrich import AgentParser, Enricher, GeoDatabase, anonymize_ip  # noqa: E402
+from relay.tracking.bots import PERSON  # noqa: E402
+from relay.tracking.enrich import AgentParser, Enricher, GeoDatabase, anonymize_ip  # noqa: E402
 
 AGENTS = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -16,7 +16,7 @@ wall time the relay could run at all), the longest and the 99th percentile ``/he
 request, the relay's resident memory after the phase and its peak so far (``VmHWM`` from
 /proc), and what the sink received. The idle and one-recipient phases are the reference for
 the fan-out, measured in the same run. ``--json`` prints one JSON object instead (for
-tests/test_fanout.py). The machine is shared: compare figures within one run.
+tests/e2e/test_fanout.py). The machine is shared: compare figures within one run.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _dkim_settings(work: Path) -> str:
 
 def _sign(raw: bytes, work: Path) -> bytes:
     """``raw`` with a DKIM-Signature of shop.example's key, so the relay re-signs each copy."""
-    from relay.dkim import DkimSigner
+    from relay.rewrite.dkim import DkimSigner
 
     return DkimSigner("shop.example", "s1", (work / "dkim.pem").read_bytes()).sign(raw)
 

@@ -15,7 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from relay import queries, store
+from relay.stats import queries
+from relay.store import engine as store
 
 DAYS = 30
 SENDERS = 20

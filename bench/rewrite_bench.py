@@ -24,10 +24,10 @@ from pathlib import Path
 
 from selectolax.lexbor import LexborHTMLParser
 
-from relay import trace
-from relay.headers import prepend_headers
-from relay.rewrite import RewriteOptions, prepare
-from relay.tokens import Keyring
+from relay.rewrite.headers import prepend_headers
+from relay.rewrite.splice import RewriteOptions, prepare
+from relay.smtp import trace
+from relay.tracking.tokens import Keyring
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # beside the project's root
 OPTIONS = RewriteOptions(opens=True, clicks=True, base_url="https://track.shop.example")

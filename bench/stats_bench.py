@@ -3,9 +3,9 @@ and the native per-day statistics for a month, timed while events keep being wri
 
     /work/venv/bin/python bench/stats_bench.py [--events 10000000] [--db /tmp/stats.db]
 
-The fill is SQL (recursive CTEs, one transaction per table), then relay.rollup.rebuild
+The fill is SQL (recursive CTEs, one transaction per table), then relay.stats.rollup.rebuild
 computes the daily counters from the raw tables. A reused --db skips the fill. During the
-timing a writer thread records hits through relay.events.Recorder with the rollup listener,
+timing a writer thread records hits through relay.tracking.events.Recorder with the rollup listener,
 in group-commit sized transactions, as the tracker does; the reads run on their own
 connection, as the API's reader does, through the same SQL and answer shaping as the API.
 """
@@ -19,10 +19,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from relay import queries, rollup, store
-from relay.bots import CLICK, OPEN, Classifier
-from relay.events import Hit, Recorder
-from relay.stats import parse_track_list, track_list_body
+from relay.stats import queries, rollup
+from relay.stats.maths import parse_track_list, track_list_body
+from relay.store import engine as store
+from relay.tracking.bots import CLICK, OPEN, Classifier
+from relay.tracking.events import Hit, Recorder
 
 DAYS = 30
 SENDERS = 20

@@ -6,7 +6,7 @@ Run by hand (needs ``wrk``, the Debian package)::
 
 Each server runs as its own process, one at a time, on loopback: the bare app, ``relay http``
 as relay/app.py wires it (with the event listeners of the webhook outbox and the statistics
-rollup), and with ``--tracker-only`` also the tracker alone (relay/tracker.py's app, no
+rollup), and with ``--tracker-only`` also the tracker alone (relay/tracking/tracker.py's app, no
 listeners), which isolates the cost of the tracker's own write path. ``--workers N`` runs
 ``relay http`` with ``[http] workers = N`` and N copies of the others on one port. wrk cycles
 through many signed tokens (every message has its own recipients, each with a few links, and
@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay.app import running  # noqa: E402
-from relay.bots import CLICK  # noqa: E402
 from relay.config import Config, load  # noqa: E402
-from relay.events import Hit  # noqa: E402
 from relay.ids import new_email_id  # noqa: E402
-from relay.store import connect, migrate  # noqa: E402
-from relay.tokens import Keyring, RecipientSigner, verify  # noqa: E402
-from relay.tracker import PIXEL, RECORDER, build_app  # noqa: E402
+from relay.store.engine import connect, migrate  # noqa: E402
+from relay.tracking.bots import CLICK  # noqa: E402
+from relay.tracking.events import Hit  # noqa: E402
+from relay.tracking.tokens import Keyring, RecipientSigner, verify  # noqa: E402
+from relay.tracking.tracker import PIXEL, RECORDER, build_app  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 KEYRING = Keyring({"b1": SECRET.encode()}, "b1")
@@ -79,9 +79,9 @@ from pathlib import Path
 from aiohttp import web
 sys.path.insert(0, {root!r})
 from relay.config import load
-from relay.keys import load_keyring
-from relay.store import Store
-from relay.tracker import build_app
+from relay.tracking.keys import load_keyring
+from relay.store.engine import Store
+from relay.tracking.tracker import build_app
 async def main():
     config = load(Path(sys.argv[1]))
     store = await Store.open(config.store.path)

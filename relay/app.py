@@ -14,19 +14,21 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
-from relay import processes, retention, rules
-from relay.breakdown import Breakdown
 from relay.config import Config
-from relay.events import Listener
 from relay.http_site import GuardedSite, ServerLog
-from relay.keys import load_keyring
 from relay.limits import ConnectionLimits
-from relay.outbox import DeliveryWorker, Outbox, sync_endpoints
-from relay.pipeline import MessageListener
-from relay.rollup import Rollup
-from relay.store import Store
+from relay.policy import rules
+from relay.smtp import processes
+from relay.smtp.pipeline import MessageListener
+from relay.stats.breakdown import Breakdown
+from relay.stats.rollup import Rollup
+from relay.store import retention
+from relay.store.engine import Store
 from relay.throttle import ThrottledLog, install_accept_handler
-from relay.tokens import Keyring
+from relay.tracking.events import Listener
+from relay.tracking.keys import load_keyring
+from relay.tracking.tokens import Keyring
+from relay.webhooks.outbox import DeliveryWorker, Outbox, sync_endpoints
 
 log = logging.getLogger("relay")
 
@@ -42,9 +44,10 @@ HTTP_DRAIN_SECONDS = 30.0
 class Services:
     store: Store
     keyring: Keyring
-    smtp: object | None = None  # relay.smtp_in.SmtpService
+    smtp: object | None = None  # relay.smtp.server.SmtpService
     http: web.AppRunner | None = None
-    # written in the transaction of each event / message (relay/events.py, relay/pipeline.py)
+    # written in the transaction of each event / message (relay/tracking/events.py,
+    # relay/smtp/pipeline.py)
     event_listeners: list[Listener] = field(default_factory=list)
     message_listeners: list[MessageListener] = field(default_factory=list)
 
@@ -74,7 +77,7 @@ async def running(
     restore_handler = install_accept_handler(asyncio.get_running_loop(), ThrottledLog(log))
     try:
         if smtp:
-            from relay.smtp_in import SmtpService
+            from relay.smtp.server import SmtpService
 
             services.smtp = SmtpService(config, store, services.keyring,
                                         listeners=services.message_listeners)
@@ -99,8 +102,8 @@ async def running(
 
 
 async def _start_http(config: Config, services: Services) -> web.AppRunner:
-    from relay.api import PREFIX, build_api
-    from relay.tracker import build_app
+    from relay.admin.api import PREFIX, build_api
+    from relay.tracking.tracker import build_app
 
     app = build_app(config, services.store, services.keyring,
                     listeners=services.event_listeners)

@@ -10,21 +10,15 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
-from relay import (
-    apikeys,
-    domains,
-    message_cli,
-    retention_admin,
-    settings,
-    stats_cli,
-    tags,
-    webhook_admin,
-)
 from relay import config as config_module
-from relay.commands import NO_CONFIG, config_option, fail, find_config, output
+from relay.admin import apikeys, domains, settings, stats_cli, tags
+from relay.admin import messages as message_cli
+from relay.admin import retention as retention_admin
+from relay.admin import webhooks as webhook_admin
+from relay.admin.commands import NO_CONFIG, config_option, fail, find_config, output
 from relay.errors import ConfigError, StoreError
 
-# Modules that add subcommands of their own (see relay/commands.py).
+# Modules that add subcommands of their own (see relay/admin/commands.py).
 COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, message_cli, webhook_admin,
                    retention_admin)
 
@@ -111,7 +105,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _hash_password(args: argparse.Namespace) -> int:
-    from relay.passwords import hash_password
+    from relay.smtp.passwords import hash_password
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

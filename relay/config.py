@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from relay import names, passwords
-from relay.dkim import DkimSigner
 from relay.errors import ConfigError
-from relay.rewrite import TRACKING_BASE
-from relay.webhooks import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
+from relay.policy import names
+from relay.rewrite.dkim import DkimSigner
+from relay.rewrite.splice import TRACKING_BASE
+from relay.smtp import passwords
+from relay.webhooks.payloads import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -58,7 +59,7 @@ class SmtpSettings:
     )
     users: tuple[SmtpUser, ...] = ()
     auth_require_tls: bool = True
-    # Failed logins per client address (relay/smtp_guard.py): each past the first answered
+    # Failed logins per client address (relay/smtp/guard.py): each past the first answered
     # auth_failure_delay seconds later than the one before; at auth_max_failures the address
     # is refused AUTH for auth_block_seconds.
     auth_max_failures: int = 10
@@ -129,12 +130,12 @@ class TrackingSettings:
     keys: tuple[tuple[str, str], ...] = ()
     current_key: str | None = None
     scanner_window_seconds: float = 10.0
-    # extra client networks whose hits are link scanners (the shipped list: relay/bots.py)
+    # extra client networks whose hits are link scanners (the shipped list: relay/tracking/bots.py)
     scanner_networks: tuple[Network, ...] = ()
     # hits from one (address, user agent) past flood_hits within flood_seconds are automation
     flood_hits: int = 300  # 0: no flood rule
     flood_seconds: float = 60.0
-    # registered tags (X-AliDM-Trace TagName), seeded into the store (relay/settings.py)
+    # registered tags (X-AliDM-Trace TagName), seeded into the store (relay/admin/settings.py)
     tags: tuple[str, ...] = ()
 
 
@@ -146,7 +147,7 @@ class DomainSettings:
     opens: bool | None = None
     clicks: bool | None = None
     exclude_hosts: tuple[str, ...] = ()
-    tracking_host: str | None = None  # branded host, used once verified (relay/domains.py)
+    tracking_host: str | None = None  # branded host, used once verified (relay/admin/domains.py)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class WebhookEndpoint:
 
 @dataclass(frozen=True)
 class WebhookDelivery:
-    """``[webhook_delivery]``: how the outbox worker sends (relay/outbox.py)."""
+    """``[webhook_delivery]``: how the outbox worker sends (relay/webhooks/outbox.py)."""
 
     concurrency: int = 4  # batches in flight per process
     batch_size: int = 100  # events per POST at most
@@ -491,7 +492,7 @@ def _http(r: _Reader) -> HttpSettings:
 
 
 def _public_url(r: _Reader, url: str) -> str:
-    """The tracking base URL: what relay/rewrite.py builds links on (TRACKING_BASE)."""
+    """The tracking base URL: what relay/rewrite/splice.py builds links on (TRACKING_BASE)."""
     parts = urlsplit(url)
     if "@" in parts.netloc:  # checked first: the error must not quote the password
         raise r.fail("public_url", "a user name or password has no place in the tracking URL")
@@ -558,7 +559,7 @@ def _tracking(r: _Reader) -> TrackingSettings:
 
 
 def _domain(r: _Reader) -> DomainSettings:
-    """Names as ``relay settings set`` and the API take them (relay/settings.py)."""
+    """Names as ``relay settings set`` and the API take them (relay/admin/settings.py)."""
     name = _domain_name(r, "name", r.get("name", str, None))
     settings = DomainSettings(
         name=name,
@@ -667,7 +668,8 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 def _unmapped(net: Network) -> Network:
     """An IPv4-mapped range (``::ffff:198.51.100.0/120``) as the IPv4 range it is: client
-    addresses are compared unwrapped (relay.bots.parse_ip), and would never fall inside it."""
+    addresses are compared unwrapped (relay.tracking.bots.parse_ip), and would never fall inside
+    it."""
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
         return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     return net

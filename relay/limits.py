@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from relay.bots import Network, parse_ip
+from relay.tracking.bots import Network, parse_ip
 
 TOTAL = "total"
 PER_IP = "per_ip"
@@ -19,7 +19,7 @@ PER_IP = "per_ip"
 
 def client_key(ip: str | None) -> str | None:
     """The client a limit is kept for (connections here, failed logins in
-    relay/smtp_guard.py): an IPv4 address, IPv4-mapped IPv6 unwrapped; an IPv6 address by its
+    relay/smtp/guard.py): an IPv4 address, IPv4-mapped IPv6 unwrapped; an IPv6 address by its
     /64, which one machine usually holds whole (counted per address, one machine would open a
     limit's worth per address); anything else (a Unix socket) as written."""
     address = parse_ip(ip)

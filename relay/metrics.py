@@ -34,7 +34,7 @@ SMTP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
 
-# The tracking HTTP service (relay/tracker.py).
+# The tracking HTTP service (relay/tracking/tracker.py).
 HTTP_REQUESTS = Counter(
     "relay_http_requests_total",
     "Tracking HTTP requests, by route (open, click, healthz, metrics) and status code",
@@ -93,7 +93,7 @@ STORE_LAST_BATCH_SIZE = Gauge(
     registry=REGISTRY,
 )
 
-# Tracking domains (relay/domains.py).
+# Tracking domains (relay/admin/domains.py).
 TRACKING_DOMAINS = Gauge(
     "relay_tracking_domains",
     "Tracking domains by state (pending, verified, failed), read from the store when scraped",
@@ -107,7 +107,7 @@ TRACKING_DOMAIN_CHECKS = Counter(
     registry=REGISTRY,
 )
 
-# SMTP AUTH and the failed-login budget (relay/smtp_guard.py).
+# SMTP AUTH and the failed-login budget (relay/smtp/guard.py).
 SMTP_AUTH = Counter(
     "relay_smtp_auth_total",
     "AUTH attempts, by result (ok, failed, refused: the client address is in its refusal window, "

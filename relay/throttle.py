@@ -2,7 +2,7 @@
 the first one of each kind is logged, the rest within ``interval`` seconds are counted and
 reported with the next line of that kind, so an attack cannot fill the disk with logs.
 
-Both listeners use it: the SMTP limits (relay/smtp_guard.py) and the loop's accept failures
+Both listeners use it: the SMTP limits (relay/smtp/guard.py) and the loop's accept failures
 (``install_accept_handler``), which asyncio would otherwise log with a traceback each time.
 """
 

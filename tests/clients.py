@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from harness import Relay
-
-from relay import apikeys, store
+from relay.admin import apikeys
+from relay.store import engine as store
+from tests.harness import Relay
 
 _SENT = itertools.count()
 

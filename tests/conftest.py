@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnsserver import DnsServer
-from harness import LoopThread, Relay, UpstreamServer, base_settings
 from hypothesis import settings
 
 from relay import config as config_module
+from tests.dnsserver import DnsServer
+from tests.harness import LoopThread, Relay, UpstreamServer, base_settings
 
 # No hypothesis deadline: an example's time says how loaded the machine is, not whether the code
 # is right, and a test never fails because the machine was slow (test_limits did, at load 10).

@@ -1,5 +1,5 @@
-"""Version 1 tokens, made the way relay/tokens.py made them until version 2 (commit 30ac472):
-the relay makes none any more but must verify every one already sent, forever.
+"""Version 1 tokens, made the way relay/tracking/tokens.py made them until version 2 (commit
+30ac472): the relay makes none any more but must verify every one already sent, forever.
 
 ``FIXED`` are tokens that code made (key ``k1`` = ``b"a" * 32``, ``g1`` = ``bytes(range(32))``,
 email id :data:`EMAIL`); ``sign_v1`` reproduces them, so tests can make more.
@@ -11,7 +11,7 @@ import base64
 import hashlib
 import hmac
 
-from relay.tokens import Keyring
+from relay.tracking.tokens import Keyring
 
 EMAIL = "email_01890a5d-ac96-774b-bcce-b302099a8057"
 KEYS = Keyring({"k1": b"a" * 32, "g1": bytes(range(32))}, "k1")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import cli, store
-from relay.commands import CONFIG_ENV
+from relay import cli
+from relay.admin.commands import CONFIG_ENV
+from relay.store import engine as store
 
 # Long-running services print logs, not a result.
 SERVICES = {"serve", "smtp", "http"}

@@ -11,7 +11,7 @@ import pytest
 
 from relay.config import HttpSettings, load, parse
 from relay.errors import ConfigError
-from relay.passwords import hash_password, verify_password
+from relay.smtp.passwords import hash_password, verify_password
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.limits import PER_IP, TOTAL, ConnectionLimits, client_key
-from relay.smtp_guard import peer_key
+from relay.smtp.guard import peer_key
 
 ADDRESSES = ["192.0.2.1", "192.0.2.2", "::ffff:192.0.2.1", "2001:db8::1", "10.0.0.1", None]
 

@@ -1,0 +1,1 @@
+"""The HTTP API and the relay CLI: one module per concept, its routes and commands."""

@@ -1,0 +1,122 @@
+"""``relay messages list|show``: find messages and see what became of each recipient, over the
+same queries as ``GET /api/v1/messages`` (relay/stats/queries.py). Before reading, the ``sending``
+recipients of relay processes that stopped are marked ``unknown`` (relay/smtp/processes.py), as a
+relay does at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from collections.abc import Mapping
+from typing import Any
+
+from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
+from relay.admin.stats_cli import print_events
+from relay.smtp import processes
+from relay.stats import queries
+from relay.stats.maths import InvalidParameter
+
+
+def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
+    parser = commands.add_parser("messages", help="find messages and their recipients' outcome")
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+    statuses = "; ".join(f"{name}: {meaning}" for name, meaning in
+                         queries.RECIPIENT_STATUSES.items())
+    listing = actions.add_parser(
+        "list", help="messages, newest first",
+        description="Messages, newest first. A recipient's status is one of: " + statuses)
+    listing.add_argument("--recipient", help="a recipient's address")
+    listing.add_argument("--message-id", help="the Message-ID header, <> optional")
+    listing.add_argument("--sender", help="the envelope sender")
+    listing.add_argument("--status", choices=list(queries.RECIPIENT_STATUSES),
+                         help="with a recipient (--recipient's, if given) in this state")
+    listing.add_argument("--since", help="yyyy-mm-dd or ISO 8601 date-time")
+    listing.add_argument("--until", help="yyyy-mm-dd (included) or ISO 8601 date-time")
+    listing.add_argument("--limit", type=int, default=queries.DEFAULT_PAGE, help="at most N")
+    listing.add_argument("--cursor", help="next_cursor of a previous page")
+    listing.set_defaults(run=_list)
+    show = actions.add_parser("show", help="one message: recipients and events")
+    show.add_argument("email_id", metavar="EMAIL_ID")
+    show.set_defaults(run=_show)
+    for sub in (listing, show):
+        config_option(sub)
+
+
+def _open(args: argparse.Namespace) -> sqlite3.Connection:
+    conn = open_store(args)
+    processes.mark_unknown(conn)
+    return conn
+
+
+def _list(args: argparse.Namespace) -> int:
+    params = {"recipient": args.recipient or "", "message_id": args.message_id or "",
+              "sender": args.sender or "", "status": args.status or "",
+              "since": args.since or "", "until": args.until or "",
+              "limit": str(args.limit), "cursor": args.cursor or ""}
+    try:
+        message_filter = queries.parse_messages(params)
+    except InvalidParameter as exc:
+        return fail(str(exc))
+    conn = _open(args)
+    query = queries.messages_query(message_filter)
+    rows = conn.execute(query.sql, query.params).fetchall()
+    page = [row[0] for row in rows[:message_filter.limit]]
+    recipients = queries.recipients_query(page)
+    body = queries.messages_body(message_filter, rows,
+                                 conn.execute(recipients.sql, recipients.params).fetchall())
+    return output(args, body, lambda: _print_list(body))
+
+
+def _print_list(body: Mapping[str, Any]) -> None:
+    if not body["messages"]:
+        print("no messages")
+    else:
+        print_table(["received", "email id", "sender", "recipients", "status", "subject"], [
+            (m["created_at"], m["email_id"], m["sender"], _recipients(m), _statuses(m),
+             m["subject"]) for m in body["messages"]])
+    if body["next_cursor"]:
+        print(f"more: --cursor {body['next_cursor']}")
+
+
+def _recipients(message: Mapping[str, Any]) -> str:
+    recipients = message["recipients"]
+    if not recipients:
+        return "-"
+    more = f" +{len(recipients) - 1}" if len(recipients) > 1 else ""
+    return recipients[0]["recipient"] + more
+
+
+def _statuses(message: Mapping[str, Any]) -> str:
+    return ", ".join(f"{status} {count}" if len(message["statuses"]) > 1 else status
+                     for status, count in sorted(message["statuses"].items())) or "-"
+
+
+def _show(args: argparse.Namespace) -> int:
+    conn = _open(args)
+    message_q, recipients_q, events_q = queries.message_queries(args.email_id)
+    found = conn.execute(message_q.sql, message_q.params).fetchall()
+    if not found:
+        return fail(f"no message {args.email_id!r}")
+    body = queries.message_body(
+        found[0], conn.execute(recipients_q.sql, recipients_q.params).fetchall(),
+        conn.execute(events_q.sql, events_q.params).fetchall())
+    return output(args, body, lambda: _print_message(body))
+
+
+def _print_message(m: Mapping[str, Any]) -> None:
+    print(f"{m['email_id']}  received {m['created_at']}  from {m['sender']}")
+    for label, value in (("Message-ID", m["message_id"]), ("subject", m["subject"]),
+                         ("tag", m["tag_name"]), ("tags", ", ".join(m["tags"])),
+                         ("campaign", m["campaign"]), ("topic", m["topic"]),
+                         ("tracking", m["tracking"]["decision"])):
+        if value:
+            print(f"  {label}: {value}")
+    print()
+    print_table(["recipient", "status", "at", "reply"],
+                [(r["recipient"], r["status"], r["at"], r["reply"]) for r in m["recipients"]])
+    print()
+    if m["events"]:
+        print_events(m["events"])
+    else:
+        print("no opens or clicks")

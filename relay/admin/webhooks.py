@@ -1,0 +1,423 @@
+"""Managing webhook endpoints and their deliveries: ``relay webhooks ...`` and
+``/api/v1/webhooks`` (tables and delivery: relay/webhooks/outbox.py).
+
+Endpoints from the config file are listed beside those added here, and can only be changed in
+the file. A secret is shown once, when an endpoint is added; listings never show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from relay import config as config_module
+from relay.admin.api import CONTEXT, ERROR_REF, ApiError, Operation, json_response
+from relay.admin.commands import ConfigOption, fail, format_time, open_store, output, print_table
+from relay.admin.settings import json_body, transaction
+from relay.webhooks.outbox import delete_endpoint, sync_endpoints
+from relay.webhooks.payloads import (
+    EVENT_TYPES,
+    FAILED,
+    NAME,
+    PENDING,
+    events_problem,
+    new_secret,
+    secret_problem,
+    url_problem,
+)
+
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEndpoint:
+    name: str
+    url: str
+    secret: str
+    events: tuple[str, ...] = EVENT_TYPES
+    allow_private: bool = False
+    timeout: float = 10.0
+
+    def problem(self) -> str | None:
+        if not NAME.fullmatch(self.name):
+            return "name: 1-64 letters, digits, '-' or '_'"
+        for key, problem in (("url", url_problem(self.url)),
+                             ("secret", secret_problem(self.secret)),
+                             ("events", events_problem(self.events))):
+            if problem:
+                return f"{key}: {problem}"
+        if not 0 < self.timeout <= 60:
+            return "timeout: seconds, more than 0 and at most 60"
+        return None
+
+
+# --- storage ------------------------------------------------------------------------------
+
+
+def add(conn: sqlite3.Connection, endpoint: NewEndpoint, now: float) -> None:
+    problem = endpoint.problem()
+    if problem:
+        raise ValueError(problem)
+    try:
+        conn.execute("INSERT INTO webhook_endpoints (name, source, url, secret, events,"
+                     " allow_private, timeout, created_at) VALUES (?, 'api', ?, ?, ?, ?, ?, ?)",
+                     (endpoint.name, endpoint.url, endpoint.secret,
+                      json.dumps(list(dict.fromkeys(endpoint.events))), endpoint.allow_private,
+                      endpoint.timeout, now))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"an endpoint named {endpoint.name!r} exists already") from None
+
+
+def remove(conn: sqlite3.Connection, name: str) -> bool:
+    source = _source(conn, name)
+    if source == "config":
+        raise ValueError(f"{name!r} is defined in the config file; remove it there")
+    return source is not None and delete_endpoint(conn, name)
+
+
+def enable(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL"
+                        " WHERE name = ?", (name,)).rowcount == 1
+
+
+def _source(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT source FROM webhook_endpoints WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+_ENDPOINTS = """SELECT name, source, url, events, allow_private, timeout, created_at,
+    disabled_at, disabled_reason,
+    (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint = name AND o.batch_id IS NULL),
+    (SELECT count(*) FROM webhook_batches b WHERE b.endpoint = name AND b.state = 'pending')
+    FROM webhook_endpoints ORDER BY name"""
+
+
+def endpoints(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every endpoint, without its secret, with how much waits for it."""
+    return [{"name": name, "source": source, "url": url, "events": json.loads(events),
+             "allow_private": bool(private), "timeout": timeout, "created_at": created,
+             "disabled_at": disabled_at, "disabled_reason": reason,
+             "waiting_events": waiting, "pending_batches": pending}
+            for (name, source, url, events, private, timeout, created, disabled_at, reason,
+                 waiting, pending) in conn.execute(_ENDPOINTS)]
+
+
+_BATCH_COLUMNS = ("id", "endpoint", "state", "events", "attempts", "created_at", "next_at",
+                  "finished_at", "last_status", "last_error")
+
+
+def deliveries(conn: sqlite3.Connection, endpoint: str | None = None, state: str | None = None,
+               limit: int = 50) -> list[dict[str, Any]]:
+    """Batches, newest first, with the result of their last attempt."""
+    query = f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches WHERE 1"
+    params: list[Any] = []
+    for column, value in (("endpoint", endpoint), ("state", state)):
+        if value is not None:
+            query += f" AND {column} = ?"
+            params.append(value)
+    rows = conn.execute(query + " ORDER BY created_at DESC LIMIT ?", (*params, limit))
+    return [dict(zip(_BATCH_COLUMNS, row, strict=True)) for row in rows]
+
+
+def batch(conn: sqlite3.Connection, batch_id: str) -> dict[str, Any] | None:
+    """One batch with its attempts and event ids."""
+    row = conn.execute(f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches WHERE id = ?",
+                       (batch_id,)).fetchone()
+    if row is None:
+        return None
+    attempts = conn.execute("SELECT attempt, at, seconds, status, error FROM webhook_attempts"
+                            " WHERE batch_id = ? ORDER BY attempt", (batch_id,))
+    event_ids = conn.execute("SELECT event_id FROM webhook_outbox WHERE batch_id = ?"
+                             " ORDER BY seq", (batch_id,))
+    return {**dict(zip(_BATCH_COLUMNS, row, strict=True)),
+            "attempt_log": [dict(zip(("attempt", "at", "seconds", "status", "error"), a,
+                                     strict=True)) for a in attempts],
+            "event_ids": [e[0] for e in event_ids]}
+
+
+def replay(conn: sqlite3.Connection, batch_ids: Sequence[str], now: float,
+           keep_trying: float) -> int:
+    """Send these batches again as soon as their endpoint is enabled; with the same batch and
+    event ids, and a fresh retry window. Returns how many were found."""
+    return sum(conn.execute(
+        "UPDATE webhook_batches SET state = ?, next_at = ?, deadline = ?, finished_at = NULL,"
+        " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+        (PENDING, now, now + keep_trying, batch_id)).rowcount for batch_id in batch_ids)
+
+
+def failed_batches(conn: sqlite3.Connection, endpoint: str | None) -> list[str]:
+    return [row["id"] for row in deliveries(conn, endpoint, FAILED, limit=-1)]
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
+    parser = commands.add_parser("webhooks", help="webhook endpoints and their deliveries")
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+    subs = []
+    listing = actions.add_parser("list", help="list endpoints (never their secrets)")
+    listing.set_defaults(run=_list)
+    adding = actions.add_parser("add", help="add an endpoint; prints its secret once")
+    adding.add_argument("name")
+    adding.add_argument("url")
+    adding.add_argument("--event", action="append", choices=EVENT_TYPES, dest="events",
+                        help="subscribe to this event (repeat; default: all)")
+    adding.add_argument("--secret-stdin", action="store_true",
+                        help="read the whsec_ secret from standard input (default: generate)")
+    adding.add_argument("--allow-private", action="store_true",
+                        help="allow loopback, private and link-local target addresses")
+    adding.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
+    adding.set_defaults(run=_add)
+    for name, run, text in (("remove", _remove, "remove an endpoint and its queue"),
+                            ("enable", _enable, "enable an endpoint disabled by a 410")):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("name")
+        sub.set_defaults(run=run)
+        subs.append(sub)
+    shown = actions.add_parser("deliveries", help="list deliveries (batches) and failures")
+    shown.add_argument("--endpoint")
+    shown.add_argument("--state", choices=DELIVERY_STATES)
+    shown.add_argument("--limit", type=int, default=50)
+    shown.add_argument("--batch", help="show one batch: its attempts and event ids")
+    shown.set_defaults(run=_deliveries)
+    again = actions.add_parser("replay", help="send batches again (same batch and event ids)")
+    again.add_argument("batch_ids", nargs="*", metavar="BATCH_ID")
+    again.add_argument("--failed", action="store_true", help="every failed batch")
+    again.add_argument("--endpoint", help="with --failed: only this endpoint's")
+    again.set_defaults(run=_replay)
+    for sub in (listing, adding, shown, again, *subs):
+        config_option(sub)
+
+
+def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, config_module.Config]:
+    """The store, with the config file's endpoints synced into it."""
+    cfg = config_module.load(args.config)
+    conn = open_store(args)
+    sync_endpoints(conn, cfg.webhooks, time.time())
+    return conn, cfg
+
+
+def _list(args: argparse.Namespace) -> int:
+    conn, _ = _open(args)
+    found = endpoints(conn)
+    return output(args, {"webhooks": found}, lambda: print_table(
+        ("NAME", "SOURCE", "URL", "EVENTS", "STATE", "WAITING"), [
+            (e["name"], e["source"], e["url"], ",".join(e["events"]),
+             f"disabled {format_time(e['disabled_at'])}" if e["disabled_at"] else "enabled",
+             e["waiting_events"]) for e in found]))
+
+
+def _add(args: argparse.Namespace) -> int:
+    conn, _ = _open(args)
+    secret = sys.stdin.readline().strip() if args.secret_stdin else new_secret()
+    endpoint = NewEndpoint(args.name, args.url, secret, tuple(args.events or EVENT_TYPES),
+                           args.allow_private, args.timeout)
+    try:
+        with transaction(conn):
+            add(conn, endpoint, time.time())
+    except ValueError as exc:
+        return fail(str(exc))
+
+    def human() -> None:  # the secret alone on standard output, for scripts
+        print(secret)
+        print(f"relay: added webhook endpoint {args.name!r}; its signing secret is shown only "
+              "this once", file=sys.stderr)
+
+    return output(args, {"name": args.name, "secret": secret}, human)
+
+
+def _remove(args: argparse.Namespace) -> int:
+    conn, _ = _open(args)
+    try:
+        with transaction(conn):
+            removed = remove(conn, args.name)
+    except ValueError as exc:
+        return fail(str(exc))
+    if not removed:
+        return fail(f"no endpoint named {args.name!r}")
+    return output(args, {"name": args.name, "removed": True},
+                  lambda: print(f"removed {args.name}"))
+
+
+def _enable(args: argparse.Namespace) -> int:
+    conn, _ = _open(args)
+    with transaction(conn):
+        if not enable(conn, args.name):
+            return fail(f"no endpoint named {args.name!r}")
+    return output(args, {"name": args.name, "enabled": True},
+                  lambda: print(f"enabled {args.name}"))
+
+
+def _deliveries(args: argparse.Namespace) -> int:
+    conn, _ = _open(args)
+    if args.batch:
+        found = batch(conn, args.batch)
+        if found is None:
+            return fail(f"no batch {args.batch!r}")
+        return output(args, found, lambda: _print_batch(found))
+    rows = deliveries(conn, args.endpoint, args.state, args.limit)
+    return output(args, {"deliveries": rows}, lambda: print_table(
+        ("BATCH", "ENDPOINT", "STATE", "EVENTS", "ATTEMPTS", "CREATED", "NEXT", "LAST"), [
+            (d["id"], d["endpoint"], d["state"], d["events"], d["attempts"],
+             format_time(d["created_at"]),
+             format_time(d["next_at"]) if d["state"] == PENDING else "-",
+             d["last_error"] or d["last_status"]) for d in rows]))
+
+
+def _print_batch(found: dict[str, Any]) -> None:
+    print(f"{found['id']} to {found['endpoint']}: {found['state']}, "
+          f"{found['events']} events: {' '.join(found['event_ids'])}")
+    print_table(("ATTEMPT", "AT", "SECONDS", "STATUS", "ERROR"), [
+        (a["attempt"], format_time(a["at"]), f"{a['seconds']:.2f}", a["status"], a["error"])
+        for a in found["attempt_log"]])
+
+
+def _replay(args: argparse.Namespace) -> int:
+    conn, cfg = _open(args)
+    if bool(args.batch_ids) == args.failed:
+        return fail("name batch ids, or --failed (optionally with --endpoint)", 2)
+    with transaction(conn):
+        ids = failed_batches(conn, args.endpoint) if args.failed else args.batch_ids
+        count = replay(conn, ids, time.time(), cfg.webhook_delivery.retry_hours * 3600)
+    output(args, {"replayed": count}, lambda: print(f"{count} batches queued again"))
+    return 0 if count == len(ids) else 1
+
+
+# --- API ----------------------------------------------------------------------------------
+
+
+async def _list_endpoints(request: web.Request) -> web.Response:
+    return json_response({"webhooks": endpoints(request.app[CONTEXT].store.writer)})
+
+
+async def _add_endpoint(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    try:
+        endpoint = NewEndpoint(
+            _typed(body, "name", str, ""), _typed(body, "url", str, ""),
+            _typed(body, "secret", str, "") or new_secret(),
+            tuple(_typed(body, "events", list, list(EVENT_TYPES))),
+            _typed(body, "allow_private", bool, False),
+            float(_typed(body, "timeout", (int, float), 10.0)))
+        await request.app[CONTEXT].store.write(lambda conn: add(conn, endpoint, time.time()))
+    except (ValueError, OverflowError) as exc:  # float() of a huge integer overflows
+        status = 409 if "exists already" in str(exc) else 400
+        raise ApiError(status, str(exc)) from None
+    return json_response({"name": endpoint.name, "secret": endpoint.secret}, 201)
+
+
+def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(key, default)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{key}: wrong type")
+    return value
+
+
+async def _remove_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        removed = await request.app[CONTEXT].store.write(lambda conn: remove(conn, name))
+    except ValueError as exc:
+        raise ApiError(409, str(exc)) from None
+    if not removed:
+        raise ApiError(404, f"no endpoint named {name!r}")
+    return web.Response(status=204)
+
+
+async def _enable_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not await request.app[CONTEXT].store.write(lambda conn: enable(conn, name)):
+        raise ApiError(404, f"no endpoint named {name!r}")
+    return json_response({"name": name, "enabled": True})
+
+
+async def _list_deliveries(request: web.Request) -> web.Response:
+    query = request.query
+    state = query.get("state")
+    if state is not None and state not in DELIVERY_STATES:
+        raise ApiError(400, f"state: one of {', '.join(DELIVERY_STATES)}")
+    try:
+        limit = int(query.get("limit", "50"))
+    except ValueError:
+        raise ApiError(400, "limit: a number") from None
+    rows = deliveries(request.app[CONTEXT].store.writer, query.get("endpoint"), state,
+                      max(1, min(limit, 1000)))
+    return json_response({"deliveries": rows})
+
+
+async def _show_delivery(request: web.Request) -> web.Response:
+    found = batch(request.app[CONTEXT].store.writer, request.match_info["batch_id"])
+    if found is None:
+        raise ApiError(404, "no such batch")
+    return json_response(found)
+
+
+async def _replay_deliveries(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    context = request.app[CONTEXT]
+    keep_trying = context.config.webhook_delivery.retry_hours * 3600
+    ids = body.get("batch_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+        raise ApiError(400, "batch_ids: a list of batch ids")
+    if (ids is None) != (body.get("failed") is True):
+        raise ApiError(400, 'send "batch_ids", or "failed": true (optionally with "endpoint")')
+    if not isinstance(body.get("endpoint", ""), str):
+        raise ApiError(400, "endpoint: the name of a webhook endpoint")
+
+    def write(conn: sqlite3.Connection) -> int:
+        chosen = ids if ids is not None else failed_batches(conn, body.get("endpoint"))
+        return replay(conn, chosen, time.time(), keep_trying)
+
+    return json_response({"replayed": await context.store.write(write)})
+
+
+_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+_ADD_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["name", "url"], "properties": {
+        "name": {"type": "string"}, "url": {"type": "string"},
+        "secret": {"type": "string", "description": "whsec_ + base64; generated if absent"},
+        "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_TYPES)}},
+        "allow_private": {"type": "boolean"}, "timeout": {"type": "number"}}}}}}
+_REPLAY_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {
+        "batch_ids": {"type": "array", "items": {"type": "string"}},
+        "failed": {"type": "boolean"}, "endpoint": {"type": "string"}}}}}}
+_TAGS = ("webhooks",)
+
+OPERATIONS = [
+    Operation("GET", "/webhooks", _list_endpoints, "List webhook endpoints", "listWebhooks",
+              tags=_TAGS),
+    Operation("POST", "/webhooks", _add_endpoint, "Add a webhook endpoint (returns its secret)",
+              "addWebhook", request_body=_ADD_BODY, tags=_TAGS, responses={
+                  "201": {"description": "Added: its name and secret"},
+                  "409": {"description": "An endpoint of that name exists already",
+                          **ERROR_REF}}),
+    Operation("DELETE", "/webhooks/{name}", _remove_endpoint, "Remove a webhook endpoint",
+              "removeWebhook", parameters=_NAME, tags=_TAGS, responses={
+                  "204": {"description": "Removed"},
+                  "409": {"description": "Defined in the config file: remove it there",
+                          **ERROR_REF}}),
+    Operation("POST", "/webhooks/{name}/enable", _enable_endpoint,
+              "Enable an endpoint disabled by a 410", "enableWebhook", parameters=_NAME,
+              tags=_TAGS),
+    Operation("GET", "/webhook-deliveries", _list_deliveries, "List webhook deliveries",
+              "listWebhookDeliveries", tags=_TAGS, parameters=[
+                  {"name": n, "in": "query", "schema": {"type": t}}
+                  for n, t in (("endpoint", "string"), ("state", "string"),
+                               ("limit", "integer"))]),
+    Operation("GET", "/webhook-deliveries/{batch_id}", _show_delivery,
+              "A delivery with its attempts", "getWebhookDelivery", tags=_TAGS,
+              parameters=[{"name": "batch_id", "in": "path", "required": True,
+                           "schema": {"type": "string"}}]),
+    Operation("POST", "/webhook-deliveries/replay", _replay_deliveries, "Send deliveries again",
+              "replayWebhookDeliveries", request_body=_REPLAY_BODY, tags=_TAGS),
+]

@@ -1,0 +1,1 @@
+"""Pure 'what to track': the decision, the rules snapshot it reads, name rules."""

@@ -1,0 +1,1 @@
+"""Pure bytes -> bytes: headers, MIME, markup, links, DKIM re-signing, the splice."""

@@ -1,0 +1,1 @@
+"""The mail path: SMTP server, pipeline, retries, Received line, the upstream pool."""

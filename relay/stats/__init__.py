@@ -1,0 +1,1 @@
+"""Statistics: the maths (pure), counters kept on write, the queries that read them."""

@@ -1,0 +1,1 @@
+"""The SQLite store: connection, group commit, migrations; retention and erasure."""

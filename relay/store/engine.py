@@ -1,0 +1,595 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Writes are grouped: callers hand a function to :meth:`Store.write` and await it; every write
+queued during one turn of the event loop runs in one transaction, each inside its own
+savepoint, and the awaiting callers resume only after that transaction committed. A commit in
+WAL mode with ``synchronous=NORMAL`` survives the process being killed, so "the caller got an
+answer" implies "the row is in the file". Writes run on the event loop thread: a commit of a
+batch costs well under a millisecond, less than handing it to a worker thread would. Copying the
+WAL back into the file (checkpointing: page writes and fsyncs) is not on the loop: a
+:class:`Checkpointer` thread does it (worth ~15-25% of the tracker's throughput). Nor does the
+loop wait in SQLite's busy handler while another connection holds the write lock: the group
+commit tries the lock and, when it is taken, tries again shortly (:meth:`Store._flush`).
+
+Reads that may scan (statistics, listings) go through aiosqlite on their own connection, in its
+thread, so they never stall the loop.
+
+Every table is created by a named migration in :data:`MIGRATIONS` (one entry per change, never
+edited once released); they run once, in order, and are recorded in the ``migrations`` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from relay.errors import StoreError
+
+log = logging.getLogger("relay.store")
+
+T = TypeVar("T")
+CACHE_KIB = 65536
+# The WAL is copied back by Checkpointer's thread every CHECKPOINT_SECONDS; the writer itself
+# checkpoints only past WRITER_CHECKPOINT_PAGES (40 MB of 4 KiB pages), as a backstop.
+CHECKPOINT_SECONDS = 0.1
+WRITER_CHECKPOINT_PAGES = 10000
+# How long a connection waits for the write lock another one holds.
+BUSY_TIMEOUT_MS = 5000
+# A group commit that finds the write lock taken tries again after this long (Store._flush).
+LOCK_RETRY_SECONDS = 0.0005
+SQLITE_BUSY = 5
+WriteFn = Callable[[sqlite3.Connection], T]
+
+MIGRATIONS: dict[str, str] = {
+    "0001_messages": """
+        CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            secret BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE messages (
+            email_id TEXT PRIMARY KEY,
+            message_id TEXT,
+            sender TEXT NOT NULL,
+            sender_domain TEXT NOT NULL,
+            subject TEXT,
+            tag_name TEXT,
+            tags TEXT NOT NULL DEFAULT '[]',
+            campaign TEXT,
+            topic TEXT,
+            track_opens INTEGER NOT NULL,
+            track_clicks INTEGER NOT NULL,
+            decision TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX messages_created ON messages (created_at);
+        CREATE INDEX messages_message_id ON messages (message_id);
+        CREATE TABLE recipients (
+            email_id TEXT NOT NULL REFERENCES messages (email_id) ON DELETE CASCADE,
+            recipient TEXT NOT NULL,
+            status TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (email_id, recipient)
+        );
+        CREATE TABLE deliveries (
+            message_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            email_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (message_id, recipient)
+        );
+    """,
+    # Opens and clicks, bots included; per-recipient engagement (see relay/tracking/events.py).
+    "0002_events": """
+        CREATE TABLE events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            at REAL NOT NULL,
+            email_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            url TEXT,
+            ip TEXT,
+            user_agent TEXT NOT NULL,
+            method TEXT NOT NULL,
+            classification TEXT NOT NULL,
+            bot_source TEXT,
+            reason TEXT,
+            counted INTEGER NOT NULL,
+            implied INTEGER NOT NULL,
+            first_for_recipient INTEGER NOT NULL,
+            first_for_link INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX events_at ON events (at);
+        CREATE TABLE engagement (
+            email_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            target TEXT NOT NULL,
+            hits INTEGER NOT NULL,
+            counted INTEGER NOT NULL,
+            last_at REAL NOT NULL,
+            PRIMARY KEY (email_id, recipient, target)
+        ) WITHOUT ROWID;
+    """,
+    "0003_api_keys": """
+        CREATE TABLE api_keys (
+            name TEXT PRIMARY KEY,
+            key_hash BLOB NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+    """,
+    # Stored rules (relay/admin/settings.py, domains.py, tags.py). Every change to them increments
+    # rules_generation in its transaction; config_seeds marks config items already seeded.
+    "0004_settings": """
+        CREATE TABLE rules_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation INTEGER NOT NULL
+        );
+        INSERT INTO rules_generation VALUES (1, 0);
+        CREATE TABLE config_seeds (
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (kind, key)
+        );
+        CREATE TABLE account_settings (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        INSERT INTO account_settings VALUES (1, 0, 0, unixepoch());
+        CREATE TABLE domain_settings (
+            domain TEXT PRIMARY KEY,
+            opens INTEGER,
+            clicks INTEGER,
+            exclude_hosts TEXT NOT NULL DEFAULT '[]',
+            updated_at REAL NOT NULL
+        );
+    """,
+    "0005_tracking_domains": """
+        CREATE TABLE tracking_domains (
+            host TEXT PRIMARY KEY,
+            sender_domain TEXT NOT NULL UNIQUE,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'verified', 'failed')),
+            reason TEXT,
+            last_check TEXT,
+            checked_at REAL,
+            created_at REAL NOT NULL
+        );
+    """,
+    "0006_tags": """
+        CREATE TABLE tags (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL
+        );
+    """,
+    # Webhook endpoints and the durable outbox (see relay/webhooks/outbox.py).
+    "0020_webhooks": """
+        CREATE TABLE webhook_endpoints (
+            name TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            events TEXT NOT NULL,
+            allow_private INTEGER NOT NULL,
+            timeout REAL NOT NULL,
+            created_at REAL NOT NULL,
+            disabled_at REAL,
+            disabled_reason TEXT
+        );
+        CREATE TABLE webhook_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            occurred_at REAL NOT NULL,
+            data TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            batch_id TEXT
+        );
+        CREATE INDEX webhook_outbox_unbatched ON webhook_outbox (endpoint, seq)
+            WHERE batch_id IS NULL;
+        CREATE INDEX webhook_outbox_batch ON webhook_outbox (batch_id);
+        CREATE TABLE webhook_batches (
+            id TEXT PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            state TEXT NOT NULL,
+            events INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            next_at REAL NOT NULL,
+            deadline REAL NOT NULL,
+            lease_owner TEXT,
+            lease_until REAL,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            last_status INTEGER,
+            last_error TEXT
+        );
+        CREATE INDEX webhook_batches_due ON webhook_batches (state, next_at);
+        CREATE INDEX webhook_batches_endpoint ON webhook_batches (endpoint, created_at);
+        CREATE TABLE webhook_attempts (
+            batch_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            at REAL NOT NULL,
+            seconds REAL NOT NULL,
+            status INTEGER,
+            error TEXT,
+            PRIMARY KEY (batch_id, attempt)
+        ) WITHOUT ROWID;
+    """,
+    # Statistics (relay/stats/rollup.py): daily counters kept on write; event listings by message
+    # and by recipient (relay/stats/queries.py).
+    "0010_stats": """
+        CREATE TABLE stats_daily (
+            day TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            tag_name TEXT NOT NULL,
+            esp TEXT NOT NULL,
+            sender_domain TEXT NOT NULL,
+            campaign TEXT NOT NULL,
+            sent INTEGER NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, sender, tag_name, esp, sender_domain, campaign)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats_daily_tags (
+            day TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            sent INTEGER NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, tag)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats_daily_links (
+            day TEXT NOT NULL,
+            url TEXT NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, url)
+        ) WITHOUT ROWID;
+        CREATE INDEX events_email ON events (email_id);
+        CREATE INDEX events_recipient ON events (recipient);
+    """,
+    # Device, client, OS and location of each event (relay/tracking/enrich.py) and the daily
+    # counters by device, client and country (relay/stats/breakdown.py); events recorded before this
+    # migration are counted there under '' (unknown).
+    "0030_event_details": """
+        ALTER TABLE events ADD COLUMN device TEXT;
+        ALTER TABLE events ADD COLUMN client TEXT;
+        ALTER TABLE events ADD COLUMN os TEXT;
+        ALTER TABLE events ADD COLUMN country TEXT;
+        ALTER TABLE events ADD COLUMN region TEXT;
+        ALTER TABLE events ADD COLUMN city TEXT;
+        CREATE TABLE stats_daily_agents (
+            day TEXT NOT NULL,
+            device TEXT NOT NULL,
+            client TEXT NOT NULL,
+            country TEXT NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, device, client, country)
+        ) WITHOUT ROWID;
+        CREATE VIEW stats_daily_agents_sent AS
+            SELECT day, device, client, country, 0 AS sent, opens, unique_opens, clicks,
+                   unique_clicks
+            FROM stats_daily_agents;
+        INSERT INTO stats_daily_agents
+            SELECT date(m.created_at, 'unixepoch'), '', '', '', sum(e.type = 'open'),
+                   sum(e.type = 'open' AND e.first_for_recipient), sum(e.type = 'click'),
+                   sum(e.type = 'click' AND e.first_for_recipient)
+            FROM events e JOIN messages m ON m.email_id = e.email_id
+            WHERE e.counted GROUP BY 1;
+    """,
+    # Deliveries are remembered by the message's content digest (relay/smtp/dedupe.py), not by its
+    # Message-ID, which distinct messages may share; claims keep two tries of one message
+    # from sending at once, across processes. The rows remembered by Message-ID alone cannot
+    # be given a digest: they are dropped (a retry of a message sent before this migration,
+    # within smtp.dedupe_hours, may reach its recipients again; taking them by Message-ID
+    # would go on dropping distinct messages that share one).
+    "0031_deliveries_by_content": """
+        DROP TABLE deliveries;
+        CREATE TABLE deliveries (
+            digest BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            message_id TEXT,
+            email_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (digest, recipient)
+        );
+        CREATE TABLE send_owners (
+            owner TEXT PRIMARY KEY,
+            seen_at REAL NOT NULL
+        );
+        CREATE TABLE send_claims (
+            digest BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            email_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (digest, recipient)
+        );
+    """,
+    # Each message's links: how many were tracked out of how many, and why the others were
+    # left alone (relay/smtp/pipeline.py links_json). NULL for messages recorded before, and for
+    # those whose links were not looked at.
+    "0040_message_links": """
+        ALTER TABLE messages ADD COLUMN links TEXT;
+    """,
+    # Finding messages (relay/stats/queries.py: by recipient, sender, status; Message-ID has its
+    # index) and knowing which process sends one (relay/smtp/processes.py): its recipients are
+    # 'sending' until their answers are recorded, 'unknown' if that process stopped first.
+    "0041_message_search": """
+        CREATE TABLE processes (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            boot_id TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        ALTER TABLE messages ADD COLUMN process INTEGER;
+        CREATE INDEX messages_sender ON messages (sender COLLATE NOCASE, email_id);
+        CREATE INDEX recipients_recipient ON recipients (recipient COLLATE NOCASE, email_id);
+        CREATE INDEX recipients_status ON recipients (status, email_id);
+    """,
+    # Every try deletes the claims of owners whose lease ran out (relay/smtp/dedupe.py
+    # forget_stale): found by these indexes, it costs next to nothing when there are none.
+    "0042_send_claims_by_owner": """
+        CREATE INDEX send_claims_owner ON send_claims (owner);
+        CREATE INDEX send_owners_seen_at ON send_owners (seen_at);
+    """,
+}
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the pragmas every user of the file needs; ``StoreError`` naming the
+    file when it cannot be made, opened or read (not a database, no permission)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(path, getattr(exc, "strerror", None) or str(exc)) from None
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    # Savepoint (statement) journals and temporary b-trees in memory: a group commit writes
+    # one savepoint per caller, which would otherwise open, write and unlink a temp file.
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # 64 MB of page cache (negative: KiB), so the hot pages of the event tables stay in memory.
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    return conn
+
+
+def add_lower(conn: sqlite3.Connection) -> None:
+    """``relay_lower()`` in SQL on ``conn``: Python's lower(), since SQLite's folds ASCII
+    letters only (and SMTPUTF8 lets addresses such as JÖRG@example.org in); NULL stays NULL."""
+    conn.create_function("relay_lower", 1, _lower, deterministic=True)
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this file has not seen; returns their names."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    applied = []
+    for name, script in MIGRATIONS.items():
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+def _statements(script: str) -> Iterable[str]:
+    return (s for s in script.split(";") if s.strip())
+
+
+class Checkpointer:
+    """Copies committed WAL pages into the database file from a thread of its own (PASSIVE
+    checkpoints every ``interval`` seconds), so the page writes and fsyncs of checkpointing
+    stay off the event loop. The writer keeps a large automatic checkpoint as a backstop: it
+    finds the pages already copied, finishes the rest, and lets the WAL start over."""
+
+    def __init__(self, path: Path, interval: float = CHECKPOINT_SECONDS) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, interval),
+                                        name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path, interval: float) -> None:
+        conn = connect(path)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or failing disk: the backstop still runs
+                    log.warning("background checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Store:
+    def __init__(self, path: Path, writer: sqlite3.Connection) -> None:
+        self.path = path
+        self.writer = writer
+        self._checkpointer: Checkpointer | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[tuple[WriteFn[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._locked_since: float | None = None
+        self.lock_timeout = BUSY_TIMEOUT_MS / 1000
+        self.batches = 0
+        self.last_batch_size = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        writer = connect(path)
+        migrate(writer)
+        writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
+        store = cls(path, writer)
+        store._checkpointer = Checkpointer(path)
+        return store
+
+    async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        self._flush(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        if self._reader is not None:
+            await self._reader.close()
+        self.writer.close()
+
+    async def _read_connection(self) -> aiosqlite.Connection:
+        """Opened on first use: a process that only relays mail never starts its thread."""
+        if self._reader is None:
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._reader = reader
+        return self._reader
+
+    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+        """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def execute_now(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """A small read on the writer connection (primary-key lookups on the hot path)."""
+        return self.writer.execute(sql, tuple(params)).fetchall()
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """A read that may scan: runs on the reader's thread."""
+        reader = await self._read_connection()
+        async with reader.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    def _flush(self, wait: bool = False) -> None:
+        """Run the pending writes in one transaction once this connection holds the write lock.
+
+        While another connection holds it (another worker process, a purge, a CLI command),
+        SQLite's busy handler would sleep on the event loop thread, stalling every request and
+        session of this process. Unless ``wait`` is set, the lock is only tried: when taken,
+        the flush is tried again shortly, the loop goes on meanwhile, and what is written
+        meanwhile joins the batch. Writers get the "database is locked" error after
+        ``lock_timeout`` seconds of this, as they would from the busy handler.
+        """
+        self._flush_scheduled = False
+        self._retry = None
+        if not self._pending:
+            return
+        try:
+            self._begin(wait)
+        except sqlite3.OperationalError as exc:
+            if not wait and _is_busy(exc) and self._keep_trying():
+                self._flush_scheduled = True
+                self._retry = asyncio.get_running_loop().call_later(LOCK_RETRY_SECONDS,
+                                                                    self._flush)
+                return
+            self._fail(self._take_pending(), exc)
+            return
+        self._commit(self._take_pending())
+
+    def _begin(self, wait: bool) -> None:
+        if wait:
+            self.writer.execute("BEGIN IMMEDIATE")
+            return
+        self.writer.execute("PRAGMA busy_timeout=0")
+        try:
+            self.writer.execute("BEGIN IMMEDIATE")
+        finally:
+            self.writer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _keep_trying(self) -> bool:
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        return now - self._locked_since < self.lock_timeout
+
+    def _take_pending(self) -> list[tuple[WriteFn[Any], asyncio.Future[Any]]]:
+        self._locked_since = None
+        batch, self._pending = self._pending, []
+        return batch
+
+    def _commit(self, batch: list[tuple[WriteFn[Any], asyncio.Future[Any]]]) -> None:
+        """Run the batch in the open transaction, commit, and resolve its futures."""
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            for fn, future in batch:
+                results.append((future, *_in_savepoint(self.writer, fn)))
+            self.writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.writer.in_transaction:
+                self.writer.execute("ROLLBACK")
+            self._fail(batch, exc)
+            return
+        self.batches += 1
+        self.last_batch_size = len(batch)
+        for future, ok, value in results:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    @staticmethod
+    def _fail(batch: list[tuple[WriteFn[Any], asyncio.Future[Any]]], exc: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return exc.sqlite_errorcode & 0xFF == SQLITE_BUSY  # the primary code of an extended one
+
+
+def _in_savepoint(conn: sqlite3.Connection, fn: WriteFn[Any]) -> tuple[bool, Any]:
+    conn.execute("SAVEPOINT write")
+    try:
+        value = fn(conn)
+    except Exception as exc:  # one caller's failure must not undo the others' writes
+        conn.execute("ROLLBACK TO write")
+        conn.execute("RELEASE write")
+        return False, exc
+    conn.execute("RELEASE write")
+    return True, value

@@ -1,0 +1,1 @@
+"""The tracker: HTTP service, tokens and their keyring, bots, enrichment, events."""

@@ -1,0 +1,1 @@
+"""Webhooks: payloads and signatures (pure), the outbox and its delivery worker."""

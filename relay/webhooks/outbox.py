@@ -1,0 +1,497 @@
+"""The durable webhook outbox: rows written with the event they report, and the worker that
+delivers them (payloads and signatures: relay/webhooks/payloads.py).
+
+Tables (migration ``0020_webhooks`` in relay/store/engine.py):
+
+=====================  ===================================================================
+webhook_endpoints      one per endpoint: ``[[webhooks]]`` tables (source ``config``, synced at
+                       start-up) and those added through the API or CLI (source ``api``);
+                       ``disabled_at`` is set when the receiver answers ``410``
+webhook_events         one per reported event: id (``evt_``), type, time, the ``data`` JSON
+webhook_outbox         one per (endpoint, event); ``batch_id`` NULL until the worker batches it
+webhook_batches        one per POST body: state (pending, delivered, failed), attempts,
+                       ``next_at``, the give-up ``deadline``, and the lease of the process
+                       sending it
+webhook_attempts       one per finished attempt: HTTP status or error, duration
+=====================  ===================================================================
+
+Enqueueing: :class:`Outbox` gives the tracker's event listener (relay/tracking/events.py) and the
+mail pipeline's message listener; both write inside the transaction of the event or the message
+rows, so a stored event always has its outbox rows. A listener never raises: its writes sit in
+a savepoint of their own, and a failure is logged and rolled back alone, leaving the event or
+the message stored (a bug in webhooks must not cost a recipient a redirect or a sender a
+duplicate).
+
+Delivery: every process that records events or mail runs a :class:`DeliveryWorker`. Each turn
+it forms batches of waiting rows, and claims due batches by setting a lease (owner, until)
+in one write transaction, so two processes never send the same attempt at once; a process
+that dies mid-attempt leaves a lease that expires (the endpoint's timeout plus
+:data:`LEASE_MARGIN`), and the batch is sent again: at-least-once, with the same ``batch_id``
+and event ids. While one of an endpoint's batches waits for a retry, no new batch is formed
+for it: new events wait, and go out in full batches once the receiver answers again.
+
+The worker is a task of its own with bounded concurrency; the request paths never wait for
+it, and whatever fails inside it is logged, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from relay.admin.settings import transaction
+from relay.config import WebhookDelivery, WebhookEndpoint
+from relay.ids import uuid7
+from relay.smtp.pipeline import MessageRecord, Outcome
+from relay.store.engine import Store
+from relay.tracking.bots import CLICK
+from relay.tracking.events import EVENT_PREFIX, Event
+from relay.webhooks.payloads import (
+    BATCH_PREFIX,
+    CLICKED,
+    FAILED,
+    OPENED,
+    PENDING,
+    SENT,
+    MessageFacts,
+    Result,
+    Schedule,
+    StoredEvent,
+    all_tags,
+    envelope,
+    event_data,
+    literal_address,
+    next_step,
+    parse_retry_after,
+    refused_address,
+    signature_headers,
+)
+
+log = logging.getLogger("relay.webhooks")
+
+LEASE_MARGIN = 5.0  # seconds a lease outlives the attempt's timeout
+Clock = Callable[[], float]
+
+# --- endpoints ----------------------------------------------------------------------------
+
+_UPSERT_CONFIG = """
+    INSERT INTO webhook_endpoints (name, source, url, secret, events, allow_private, timeout,
+                                   created_at)
+    VALUES (?, 'config', ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (name) DO UPDATE SET source = 'config', url = excluded.url,
+        secret = excluded.secret, events = excluded.events,
+        allow_private = excluded.allow_private, timeout = excluded.timeout,
+        disabled_at = CASE WHEN url = excluded.url THEN disabled_at END,
+        disabled_reason = CASE WHEN url = excluded.url THEN disabled_reason END"""
+
+
+def sync_endpoints(conn: sqlite3.Connection, endpoints: Sequence[WebhookEndpoint],
+                   now: float) -> None:
+    """Make the stored ``config`` endpoints those of the config file. An endpoint whose URL
+    changed is enabled again; one no longer in the file is deleted with its queue."""
+    with transaction(conn):
+        for e in endpoints:
+            conn.execute(_UPSERT_CONFIG, (e.name, e.url, e.secret, json.dumps(e.events),
+                                          e.allow_private, e.timeout, now))
+        names = {e.name for e in endpoints}
+        for (name,) in conn.execute(
+                "SELECT name FROM webhook_endpoints WHERE source = 'config'").fetchall():
+            if name not in names:
+                delete_endpoint(conn, name)
+
+
+def delete_endpoint(conn: sqlite3.Connection, name: str) -> bool:
+    """Delete an endpoint, its queue and its delivery history (inside a transaction)."""
+    conn.execute("DELETE FROM webhook_attempts WHERE batch_id IN "
+                 "(SELECT id FROM webhook_batches WHERE endpoint = ?)", (name,))
+    conn.execute("DELETE FROM webhook_batches WHERE endpoint = ?", (name,))
+    conn.execute("DELETE FROM webhook_outbox WHERE endpoint = ?", (name,))
+    conn.execute("DELETE FROM webhook_events WHERE NOT EXISTS "
+                 "(SELECT 1 FROM webhook_outbox o WHERE o.event_id = webhook_events.id)")
+    return conn.execute("DELETE FROM webhook_endpoints WHERE name = ?", (name,)).rowcount == 1
+
+
+# --- enqueueing ---------------------------------------------------------------------------
+
+_SUBSCRIBERS = """SELECT name FROM webhook_endpoints WHERE disabled_at IS NULL
+    AND EXISTS (SELECT 1 FROM json_each(events) WHERE value = ?)"""
+_MESSAGE = ("SELECT message_id, sender, subject, tag_name, tags, campaign, topic "
+            "FROM messages WHERE email_id = ?")
+
+
+class Outbox:
+    """The listeners that queue webhook events; ``wake`` is set when something was queued."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self.wake = asyncio.Event()
+
+    def __call__(self, conn: sqlite3.Connection, event: Event) -> None:
+        self.on_event(conn, event)
+
+    def on_event(self, conn: sqlite3.Connection, event: Event) -> None:
+        """relay/tracking/events.py listener: counted opens and clicks (proxies carry their bot)."""
+        if event.counted:
+            _safely(conn, partial(self._event, event=event), event.id)
+
+    def batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        """:meth:`on_event` for a batch of events; the subscribers are looked up once, and an
+        event nobody subscribes to costs no savepoint."""
+        try:
+            subscribed = {kind for kind in (OPENED, CLICKED) if _subscribers(conn, kind)}
+        except sqlite3.Error:  # let each event fail (and be logged) on its own
+            subscribed = {OPENED, CLICKED}
+        for event in events:
+            if event.counted and (CLICKED if event.type == CLICK else OPENED) in subscribed:
+                _safely(conn, partial(self._event, event=event), event.id)
+
+    def on_message(self, conn: sqlite3.Connection, record: MessageRecord,
+                   outcome: Outcome) -> None:
+        """relay/smtp/pipeline.py listener: ``email.sent`` per recipient the upstream accepted."""
+        if outcome.sent:
+            _safely(conn, partial(self._message, record=record, sent=outcome.sent),
+                    record.email_id)
+
+    def _event(self, conn: sqlite3.Connection, event: Event) -> None:
+        kind = CLICKED if event.type == CLICK else OPENED
+        endpoints = _subscribers(conn, kind)
+        if not endpoints:
+            return
+        data = event_data(_facts(conn, event.email_id), event.recipient, ip=event.ip,
+                          user_agent=event.user_agent, url=event.url, bot=event.bot,
+                          details=event.details)
+        self._enqueue(conn, endpoints, event.id, kind, event.at, data)
+
+    def _message(self, conn: sqlite3.Connection, record: MessageRecord,
+                 sent: Sequence[str]) -> None:
+        endpoints = _subscribers(conn, SENT)
+        if not endpoints:
+            return
+        c = record.controls
+        facts = MessageFacts(record.email_id, record.message_id, record.sender, record.subject,
+                             all_tags(c.tag_name, c.tags), c.campaign, c.topic)
+        now = self.clock()
+        for recipient in sent:
+            self._enqueue(conn, endpoints, EVENT_PREFIX + str(uuid7()), SENT, now,
+                          event_data(facts, recipient))
+
+    def _enqueue(self, conn: sqlite3.Connection, endpoints: Sequence[str], event_id: str,
+                 kind: str, at: float, data: dict[str, Any]) -> None:
+        encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        conn.execute("INSERT INTO webhook_events VALUES (?, ?, ?, ?)",
+                     (event_id, kind, at, encoded))
+        conn.executemany("INSERT INTO webhook_outbox (endpoint, event_id) VALUES (?, ?)",
+                         [(name, event_id) for name in endpoints])
+        self.wake.set()
+
+
+def _subscribers(conn: sqlite3.Connection, kind: str) -> list[str]:
+    return [row[0] for row in conn.execute(_SUBSCRIBERS, (kind,))]
+
+
+def _facts(conn: sqlite3.Connection, email_id: str) -> MessageFacts:
+    row = conn.execute(_MESSAGE, (email_id,)).fetchone()
+    if row is None:  # deleted since: the event still names its message
+        return MessageFacts(email_id, None, None, None, (), None, None)
+    message_id, sender, subject, tag_name, tags, campaign, topic = row
+    return MessageFacts(email_id, message_id, sender, subject,
+                        all_tags(tag_name, json.loads(tags)), campaign, topic)
+
+
+def _safely(conn: sqlite3.Connection, write: Callable[[sqlite3.Connection], None],
+            about: str) -> None:
+    """Run ``write`` in a savepoint of its own; a failure is rolled back alone and logged."""
+    conn.execute("SAVEPOINT outbox")
+    try:
+        write(conn)
+    except Exception:
+        conn.execute("ROLLBACK TO outbox")
+        log.exception("webhook events for %s not queued", about)
+    conn.execute("RELEASE outbox")
+
+
+# --- claiming and finishing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    url: str
+    secret: str
+    allow_private: bool
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    batch_id: str
+    attempt: int
+    deadline: float
+    target: Target
+    events: list[StoredEvent]
+
+
+_READY = """SELECT e.name FROM webhook_endpoints e WHERE e.disabled_at IS NULL
+    AND EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.endpoint = e.name AND o.batch_id IS NULL)
+    AND NOT EXISTS (SELECT 1 FROM webhook_batches b WHERE b.endpoint = e.name
+                    AND b.state = 'pending' AND b.attempts > 0 AND b.lease_until IS NULL)"""
+_FILL = """UPDATE webhook_outbox SET batch_id = ? WHERE seq IN (SELECT seq FROM webhook_outbox
+    WHERE endpoint = ? AND batch_id IS NULL ORDER BY seq LIMIT ?)"""
+_CLAIM = """UPDATE webhook_batches SET attempts = attempts + 1, lease_owner = ?,
+        lease_until = ? + (SELECT timeout FROM webhook_endpoints WHERE name = endpoint) + ?
+    WHERE id IN (SELECT b.id FROM webhook_batches b
+                 JOIN webhook_endpoints e ON e.name = b.endpoint AND e.disabled_at IS NULL
+                 WHERE b.state = 'pending' AND b.next_at <= ?
+                 AND (b.lease_until IS NULL OR b.lease_until < ?)
+                 ORDER BY b.next_at LIMIT ?)
+    RETURNING id, endpoint, attempts, deadline"""
+_TARGET = ("SELECT name, url, secret, allow_private, timeout FROM webhook_endpoints "
+           "WHERE name = ?")
+_EVENTS = """SELECT e.id, e.type, e.occurred_at, e.data FROM webhook_outbox o
+    JOIN webhook_events e ON e.id = o.event_id WHERE o.batch_id = ? ORDER BY o.seq"""
+
+
+def form_batches(conn: sqlite3.Connection, now: float, size: int, keep_trying: float) -> None:
+    """One batch of up to ``size`` waiting events for each endpoint that is not in backoff."""
+    for (endpoint,) in conn.execute(_READY).fetchall():
+        batch_id = BATCH_PREFIX + str(uuid7())
+        count = conn.execute(_FILL, (batch_id, endpoint, size)).rowcount
+        conn.execute("INSERT INTO webhook_batches (id, endpoint, state, events, attempts,"
+                     " next_at, deadline, created_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                     (batch_id, endpoint, PENDING, count, now, now + keep_trying, now))
+
+
+def claim(conn: sqlite3.Connection, owner: str, now: float, limit: int, size: int,
+          keep_trying: float) -> list[Claim]:
+    """Form batches, then lease up to ``limit`` due ones to ``owner``."""
+    form_batches(conn, now, size, keep_trying)
+    claimed = conn.execute(_CLAIM, (owner, now, LEASE_MARGIN, now, now, limit)).fetchall()
+    return [Claim(batch_id, attempts, deadline,
+                  Target(*conn.execute(_TARGET, (endpoint,)).fetchone()),
+                  [StoredEvent(*row) for row in conn.execute(_EVENTS, (batch_id,))])
+            for batch_id, endpoint, attempts, deadline in claimed]
+
+
+def finish(conn: sqlite3.Connection, claimed: Claim, owner: str, result: Result, at: float,
+           seconds: float, state: str, next_at: float | None) -> bool:
+    """Record an attempt and the batch's new state; False if the lease was lost meanwhile."""
+    conn.execute("INSERT OR REPLACE INTO webhook_attempts VALUES (?, ?, ?, ?, ?, ?)",
+                 (claimed.batch_id, claimed.attempt, at, seconds, result.status, result.error))
+    kept = conn.execute(
+        "UPDATE webhook_batches SET state = ?, next_at = coalesce(?, next_at),"
+        " lease_owner = NULL, lease_until = NULL, last_status = ?, last_error = ?,"
+        " finished_at = ? WHERE id = ? AND lease_owner = ?",
+        (state, next_at, result.status, result.error, None if state == PENDING else at,
+         claimed.batch_id, owner)).rowcount == 1
+    if result.gone:
+        conn.execute("UPDATE webhook_endpoints SET disabled_at = ?, disabled_reason = ?"
+                     " WHERE name = ? AND disabled_at IS NULL",
+                     (at, "the receiver answered 410 Gone", claimed.target.name))
+    return kept
+
+
+def release(conn: sqlite3.Connection, owner: str) -> None:
+    """Give up the leases of batches in flight (a clean stop): due again at once."""
+    conn.execute("UPDATE webhook_batches SET lease_owner = NULL, lease_until = NULL"
+                 " WHERE lease_owner = ? AND state = ?", (owner, PENDING))
+
+
+# --- the network edge ---------------------------------------------------------------------
+
+
+class RefusedAddress(OSError):
+    pass
+
+
+class PublicResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, but refuses a host when any of its addresses
+    is not public; aiohttp connects to the addresses checked here, so a second lookup cannot
+    swap them."""
+
+    def __init__(self) -> None:
+        self.inner = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        for result in results:
+            address = literal_address(result["host"])
+            if address is None or refused_address(address):
+                raise RefusedAddress(errno.EACCES, f"{host} resolves to {result['host']}, "
+                                     "not a public address (allow_private is off)")
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class Sender:
+    """POSTs signed batches: one connection pool for public targets (resolved through
+    :class:`PublicResolver`), one for endpoints with ``allow_private``. Redirects are not
+    followed and proxies from the environment are not used."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+
+    async def send(self, batch_id: str, target: Target, events: Sequence[StoredEvent]
+                   ) -> Result:
+        host = urlsplit(target.url).hostname or ""
+        literal = literal_address(host)
+        if not target.allow_private and literal is not None and refused_address(literal):
+            return Result(None, f"refused: {host} is not a public address (allow_private is off)")
+        now = self.clock()
+        body = envelope(batch_id, int(now), events)
+        headers = signature_headers(target.secret, batch_id, int(now), body)
+        try:
+            async with self._session(target.allow_private).post(
+                    target.url, data=body, headers=headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=target.timeout)) as response:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
+                error = None if 200 <= response.status < 300 else (
+                    f"HTTP {response.status} {response.reason or ''}".rstrip())
+                return Result(response.status, error, retry_after)
+        except TimeoutError:
+            return Result(None, f"timed out after {target.timeout:g} s")
+        except aiohttp.ClientError as exc:
+            return Result(None, f"{type(exc).__name__}: {exc}")
+
+    def _session(self, allow_private: bool) -> aiohttp.ClientSession:
+        session = self._sessions.get(allow_private)
+        if session is None:
+            resolver = None if allow_private else PublicResolver()
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=resolver), trust_env=False)
+            self._sessions[allow_private] = session
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+# --- the worker ---------------------------------------------------------------------------
+
+
+class DeliveryWorker:
+    """Claims due batches and sends them, at most ``settings.concurrency`` at a time."""
+
+    def __init__(self, store: Store, settings: WebhookDelivery, wake: asyncio.Event, *,
+                 clock: Clock = time.time, random: Callable[[], float] = random.random
+                 ) -> None:
+        self.store = store
+        self.settings = settings
+        self.wake = wake
+        self.clock = clock
+        self.random = random
+        self.schedule = Schedule(settings.retry_base_seconds, settings.retry_max_seconds,
+                                 settings.retry_hours * 3600)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.sender = Sender(clock)
+        self.inflight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="webhooks")
+
+    async def stop(self) -> None:
+        """Stop claiming, abandon the attempts in flight and hand their batches back."""
+        tasks = [t for t in (self._task, *self.inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.store.write(partial(release, owner=self.owner))
+        await self.sender.close()
+
+    async def _run(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                await self._turn()
+            except Exception:
+                log.exception("webhook delivery turn failed; trying again")
+            # Not asyncio.wait_for: on Python 3.11 it returns normally when the task is
+            # cancelled just as the event fires, and the worker would outlive stop().
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self.wake.wait()
+
+    async def _turn(self) -> None:
+        free = self.settings.concurrency - len(self.inflight)
+        if free <= 0:
+            return
+        s = self.settings
+        claims = await self.store.write(partial(
+            claim, owner=self.owner, now=self.clock(), limit=free, size=s.batch_size,
+            keep_trying=self.schedule.deadline))
+        for claimed in claims:
+            task = asyncio.get_running_loop().create_task(self._deliver(claimed))
+            self.inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        self.wake.set()
+
+    async def _deliver(self, claimed: Claim) -> None:
+        try:
+            started = self.clock()
+            result = await self._attempt(claimed)
+            now = self.clock()
+            state, next_at = next_step(result, claimed.attempt, now, claimed.deadline,
+                                       self.schedule, self.random)
+            kept = await self.store.write(partial(
+                finish, claimed=claimed, owner=self.owner, result=result, at=started,
+                seconds=now - started, state=state, next_at=next_at))
+        except Exception:
+            log.exception("webhook batch %s to %s: delivery failed", claimed.batch_id,
+                          claimed.target.name)
+            return
+        _log(claimed, result, state, next_at, now, kept)
+
+    async def _attempt(self, claimed: Claim) -> Result:
+        """The attempt's result, whatever goes wrong: an error nobody foresaw still counts as
+        a failed attempt, with its backoff and deadline, rather than a batch claimed again
+        at every lease expiry."""
+        try:
+            return await self.sender.send(claimed.batch_id, claimed.target, claimed.events)
+        except Exception as exc:
+            log.exception("webhook batch %s to %s: sending failed", claimed.batch_id,
+                          claimed.target.name)
+            return Result(None, f"{type(exc).__name__}: {exc}")
+
+
+def _log(claimed: Claim, result: Result, state: str, next_at: float | None, now: float,
+         kept: bool) -> None:
+    what = (f"webhook batch {claimed.batch_id} ({len(claimed.events)} events) to "
+            f"{claimed.target.name}, attempt {claimed.attempt}")
+    if not kept:
+        log.warning("%s: lease lost while sending (%s)", what, result.error or result.status)
+    elif result.ok:
+        log.debug("%s: delivered (HTTP %s)", what, result.status)
+    elif result.gone:
+        log.warning("%s: receiver answered 410; endpoint disabled", what)
+    elif state == FAILED:
+        log.warning("%s: %s; given up", what, result.error)
+    else:
+        assert next_at is not None
+        log.info("%s: %s; next try in %.0f s", what, result.error, next_at - now)

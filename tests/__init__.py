@@ -1,0 +1,1 @@
+"""The relay's tests; the folders mirror relay/."""
