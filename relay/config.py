@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from relay.addresses import Network
 from relay.errors import ConfigError
 from relay.policy import names
 from relay.rewrite.dkim import DkimSigner
 from relay.rewrite.splice import TRACKING_BASE
 from relay.smtp import passwords
 from relay.webhooks.payloads import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -668,7 +667,7 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 def _unmapped(net: Network) -> Network:
     """An IPv4-mapped range (``::ffff:198.51.100.0/120``) as the IPv4 range it is: client
-    addresses are compared unwrapped (relay.tracking.bots.parse_ip), and would never fall inside
+    addresses are compared unwrapped (relay.addresses.parse_ip), and would never fall inside
     it."""
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
         return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from relay.tracking.bots import Network, parse_ip
+from relay.addresses import Network, parse_ip
 
 TOTAL = "total"
 PER_IP = "per_ip"

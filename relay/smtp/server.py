@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import metrics
+from relay.addresses import parse_ip
 from relay.config import Config, SmtpSettings
 from relay.limits import ConnectionLimits
 from relay.rewrite.headers import NOT_UTF8
@@ -28,7 +29,6 @@ from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
 from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
 from relay.smtp.upstream import Upstream, build_upstream, stuff, unstuff
 from relay.store.engine import Store
-from relay.tracking.bots import parse_ip
 from relay.tracking.tokens import Keyring
 
 log = logging.getLogger("relay.smtp")

@@ -9,8 +9,8 @@ import ipaddress
 import re
 from email.utils import formatdate
 
+from relay.addresses import parse_ip
 from relay.rewrite.headers import header_field
-from relay.tracking.bots import parse_ip
 
 # An EHLO name that can stand as the From-domain: a host name (underscores and all, as
 # Windows machines name themselves) or an address literal; others are shown in a comment.

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+from relay.addresses import Network, parse_ip
+
 PERSON = "person"
 PROXY = "proxy"
 PREFETCH = "prefetch"
@@ -53,7 +55,6 @@ COUNTED = frozenset({PERSON, PROXY})
 OPEN = "open"
 CLICK = "click"
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,19 +299,6 @@ def _agent_verdict(kind: str, user_agent: str) -> Verdict | None:
             source = rule.source or match.group(0).lower()
             return Verdict(rule.classification, source, f"user agent {match.group(0)!r}")
     return None
-
-
-def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address, IPv4-mapped IPv6 unwrapped; None for anything that is not one."""
-    if not text:
-        return None
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def networks_of(cidrs: Iterable[Network], classification: str = SCANNER,

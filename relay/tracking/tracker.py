@@ -37,6 +37,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from relay import metrics
+from relay.addresses import Network, parse_ip
 from relay.config import Config
 from relay.errors import InvalidToken
 from relay.rewrite.urls import location
@@ -46,9 +47,7 @@ from relay.tracking.bots import (
     DEFAULT_NETWORKS,
     OPEN,
     Classifier,
-    Network,
     networks_of,
-    parse_ip,
 )
 from relay.tracking.enrich import open_enricher
 from relay.tracking.events import Hit, Listener, Recorder
