@@ -48,10 +48,11 @@ from relay.admin.commands import (
     output,
     print_table,
 )
-from relay.admin.settings import bump, json_body, open_seeded, seed_once, transaction
+from relay.admin.settings import bump, json_body, open_seeded, seed_once
 from relay.config import Config, DnsSettings
 from relay.policy import names
 from relay.store.engine import Store
+from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.domains")
 

@@ -17,12 +17,11 @@ CLI: ``relay settings show|set|clear``. API: ``/api/v1/settings`` (see OPERATION
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from relay.admin.commands import ConfigOption, fail, output, print_table
 from relay.config import Config
 from relay.policy import names
 from relay.store import engine as store
+from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.settings")
 
@@ -70,18 +70,6 @@ def seed_once(conn: sqlite3.Connection, kind: str, key: str) -> bool:
     cursor = conn.execute("INSERT OR IGNORE INTO config_seeds VALUES (?, ?, ?)",
                           (kind, key, time.time()))
     return cursor.rowcount == 1
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction on an autocommit connection (CLI); the API uses Store.write."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 # --- storage -------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from relay.admin.commands import (
     output,
     print_table,
 )
-from relay.admin.settings import bump, json_body, open_seeded, seed_once, transaction
+from relay.admin.settings import bump, json_body, open_seeded, seed_once
 from relay.config import Config
 from relay.policy import names
+from relay.store.transaction import transaction
 
 
 def registered(conn: sqlite3.Connection) -> frozenset[str]:

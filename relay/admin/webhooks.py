@@ -21,7 +21,8 @@ from aiohttp import web
 from relay import config as config_module
 from relay.admin.api import CONTEXT, ERROR_REF, ApiError, Operation, json_response
 from relay.admin.commands import ConfigOption, fail, format_time, open_store, output, print_table
-from relay.admin.settings import json_body, transaction
+from relay.admin.settings import json_body
+from relay.store.transaction import transaction
 from relay.webhooks.outbox import delete_endpoint, sync_endpoints
 from relay.webhooks.payloads import (
     EVENT_TYPES,

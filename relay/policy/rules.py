@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from relay.admin import domains, settings, tags
 from relay.config import Config
 from relay.store.engine import Store
+from relay.store.transaction import transaction
 
 _GENERATION = "SELECT generation FROM rules_generation WHERE id = 1"
 
@@ -56,7 +57,7 @@ def seed(conn: sqlite3.Connection, config: Config) -> None:
 
 def start(store: Store, config: Config, *, recheck: bool) -> Callable[[], Awaitable[None]]:
     """Seed, publish metrics, start re-checks if asked; returns the coroutine that stops it."""
-    with settings.transaction(store.writer):
+    with transaction(store.writer):
         seed(store.writer, config)
     domains.publish_metrics(store)
     task = None

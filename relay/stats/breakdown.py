@@ -22,6 +22,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from relay.stats.maths import add_counts, day_of
+from relay.store.transaction import transaction
 from relay.tracking.bots import OPEN
 from relay.tracking.events import Event, SentTimes
 
@@ -76,11 +77,6 @@ class Breakdown:
 
 def rebuild(conn: sqlite3.Connection) -> None:
     """Recompute the table in one transaction; the caller keeps other writers out."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         conn.execute("DELETE FROM stats_daily_agents")
         conn.execute(REBUILD)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise

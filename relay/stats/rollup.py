@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from relay.stats.maths import add_counts, day_of, esp_of
 from relay.store import engine as store
+from relay.store.transaction import transaction
 from relay.tracking.bots import CLICK, OPEN
 from relay.tracking.events import Event
 
@@ -212,13 +213,8 @@ def rebuild(conn: sqlite3.Connection) -> None:
     The caller must keep other writers out (the relay stopped, or the benchmark's fill)."""
     conn.create_function("relay_esp", 1, esp_of, deterministic=True)
     store.add_lower(conn)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for table in _TABLES:
             conn.execute(f"DELETE FROM {table}")
         for statement in _REBUILD:
             conn.execute(statement)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from relay.errors import StoreError
+from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.store")
 
@@ -398,15 +399,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     for name, script in MIGRATIONS.items():
         if name in done:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(name)
     return applied
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from relay.store import engine as store
+from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.retention")
 
@@ -179,13 +180,8 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
            f"(SELECT {step.key} FROM {step.table} WHERE {step.where} LIMIT :chunk)")
     total = 0
     while stopping is None or not stopping.is_set():
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             deleted = conn.execute(sql, {**params, "chunk": CHUNK}).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         total += deleted
         if deleted < CHUNK:
             break

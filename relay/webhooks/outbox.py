@@ -56,11 +56,11 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from relay.admin.settings import transaction
 from relay.config import WebhookDelivery, WebhookEndpoint
 from relay.ids import uuid7
 from relay.smtp.pipeline import MessageRecord, Outcome
 from relay.store.engine import Store
+from relay.store.transaction import transaction
 from relay.tracking.bots import CLICK
 from relay.tracking.events import EVENT_PREFIX, Event
 from relay.webhooks.payloads import (

@@ -16,6 +16,7 @@ from relay.config import parse
 from relay.policy import rules
 from relay.policy.decide import Controls, toggles
 from relay.store import engine as store
+from relay.store.transaction import transaction
 from tests.clients import (
     api_key,
     call,
@@ -53,7 +54,7 @@ def migrated(tmp_path):
 
 
 def seed(conn, document):
-    with settings.transaction(conn):
+    with transaction(conn):
         rules.seed(conn, parse(document))
 
 
@@ -66,7 +67,7 @@ def test_config_seeds_once_and_the_store_wins_afterwards(tmp_path, caplog):
     assert settings.domain(conn, "shop.example") == Domain("shop.example", None, True,
                                                            ("pay.example",))
     assert tags.registered(conn) == {"news", "receipts"}
-    with settings.transaction(conn):
+    with transaction(conn):
         settings.set_account(conn, Account(False, False))
         tags.remove(conn, "news")
     changed = {"tracking": {"opens": True, "clicks": True, "tags": ["news", "receipts", "new"]},
@@ -85,7 +86,7 @@ def test_rules_cache_reloads_only_when_another_connection_changed_something(tmp_
         cache = rules.RulesCache(db)
         first = cache.current()
         assert cache.current() is first
-        with settings.transaction(conn):
+        with transaction(conn):
             settings.put_domain(conn, Domain("shop.example", opens=True))
         second = cache.current()
         assert second is not first and second.domains["shop.example"].opens is True
