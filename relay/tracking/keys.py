@@ -8,6 +8,7 @@ import sqlite3
 import time
 
 from relay.config import TrackingSettings
+from relay.store import keys as signing_keys
 from relay.tracking.tokens import Keyring
 
 GENERATED_KID = "g1"
@@ -15,7 +16,7 @@ GENERATED_KID = "g1"
 
 def load_keyring(settings: TrackingSettings, conn: sqlite3.Connection) -> Keyring:
     """Configured keys plus any generated one (old links made with it keep working)."""
-    keys = {kid: secret for kid, secret in _stored_keys(conn)}
+    keys = dict(signing_keys.stored(conn))
     keys.update({kid: secret.encode() for kid, secret in settings.keys})
     if settings.current_key:
         return Keyring(keys, settings.current_key)
@@ -24,16 +25,6 @@ def load_keyring(settings: TrackingSettings, conn: sqlite3.Connection) -> Keyrin
     return Keyring(keys, GENERATED_KID)
 
 
-def _stored_keys(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
-    return [(kid, bytes(secret)) for kid, secret in conn.execute(
-        "SELECT kid, secret FROM signing_keys ORDER BY created_at")]
-
-
 def _generate(conn: sqlite3.Connection) -> bytes:
-    secret = os.urandom(32)
     with conn:
-        conn.execute("INSERT OR IGNORE INTO signing_keys VALUES (?, ?, ?)",
-                     (GENERATED_KID, secret, time.time()))
-    [(secret,)] = conn.execute("SELECT secret FROM signing_keys WHERE kid = ?",
-                               (GENERATED_KID,)).fetchall()
-    return bytes(secret)
+        return signing_keys.add_once(conn, GENERATED_KID, os.urandom(32), time.time())
