@@ -31,6 +31,7 @@ from relay.rewrite.headers import HeaderBlock, parse_header_block, prepend_heade
 from relay.rewrite.splice import LinkResult, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream, stuff, unstuff
+from relay.store import messages
 from relay.store.engine import Store
 from relay.tracking.tokens import Keyring
 
@@ -432,15 +433,11 @@ def _insert_message(conn: sqlite3.Connection, m: MessageRecord) -> None:
     """The message's row, and its recipients as ``sending`` until :func:`_record` stores
     their answers (relay/smtp/processes.py tells a send in progress from one a crash ended)."""
     opens, clicks = (m.tracked.opens, m.tracked.clicks) if m.tracked else (False, False)
-    conn.execute(
-        "INSERT INTO messages (email_id, message_id, sender, sender_domain, subject, tag_name,"
-        " tags, campaign, topic, track_opens, track_clicks, decision, size, created_at, links,"
-        " process) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
-         json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
-         int(clicks), m.reason, m.size, m.created_at, links_json(m.links), m.process))
-    conn.executemany("INSERT OR IGNORE INTO recipients VALUES (?, ?, ?, '', ?)",
-                     [(m.email_id, r, processes.SENDING, m.created_at) for r in m.sending])
+    messages.insert(conn, messages.NewMessage(
+        m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, m.controls.tag_name,
+        json.dumps(list(m.controls.tags)), m.controls.campaign, m.controls.topic, int(opens),
+        int(clicks), m.reason, m.size, m.created_at, links_json(m.links), m.process),
+        m.sending, processes.SENDING)
 
 
 def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, remember: bool,
@@ -454,7 +451,7 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
     rows = [(m.email_id, r, _status(reply), str(reply), now)
             for r, reply in outcome.replies.items()]
     rows += [(m.email_id, r, "duplicate", "already delivered", now) for r in outcome.duplicates]
-    conn.executemany("INSERT OR REPLACE INTO recipients VALUES (?, ?, ?, ?, ?)", rows)
+    messages.set_recipients(conn, rows)
     if claim is not None:
         dedupe.settle(conn, claim, m.message_id, outcome.sent, now, remember)
     for listener in listeners:

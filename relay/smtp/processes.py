@@ -25,21 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.store import messages
+
 log = logging.getLogger("relay.processes")
 
 SENDING = "sending"
 UNKNOWN = "unknown"
 UNKNOWN_REPLY = ("outcome unknown: the relay process sending it ({process}) stopped before the "
                  "upstream's answer was recorded; the copy may or may not have been delivered")
-
-
-# The processes with recipients still 'sending', and marking one's: both start from the
-# (status, email_id) index of recipients, so they read the few rows in flight, not the store.
-SENDERS = ("SELECT DISTINCT p.id, p.host, p.boot_id, p.pid, p.started FROM recipients r "
-           "JOIN messages m ON m.email_id = r.email_id JOIN processes p ON p.id = m.process "
-           "WHERE r.status = ?")
-MARK = ("UPDATE recipients SET status = ?, reply = ?, at = ? WHERE status = ? AND "
-        "(SELECT process FROM messages m WHERE m.email_id = recipients.email_id) = ?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +71,7 @@ def register(conn: sqlite3.Connection, process: Process | None = None) -> int:
     """This process's row in ``processes`` (made once per process start); its id is what
     message rows name."""
     p = process or current()
-    cursor = conn.execute("INSERT INTO processes (host, boot_id, pid, started, created_at) "
-                          "VALUES (?, ?, ?, ?, ?)", (p.host, p.boot_id, p.pid, p.started,
-                                                     time.time()))
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid
+    return messages.add_process(conn, p.host, p.boot_id, p.pid, p.started, time.time())
 
 
 def mark_unknown(conn: sqlite3.Connection, here: Process | None = None) -> int:
@@ -91,12 +80,12 @@ def mark_unknown(conn: sqlite3.Connection, here: Process | None = None) -> int:
     CLI's)."""
     here = here or current()
     marked = 0
-    for process_id, *identity in conn.execute(SENDERS, (SENDING,)).fetchall():
+    for process_id, *identity in messages.senders(conn, SENDING):
         process = Process(*identity)
         if alive(process, here) is not False:
             continue
-        marked += conn.execute(MARK, (UNKNOWN, UNKNOWN_REPLY.format(process=process),
-                                      time.time(), SENDING, process_id)).rowcount
+        marked += messages.mark_process(conn, process_id, SENDING, UNKNOWN,
+                                        UNKNOWN_REPLY.format(process=process), time.time())
     if marked:
         log.warning("%d recipient copies were being sent by relay processes that stopped: "
                     "their outcome is unknown (relay messages list --status unknown)", marked)

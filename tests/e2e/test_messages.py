@@ -22,6 +22,7 @@ from relay.smtp import processes
 from relay.smtp.processes import Process
 from relay.stats import queries
 from relay.store import engine as store
+from relay.store import messages
 from tests.clients import api_key, call, cli, write_config
 from tests.e2e.test_app import wait_for_port
 from tests.harness import free_port, wait_until
@@ -172,8 +173,8 @@ def test_every_search_walks_an_index_in_order(tmp_path, params):
     else:  # the newest messages, by the email id's index, up to the page's LIMIT
         assert plan == ["SCAN m USING INDEX sqlite_autoindex_messages_1"]
     recipients = queries.recipients_query(["email_a", "email_b"])
-    for sql, values in ((recipients.sql, recipients.params), (processes.SENDERS, ("sending",)),
-                        (processes.MARK, ("unknown", "", 0, "sending", 1))):
+    for sql, values in ((recipients.sql, recipients.params), (messages.SENDERS, ("sending",)),
+                        (messages.MARK, ("unknown", "", 0, "sending", 1))):
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", values)]
         assert not any(step.startswith("SCAN") for step in plan), (sql, plan)
 
