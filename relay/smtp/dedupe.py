@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.rewrite.headers import HeaderBlock
+from relay.store import deliveries
 from relay.store.engine import Store
 
 log = logging.getLogger("relay.mail")
@@ -103,27 +104,15 @@ def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], ema
     so two tries cannot wait for each other). The claims of owners whose lease ran out are
     deleted first, whatever they name."""
     forget_stale(conn, now)
-    marks = ",".join("?" * len(recipients))
-    done = dict(conn.execute(
-        "SELECT recipient, email_id FROM deliveries"
-        f" WHERE digest = ? AND at > ? AND recipient IN ({marks})",
-        [digest, now - window, *recipients]).fetchall())
+    done = deliveries.delivered(conn, digest, recipients, now - window)
     pending = [r for r in recipients if r not in done]
     duplicates = [r for r in recipients if r in done]
     earlier = tuple(sorted(set(done.values())))
     if not pending:
         return Claim(digest, email_id, pending, duplicates, earlier=earlier)
-    marks = ",".join("?" * len(pending))
-    busy = conn.execute(
-        "SELECT 1 FROM send_claims c JOIN send_owners o ON o.owner = c.owner"
-        f" WHERE c.digest = ? AND c.recipient IN ({marks}) AND c.email_id != ?"
-        " AND o.seen_at > ? LIMIT 1", [digest, *pending, email_id, now - LEASE_SECONDS]
-    ).fetchone()
-    if busy:
+    if deliveries.claimed_by_another(conn, digest, pending, email_id, now - LEASE_SECONDS):
         return None
-    conn.execute("INSERT OR REPLACE INTO send_owners VALUES (?, ?)", (owner, now))
-    conn.executemany("INSERT OR REPLACE INTO send_claims VALUES (?, ?, ?, ?, ?)",
-                     [(digest, r, email_id, owner, now) for r in pending])
+    deliveries.claim(conn, digest, pending, email_id, owner, now)
     return Claim(digest, email_id, pending, duplicates, held=True, earlier=earlier)
 
 
@@ -132,31 +121,24 @@ def settle(conn: sqlite3.Connection, claim: Claim, message_id: str | None,
     """Record the recipients the upstream took and drop the try's claims, in the caller's
     transaction (the one recording the message), so no retry finds neither."""
     if remember and sent:
-        conn.executemany(
-            "INSERT OR REPLACE INTO deliveries (digest, recipient, message_id, email_id, at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(claim.digest, r, message_id, claim.email_id, now) for r in sent])
+        deliveries.remember(conn, claim.digest, sent, message_id, claim.email_id, now)
     if claim.held:
         _drop(conn, claim)
 
 
 def _drop(conn: sqlite3.Connection, claim: Claim) -> None:
-    conn.execute("DELETE FROM send_claims WHERE digest = ? AND email_id = ?",
-                 (claim.digest, claim.email_id))
+    deliveries.drop_claims(conn, claim.digest, claim.email_id)
 
 
 def heartbeat(conn: sqlite3.Connection, owner: str, now: float) -> None:
     """``owner`` is alive; owners not seen for a lease are gone, with their claims."""
-    conn.execute("INSERT OR REPLACE INTO send_owners VALUES (?, ?)", (owner, now))
+    deliveries.see_owner(conn, owner, now)
     forget_stale(conn, now)
 
 
 def forget_stale(conn: sqlite3.Connection, now: float) -> None:
     """Delete the owners not seen for a lease and their claims (a process killed mid-send)."""
-    stale = now - LEASE_SECONDS
-    conn.execute("DELETE FROM send_claims WHERE owner IN"
-                 " (SELECT owner FROM send_owners WHERE seen_at <= ?)", (stale,))
-    conn.execute("DELETE FROM send_owners WHERE seen_at <= ?", (stale,))
+    deliveries.forget_owners(conn, now - LEASE_SECONDS)
 
 
 def new_owner() -> str:
