@@ -19,8 +19,6 @@ from relay.config import Config
 from relay.store.engine import Store
 from relay.store.transaction import transaction
 
-_GENERATION = "SELECT generation FROM rules_generation WHERE id = 1"
-
 
 @dataclass(frozen=True)
 class Rules:
@@ -33,7 +31,7 @@ class Rules:
 
 def load(conn: sqlite3.Connection) -> Rules:
     """Every rule, read after the generation so the snapshot is never older than its number."""
-    number = conn.execute(_GENERATION).fetchall()[0][0]
+    number = settings.generation(conn)
     tracking = {d.sender_domain: d for d in domains.listing(conn)}
     return Rules(number, settings.account(conn), settings.domains(conn), tracking,
                  tags.registered(conn))
@@ -45,7 +43,7 @@ class RulesCache:
         self.rules = Rules()
 
     def current(self) -> Rules:
-        if self.store.execute_now(_GENERATION)[0][0] != self.rules.generation:
+        if settings.generation(self.store.writer) != self.rules.generation:
             self.rules = load(self.store.writer)
         return self.rules
 

@@ -407,6 +407,11 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     return applied
 
 
+def check(conn: sqlite3.Connection) -> None:
+    """Read the store once (the health check): raises what the store raises when it cannot."""
+    conn.execute("SELECT count(*) FROM migrations").fetchall()
+
+
 def _statements(script: str) -> Iterable[str]:
     return (s for s in script.split(";") if s.strip())
 

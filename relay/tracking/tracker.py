@@ -41,6 +41,7 @@ from relay.addresses import Network, parse_ip
 from relay.config import Config
 from relay.errors import InvalidToken
 from relay.rewrite.urls import location
+from relay.store import engine
 from relay.store.engine import Store
 from relay.tracking.bots import (
     CLICK,
@@ -134,7 +135,7 @@ class Tracker:
 
     async def healthz(self, request: web.Request) -> web.Response:
         try:
-            self.store.execute_now("SELECT count(*) FROM migrations")
+            engine.check(self.store.writer)
         except sqlite3.Error as exc:
             self._count("healthz", 503)
             return web.json_response({"status": "unavailable", "store": str(exc)}, status=503)
