@@ -4,6 +4,7 @@
     ├── ConfigError          a setting is wrong: names the file and the key
     ├── SmtpReplyError       refuse a message or command with an SMTP reply
     │   └── ControlHeaderError   a malformed X-AliDM-* / X-Anypost-* header
+    ├── InvalidRequest       a send API request that does not say what it must: by field
     ├── InvalidToken         a tracking token that does not verify
     ├── UpstreamError        the upstream refused or could not be reached
     └── StoreError           the store file cannot be opened: names the file
@@ -38,6 +39,15 @@ class ControlHeaderError(SmtpReplyError):
     def __init__(self, header: str, problem: str) -> None:
         super().__init__(550, "5.6.0", f"Malformed {header} header: {problem}")
         self.header = header
+
+
+class InvalidRequest(RelayError):
+    """A request of the send API (``/v1/email``) with problems: ``errors`` maps each field's
+    path (``to[2]``, ``attachments[0].content``) to what is wrong with it."""
+
+    def __init__(self, message: str, errors: dict[str, list[str]]) -> None:
+        self.message, self.errors = message, errors
+        super().__init__(message)
 
 
 class InvalidToken(RelayError):
