@@ -14,10 +14,10 @@ from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
+from relay.admin import seeding
 from relay.config import Config
 from relay.http_site import GuardedSite, ServerLog
 from relay.limits import ConnectionLimits
-from relay.policy import rules
 from relay.smtp import processes
 from relay.smtp.pipeline import MessageListener
 from relay.stats.breakdown import Breakdown
@@ -60,7 +60,7 @@ async def running(
     store = await Store.open(config.store.path)
     processes.mark_unknown(store.writer)  # what stopped processes were sending
     services = Services(store, load_keyring(config.tracking, store.writer))
-    stop_rules = rules.start(store, config, recheck=http)
+    stop_rules = seeding.start(store, config, recheck=http)
     stop_retention = retention.start(config.store.path, config.retention.days if http else 0)
     rollup = Rollup()
     services.event_listeners.append(rollup)

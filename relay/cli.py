@@ -11,16 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from relay import config as config_module
-from relay.admin import apikeys, domains, settings, stats_cli, tags
-from relay.admin import messages as message_cli
-from relay.admin import retention as retention_admin
-from relay.admin import webhooks as webhook_admin
 from relay.admin.commands import NO_CONFIG, config_option, fail, find_config, output
-from relay.errors import ConfigError, StoreError
-
-# Modules that add subcommands of their own (see relay/admin/commands.py).
-COMMAND_MODULES = (apikeys, settings, domains, tags, stats_cli, message_cli, webhook_admin,
-                   retention_admin)
+from relay.admin.concepts import CONCEPTS
+from relay.errors import ConfigError, InvalidInput, StoreError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -40,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
+    except InvalidInput as exc:
+        return fail(str(exc))
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
@@ -70,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="read the password from standard input instead of prompting")
     hasher.add_argument("--json", action="store_true", help="print the result as JSON")
     hasher.set_defaults(run=_hash_password)
-    for module in COMMAND_MODULES:
-        module.add_commands(commands, config_option)
+    for concept in CONCEPTS:
+        concept.add_commands(commands, config_option)
     return parser
 
 

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from relay.addresses import Network
-from relay.errors import ConfigError
+from relay.errors import ConfigError, InvalidInput
 from relay.policy import names
+from relay.policy import settings as settings_model
+from relay.policy.settings import Domain
 from relay.rewrite.dkim import DkimSigner
 from relay.rewrite.splice import TRACKING_BASE
 from relay.smtp import passwords
@@ -140,13 +142,15 @@ class TrackingSettings:
 
 @dataclass(frozen=True)
 class DomainSettings:
-    """Per sender domain: tracking defaults (None: the account's) and link hosts never rewritten."""
+    """A ``[[domains]]`` table: the sender domain's settings (the model the store keeps, seeded
+    from here once) and its branded tracking host, used once verified (relay/admin/domains.py)."""
 
-    name: str
-    opens: bool | None = None
-    clicks: bool | None = None
-    exclude_hosts: tuple[str, ...] = ()
-    tracking_host: str | None = None  # branded host, used once verified (relay/admin/domains.py)
+    settings: Domain
+    tracking_host: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,9 @@ class Config:
         return next((k for k in self.dkim if k.domain == domain), None)
 
 
+_T = TypeVar("_T")
+
+
 class _Reader:
     """Reads one table of the TOML document, naming ``file`` and the dotted key in errors."""
 
@@ -310,6 +317,14 @@ class _Reader:
                 raise self.fail(f"{name}[{index}]", "expected a table")
             readers.append(_Reader(self.file, item, f"{self.key(name)}[{index}]", self.base))
         return readers
+
+    def checked(self, name: str, validate: Callable[..., _T], *args: Any) -> _T:
+        """``validate(*args)``, its :class:`InvalidInput` named as this file's key ``name``
+        (or the field the error names, below this table)."""
+        try:
+            return validate(*args)
+        except InvalidInput as exc:
+            raise self.fail(exc.key or name, exc.problem) from None
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
@@ -411,10 +426,7 @@ def _host_name(r: _Reader, key: str) -> str | None:
     text = r.get(key, str, None)
     if text is None:
         return None
-    try:
-        return names.host_name(text)
-    except ValueError as exc:
-        raise r.fail(key, str(exc)) from None
+    return r.checked(key, names.host_name, text)
 
 
 def _password_hash(r: _Reader, encoded: str | None) -> None:
@@ -558,51 +570,26 @@ def _tracking(r: _Reader) -> TrackingSettings:
 
 
 def _domain(r: _Reader) -> DomainSettings:
-    """Names as ``relay settings set`` and the API take them (relay/admin/settings.py)."""
+    """Validated as ``relay settings set`` and the API validate them (relay/policy/settings.py)."""
     name = _domain_name(r, "name", r.get("name", str, None))
-    settings = DomainSettings(
-        name=name,
-        opens=r.get("opens", bool, None),
-        clicks=r.get("clicks", bool, None),
-        exclude_hosts=_exclude_hosts(r),
-        tracking_host=_tracking_host(r, name),
-    )
+    domain = r.checked("exclude_hosts", settings_model.domain, name, r.get("opens", bool, None),
+                       r.get("clicks", bool, None), r.get("exclude_hosts", list, []))
+    host = r.get("tracking_host", str, None)
+    entry = DomainSettings(domain, None if host is None else
+                           r.checked("tracking_host", names.tracking_host, host, name))
     r.done()
-    return settings
+    return entry
 
 
 def _domain_name(r: _Reader, key: str, text: str | None) -> str:
     if not text:
         raise r.fail(key, "required")
-    try:
-        return names.domain_name(text)
-    except ValueError as exc:
-        raise r.fail(key, str(exc)) from None
-
-
-def _exclude_hosts(r: _Reader) -> tuple[str, ...]:
-    hosts = []
-    for index, host in enumerate(r.get("exclude_hosts", list, [])):
-        key = f"exclude_hosts[{index}]"
-        if not isinstance(host, str):
-            raise r.fail(key, f"expected a host name, got {type(host).__name__}")
-        hosts.append(_domain_name(r, key, host))
-    return tuple(dict.fromkeys(hosts))
-
-
-def _tracking_host(r: _Reader, domain: str) -> str | None:
-    host = r.get("tracking_host", str, None)
-    try:
-        return None if host is None else names.tracking_host(host, domain)
-    except ValueError as exc:
-        raise r.fail("tracking_host", str(exc)) from None
+    return r.checked(key, names.domain_name, text)
 
 
 def _tags(r: _Reader) -> tuple[str, ...]:
-    try:
-        return tuple(dict.fromkeys(names.tag_name(str(t)) for t in r.get("tags", list, [])))
-    except ValueError as exc:
-        raise r.fail("tags", str(exc)) from None
+    return tuple(dict.fromkeys(r.checked("tags", names.tag_name, str(t))
+                               for t in r.get("tags", list, [])))
 
 
 def _dns(r: _Reader) -> DnsSettings:
@@ -656,10 +643,7 @@ def _dkim(r: _Reader) -> DkimKey:
 def _selector(r: _Reader, text: str) -> str:
     if not text.strip():
         raise r.fail("selector", "required")
-    try:
-        return names.dkim_selector(text)
-    except ValueError as exc:
-        raise r.fail("selector", str(exc)) from None
+    return r.checked("selector", names.dkim_selector, text)
 
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

@@ -5,12 +5,22 @@
     ├── SmtpReplyError       refuse a message or command with an SMTP reply
     │   └── ControlHeaderError   a malformed X-AliDM-* / X-Anypost-* header
     ├── InvalidRequest       a send API request that does not say what it must: by field
+    │                        (the /v1/ API answers it in Anypost's shape)
+    ├── InvalidInput         bad input from an operator or an API client: the API answers 400
+    │   │                    with it as JSON, the CLI prints it (relay/admin/api.py, cli.py)
+    │   ├── InvalidParameter     names the query parameter at fault (``error.parameter``)
+    │   └── Conflict             the input collides with what exists: the API answers 409
+    ├── ApiError             any other API answer that is not a success (401, 404)
+    ├── DecodeError          a MIME part's body cannot be turned into text faithfully
+    ├── RefusedAddress       a webhook host resolves to an address it may not reach (an
+    │                        OSError, so the HTTP client reports it as a connection failure)
     ├── InvalidToken         a tracking token that does not verify
-    ├── UpstreamError        the upstream refused or could not be reached
     └── StoreError           the store file cannot be opened: names the file
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RelayError(Exception):
@@ -50,14 +60,47 @@ class InvalidRequest(RelayError):
         super().__init__(message)
 
 
+class InvalidInput(RelayError):
+    """A name, a value or a request that validation refused; the message says what is wrong
+    in words fit for the person who gave it. ``key``, when given, names the field at fault
+    (``exclude_hosts[2]``), so the config file's reader can name it beside the file."""
+
+    def __init__(self, problem: str, key: str | None = None) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.problem, self.key = problem, key
+
+
+class InvalidParameter(InvalidInput):
+    """Bad input, naming the parameter at fault."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class Conflict(InvalidInput):
+    """Valid input that collides with what is stored (a name taken, an item only the config
+    file may change)."""
+
+
+class ApiError(RelayError):
+    """An API answer with this status and ``{"error": {"status", "message", **details}}``."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.details = status, message, details
+
+
+class DecodeError(RelayError):
+    """A part's body cannot be turned into text faithfully."""
+
+
+class RefusedAddress(RelayError, OSError):
+    pass
+
+
 class InvalidToken(RelayError):
     """A tracking token that is malformed, tampered with or signed by an unknown key."""
-
-
-class UpstreamError(RelayError):
-    def __init__(self, code: int, text: str) -> None:
-        self.code, self.text = code, text
-        super().__init__(f"{code} {text}")
 
 
 class StoreError(RelayError):

@@ -135,7 +135,7 @@ def test_domain_names_and_excluded_hosts_are_normalised(tmp_path):
     cfg = load_toml(tmp_path, '[[domains]]\nname = " Shop.Example. "\n'
                               'exclude_hosts = ["CDN.Example.", "cdn.example", "img.example"]\n')
     assert cfg.domains[0].name == "shop.example"
-    assert cfg.domains[0].exclude_hosts == ("cdn.example", "img.example")
+    assert cfg.domains[0].settings.exclude_hosts == ("cdn.example", "img.example")
 
 
 @pytest.mark.parametrize(("entry", "key", "problem"), [

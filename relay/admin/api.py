@@ -2,90 +2,47 @@
 the same table of operations that routes the requests, so the two cannot drift apart.
 
 Each concept with an API (statistics, settings, webhooks, ...) lists its operations in its
-own module as :class:`Operation` values; :data:`OPERATION_MODULES` names those modules.
-Handlers reach the config and the store through ``request.app[CONTEXT]`` and report bad input
-by raising :class:`ApiError`, which becomes ``{"error": {"status", "message"}}``.
+own module as :class:`~relay.admin.http.Operation` values, and relay/admin/concepts.py lists
+the concepts. Handlers reach the config and the store through ``request.app[CONTEXT]`` and
+report bad input by raising :class:`~relay.errors.InvalidInput` (answered ``400``;
+``Conflict``: ``409``) or another status with :class:`~relay.errors.ApiError`; either becomes
+``{"error": {"status", "message"}}``. This is the one place that maps them.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
 from relay import __version__
+from relay.admin import concepts
 from relay.admin.apikeys import authenticate
+from relay.admin.http import (
+    CONTEXT,
+    ERROR_REF,
+    ERROR_SCHEMA,
+    ApiContext,
+    Handler,
+    Operation,
+    error_body,
+    json_response,
+)
 from relay.config import Config
+from relay.errors import ApiError, Conflict, InvalidInput, InvalidParameter
 from relay.store.engine import Store
 
 log = logging.getLogger("relay.api")
 
 PREFIX = "/api/v1"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Modules with an ``OPERATIONS`` list; each adds its own line.
-OPERATION_MODULES: tuple[str, ...] = (
-    "relay.admin.settings", "relay.admin.domains", "relay.admin.tags", "relay.admin.stats_api",
-    "relay.admin.webhooks", "relay.admin.retention")
-
-
-@dataclass(frozen=True)
-class ApiContext:
-    config: Config
-    store: Store
-
-
-CONTEXT = web.AppKey("api_context", ApiContext)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.details = status, message, details
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One route and its OpenAPI description (parameters and responses as OpenAPI objects)."""
-
-    method: str
-    path: str  # below /api/v1, OpenAPI style: "/messages/{email_id}"
-    handler: Handler
-    summary: str
-    operation_id: str
-    parameters: Sequence[Mapping[str, Any]] = ()
-    request_body: Mapping[str, Any] | None = None
-    responses: Mapping[str, Any] = field(default_factory=lambda: {
-        "200": {"description": "OK", "content": {"application/json": {"schema": {
-            "type": "object"}}}}})
-    tags: Sequence[str] = ()
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(body, ensure_ascii=False).encode(), status=status,
-                        content_type="application/json")
-
-
-def error_body(status: int, message: str, **details: Any) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, **details}}
-
-
-def all_operations() -> list[Operation]:
-    operations: list[Operation] = []
-    for name in OPERATION_MODULES:
-        operations.extend(importlib.import_module(name).OPERATIONS)
-    return operations
-
 
 def build_api(config: Config, store: Store,
               operations: Iterable[Operation] | None = None) -> web.Application:
     """The API as an aiohttp sub-application, to mount at :data:`PREFIX`."""
-    ops = list(all_operations() if operations is None else operations)
+    ops = list(concepts.operations() if operations is None else operations)
     api = web.Application(middlewares=[_errors, _api_key])
     api[CONTEXT] = ApiContext(config, store)
     document = openapi_document(ops, config.http.public_url)
@@ -121,6 +78,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="relay"'
         return response
+    except InvalidInput as exc:
+        status = 409 if isinstance(exc, Conflict) else 400
+        details = {"parameter": exc.parameter} if isinstance(exc, InvalidParameter) else {}
+        return json_response(error_body(status, str(exc), **details), status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -155,18 +116,6 @@ def openapi_document(operations: Iterable[Operation], server_url: str) -> dict[s
         },
         "paths": paths,
     }
-
-
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["status", "message"],
-        "properties": {"status": {"type": "integer"}, "message": {"type": "string"}},
-    }},
-}
-ERROR_REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
 def _not_found(path: str) -> dict[str, Any]:

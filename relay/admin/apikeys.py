@@ -8,7 +8,6 @@ import hashlib
 import secrets
 import sqlite3
 import sys
-import time
 
 from relay.admin.commands import (
     Action,
@@ -20,6 +19,9 @@ from relay.admin.commands import (
     output,
     print_table,
 )
+from relay.errors import InvalidInput
+from relay.store import apikeys as stored
+from relay.store.transaction import transaction
 
 PREFIX = "rk_"
 
@@ -32,38 +34,21 @@ def _hash(secret: str) -> bytes:
 def create(conn: sqlite3.Connection, name: str) -> str:
     """A new key for ``name``; the secret is returned once and never stored."""
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError("a key name is 1-64 letters, digits, '-' or '_'")
+        raise InvalidInput("a key name is 1-64 letters, digits, '-' or '_'")
     secret = PREFIX + secrets.token_urlsafe(32)
-    try:
-        with conn:
-            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, NULL)",
-                         (name, _hash(secret), time.time()))
-    except sqlite3.IntegrityError:
-        raise ValueError(f"a key named {name!r} exists already") from None
+    with transaction(conn):
+        stored.insert(conn, name, _hash(secret))
     return secret
 
 
 def revoke(conn: sqlite3.Connection, name: str) -> bool:
-    with conn:
-        cursor = conn.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-            (time.time(), name))
-    return cursor.rowcount == 1
-
-
-def listing(conn: sqlite3.Connection) -> list[tuple[str, float, float | None]]:
-    query = "SELECT name, created_at, revoked_at FROM api_keys ORDER BY name"
-    return conn.execute(query).fetchall()
+    with transaction(conn):
+        return stored.revoke(conn, name)
 
 
 def authenticate(conn: sqlite3.Connection, secret: str) -> str | None:
-    """The key's name, or None when it is unknown or revoked.
-
-    ``fetchall`` finishes the statement, so no read snapshot stays open on ``conn`` and a key
-    revoked from another process stops working at once."""
-    rows = conn.execute("SELECT name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
-                        (_hash(secret),)).fetchall()
-    return rows[0][0] if rows else None
+    """The key's name, or None when it is unknown or revoked."""
+    return stored.active(conn, _hash(secret))
 
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
@@ -75,10 +60,7 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 
 
 def _create(args: argparse.Namespace) -> int:
-    try:
-        secret = create(open_store(args), args.name)
-    except ValueError as exc:
-        return fail(str(exc))
+    secret = create(open_store(args), args.name)
 
     def human() -> None:  # the key alone on standard output, for KEY=$(relay api-keys ...)
         print(secret)
@@ -96,7 +78,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    keys = listing(open_store(args))
+    keys = stored.listing(open_store(args))
     return output(
         args,
         {"api_keys": [{"name": name, "created_at": created, "revoked_at": revoked}

@@ -1,7 +1,8 @@
 """What the ``relay`` subcommands share: the --config and --json options, the store, output
 helpers.
 
-Modules with subcommands expose ``add_commands(commands, config_option)``; cli.py lists them.
+Concept modules expose ``add_commands(commands, config_option)``; relay/admin/concepts.py lists
+them.
 Every command that prints a result prints it for people, or with ``--json`` as one JSON
 document for machines (:func:`output`); errors go to standard error either way.
 """

@@ -15,7 +15,6 @@ from relay.admin.commands import ConfigOption, fail, open_store, output, print_t
 from relay.admin.stats_cli import print_events
 from relay.smtp import processes
 from relay.stats import queries
-from relay.stats.maths import InvalidParameter
 
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
@@ -54,10 +53,7 @@ def _list(args: argparse.Namespace) -> int:
               "sender": args.sender or "", "status": args.status or "",
               "since": args.since or "", "until": args.until or "",
               "limit": str(args.limit), "cursor": args.cursor or ""}
-    try:
-        message_filter = queries.parse_messages(params)
-    except InvalidParameter as exc:
-        return fail(str(exc))
+    message_filter = queries.parse_messages(params)
     conn = _open(args)
     query = queries.messages_query(message_filter)
     rows = conn.execute(query.sql, query.params).fetchall()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay.admin.api import CONTEXT, ApiError, Operation, json_response
 from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
+from relay.admin.http import CONTEXT, Operation, json_response
 from relay.store import engine as store
 from relay.store.retention import DAY, erase_recipient, purge
 
@@ -39,11 +39,7 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _erase(args: argparse.Namespace) -> int:
-    conn = open_store(args)
-    try:
-        return _report(args, erase_recipient(conn, args.recipient))
-    except ValueError as exc:
-        return fail(str(exc))
+    return _report(args, erase_recipient(open_store(args), args.recipient))
 
 
 def _report(args: argparse.Namespace, counts: dict[str, int]) -> int:
@@ -63,10 +59,7 @@ def erase_in_file(path: Path, address: str) -> dict[str, int]:
 async def _erase_recipient(request: web.Request) -> web.Response:
     address = request.match_info["address"]
     path = request.app[CONTEXT].store.path
-    try:
-        counts = await asyncio.to_thread(erase_in_file, path, address)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+    counts = await asyncio.to_thread(erase_in_file, path, address)
     return json_response({"recipient": address, "deleted": counts})
 
 

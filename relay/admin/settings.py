@@ -1,5 +1,6 @@
-"""Tracking settings at account and sender-domain level, kept in the store (the message level
-is the control headers, relay/policy/decide.py), plus what every stored rule shares:
+"""Tracking settings at account and sender-domain level, kept in the store (the model:
+relay/policy/settings.py; the message level is the control headers, relay/policy/decide.py),
+plus what every stored rule shares:
 
 - the **rules generation**: one counter row that every change to settings, tracking domains
   or tags increments in the same transaction. The mail path reads it per message (one
@@ -17,118 +18,34 @@ CLI: ``relay settings show|set|clear``. API: ``/api/v1/settings`` (see OPERATION
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from relay import config as config_module
-from relay.admin.api import CONTEXT, ApiError, Operation, json_response
 from relay.admin.commands import ConfigOption, fail, output, print_table
+from relay.admin.http import CONTEXT, Operation, json_body, json_response
 from relay.config import Config
+from relay.errors import ApiError, InvalidInput
 from relay.policy import names
+from relay.policy import settings as model
+from relay.policy.settings import Account, Domain
 from relay.store import engine as store
+from relay.store.settings import (
+    account,
+    delete_domain,
+    domain,
+    domains,
+    put_domain,
+    seed_once,
+    set_account,
+)
 from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.settings")
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    opens: bool = False
-    clicks: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Domain:
-    """One sender domain's say: None means 'the account's setting'."""
-
-    name: str
-    opens: bool | None = None
-    clicks: bool | None = None
-    exclude_hosts: tuple[str, ...] = ()
-
-
-# --- the generation counter and seed-once marks -------------------------------------------
-
-def bump(conn: sqlite3.Connection) -> None:
-    """Call inside the transaction that changes a rule."""
-    conn.execute("UPDATE rules_generation SET generation = generation + 1 WHERE id = 1")
-
-
-def generation(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT generation FROM rules_generation WHERE id = 1").fetchall()[0][0]
-
-
-def seed_once(conn: sqlite3.Connection, kind: str, key: str) -> bool:
-    """True the first time (kind, key) is seeded from the config, False ever after."""
-    cursor = conn.execute("INSERT OR IGNORE INTO config_seeds VALUES (?, ?, ?)",
-                          (kind, key, time.time()))
-    return cursor.rowcount == 1
-
-
-# --- storage -------------------------------------------------------------------------------
-
-def account(conn: sqlite3.Connection) -> Account:
-    opens, clicks = conn.execute(
-        "SELECT opens, clicks FROM account_settings WHERE id = 1").fetchall()[0]
-    return Account(bool(opens), bool(clicks))
-
-
-def set_account(conn: sqlite3.Connection, settings: Account) -> None:
-    conn.execute("UPDATE account_settings SET opens = ?, clicks = ?, updated_at = ? WHERE id = 1",
-                 (settings.opens, settings.clicks, time.time()))
-    bump(conn)
-
-
-def domains(conn: sqlite3.Connection) -> dict[str, Domain]:
-    rows = conn.execute(
-        "SELECT domain, opens, clicks, exclude_hosts FROM domain_settings ORDER BY domain")
-    return {row[0]: _domain(row) for row in rows.fetchall()}
-
-
-def domain(conn: sqlite3.Connection, name: str) -> Domain | None:
-    rows = conn.execute("SELECT domain, opens, clicks, exclude_hosts FROM domain_settings"
-                        " WHERE domain = ?", (name,)).fetchall()
-    return _domain(rows[0]) if rows else None
-
-
-def _domain(row: tuple[Any, ...]) -> Domain:
-    def flag(value: int | None) -> bool | None:
-        return None if value is None else bool(value)
-
-    return Domain(row[0], flag(row[1]), flag(row[2]), tuple(json.loads(row[3])))
-
-
-def put_domain(conn: sqlite3.Connection, settings: Domain) -> None:
-    conn.execute("INSERT OR REPLACE INTO domain_settings VALUES (?, ?, ?, ?, ?)",
-                 (settings.name, settings.opens, settings.clicks,
-                  json.dumps(list(settings.exclude_hosts)), time.time()))
-    bump(conn)
-
-
-def delete_domain(conn: sqlite3.Connection, name: str) -> bool:
-    deleted = conn.execute("DELETE FROM domain_settings WHERE domain = ?", (name,)).rowcount
-    if deleted:
-        bump(conn)
-    return deleted == 1
-
-
-MAX_EXCLUDED_HOSTS = 100  # per domain: they are checked for every link of every message
-
-
-def exclude_hosts(hosts: Any) -> tuple[str, ...]:
-    """Validated, lower-cased, deduplicated link hosts."""
-    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-        raise ValueError("exclude_hosts must be a list of host names")
-    if len(hosts) > MAX_EXCLUDED_HOSTS:
-        raise ValueError(f"exclude_hosts: at most {MAX_EXCLUDED_HOSTS} hosts")
-    return tuple(dict.fromkeys(names.domain_name(h) for h in hosts))
 
 
 def seed(conn: sqlite3.Connection, config: Config) -> None:
@@ -139,11 +56,10 @@ def seed(conn: sqlite3.Connection, config: Config) -> None:
     elif account(conn) != configured:
         _kept("[tracking] opens/clicks", account(conn), configured)
     for entry in config.domains:
-        wanted = Domain(entry.name, entry.opens, entry.clicks, entry.exclude_hosts)
         if seed_once(conn, "domain", entry.name):
-            put_domain(conn, wanted)
-        elif (stored := domain(conn, entry.name)) != wanted:
-            _kept(f"[[domains]] {entry.name}", stored, wanted)
+            put_domain(conn, entry.settings)
+        elif (stored := domain(conn, entry.name)) != entry.settings:
+            _kept(f"[[domains]] {entry.name}", stored, entry.settings)
 
 
 def _kept(item: str, stored: Account | Domain | None, configured: Account | Domain) -> None:
@@ -222,20 +138,17 @@ def _values(settings: Account | Domain) -> str:
 
 def _set(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
-    try:
-        with transaction(conn):
-            changed = _set_domain(conn, args) if args.domain else _set_account(conn, args)
-    except ValueError as exc:
-        return fail(str(exc))
+    with transaction(conn):
+        changed = _set_domain(conn, args) if args.domain else _set_account(conn, args)
     data = domain_json(changed) if isinstance(changed, Domain) else account_json(changed)
     return output(args, data, lambda: print(_describe(changed)))
 
 
 def _set_account(conn: sqlite3.Connection, args: argparse.Namespace) -> Account:
     if args.exclude_hosts is not None:
-        raise ValueError("--exclude-hosts is a per-domain setting: add --domain")
+        raise InvalidInput("--exclude-hosts is a per-domain setting: add --domain")
     if "inherit" in (args.opens, args.clicks):
-        raise ValueError("the account has no 'inherit': use on or off")
+        raise InvalidInput("the account has no 'inherit': use on or off")
     old = account(conn)
     new = Account(old.opens if args.opens is None else _SWITCH[args.opens],
                   old.clicks if args.clicks is None else _SWITCH[args.clicks])
@@ -246,11 +159,11 @@ def _set_account(conn: sqlite3.Connection, args: argparse.Namespace) -> Account:
 def _set_domain(conn: sqlite3.Connection, args: argparse.Namespace) -> Domain:
     name = names.domain_name(args.domain)
     old = domain(conn, name) or Domain(name)
-    hosts = old.exclude_hosts
+    hosts: object = old.exclude_hosts
     if args.exclude_hosts is not None:
-        hosts = exclude_hosts([h for h in args.exclude_hosts.split(",") if h.strip()])
-    new = Domain(name, old.opens if args.opens is None else _SWITCH[args.opens],
-                 old.clicks if args.clicks is None else _SWITCH[args.clicks], hosts)
+        hosts = [h for h in args.exclude_hosts.split(",") if h.strip()]
+    new = model.domain(name, old.opens if args.opens is None else _SWITCH[args.opens],
+                       old.clicks if args.clicks is None else _SWITCH[args.clicks], hosts)
     put_domain(conn, new)
     return new
 
@@ -267,27 +180,11 @@ def _clear(args: argparse.Namespace) -> int:
 
 # --- API -----------------------------------------------------------------------------------
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or a 400. JSON is UTF-8 whatever the Content-Type says (an
-    unknown charset there made aiohttp raise LookupError), and a string holding a lone
-    surrogate (``"\\ud800"``) is refused here, since SQLite cannot store one."""
-    try:
-        body = json.loads((await request.read()).decode("utf-8"))
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeError:
-        raise ApiError(400, "the body must be UTF-8 text, without lone surrogates") from None
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
-        raise ApiError(400, "the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
-
-
 def _flag(body: dict[str, Any], key: str, *, nullable: bool) -> bool | None:
     value = body.get(key)
     if isinstance(value, bool) or (value is None and nullable):
         return value
-    raise ApiError(400, f"{key} must be true or false" + (" or null" if nullable else ""))
+    raise InvalidInput(f"{key} must be true or false" + (" or null" if nullable else ""))
 
 
 def account_json(settings: Account) -> dict[str, Any]:
@@ -314,10 +211,7 @@ async def _put_account(request: web.Request) -> web.Response:
 
 
 def _domain_name(request: web.Request) -> str:
-    try:
-        return names.domain_name(request.match_info["domain"])
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+    return names.domain_name(request.match_info["domain"])
 
 
 async def _get_domain(request: web.Request) -> web.Response:
@@ -331,12 +225,8 @@ async def _get_domain(request: web.Request) -> web.Response:
 async def _put_domain(request: web.Request) -> web.Response:
     name = _domain_name(request)
     body = await json_body(request)
-    try:
-        excluded = exclude_hosts(body.get("exclude_hosts", []))
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    new = Domain(name, _flag(body, "opens", nullable=True), _flag(body, "clicks", nullable=True),
-                 excluded)
+    new = model.domain(name, _flag(body, "opens", nullable=True),
+                       _flag(body, "clicks", nullable=True), body.get("exclude_hosts", []))
     await request.app[CONTEXT].store.write(lambda conn: put_domain(conn, new))
     return json_response(domain_json(new))
 

@@ -1,33 +1,31 @@
-"""The statistics and events API: ``GetTrackList`` as Alibaba answers it (seed 002), and the
-native routes: events, messages (a search, and one message), statistics by group, clicks per
-link.
+"""The statistics and events API: ``GetTrackList`` as Alibaba answers it (README, "Statistics
+and events API"), and the native routes: events, messages (a search, and one message),
+statistics by group, clicks per link.
 
 Handlers only parse, query (relay/stats/queries.py, on the store's reader thread) and answer; a bad
-parameter becomes a ``400`` whose JSON error names it (``error.parameter``).
+parameter raises ``InvalidParameter``, which the API answers with a ``400`` whose JSON error
+names it (``error.parameter``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
-from functools import wraps
 from typing import Any
 
 from aiohttp import web
 
-from relay.admin.api import CONTEXT, ApiError, Operation, json_response
+from relay.admin.http import CONTEXT, Operation, json_response
+from relay.errors import ApiError
 from relay.rewrite.splice import LINK_REASONS
 from relay.stats import queries
 from relay.stats.maths import (
     DEFAULT_PAGE_SIZE,
     ESPS,
     MAX_PAGE_SIZE,
-    InvalidParameter,
     parse_track_list,
     track_list_body,
 )
-
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _params(request: web.Request) -> dict[str, str]:
@@ -43,32 +41,18 @@ async def _rows(request: web.Request, query: queries.Query) -> list[Any]:
     return await request.app[CONTEXT].store.fetchall(query.sql, query.params)
 
 
-def _bad_input_is_400(handler: Handler) -> Handler:
-    @wraps(handler)
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except InvalidParameter as exc:
-            raise ApiError(400, str(exc), parameter=exc.parameter) from None
-
-    return wrapped
-
-
-@_bad_input_is_400
 async def get_track_list(request: web.Request) -> web.Response:
     query = parse_track_list(_params(request), _today())
     rows = await _rows(request, queries.track_list_query(query))
     return json_response(track_list_body(query, queries.counts_by_day(rows)))
 
 
-@_bad_input_is_400
 async def list_events(request: web.Request) -> web.Response:
     event_filter = queries.parse_events(_params(request))
     rows = await _rows(request, queries.events_query(event_filter))
     return json_response(queries.events_body(event_filter, rows))
 
 
-@_bad_input_is_400
 async def list_messages(request: web.Request) -> web.Response:
     message_filter = queries.parse_messages(_params(request))
     rows = await _rows(request, queries.messages_query(message_filter))
@@ -77,7 +61,6 @@ async def list_messages(request: web.Request) -> web.Response:
     return json_response(queries.messages_body(message_filter, rows, recipients))
 
 
-@_bad_input_is_400
 async def get_message(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
     message_q, recipients_q, events_q = queries.message_queries(email_id)
@@ -89,14 +72,12 @@ async def get_message(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-@_bad_input_is_400
 async def get_stats(request: web.Request) -> web.Response:
     query = queries.parse_stats(_params(request), _today())
     rows = await _rows(request, queries.stats_query(query))
     return json_response(queries.stats_body(query, rows))
 
 
-@_bad_input_is_400
 async def get_link_stats(request: web.Request) -> web.Response:
     query = queries.parse_stats(_params(request), _today(), grouped=False)
     rows = await _rows(request, queries.links_query(query))

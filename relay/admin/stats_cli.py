@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
+from relay.admin.commands import ConfigOption, open_store, output, print_table
 from relay.stats import queries
-from relay.stats.maths import InvalidParameter
 
 DEFAULT_EVENTS_HOURS = 24
 
@@ -55,10 +54,7 @@ def _run(query: queries.Query, conn: sqlite3.Connection) -> list[Any]:
 def _stats(args: argparse.Namespace) -> int:
     params = {"since": args.since or "", "until": args.until or "", "limit": str(args.limit),
               "group_by": args.by if args.by != "url" else ""}
-    try:
-        query = queries.parse_stats(params, datetime.now(UTC).date(), grouped=args.by != "url")
-    except InvalidParameter as exc:
-        return fail(str(exc))
+    query = queries.parse_stats(params, datetime.now(UTC).date(), grouped=args.by != "url")
     conn = open_store(args)
     if args.by == "url":
         body = queries.links_body(query, _run(queries.links_query(query), conn))
@@ -83,10 +79,7 @@ def _events(args: argparse.Namespace) -> int:
               "tag": args.tag or "", "campaign": args.campaign or "", "topic": args.topic or "",
               "include_machine": str(args.all), "limit": str(args.limit),
               "cursor": args.cursor or ""}
-    try:
-        event_filter = queries.parse_events(params)
-    except InvalidParameter as exc:
-        return fail(str(exc))
+    event_filter = queries.parse_events(params)
     conn = open_store(args)
     body = queries.events_body(event_filter, _run(queries.events_query(event_filter), conn))
     if not args.all:

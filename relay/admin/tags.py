@@ -1,19 +1,17 @@
-"""The tag registry (seed 000, 002): an ``X-AliDM-Trace`` ``TagName`` must name a registered
-tag, else the message is refused with a 5xx naming it (relay/policy/decide.py). Tags come from the
-config's ``[tracking] tags`` (seeded once, see relay/admin/settings.py), ``relay tags
-add|list|remove`` and ``/api/v1/tags``.
+"""The tag registry: an ``X-AliDM-Trace`` ``TagName`` must name a registered tag, else the
+message is refused with a 5xx naming it (relay/policy/decide.py). Tags come from the config's
+``[tracking] tags`` (seeded once, see relay/admin/settings.py), ``relay tags add|list|remove``
+and ``/api/v1/tags`` (SQL: relay/store/tags.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sqlite3
-import time
 from typing import Any
 
 from aiohttp import web
 
-from relay.admin.api import CONTEXT, ApiError, Operation, json_response
 from relay.admin.commands import (
     Action,
     ConfigOption,
@@ -23,34 +21,19 @@ from relay.admin.commands import (
     output,
     print_table,
 )
-from relay.admin.settings import bump, json_body, open_seeded, seed_once
+from relay.admin.http import CONTEXT, Operation, json_body, json_response
+from relay.admin.settings import open_seeded
 from relay.config import Config
+from relay.errors import ApiError, InvalidInput
 from relay.policy import names
+from relay.store import tags as stored
+from relay.store.settings import seed_once
 from relay.store.transaction import transaction
-
-
-def registered(conn: sqlite3.Connection) -> frozenset[str]:
-    return frozenset(row[0] for row in conn.execute("SELECT name FROM tags").fetchall())
-
-
-def listing(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-    return conn.execute("SELECT name, created_at FROM tags ORDER BY name").fetchall()
 
 
 def add(conn: sqlite3.Connection, name: str) -> bool:
     """Register ``name`` (validated); False when it was registered already."""
-    added = conn.execute("INSERT OR IGNORE INTO tags VALUES (?, ?)",
-                         (names.tag_name(name), time.time())).rowcount == 1
-    if added:
-        bump(conn)
-    return added
-
-
-def remove(conn: sqlite3.Connection, name: str) -> bool:
-    removed = conn.execute("DELETE FROM tags WHERE name = ?", (name,)).rowcount == 1
-    if removed:
-        bump(conn)
-    return removed
+    return stored.add(conn, names.tag_name(name))
 
 
 def seed(conn: sqlite3.Connection, config: Config) -> None:
@@ -71,11 +54,8 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 
 def _add(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
-    try:
-        with transaction(conn):
-            added = add(conn, args.name)
-    except ValueError as exc:
-        return fail(str(exc))
+    with transaction(conn):
+        added = add(conn, args.name)
     return output(args, {"name": args.name, "added": added}, lambda: print(
         f"added {args.name}" if added else f"{args.name} is registered already"))
 
@@ -83,7 +63,7 @@ def _add(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
     with transaction(conn):
-        removed = remove(conn, args.name)
+        removed = stored.remove(conn, args.name)
     if not removed:
         return fail(f"no tag named {args.name!r}")
     return output(args, {"name": args.name, "removed": True},
@@ -92,7 +72,7 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     _, conn = open_seeded(args, seed)
-    rows = listing(conn)
+    rows = stored.listing(conn)
     return output(args, tags_json(rows), lambda: print_table(
         ("TAG", "CREATED"), [(n, format_time(at)) for n, at in rows]))
 
@@ -104,24 +84,21 @@ def tags_json(rows: list[tuple[str, float]]) -> dict[str, Any]:
 
 
 async def _list_tags(request: web.Request) -> web.Response:
-    return json_response(tags_json(listing(request.app[CONTEXT].store.writer)))
+    return json_response(tags_json(stored.listing(request.app[CONTEXT].store.writer)))
 
 
 async def _add_tag(request: web.Request) -> web.Response:
     name = (await json_body(request)).get("name")
     if not isinstance(name, str):
-        raise ApiError(400, "name must be a string")
-    try:
-        names.tag_name(name)
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise InvalidInput("name must be a string")
+    names.tag_name(name)
     added = await request.app[CONTEXT].store.write(lambda conn: add(conn, name))
     return json_response({"name": name}, 201 if added else 200)
 
 
 async def _remove_tag(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if not await request.app[CONTEXT].store.write(lambda conn: remove(conn, name)):
+    if not await request.app[CONTEXT].store.write(lambda conn: stored.remove(conn, name)):
         raise ApiError(404, f"no tag named {name!r}")
     return web.Response(status=204)
 

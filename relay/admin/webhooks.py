@@ -19,9 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from relay import config as config_module
-from relay.admin.api import CONTEXT, ERROR_REF, ApiError, Operation, json_response
 from relay.admin.commands import ConfigOption, fail, format_time, open_store, output, print_table
-from relay.admin.settings import json_body
+from relay.admin.http import CONTEXT, ERROR_REF, Operation, json_body, json_response
+from relay.errors import ApiError, Conflict, InvalidInput
 from relay.store.transaction import transaction
 from relay.webhooks.outbox import delete_endpoint, sync_endpoints
 from relay.webhooks.payloads import (
@@ -66,7 +66,7 @@ class NewEndpoint:
 def add(conn: sqlite3.Connection, endpoint: NewEndpoint, now: float) -> None:
     problem = endpoint.problem()
     if problem:
-        raise ValueError(problem)
+        raise InvalidInput(problem)
     try:
         conn.execute("INSERT INTO webhook_endpoints (name, source, url, secret, events,"
                      " allow_private, timeout, created_at) VALUES (?, 'api', ?, ?, ?, ?, ?, ?)",
@@ -74,13 +74,13 @@ def add(conn: sqlite3.Connection, endpoint: NewEndpoint, now: float) -> None:
                       json.dumps(list(dict.fromkeys(endpoint.events))), endpoint.allow_private,
                       endpoint.timeout, now))
     except sqlite3.IntegrityError:
-        raise ValueError(f"an endpoint named {endpoint.name!r} exists already") from None
+        raise Conflict(f"an endpoint named {endpoint.name!r} exists already") from None
 
 
 def remove(conn: sqlite3.Connection, name: str) -> bool:
     source = _source(conn, name)
     if source == "config":
-        raise ValueError(f"{name!r} is defined in the config file; remove it there")
+        raise Conflict(f"{name!r} is defined in the config file; remove it there")
     return source is not None and delete_endpoint(conn, name)
 
 
@@ -222,11 +222,8 @@ def _add(args: argparse.Namespace) -> int:
     secret = sys.stdin.readline().strip() if args.secret_stdin else new_secret()
     endpoint = NewEndpoint(args.name, args.url, secret, tuple(args.events or EVENT_TYPES),
                            args.allow_private, args.timeout)
-    try:
-        with transaction(conn):
-            add(conn, endpoint, time.time())
-    except ValueError as exc:
-        return fail(str(exc))
+    with transaction(conn):
+        add(conn, endpoint, time.time())
 
     def human() -> None:  # the secret alone on standard output, for scripts
         print(secret)
@@ -238,11 +235,8 @@ def _add(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
-    try:
-        with transaction(conn):
-            removed = remove(conn, args.name)
-    except ValueError as exc:
-        return fail(str(exc))
+    with transaction(conn):
+        removed = remove(conn, args.name)
     if not removed:
         return fail(f"no endpoint named {args.name!r}")
     return output(args, {"name": args.name, "removed": True},
@@ -302,33 +296,32 @@ async def _list_endpoints(request: web.Request) -> web.Response:
 
 async def _add_endpoint(request: web.Request) -> web.Response:
     body = await json_body(request)
-    try:
-        endpoint = NewEndpoint(
-            _typed(body, "name", str, ""), _typed(body, "url", str, ""),
-            _typed(body, "secret", str, "") or new_secret(),
-            tuple(_typed(body, "events", list, list(EVENT_TYPES))),
-            _typed(body, "allow_private", bool, False),
-            float(_typed(body, "timeout", (int, float), 10.0)))
-        await request.app[CONTEXT].store.write(lambda conn: add(conn, endpoint, time.time()))
-    except (ValueError, OverflowError) as exc:  # float() of a huge integer overflows
-        status = 409 if "exists already" in str(exc) else 400
-        raise ApiError(status, str(exc)) from None
+    endpoint = NewEndpoint(
+        _typed(body, "name", str, ""), _typed(body, "url", str, ""),
+        _typed(body, "secret", str, "") or new_secret(),
+        tuple(_typed(body, "events", list, list(EVENT_TYPES))),
+        _typed(body, "allow_private", bool, False), _seconds(body, "timeout", 10.0))
+    await request.app[CONTEXT].store.write(lambda conn: add(conn, endpoint, time.time()))
     return json_response({"name": endpoint.name, "secret": endpoint.secret}, 201)
 
 
 def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
     value = body.get(key, default)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ValueError(f"{key}: wrong type")
+        raise InvalidInput(f"{key}: wrong type")
     return value
+
+
+def _seconds(body: dict[str, Any], key: str, default: float) -> float:
+    try:
+        return float(_typed(body, key, (int, float), default))
+    except OverflowError:  # float() of a huge integer
+        raise InvalidInput(f"{key}: int too large to convert to float") from None
 
 
 async def _remove_endpoint(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    try:
-        removed = await request.app[CONTEXT].store.write(lambda conn: remove(conn, name))
-    except ValueError as exc:
-        raise ApiError(409, str(exc)) from None
+    removed = await request.app[CONTEXT].store.write(lambda conn: remove(conn, name))
     if not removed:
         raise ApiError(404, f"no endpoint named {name!r}")
     return web.Response(status=204)
@@ -345,11 +338,11 @@ async def _list_deliveries(request: web.Request) -> web.Response:
     query = request.query
     state = query.get("state")
     if state is not None and state not in DELIVERY_STATES:
-        raise ApiError(400, f"state: one of {', '.join(DELIVERY_STATES)}")
+        raise InvalidInput(f"state: one of {', '.join(DELIVERY_STATES)}")
     try:
         limit = int(query.get("limit", "50"))
     except ValueError:
-        raise ApiError(400, "limit: a number") from None
+        raise InvalidInput("limit: a number") from None
     rows = deliveries(request.app[CONTEXT].store.writer, query.get("endpoint"), state,
                       max(1, min(limit, 1000)))
     return json_response({"deliveries": rows})
@@ -368,11 +361,11 @@ async def _replay_deliveries(request: web.Request) -> web.Response:
     keep_trying = context.config.webhook_delivery.retry_hours * 3600
     ids = body.get("batch_ids")
     if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
-        raise ApiError(400, "batch_ids: a list of batch ids")
+        raise InvalidInput("batch_ids: a list of batch ids")
     if (ids is None) != (body.get("failed") is True):
-        raise ApiError(400, 'send "batch_ids", or "failed": true (optionally with "endpoint")')
+        raise InvalidInput('send "batch_ids", or "failed": true (optionally with "endpoint")')
     if not isinstance(body.get("endpoint", ""), str):
-        raise ApiError(400, "endpoint: the name of a webhook endpoint")
+        raise InvalidInput("endpoint: the name of a webhook endpoint")
 
     def write(conn: sqlite3.Connection) -> int:
         chosen = ids if ids is not None else failed_batches(conn, body.get("endpoint"))

@@ -19,11 +19,11 @@ import json
 import re
 from dataclasses import dataclass
 
-from relay.admin.domains import VERIFIED, branded_url
-from relay.admin.settings import Account, Domain
 from relay.errors import ControlHeaderError, SmtpReplyError
+from relay.policy.domains import VERIFIED, branded_url
 from relay.policy.names import TAG_NAME
 from relay.policy.rules import Rules
+from relay.policy.settings import Account, Domain
 from relay.rewrite.headers import Header, HeaderBlock
 
 ALIDM_TRACE = "X-AliDM-Trace"
@@ -38,6 +38,7 @@ CONTROL_HEADERS = frozenset(
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
+# X-Anypost-Tags and -Campaign; why this is not names.TAG_NAME: see there
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOPIC = re.compile(r"[a-z0-9_.-]{1,64}")
 MAX_TAGS = 10

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from relay.errors import DecodeError
 from relay.rewrite import markup
 from relay.rewrite.headers import Header, HeaderBlock, parse_header_block
 
@@ -26,10 +27,6 @@ _LINE_END = re.compile(rb"\r?\n\Z")
 _DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?=\r?\n|\Z)")
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _QUOTED_PAIR = re.compile(r"\\(.)")
-
-
-class DecodeError(ValueError):
-    """A part's body cannot be turned into text faithfully."""
 
 
 @dataclass(frozen=True, slots=True)

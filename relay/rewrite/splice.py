@@ -4,7 +4,7 @@
 MIME tree, decode each trackable HTML part, find links and the pixel's place, and encode the
 result as quoted-printable pieces with a gap for each token. ``Prepared.render`` then only signs
 tokens and joins bytes. Every byte outside the edited HTML bodies and their two headers is the
-input's own (PRODUCT.md section 2).
+input's own (README, "How a message travels").
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from relay.errors import DecodeError
 from relay.rewrite import markup, mime, urls
 from relay.rewrite.dkim import DkimSigner, signature_tags
 from relay.rewrite.headers import HeaderBlock
@@ -297,7 +298,7 @@ def _plan_part(
         return PartResult(part.path, part.content_type, False, skip), None
     try:
         text = mime.decode_text(mime.transfer_decode(raw, part), part.params.get("charset"))
-    except mime.DecodeError as exc:
+    except DecodeError as exc:
         return PartResult(part.path, part.content_type, False, f"undecodable: {exc}"), None
     if "\r" in text and _LONE_CR.search(text):  # lone CRs would not survive QP; HTML reads
         text = text.replace("\r\n", "\n").replace("\r", "\n")  # them as line breaks anyway

@@ -24,7 +24,6 @@ from relay.config import Config
 from relay.errors import SmtpReplyError
 from relay.ids import new_email_id
 from relay.policy.decide import Controls, Decision, decide, read_controls
-from relay.policy.rules import RulesCache
 from relay.rewrite import urls
 from relay.rewrite.dkim import DkimSigner, signs_header
 from relay.rewrite.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
@@ -33,6 +32,7 @@ from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream, stuff, unstuff
 from relay.store import messages
 from relay.store.engine import Store
+from relay.store.rules import RulesCache
 from relay.tracking.tokens import Keyring
 
 log = logging.getLogger("relay.mail")
@@ -250,7 +250,7 @@ class MailPipeline:
 @dataclass(frozen=True, slots=True)
 class Copies:
     """The copies of one message still to send: one per recipient when it is tracked, each
-    with its own tokens, else one for all (PRODUCT.md 1.4)."""
+    with its own tokens, else one for all (README, "How a message travels", step 3)."""
 
     sender: str
     recipients: Sequence[str]

@@ -1,5 +1,6 @@
 """Statistics maths, pure: days, mailbox providers (ESPs), counters and their rates, and the
-parameters and answer of the Alibaba-compatible ``GetTrackList`` (seed 002).
+parameters and answer of the Alibaba-compatible ``GetTrackList`` (README, "Statistics and
+events API").
 
 Every count here is of *counted* events only (people and mailbox image proxies, see
 relay/tracking/bots.py); machine traffic never reaches a statistic. Events are attributed to the UTC
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from relay.errors import InvalidParameter
+
 # Mailbox providers by recipient domain. The key is the value ``GetTrackList`` names it by;
 # the aliases are the provider's other consumer domains.
 ESP_DOMAINS: Mapping[str, frozenset[str]] = {
@@ -59,14 +62,6 @@ TRACK_LIST_DAYS_BACK = 30  # StartTime no earlier than this many days before tod
 TRACK_LIST_SPAN_DAYS = 7  # EndTime - StartTime at most this many days
 DAY_FORMAT = "%Y-%m-%d"  # for parsing; days are written with date.isoformat() (always 4-digit
 # years, where strftime writes year 226 as "226")
-
-
-class InvalidParameter(ValueError):
-    """Bad input, naming the parameter at fault."""
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
 
 
 def esp_of(recipient: str) -> str:
@@ -167,9 +162,9 @@ def percent(part: int, whole: int) -> str:
     return text or "0"
 
 
-# ---- GetTrackList (seed 002) ----
+# ---- GetTrackList ----
 
-# Parameters the seed marks deprecated: accepted and ignored.
+# Parameters Alibaba marks deprecated: accepted and ignored.
 DEPRECATED = ("Total", "Offset", "OffsetCreateTime", "OffsetCreateTimeDesc")
 # Alibaba features the relay does not have: accepted when empty, refused otherwise (answering
 # with everything would look like an answer for the pool, IP or set asked for).
@@ -196,7 +191,7 @@ class TrackListQuery:
 
 
 def parse_track_list(params: Mapping[str, str], today: date) -> TrackListQuery:
-    """Validate ``GetTrackList``'s query parameters as seed 002 states them."""
+    """Validate ``GetTrackList``'s query parameters as Alibaba's API states them."""
     start = parse_day("StartTime", _required(params, "StartTime"))
     end = parse_day("EndTime", _required(params, "EndTime"))
     earliest = today - timedelta(days=TRACK_LIST_DAYS_BACK)
@@ -243,7 +238,7 @@ def _optional(params: Mapping[str, str], name: str) -> str | None:
 
 def track_list_body(query: TrackListQuery, by_day: Mapping[str, Counts],
                     request_id: str | None = None) -> dict[str, object]:
-    """The answer, field for field as seed 002: one row per day of the range, oldest first,
+    """The answer, field for field as Alibaba's: one row per day of the range, oldest first,
     days without mail included (zeros), paged by ``PageSize``/``PageNumber``."""
     days = query.days
     first = (query.page_number - 1) * query.page_size
@@ -262,7 +257,7 @@ def track_list_body(query: TrackListQuery, by_day: Mapping[str, Counts],
 
 
 def track_list_row(day: date, c: Counts) -> dict[str, str]:
-    """One ``data.stat[]`` entry: every value a string, as the seed shows."""
+    """One ``data.stat[]`` entry: every value a string, as Alibaba writes them."""
     return {
         "RcptClickRate": percent(c.clicks, c.sent),
         "RcptUniqueOpenCount": str(c.unique_opens),

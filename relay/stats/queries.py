@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from relay.errors import InvalidParameter
 from relay.ids import PREFIX as EMAIL_PREFIX
 from relay.smtp.processes import SENDING, UNKNOWN
 from relay.stats.maths import (
     DAY_FORMAT,
     Counts,
-    InvalidParameter,
     TrackListQuery,
     parse_day,
     parse_int,

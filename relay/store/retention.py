@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from relay.errors import InvalidInput
 from relay.store import engine as store
 from relay.store.transaction import transaction
 
@@ -160,7 +161,7 @@ def valid_address(address: str) -> str:
     address = address.strip()
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        raise ValueError(f"not an email address: {address!r}")
+        raise InvalidInput(f"not an email address: {address!r}")
     return address
 
 

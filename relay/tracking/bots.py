@@ -1,6 +1,6 @@
 """Who made a hit: a person, a mailbox image proxy, or a machine (pure, no I/O).
 
-Classifications (seed 004):
+Classifications (README, "The tracking service"):
 
 ==============  =======  ==================================================================
 person          counted  a mail client or browser loading the pixel or following a link

@@ -57,6 +57,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.config import WebhookDelivery, WebhookEndpoint
+from relay.errors import RefusedAddress
 from relay.ids import uuid7
 from relay.smtp.pipeline import MessageRecord, Outcome
 from relay.store.engine import Store
@@ -314,10 +315,6 @@ def release(conn: sqlite3.Connection, owner: str) -> None:
 
 
 # --- the network edge ---------------------------------------------------------------------
-
-
-class RefusedAddress(OSError):
-    pass
 
 
 class PublicResolver(AbstractResolver):

@@ -9,8 +9,11 @@ import urllib.request
 
 import pytest
 
-from relay.admin import domains
-from relay.admin.domains import (
+from relay.admin import dnscheck
+from relay.config import Address, DnsSettings, parse
+from relay.errors import ConfigError, InvalidInput
+from relay.policy import domains, names
+from relay.policy.domains import (
     FAILED,
     MATCH,
     OUTAGE,
@@ -20,9 +23,6 @@ from relay.admin.domains import (
     Check,
     TrackingDomain,
 )
-from relay.config import Address, DnsSettings, parse
-from relay.errors import ConfigError
-from relay.policy import names
 from tests.clients import (
     api_key,
     call,
@@ -58,7 +58,7 @@ def test_valid_tracking_hosts(host):
     ("track", "under shop.example"),
 ])
 def test_invalid_tracking_hosts(host, problem):
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(InvalidInput, match=problem):
         names.tracking_host(host, "shop.example")
 
 
@@ -95,7 +95,7 @@ def test_branded_url_keeps_scheme_and_port():
 
 def lookup(server, host, target=TARGET, timeout=2.0):
     settings = DnsSettings((Address("127.0.0.1", server.port),), timeout)
-    return asyncio.run(domains.check(host, target, domains.make_resolver(settings)))
+    return asyncio.run(dnscheck.check(host, target, dnscheck.make_resolver(settings)))
 
 
 def test_dns_check_outcomes(dns_server):
@@ -229,12 +229,12 @@ def test_periodic_recheck_round_marks_a_vanished_record_failed(make_relay, upstr
                                                               dns_server, loops):
     relay = relay_with_domain(make_relay, upstream, dns_server, recheck_interval=0)
     dns_server.cname(HOST, TARGET)
-    resolver = domains.make_resolver(relay.config.dns)
+    resolver = dnscheck.make_resolver(relay.config.dns)
     store = relay.services.store
-    [(first, _)] = loops.run(domains.recheck_all(store, relay.config, resolver))
+    [(first, _)] = loops.run(dnscheck.recheck_all(store, relay.config, resolver))
     assert first.state == VERIFIED
     dns_server.nxdomain(HOST)
-    [(second, result)] = loops.run(domains.recheck_all(store, relay.config, resolver))
+    [(second, result)] = loops.run(dnscheck.recheck_all(store, relay.config, resolver))
     assert (second.state, result.result) == (FAILED, WRONG)
 
 

@@ -10,12 +10,12 @@ import urllib.request
 
 import pytest
 
-from relay.admin import settings, tags
-from relay.admin.settings import Account, Domain
+from relay.admin import seeding
 from relay.config import parse
-from relay.policy import rules
 from relay.policy.decide import Controls, toggles
+from relay.policy.settings import Account, Domain
 from relay.store import engine as store
+from relay.store import rules, settings, tags
 from relay.store.transaction import transaction
 from tests.clients import (
     api_key,
@@ -55,7 +55,7 @@ def migrated(tmp_path):
 
 def seed(conn, document):
     with transaction(conn):
-        rules.seed(conn, parse(document))
+        seeding.seed(conn, parse(document))
 
 
 def test_config_seeds_once_and_the_store_wins_afterwards(tmp_path, caplog):

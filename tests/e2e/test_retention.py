@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from relay import config as config_module
-from relay.errors import ConfigError
+from relay.errors import ConfigError, InvalidInput
 from relay.store import engine as store
 from relay.store import retention
 from relay.tracking.tokens import sign_click, sign_open
@@ -189,7 +189,7 @@ def test_purge_then_erase_leave_exactly_what_they_should(world):
     assert rows(relay) == erased(world)
     assert links(relay) == []  # the URL named the erased address
     assert stats(relay) == counters
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         retention.erase_recipient(conn, "example.org")
 
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.admin.settings import Account, Domain
 from relay.errors import ControlHeaderError
 from relay.policy.decide import Controls, decide, read_controls
 from relay.policy.rules import Rules
+from relay.policy.settings import Account, Domain
 from relay.rewrite.headers import parse_header_block
 
 SEED_EXAMPLE = "eyJUYWdOYW1lIjoiVGVzdCIsIk9wZW5UcmFjZSI6IjEiLCJMaW5rVHJhY2UiOiIxIn0="

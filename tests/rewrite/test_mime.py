@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.errors import DecodeError
 from relay.rewrite import mime
 
 NESTED = (
@@ -100,7 +101,7 @@ def test_transfer_decode(cte: str, body: bytes, expected: bytes) -> None:
 @pytest.mark.parametrize(("cte", "body"), [("base64", b"a"), ("x-uuencode", b"")])
 def test_transfer_decode_refuses(cte: str, body: bytes) -> None:
     raw = f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + body
-    with pytest.raises(mime.DecodeError):
+    with pytest.raises(DecodeError):
         mime.transfer_decode(raw, mime.split(raw))
 
 
@@ -139,7 +140,7 @@ def test_decode_text(data: bytes, charset: str | None, expected: str) -> None:
      (b"\xff\xfe\x00\xd8", None)],  # a lone surrogate after a UTF-16 byte-order mark
 )
 def test_decode_text_refuses(data: bytes, charset: str) -> None:
-    with pytest.raises(mime.DecodeError):
+    with pytest.raises(DecodeError):
         mime.decode_text(data, charset)
 
 

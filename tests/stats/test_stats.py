@@ -10,11 +10,11 @@ from datetime import date
 
 import pytest
 
+from relay.errors import InvalidParameter
 from relay.stats import queries, rollup
 from relay.stats.maths import (
     OTHERS,
     Counts,
-    InvalidParameter,
     day_of,
     esp_of,
     esp_parameter,

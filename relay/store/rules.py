@@ -1,0 +1,31 @@
+"""The rules snapshot (relay/policy/rules.py) read from the store, and cached by the rules
+generation: per message the mail path pays one primary-key lookup; the tables are read again
+only after some process changed one of them (every change bumps the generation in its
+transaction, relay/store/settings.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from relay.policy.rules import Rules
+from relay.store import domains, settings, tags
+from relay.store.engine import Store
+
+
+def load(conn: sqlite3.Connection) -> Rules:
+    """Every rule, read after the generation so the snapshot is never older than its number."""
+    number = settings.generation(conn)
+    tracking = {d.sender_domain: d for d in domains.listing(conn)}
+    return Rules(number, settings.account(conn), settings.domains(conn), tracking,
+                 tags.registered(conn))
+
+
+class RulesCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.rules = Rules()
+
+    def current(self) -> Rules:
+        if settings.generation(self.store.writer) != self.rules.generation:
+            self.rules = load(self.store.writer)
+        return self.rules
