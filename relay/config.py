@@ -13,7 +13,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -26,7 +26,7 @@ from relay.policy.settings import Domain
 from relay.rewrite.dkim import DkimSigner
 from relay.rewrite.splice import TRACKING_BASE
 from relay.smtp import passwords
-from relay.webhooks.payloads import EVENT_TYPES, NAME, events_problem, secret_problem, url_problem
+from relay.webhooks.payloads import EVENT_TYPES, endpoint_problem
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,8 @@ class DkimKey:
 
 @dataclass(frozen=True)
 class WebhookEndpoint:
-    """A ``[[webhooks]]`` table: where to POST which events, signed with ``secret``."""
+    """A webhook endpoint: where to POST which events, signed with ``secret``. The
+    ``[[webhooks]]`` tables of the file and those added at run time alike."""
 
     name: str
     url: str
@@ -180,6 +181,10 @@ class WebhookEndpoint:
     events: tuple[str, ...] = EVENT_TYPES
     allow_private: bool = False  # loopback, private and link-local targets refused otherwise
     timeout: float = 10.0  # seconds per attempt
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first field that is wrong and what is wrong with it, or None."""
+        return endpoint_problem(self.name, self.url, self.secret, self.events, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -674,24 +679,19 @@ def _named(readers: list[_Reader], read: Callable[[_Reader], _Named], table: str
 
 
 def _webhook(r: _Reader) -> WebhookEndpoint:
-    name = r.get("name", str, "")
-    url = r.get("url", str, "")
-    secret = r.get("secret", str, "")
+    """Checked as ``relay webhooks add`` and the API check an endpoint
+    (relay/webhooks/payloads.py's endpoint_problem)."""
     events = r.get("events", list, list(EVENT_TYPES))
-    for key, problem in (("name", None if NAME.fullmatch(name) else
-                          f"expected 1-64 letters, digits, '-' or '_', got {name!r}"),
-                         ("url", url_problem(url)),
-                         ("secret", secret_problem(secret) if secret else "required"),
-                         ("events", events_problem(events))):
-        if problem:
-            raise r.fail(key, problem)  # never echoes the secret
     settings = WebhookEndpoint(
-        name=name, url=url, secret=secret, events=tuple(dict.fromkeys(events)),
-        allow_private=r.get("allow_private", bool, False),
-        timeout=r.positive("timeout", WebhookEndpoint.timeout, float),
-    )
+        name=r.get("name", str, ""), url=r.get("url", str, ""), secret=r.get("secret", str, ""),
+        events=tuple(events), allow_private=r.get("allow_private", bool, False),
+        timeout=r.positive("timeout", WebhookEndpoint.timeout, float))
+    found = settings.problem()
+    if found:
+        key, problem = found
+        raise r.fail(key, "required" if key == "secret" and not settings.secret else problem)
     r.done()
-    return settings
+    return replace(settings, events=tuple(dict.fromkeys(events)))
 
 
 def _webhook_delivery(r: _Reader) -> WebhookDelivery:

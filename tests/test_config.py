@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from relay.config import HttpSettings, load, parse
 from relay.errors import ConfigError
 from relay.smtp.passwords import hash_password, verify_password
+from relay.webhooks.payloads import new_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,6 +156,24 @@ def test_domain_entries_are_validated(tmp_path, entry, key, problem):
     error = config_error(tmp_path, f"[[domains]]\n{entry}\n")
     assert error.key == key
     assert problem in error.problem
+
+
+def test_the_file_and_the_api_share_one_rule_for_domains_and_webhooks(tmp_path):
+    """A [[domains]] table and a [[webhooks]] table are checked as the API checks what it is
+    sent (relay/policy/settings.py, relay/webhooks/payloads.py): the file took 101 excluded
+    hosts and a 61 s webhook timeout, which the API refused."""
+    hosts = ", ".join(f'"h{i}.example"' for i in range(101))
+    error = config_error(tmp_path, f'[[domains]]\nname = "shop.example"\n'
+                                   f"exclude_hosts = [{hosts}]\n")
+    assert (error.key, error.problem) == ("domains[0].exclude_hosts", "at most 100 hosts")
+    hook = ('[[webhooks]]\nname = "crm"\nurl = "https://crm.example/hook"\n'
+            f'secret = "{new_secret()}"\n')
+    assert load_toml(tmp_path, hook + "timeout = 60\n").webhooks[0].timeout == 60
+    error = config_error(tmp_path, hook + "timeout = 61\n")
+    assert (error.key, error.problem) == ("webhooks[0].timeout",
+                                          "seconds, more than 0 and at most 60")
+    endpoint = load_toml(tmp_path, hook).webhooks[0]
+    assert replace(endpoint, timeout=61.0).problem() == ("timeout", error.problem)  # the API's
 
 
 def test_a_domain_configured_twice_is_refused(tmp_path):

@@ -13,7 +13,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -21,52 +20,22 @@ from aiohttp import web
 from relay import config as config_module
 from relay.admin.commands import ConfigOption, fail, format_time, open_store, output, print_table
 from relay.admin.http import CONTEXT, ERROR_REF, Operation, json_body, json_response
+from relay.config import WebhookEndpoint
 from relay.errors import ApiError, Conflict, InvalidInput
 from relay.store.transaction import transaction
 from relay.webhooks.outbox import delete_endpoint, sync_endpoints
-from relay.webhooks.payloads import (
-    EVENT_TYPES,
-    FAILED,
-    NAME,
-    PENDING,
-    events_problem,
-    new_secret,
-    secret_problem,
-    url_problem,
-)
+from relay.webhooks.payloads import EVENT_TYPES, FAILED, PENDING, new_secret
 
 DELIVERY_STATES = ("pending", "delivered", "failed")
-
-
-@dataclass(frozen=True, slots=True)
-class NewEndpoint:
-    name: str
-    url: str
-    secret: str
-    events: tuple[str, ...] = EVENT_TYPES
-    allow_private: bool = False
-    timeout: float = 10.0
-
-    def problem(self) -> str | None:
-        if not NAME.fullmatch(self.name):
-            return "name: 1-64 letters, digits, '-' or '_'"
-        for key, problem in (("url", url_problem(self.url)),
-                             ("secret", secret_problem(self.secret)),
-                             ("events", events_problem(self.events))):
-            if problem:
-                return f"{key}: {problem}"
-        if not 0 < self.timeout <= 60:
-            return "timeout: seconds, more than 0 and at most 60"
-        return None
 
 
 # --- storage ------------------------------------------------------------------------------
 
 
-def add(conn: sqlite3.Connection, endpoint: NewEndpoint, now: float) -> None:
-    problem = endpoint.problem()
-    if problem:
-        raise InvalidInput(problem)
+def add(conn: sqlite3.Connection, endpoint: WebhookEndpoint, now: float) -> None:
+    found = endpoint.problem()
+    if found:
+        raise InvalidInput(found[1], found[0])
     try:
         conn.execute("INSERT INTO webhook_endpoints (name, source, url, secret, events,"
                      " allow_private, timeout, created_at) VALUES (?, 'api', ?, ?, ?, ?, ?, ?)",
@@ -220,8 +189,8 @@ def _list(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
     secret = sys.stdin.readline().strip() if args.secret_stdin else new_secret()
-    endpoint = NewEndpoint(args.name, args.url, secret, tuple(args.events or EVENT_TYPES),
-                           args.allow_private, args.timeout)
+    endpoint = WebhookEndpoint(args.name, args.url, secret, tuple(args.events or EVENT_TYPES),
+                               args.allow_private, args.timeout)
     with transaction(conn):
         add(conn, endpoint, time.time())
 
@@ -296,7 +265,7 @@ async def _list_endpoints(request: web.Request) -> web.Response:
 
 async def _add_endpoint(request: web.Request) -> web.Response:
     body = await json_body(request)
-    endpoint = NewEndpoint(
+    endpoint = WebhookEndpoint(
         _typed(body, "name", str, ""), _typed(body, "url", str, ""),
         _typed(body, "secret", str, "") or new_secret(),
         tuple(_typed(body, "events", list, list(EVENT_TYPES))),

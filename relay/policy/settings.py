@@ -34,7 +34,7 @@ def exclude_hosts(hosts: object) -> tuple[str, ...]:
     if not isinstance(hosts, Sequence) or isinstance(hosts, str):
         raise InvalidInput("exclude_hosts must be a list of host names")
     if len(hosts) > MAX_EXCLUDED_HOSTS:
-        raise InvalidInput(f"exclude_hosts: at most {MAX_EXCLUDED_HOSTS} hosts")
+        raise InvalidInput(f"at most {MAX_EXCLUDED_HOSTS} hosts", "exclude_hosts")
     return tuple(dict.fromkeys(_host(f"exclude_hosts[{i}]", h) for i, h in enumerate(hosts)))
 
 

@@ -50,6 +50,29 @@ USER_AGENT = "tracking-relay-webhooks/1"
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Seconds an attempt may wait for its answer, the config file and the API alike: a process that
+# dies mid-attempt holds the batch (and the endpoint's later events) until its lease, this
+# timeout plus LEASE_MARGIN, runs out (relay/webhooks/outbox.py).
+MAX_TIMEOUT = 60.0
+
+
+def endpoint_problem(name: str, url: str, secret: str, events: Sequence[str], timeout: float
+                     ) -> tuple[str, str] | None:
+    """The first field of a webhook endpoint that is wrong and what is wrong with it, or None:
+    the one check of ``[[webhooks]]`` tables, ``relay webhooks add`` and
+    ``POST /api/v1/webhooks``. Never echoes the secret."""
+    for key, problem in (("name", None if NAME.fullmatch(name) else
+                          f"expected 1-64 letters, digits, '-' or '_', got {name!r}"),
+                         ("url", url_problem(url)),
+                         ("secret", secret_problem(secret)),
+                         ("events", events_problem(events)),
+                         ("timeout", None if 0 < timeout <= MAX_TIMEOUT else
+                          f"seconds, more than 0 and at most {MAX_TIMEOUT:g}")):
+        if problem:
+            return key, problem
+    return None
+
+
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
