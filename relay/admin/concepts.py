@@ -14,8 +14,7 @@ from relay.admin import (
     messages,
     retention,
     settings,
-    stats_api,
-    stats_cli,
+    stats,
     tags,
     webhooks,
 )
@@ -37,9 +36,8 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("settings", settings.OPERATIONS, settings.add_commands),
     Concept("tracking domains", domains.OPERATIONS, domains.add_commands),
     Concept("tags", tags.OPERATIONS, tags.add_commands),
-    # the API's message routes are among the statistics' (one set of queries, stats/queries.py)
-    Concept("statistics", stats_api.OPERATIONS, stats_cli.add_commands),
-    Concept("messages", (), messages.add_commands),
+    Concept("statistics", stats.OPERATIONS, stats.add_commands),
+    Concept("messages", messages.OPERATIONS, messages.add_commands),
     Concept("webhooks", webhooks.OPERATIONS, webhooks.add_commands),
     Concept("retention", retention.OPERATIONS, retention.add_commands),
 )

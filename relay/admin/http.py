@@ -18,6 +18,7 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.errors import InvalidInput
+from relay.stats.queries import Query
 from relay.store.engine import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,6 +59,16 @@ def error_body(status: int, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"status": status, "message": message, **details}}
 
 
+def query_params(request: web.Request) -> dict[str, str]:
+    """The query string, first value of each name."""
+    return {name: request.query.getone(name) for name in request.query}
+
+
+async def fetch(request: web.Request, query: Query) -> list[Any]:
+    """A read of the statistics, events or messages, on the store's reader thread."""
+    return await request.app[CONTEXT].store.fetchall(query.sql, query.params)
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object, or a 400. JSON is UTF-8 whatever the Content-Type says (an
     unknown charset there made aiohttp raise LookupError), and a string holding a lone
@@ -84,3 +95,31 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 ERROR_REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+# Pieces of OpenAPI descriptions.
+
+def param(name: str, description: str, schema: Mapping[str, Any] | None = None, *,
+           required: bool = False, where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "description": description,
+            "schema": dict(schema or {"type": "string"})}
+
+
+def ok(schema: Mapping[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"200": {"description": description,
+                    "content": {"application/json": {"schema": schema}}}}
+
+
+def obj(properties: Mapping[str, Any], required: Sequence[str] | None = None
+            ) -> dict[str, Any]:
+    return {"type": "object", "required": list(properties if required is None else required),
+            "properties": dict(properties)}
+
+
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+BOOLEAN = {"type": "boolean"}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+RATE = {"type": "number", "nullable": True, "minimum": 0,
+        "description": "a fraction (0.25 is 25%), null when the denominator is 0"}
+DAY = {"type": "string", "format": "date"}

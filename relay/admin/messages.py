@@ -1,7 +1,7 @@
-"""``relay messages list|show``: find messages and see what became of each recipient, over the
-same queries as ``GET /api/v1/messages`` (relay/stats/queries.py). Before reading, the ``sending``
-recipients of relay processes that stopped are marked ``unknown`` (relay/smtp/processes.py), as a
-relay does at start.
+"""Messages: find them and see what became of each recipient, with ``relay messages
+list|show`` and ``GET /api/v1/messages[/{email_id}]``, over the same queries
+(relay/stats/queries.py). Before the CLI reads, the ``sending`` recipients of relay processes
+that stopped are marked ``unknown`` (relay/smtp/processes.py), as a relay does at start.
 """
 
 from __future__ import annotations
@@ -11,8 +11,25 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
+from aiohttp import web
+
 from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
-from relay.admin.stats_cli import print_events
+from relay.admin.http import (
+    BOOLEAN,
+    INTEGER,
+    NULLABLE_STRING,
+    STRING,
+    Operation,
+    fetch,
+    json_response,
+    obj,
+    ok,
+    param,
+    query_params,
+)
+from relay.admin.stats import EVENT, print_events
+from relay.errors import ApiError
+from relay.rewrite.splice import LINK_REASONS
 from relay.smtp import processes
 from relay.stats import queries
 
@@ -116,3 +133,79 @@ def _print_message(m: Mapping[str, Any]) -> None:
         print_events(m["events"])
     else:
         print("no opens or clicks")
+
+
+# ---- API ----
+
+async def list_messages(request: web.Request) -> web.Response:
+    message_filter = queries.parse_messages(query_params(request))
+    rows = await fetch(request, queries.messages_query(message_filter))
+    page = rows[:message_filter.limit]
+    recipients = await fetch(request, queries.recipients_query([row[0] for row in page]))
+    return json_response(queries.messages_body(message_filter, rows, recipients))
+
+
+async def get_message(request: web.Request) -> web.Response:
+    email_id = request.match_info["email_id"]
+    message_q, recipients_q, events_q = queries.message_queries(email_id)
+    message = await fetch(request, message_q)
+    if not message:
+        raise ApiError(404, f"no message {email_id!r}")
+    body = queries.message_body(message[0], await fetch(request, recipients_q),
+                                await fetch(request, events_q))
+    return json_response(body)
+
+
+_STATUS = {"type": "string", "enum": list(queries.RECIPIENT_STATUSES),
+           "description": "; ".join(f"{name}: {meaning}" for name, meaning in
+                                    queries.RECIPIENT_STATUSES.items())}
+MESSAGE_SUMMARY = obj({
+    "email_id": STRING, "message_id": NULLABLE_STRING, "sender": STRING,
+    "sender_domain": STRING, "subject": NULLABLE_STRING, "tag_name": NULLABLE_STRING,
+    "tags": {"type": "array", "items": STRING}, "campaign": NULLABLE_STRING,
+    "topic": NULLABLE_STRING, "size": INTEGER, "created_at": {"type": "string",
+                                                              "format": "date-time"},
+    "tracking": obj({"opens": BOOLEAN, "clicks": BOOLEAN, "decision": STRING,
+                         "links": {**obj({
+                             "total": INTEGER, "tracked": INTEGER, "omitted": INTEGER,
+                             "untracked": {"type": "array", "items": obj({
+                                 "href": STRING, "detail": STRING,
+                                 "reason": {"type": "string", "enum": list(LINK_REASONS)}})},
+                         }), "nullable": True}}),
+    "statuses": {"type": "object", "additionalProperties": INTEGER,
+                 "description": "how many recipients have each status"},
+    "recipients": {"type": "array", "items": obj({
+        "recipient": STRING, "status": _STATUS, "reply": STRING,
+        "at": {"type": "string", "format": "date-time"}})},
+})
+MESSAGE = {**MESSAGE_SUMMARY, "required": [*MESSAGE_SUMMARY["required"], "events"],
+           "properties": {**MESSAGE_SUMMARY["properties"],
+                          "events": {"type": "array", "items": EVENT}}}
+MESSAGES = obj({"messages": {"type": "array", "items": MESSAGE_SUMMARY},
+                    "next_cursor": NULLABLE_STRING})
+_MESSAGE_PARAMS = [
+    param("recipient", "A recipient's address (ASCII letters in any case)"),
+    param("message_id", "The Message-ID header, with or without its angle brackets"),
+    param("sender", "The envelope sender (MAIL FROM; ASCII letters in any case)"),
+    param("status", "Messages with a recipient in this state (the recipient named by "
+                     "recipient, when given)", _STATUS),
+    param("since", "Received from this instant: yyyy-mm-dd or an ISO 8601 date-time (UTC by "
+                    "default)"),
+    param("until", "Received before this instant; a day (yyyy-mm-dd) is included whole"),
+    param("cursor", "next_cursor of the previous page"),
+    param("limit", f"Messages per page (default {queries.DEFAULT_PAGE})",
+           {"type": "integer", "minimum": 1, "maximum": queries.MAX_PAGE}),
+]
+_NOT_FOUND = {"404": {"description": "No such message", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Error"}}}}}
+
+OPERATIONS = [
+    Operation("GET", "/messages", list_messages,
+              "Messages, newest first, paged: by recipient, Message-ID, sender, recipient "
+              "status, time", "listMessages", _MESSAGE_PARAMS, responses=ok(MESSAGES),
+              tags=("messages",)),
+    Operation("GET", "/messages/{email_id}", get_message,
+              "One message: its tracking decision, recipients and events", "getMessage",
+              [param("email_id", "The relay's message id", required=True, where="path")],
+              responses={**ok(MESSAGE), **_NOT_FOUND}, tags=("events",)),
+]
