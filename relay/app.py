@@ -15,14 +15,15 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from relay.admin import seeding
-from relay.config import Config
+from relay.config import Address, Config
 from relay.http_site import GuardedSite, ServerLog
 from relay.limits import ConnectionLimits
 from relay.smtp import processes
 from relay.smtp.pipeline import MessageListener
 from relay.stats.breakdown import Breakdown
+from relay.stats.machine import MachineTraffic
 from relay.stats.rollup import Rollup
-from relay.store import retention
+from relay.store import html_bodies, retention
 from relay.store.engine import Store
 from relay.throttle import ThrottledLog, install_accept_handler
 from relay.tracking.events import Listener
@@ -46,6 +47,7 @@ class Services:
     keyring: Keyring
     smtp: object | None = None  # relay.smtp.server.SmtpService
     http: web.AppRunner | None = None
+    admin_http: web.AppRunner | None = None  # http.admin_listen's: the API and the dashboard
     # written in the transaction of each event / message (relay/tracking/events.py,
     # relay/smtp/pipeline.py)
     event_listeners: list[Listener] = field(default_factory=list)
@@ -66,6 +68,9 @@ async def running(
     services.event_listeners.append(rollup)
     services.message_listeners.append(rollup.on_message)
     services.event_listeners.append(Breakdown())
+    services.event_listeners.append(MachineTraffic())
+    if config.dashboard.keep_html:
+        services.message_listeners.append(html_bodies.on_message)
     outbox = Outbox()
     services.event_listeners.append(outbox)
     services.message_listeners.append(outbox.on_message)
@@ -89,8 +94,9 @@ async def running(
         # Both stop listening at once and drain side by side: one after the other, SMTP kept
         # taking mail while HTTP requests finished, and the two drains added up.
         stops: list[Awaitable[None]] = []
-        if services.http is not None:
-            stops.append(services.http.cleanup())
+        for runner in (services.http, services.admin_http):
+            if runner is not None:
+                stops.append(runner.cleanup())
         if services.smtp is not None:
             stops.append(services.smtp.stop())
         await asyncio.gather(*stops)
@@ -102,22 +108,45 @@ async def running(
 
 
 async def _start_http(config: Config, services: Services) -> web.AppRunner:
-    from relay.admin.api import PREFIX, build_api
+    """The tracker on ``http.listen``, with the API and the dashboard beside it, or on
+    ``http.admin_listen`` when that is set (started first: the connection gauge of /metrics
+    follows the last listener started, the public one)."""
     from relay.tracking.tracker import build_app
 
     app = build_app(config, services.store, services.keyring,
                     listeners=services.event_listeners)
+    admin = config.http.admin_listen
+    if admin is None:
+        _add_admin(app, config, services)
+    else:
+        admin_app = web.Application()
+        _add_admin(admin_app, config, services)
+        services.admin_http = await _serve_app(admin_app, config, admin)
+        log.info("http api and dashboard listening on %s", admin)
+    runner = await _serve_app(app, config, config.http.listen)
+    log.info("http listening on %s, public url %s", config.http.listen, config.http.public_url)
+    return runner
+
+
+def _add_admin(app: web.Application, config: Config, services: Services) -> None:
+    from relay.admin.api import PREFIX, build_api
+    from relay.admin.dashboard.app import PREFIX as UI
+    from relay.admin.dashboard.app import build_dashboard
+
     app.add_subapp(PREFIX, build_api(config, services.store))
+    app.add_subapp(UI, build_dashboard(config, services.store))
+
+
+async def _serve_app(app: web.Application, config: Config, listen: Address) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_DRAIN_SECONDS,
                            keepalive_timeout=config.http.keepalive_timeout, logger=ServerLog())
     await runner.setup()
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_ip,
                               exempt=config.http.trusted_proxies)
-    site = GuardedSite(runner, config.http.listen.host, config.http.listen.port, limits=limits,
+    site = GuardedSite(runner, listen.host, listen.port, limits=limits,
                        header_timeout=config.http.header_timeout,
                        reuse_port=config.http.workers > 1 or None)
     await site.start()
-    log.info("http listening on %s, public url %s", config.http.listen, config.http.public_url)
     return runner
 
 

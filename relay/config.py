@@ -111,6 +111,8 @@ class HttpSettings:
     max_connections_per_ip: int = 200  # socket peer (IPv6: per /64); trusted_proxies exempt
     keepalive_timeout: float = 75.0  # idle seconds after a response before closing
     header_timeout: float = 10.0  # seconds a new connection has to send its request head
+    # the API and the dashboard on a listener of their own; listen then serves the tracker only
+    admin_listen: Address | None = None
     # who may read /metrics (the client address as the tracker sees it, trusted_proxies rule)
     metrics_allowed_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
@@ -221,6 +223,15 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class DashboardSettings:
+    """``[dashboard]`` (relay/admin/dashboard/): keep each distinct HTML body for the click
+    map; how long a sign-in lasts."""
+
+    keep_html: bool = True
+    session_hours: float = 12.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<defaults>"
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -236,6 +247,7 @@ class Config:
     geo: GeoSettings = field(default_factory=GeoSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     log_level: str = "INFO"
 
     def dkim_key(self, domain: str) -> DkimKey | None:
@@ -375,6 +387,7 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         geo=_geo(root.sub("geo")),
         privacy=_privacy(root.sub("privacy")),
         retention=_retention(root.sub("retention")),
+        dashboard=_dashboard(root.sub("dashboard")),
         log_level=_log_level(root.sub("logging")),
     )
     root.done()
@@ -500,6 +513,7 @@ def _http(r: _Reader) -> HttpSettings:
         max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip),
         keepalive_timeout=r.positive("keepalive_timeout", d.keepalive_timeout, float),
         header_timeout=r.positive("header_timeout", d.header_timeout, float),
+        admin_listen=r.address("admin_listen", d.admin_listen),
         metrics_allowed_networks=r.networks("metrics_allowed_networks",
                                             d.metrics_allowed_networks),
     )
@@ -728,6 +742,16 @@ def _retention(r: _Reader) -> RetentionSettings:
         raise r.fail("days", "must be 0 (keep forever) or more")
     r.done()
     return RetentionSettings(days)
+
+
+def _dashboard(r: _Reader) -> DashboardSettings:
+    d = DashboardSettings()
+    settings = DashboardSettings(
+        keep_html=r.get("keep_html", bool, d.keep_html),
+        session_hours=r.positive("session_hours", d.session_hours, float),
+    )
+    r.done()
+    return settings
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -16,6 +16,7 @@ from relay.admin import (
     settings,
     stats,
     tags,
+    users,
     webhooks,
 )
 from relay.admin.commands import ConfigOption
@@ -40,6 +41,7 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("messages", messages.OPERATIONS, messages.add_commands),
     Concept("webhooks", webhooks.OPERATIONS, webhooks.add_commands),
     Concept("retention", retention.OPERATIONS, retention.add_commands),
+    Concept("dashboard users", (), users.add_commands),
 )
 
 

@@ -210,9 +210,10 @@ _COUNTS = {"sent": INTEGER, "opens": INTEGER, "unique_opens": INTEGER, "clicks":
            "unique_clicks": INTEGER, "open_rate": RATE, "unique_open_rate": RATE,
            "click_rate": RATE, "unique_click_rate": RATE, "click_to_open_rate": RATE}
 STATS = obj({"group_by": {"type": "string", "enum": list(queries.GROUPS)},
-                 "since": DAY, "until": DAY,
-                 "rows": {"type": "array", "items": obj({"key": NULLABLE_STRING,
-                                                              **_COUNTS})}})
+             "since": DAY, "until": DAY, "sender_domain": STRING, "campaign": STRING,
+             "tag": STRING,
+             "rows": {"type": "array", "items": obj({"key": NULLABLE_STRING, **_COUNTS})}},
+            ["group_by", "since", "until", "rows"])
 LINKS = obj({"since": DAY, "until": DAY, "links": {"type": "array", "items": obj(
     {"url": STRING, "clicks": INTEGER, "unique_clicks": INTEGER})}})
 _WINDOW_PARAMS = [
@@ -220,6 +221,12 @@ _WINDOW_PARAMS = [
     param("until", "Last day of the window, UTC (default: today)", DAY),
     param("limit", f"At most this many rows (default {queries.DEFAULT_ROWS})",
            {"type": "integer", "minimum": 1, "maximum": queries.MAX_ROWS}),
+]
+_FILTER_PARAMS = [
+    param("sender_domain", "Messages from this sender domain only (by day, campaign or "
+                           "sender_domain)"),
+    param("campaign", "Messages of this campaign only (by day, campaign or sender_domain)"),
+    param("tag", "Messages carrying this tag only (by day or tag; with no other filter)"),
 ]
 
 EVENT = obj({
@@ -259,7 +266,7 @@ OPERATIONS = [
               "listEvents", _EVENT_PARAMS, responses=ok(EVENTS), tags=("events",)),
     Operation("GET", "/stats", get_stats, "Counts and rates grouped by day, tag, campaign, "
               "sender domain, device, client or country", "getStats",
-              [*_WINDOW_PARAMS, param("group_by", "day (default), tag, campaign, "
+              [*_WINDOW_PARAMS, *_FILTER_PARAMS, param("group_by", "day (default), tag, campaign, "
                                        "sender_domain, device, client, country (these three "
                                        "count opens and clicks: sent is 0)",
                                        {"type": "string", "enum": list(queries.GROUPS)})],

@@ -99,8 +99,20 @@ class PasswordChecker:
             return True
         if not self._users:
             return False
+        ok = await self.verify(encoded, password)
+        if ok and encoded is not None:
+            self._verified[name] = digest
+        return ok
+
+    async def verify(self, encoded: str | None, password: bytes) -> bool | None:
+        """Whether ``password`` matches the hash ``encoded``, checked in the pool (None: no
+        such user, checked against a dummy hash all the same); None when ``max_pending``
+        checks are already waiting or running. Also for the dashboard's sign-in
+        (relay/admin/dashboard/auth.py), whose users are in the store."""
         if self._pending >= self.max_pending:
             return None
+        if not self._dummy:
+            self._dummy = passwords.hash_password(secrets.token_urlsafe(16))
         self._pending += 1
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
@@ -108,10 +120,7 @@ class PasswordChecker:
                 encoded if encoded is not None else self._dummy)
         finally:
             self._pending -= 1
-        if ok and encoded is not None:
-            self._verified[name] = digest
-            return True
-        return False
+        return bool(ok and encoded is not None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -27,6 +27,7 @@ from relay.policy.decide import Controls, Decision, decide, read_controls
 from relay.rewrite import urls
 from relay.rewrite.dkim import DkimSigner, signs_header
 from relay.rewrite.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
+from relay.rewrite.mime import first_html
 from relay.rewrite.splice import LinkResult, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream, stuff, unstuff
@@ -153,7 +154,8 @@ class MailPipeline:
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                    _header(raw, block, "Subject"), controls,
                                    decision if tracked else None, reason, len(raw), time.time(),
-                                   links, self.process_id, tuple(pending))
+                                   links, self.process_id, tuple(pending),
+                                   await self._html(clean) if tracked else None)
             stored = bool(pending)
             if stored and not await self._store_message(record):
                 metrics.SMTP_MESSAGES.labels("deferred").inc()
@@ -173,6 +175,15 @@ class MailPipeline:
             # Held from the look-up of earlier deliveries until the record of this try's:
             # a retry arriving meanwhile (in this process or another) waits, then finds them.
             await self.claims.release(claim)
+
+    async def _html(self, clean: bytes) -> str | None:
+        """The HTML the dashboard's click map shows (``dashboard.keep_html``), read on a
+        worker thread for a large message, as its rewrite is planned."""
+        if not self.config.dashboard.keep_html:
+            return None
+        if len(clean) > LARGE_MESSAGE:
+            return await asyncio.to_thread(first_html, clean)
+        return first_html(clean)
 
     def _received(self, incoming: Incoming, email_id: str) -> trace.Received | None:
         if not self.config.smtp.add_received:
@@ -412,6 +423,7 @@ class MessageRecord:
     links: tuple[LinkResult, ...] | None = None  # None: not looked at (rewrite.Prepared.links)
     process: int | None = None  # the processes row of the relay process sending it
     sending: Sequence[str] = ()  # the recipients its copies go to
+    html: str | None = None  # its first HTML part, kept for the click map (tracked mail only)
 
 
 def links_json(links: tuple[LinkResult, ...] | None) -> str | None:

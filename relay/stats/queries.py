@@ -99,12 +99,19 @@ MAX_ROWS = 1000
 DEFAULT_ROWS = 100
 
 
+# Filters of the native statistics: the column of stats_daily each one reads. ``tag`` reads
+# stats_daily_tags instead, which has no other dimension, so it goes with no other filter.
+FILTERS: Mapping[str, str] = {"sender_domain": "sender_domain", "campaign": "campaign"}
+TAG_FILTER = "tag"
+
+
 @dataclass(frozen=True, slots=True)
 class StatsQuery:
     since: date
     until: date
     group_by: str = "day"
     limit: int = DEFAULT_ROWS
+    filters: tuple[tuple[str, str], ...] = ()  # (name, value) of FILTERS, or (TAG_FILTER, tag)
 
     def window(self) -> dict[str, str]:
         return {"since": self.since.isoformat(), "until": self.until.isoformat()}
@@ -128,18 +135,55 @@ def parse_stats(params: Mapping[str, str], today: date, *, grouped: bool = True)
     if grouped and group_by not in GROUPS:
         raise InvalidParameter("group_by", f"{group_by!r} is not one of {', '.join(GROUPS)}")
     limit = parse_int("limit", params.get("limit") or str(DEFAULT_ROWS), 1, MAX_ROWS)
-    return StatsQuery(since, until, group_by, limit)
+    return StatsQuery(since, until, group_by, limit,
+                      _filters(params, group_by if grouped else None))
+
+
+def _filters(params: Mapping[str, str], group_by: str | None) -> tuple[tuple[str, str], ...]:
+    """``sender_domain``, ``campaign`` (by day, campaign or sender domain) or ``tag`` (by day
+    or tag, alone): the daily counters hold no other combination (and clicks per link,
+    ``group_by`` None, none)."""
+    filters = tuple((name, params[name].strip().lower() if name == "sender_domain"
+                     else params[name].strip())
+                    for name in (*FILTERS, TAG_FILTER) if params.get(name, "").strip())
+    if not filters:
+        return filters
+    first = filters[0][0]
+    if group_by is None:
+        raise InvalidParameter(first, "clicks per link are counted for all messages only")
+    if any(name == TAG_FILTER for name, _ in filters):
+        if len(filters) > 1:
+            raise InvalidParameter(TAG_FILTER, "goes with no other filter (sender_domain, "
+                                               "campaign)")
+        if group_by not in ("day", "tag"):
+            raise InvalidParameter(TAG_FILTER, "filters statistics by day or by tag only")
+    elif GROUPS[group_by][0] != "stats_daily":
+        raise InvalidParameter(first, f"does not filter statistics by {group_by}")
+    return filters
 
 
 def stats_query(q: StatsQuery) -> Query:
     table, key, order = GROUPS[q.group_by]
-    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE day BETWEEN ? AND ? "
-                 f"GROUP BY {key} ORDER BY {order} LIMIT ?",
-                 (*q.window().values(), q.limit))
+    where = ["day BETWEEN ? AND ?"]
+    params: list[Any] = list(q.window().values())
+    for name, value in q.filters:
+        if name == TAG_FILTER:
+            table = "stats_daily_tags"
+            where.append("tag = ?")
+        else:
+            where.append(f"{FILTERS[name]} = ?")
+        params.append(value)
+    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE {' AND '.join(where)} "
+                 f"GROUP BY {key} ORDER BY {order} LIMIT ?", (*params, q.limit))
+
+
+def total(rows: Sequence[Row]) -> Counts:
+    """The counts of every row of a statistics query, summed."""
+    return Counts(*(sum(row[i] for row in rows) for i in range(1, len(COUNTERS) + 1)))
 
 
 def stats_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
-    return {"group_by": q.group_by, **q.window(),
+    return {"group_by": q.group_by, **q.window(), **dict(q.filters),
             "rows": [{"key": row[0] or None, **Counts(*row[1:]).as_dict()} for row in rows]}
 
 

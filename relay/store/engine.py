@@ -358,6 +358,45 @@ MIGRATIONS: dict[str, str] = {
         CREATE INDEX send_claims_owner ON send_claims (owner);
         CREATE INDEX send_owners_seen_at ON send_owners (seen_at);
     """,
+    # The dashboard (relay/admin/dashboard/): people who sign in and their sessions
+    # (relay/store/users.py), each distinct HTML body kept once by its digest for the click map
+    # (relay/store/html_bodies.py; a message's row goes with the message), and machine traffic
+    # by day, classification and source, which the other daily counters leave out
+    # (relay/store/machine.py).
+    "0050_dashboard": """
+        CREATE TABLE dashboard_users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE dashboard_sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES dashboard_users (name) ON DELETE CASCADE,
+            csrf TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        CREATE INDEX dashboard_sessions_expires ON dashboard_sessions (expires_at);
+        CREATE TABLE html_bodies (
+            digest TEXT PRIMARY KEY,
+            html TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE message_html (
+            email_id TEXT PRIMARY KEY REFERENCES messages (email_id) ON DELETE CASCADE,
+            digest TEXT NOT NULL
+        );
+        CREATE INDEX message_html_digest ON message_html (digest);
+        CREATE TABLE stats_daily_machine (
+            day TEXT NOT NULL,
+            classification TEXT NOT NULL,
+            source TEXT NOT NULL,
+            opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, classification, source)
+        );
+    """,
 }
 
 

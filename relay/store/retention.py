@@ -6,7 +6,8 @@
 events              opens and clicks recorded before the cutoff
 recipients          the rows of messages created before the cutoff
 deliveries          those recorded before the cutoff (the resend guard, relay/smtp/dedupe.py)
-messages            those created before the cutoff
+messages            those created before the cutoff (``message_html`` rows go with them)
+html_bodies         the HTML bodies no message names any more (relay/store/html_bodies.py)
 engagement          rows last hit before the cutoff whose message is gone
 webhook_attempts,   batches finished (delivered or failed) before the cutoff, with their
 webhook_outbox,     attempts and outbox rows; pending batches and rows not yet batched stay
@@ -53,6 +54,7 @@ from urllib.parse import unquote
 
 from relay.errors import InvalidInput
 from relay.store import engine as store
+from relay.store import html_bodies
 from relay.store.transaction import transaction
 
 log = logging.getLogger("relay.retention")
@@ -78,7 +80,8 @@ PURGE_STEPS: tuple[Step, ...] = (
     Step("events", "id", "at < :before"),
     Step("recipients", "rowid", f"email_id IN ({_OLD_MESSAGES})"),
     Step("deliveries", "rowid", "at < :before"),
-    Step("messages", "rowid", "created_at < :before"),
+    Step("messages", "rowid", "created_at < :before"),  # message_html rows go with them
+    Step("html_bodies", "digest", html_bodies.ORPHANS),
     Step("engagement", "email_id, recipient, target",
          "last_at < :before AND NOT EXISTS "
          "(SELECT 1 FROM messages m WHERE m.email_id = engagement.email_id)"),
@@ -100,6 +103,7 @@ ERASE_STEPS: tuple[Step, ...] = (
     Step("send_claims", "rowid", f"recipient IN {_ADDRESSES}"),
     Step("recipients", "rowid", f"recipient IN {_ADDRESSES}"),
     Step("messages", "rowid", "email_id IN (SELECT email_id FROM temp.erase_messages)"),
+    Step("html_bodies", "digest", html_bodies.ORPHANS),
     Step("webhook_outbox", "seq", "event_id IN (SELECT id FROM temp.erase_events)"),
     Step("webhook_events", "id", "id IN (SELECT id FROM temp.erase_events)"),
     Step("stats_daily_links", "day, url", "relay_names_address(url)"),

@@ -1,0 +1,148 @@
+"""Signing in to the dashboard: sessions, CSRF tokens, and a delay on repeated failures.
+
+- **Passwords** are scrypt hashes in the store (``relay users add``, relay/store/users.py),
+  checked off the event loop in the thread pool SMTP AUTH uses (relay/smtp/guard.py
+  ``PasswordChecker.verify``); an unknown name costs the same check as a wrong password.
+- **Failures** are counted per client address (IPv6: per /64) by the budget SMTP AUTH uses
+  (``AuthBudget``): each failure past the first is answered ``FAILURE_DELAY`` seconds later
+  than the one before (at most 10 s), and the ``MAX_FAILURES``-th refuses the address
+  (``429``) for ``BLOCK_SECONDS``.
+- **Sessions**: a random cookie (``relay_session``: ``HttpOnly``, ``SameSite=Strict``, path
+  ``/ui/``, ``Secure`` when the request came over https) whose SHA-256 names the session row;
+  it ends at sign-out, when the password is changed, or ``dashboard.session_hours`` after
+  sign-in (on an injectable clock).
+- **CSRF**: every ``POST`` carries the session's token in the form field ``csrf`` (the sign-in
+  form: the value of a cookie set with the form, double-submit), and one whose ``Origin`` (or,
+  without one, ``Referer``) names another site is refused; ``SameSite=Strict`` is the second
+  lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from relay.admin.users import MAX_PASSWORD, name_problem
+from relay.smtp.guard import AuthBudget, PasswordChecker
+from relay.store import users
+from relay.store.engine import Store
+
+COOKIE = "relay_session"
+LOGIN_COOKIE = "relay_login"
+COOKIE_PATH = "/ui/"
+MAX_FAILURES = 10
+BLOCK_SECONDS = 900.0
+FAILURE_DELAY = 1.0
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The signed-in user of a request, and the session's CSRF token for its forms."""
+
+    name: str
+    csrf: str
+
+
+class LoginRefused(Exception):
+    """A sign-in that failed: ``status`` and a message for people."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Auth:
+    def __init__(self, store: Store, session_hours: float, clock: Callable[[], float],
+                 monotonic: Callable[[], float]) -> None:
+        self.store = store
+        self.session_seconds = session_hours * 3600
+        self.clock = clock
+        self.budget = AuthBudget(MAX_FAILURES, BLOCK_SECONDS, FAILURE_DELAY, clock=monotonic)
+        self.checker = PasswordChecker({})
+
+    def close(self) -> None:
+        self.checker.close()
+
+    def current(self, request: web.Request) -> Signed | None:
+        token = request.cookies.get(COOKIE)
+        if not token:
+            return None
+        found = users.session(self.store.writer, _hash(token))
+        if found is None or found.expires_at <= self.clock():
+            return None
+        return Signed(found.user_name, found.csrf)
+
+    async def sign_in(self, client: str, name: str, password: str) -> str:
+        """A new session's cookie value for ``name``; LoginRefused when the password is
+        wrong (after the failure's delay), or the address is refused for now."""
+        left = self.budget.refused(client)
+        if left:
+            raise LoginRefused(429, f"Too many failed sign-ins from your address: try again "
+                                    f"in {int(left) + 1} s.")
+        if not self.budget.reserve(client):
+            raise LoginRefused(429, "Sign-ins from your address are being checked: try again "
+                                    "in a moment.")
+        ok: bool | None = None
+        try:
+            encoded = None if name_problem(name) else users.password_hash(self.store.writer,
+                                                                          name)
+            ok = await self.checker.verify(encoded, password[:MAX_PASSWORD].encode())
+        finally:
+            delay, blocked = self.budget.settle(client, None if ok is None else not ok)
+        if ok is None:
+            raise LoginRefused(503, "Too many sign-ins at once: try again in a moment.")
+        if not ok:
+            await asyncio.sleep(delay)  # the growing delay of repeated failures (not a wait)
+            if blocked:
+                raise LoginRefused(429, "Too many failed sign-ins from your address: try "
+                                        f"again in {int(BLOCK_SECONDS)} s.")
+            raise LoginRefused(401, "Wrong name or password.")
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        await self.store.write(lambda conn: users.add_session(
+            conn, _hash(token), name, secrets.token_urlsafe(32), now,
+            now + self.session_seconds))
+        return token
+
+    async def sign_out(self, request: web.Request) -> None:
+        token = request.cookies.get(COOKIE)
+        if token:
+            await self.store.write(lambda conn: users.end_session(conn, _hash(token)))
+
+
+def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str,
+               max_age: float | None = None) -> None:
+    response.set_cookie(name, value, path=COOKIE_PATH, httponly=True, samesite="Strict",
+                        secure=request.secure, max_age=None if max_age is None
+                        else int(max_age))
+
+
+def same_origin(request: web.Request) -> bool:
+    """Whether a form post comes from the dashboard's own pages: its ``Origin`` header (or,
+    without one, its ``Referer``) names this host. Browsers send one of them with every
+    cross-site post; a post with neither (a script, curl) still needs the CSRF token."""
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if not source:
+        return True
+    if source == "null":
+        return False
+    parts = urlsplit(source)
+    return parts.scheme == request.scheme and parts.netloc == request.host
+
+
+def token_matches(expected: str, given: str) -> bool:
+    return bool(expected) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

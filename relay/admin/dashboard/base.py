@@ -1,0 +1,44 @@
+"""What the dashboard's modules share: the application's keys, the security headers of every
+answer, and rendering a template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from relay.admin.dashboard.auth import Auth, Signed
+from relay.config import Config
+from relay.store.engine import Store
+
+HERE = Path(__file__).parent
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+AUTH = web.AppKey("dashboard_auth", Auth)
+CONFIG = web.AppKey("dashboard_config", Config)
+STORE = web.AppKey("dashboard_store", Store)
+TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
+SIGNED = "dashboard_signed"  # request key: the Signed of the request
+
+
+def render(request: web.Request, template: str, status: int = 200, **values: Any
+           ) -> web.Response:
+    signed: Signed | None = request.get(SIGNED)
+    body = request.app[TEMPLATES].get_template(template).render(
+        signed=signed, path=request.path, **values)
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+
+def see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, **HEADERS})
+
+

@@ -1,0 +1,159 @@
+"""The dashboard's pages. Each reads what the API reads, through the same queries
+(relay/stats/queries.py: the daily counters, never a scan of events; relay/store/machine.py
+for machine traffic), so a page's numbers are the API's for the same window and filters.
+Handlers parse, query on the store's reader thread, and render a template."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from relay.admin.dashboard import clickmap
+from relay.admin.dashboard.base import HEADERS, STORE, render, see_other
+from relay.stats import queries
+from relay.stats.maths import Counts, InvalidParameter, days_between
+from relay.store import html_bodies, machine
+
+OVERVIEW_DAYS = 30
+TOP_LINKS = 50
+# The click map's frame: the message's HTML as written, no script, nothing fetched (remote
+# images stay blank), no form, no navigation out of the frame.
+FRAME_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+             "font-src data:; frame-ancestors 'self'")
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _params(request: web.Request) -> dict[str, str]:
+    return {name: request.query.getone(name) for name in request.query}
+
+
+async def _rows(request: web.Request, query: queries.Query) -> list[Any]:
+    return await request.app[STORE].fetchall(query.sql, query.params)
+
+
+def _window(params: Mapping[str, str]) -> dict[str, str]:
+    """The since/until a form shows: what was asked, else the last OVERVIEW_DAYS days."""
+    until = params.get("until") or _today().isoformat()
+    since = params.get("since") or ""
+    if not since:
+        try:
+            since = (date.fromisoformat(until) - timedelta(days=OVERVIEW_DAYS - 1)).isoformat()
+        except ValueError:
+            since = ""
+    return {"since": since, "until": until}
+
+
+async def overview(request: web.Request) -> web.Response:
+    params = _params(request)
+    form = {**params, **_window(params)}
+    try:
+        query = queries.parse_stats({**form, "group_by": "day",
+                                     "limit": str(queries.MAX_ROWS)}, _today())
+    except InvalidParameter as exc:
+        return render(request, "overview.html", 400, form=form, error=str(exc), totals=None,
+                      days=[], machine=[], chart=None)
+    rows = await _rows(request, queries.stats_query(query))
+    by_day = queries.counts_by_day(rows)
+    days = [(day.isoformat(), by_day.get(day.isoformat(), Counts()))
+            for day in days_between(query.since, query.until)]
+    chart = {"days": [d for d, _ in days], **{
+        name: [getattr(c, name) for _, c in days] for name in queries.COUNTERS}}
+    bots = await request.app[STORE].fetchall(machine.WINDOW, tuple(query.window().values()))
+    return render(request, "overview.html", form=form, error=None,
+                  totals=queries.total(rows), days=days, chart=chart,
+                  machine=[tuple(row) for row in bots])
+
+
+async def links(request: web.Request) -> web.Response:
+    params = _params(request)
+    form = {**params, **_window(params)}
+    try:
+        query = queries.parse_stats({**form, "limit": str(TOP_LINKS)}, _today(),
+                                    grouped=False)
+    except InvalidParameter as exc:
+        return render(request, "links.html", 400, form=form, error=str(exc), links=[])
+    rows = await _rows(request, queries.links_query(query))
+    return render(request, "links.html", form=form, error=None, links=rows)
+
+
+async def messages(request: web.Request) -> web.Response:
+    params = {k: v.strip() for k, v in _params(request).items() if v.strip()}
+    email_id = params.pop("email_id", "")
+    if email_id:
+        return see_other(f"/ui/messages/{email_id}")
+    try:
+        found = queries.parse_messages({**params, "limit": params.get("limit", "50")})
+    except InvalidParameter as exc:
+        return render(request, "messages.html", 400, form=params, error=str(exc), found=None)
+    rows = await _rows(request, queries.messages_query(found))
+    page = rows[:found.limit]
+    recipients = await _rows(request, queries.recipients_query([row[0] for row in page]))
+    body = queries.messages_body(found, rows, recipients)
+    return render(request, "messages.html", form=params, error=None, found=body,
+                  statuses=queries.RECIPIENT_STATUSES)
+
+
+async def message(request: web.Request) -> web.Response:
+    email_id = request.match_info["email_id"]
+    message_q, recipients_q, events_q = queries.message_queries(email_id)
+    found = await _rows(request, message_q)
+    if not found:
+        raise web.HTTPNotFound(reason=f"No message {email_id}.")
+    body = queries.message_body(found[0], await _rows(request, recipients_q),
+                                await _rows(request, events_q))
+    kept = html_bodies.html_of(request.app[STORE].writer, email_id) is not None
+    return render(request, "message.html", m=body, kept=kept,
+                  statuses=queries.RECIPIENT_STATUSES)
+
+
+async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.LinkClicks]:
+    rows = await request.app[STORE].fetchall(html_bodies.LINK_CLICKS, (email_id,))
+    return {url: clickmap.LinkClicks(clicks, unique) for url, clicks, unique in rows}
+
+
+async def click_map(request: web.Request) -> web.Response:
+    email_id = request.match_info["email_id"]
+    if html_bodies.html_of(request.app[STORE].writer, email_id) is None:
+        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id} (dashboard.keep_html off, "
+                                      "no HTML part, or sent before it was kept).")
+    counts = await _clicks(request, email_id)
+    total = sum(c.clicks for c in counts.values())
+    ranked = sorted(counts.items(), key=lambda item: (-item[1].clicks, item[0]))
+    return render(request, "clickmap.html", email_id=email_id, links=ranked, total=total)
+
+
+async def click_map_frame(request: web.Request) -> web.Response:
+    email_id = request.match_info["email_id"]
+    text = html_bodies.html_of(request.app[STORE].writer, email_id)
+    if text is None:
+        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id}.")
+    drawn = clickmap.draw(text, await _clicks(request, email_id))
+    headers = {**HEADERS, "Content-Security-Policy": FRAME_CSP,
+               "X-Frame-Options": "SAMEORIGIN"}
+    return web.Response(text=drawn, content_type="text/html", charset="utf-8",
+                        headers=headers)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.2f}%"
+
+
+def _when(value: str) -> str:
+    return value.replace("T", " ").replace("Z", " UTC")
+
+
+FILTERS = {"percent": _percent, "when": _when}
+ROUTES = (
+    ("/overview", overview),
+    ("/links", links),
+    ("/messages", messages),
+    ("/messages/{email_id}", message),
+    ("/messages/{email_id}/clickmap", click_map),
+    ("/messages/{email_id}/frame", click_map_frame),
+)
