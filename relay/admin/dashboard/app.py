@@ -54,7 +54,7 @@ PUBLIC = ("/ui/login", "/ui/static/")  # reached without a session
 def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] = time.time,
                     monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     app = web.Application(middlewares=[_headers, _session], client_max_size=64 * 1024)
-    auth = Auth(store, config.dashboard.session_hours, clock, monotonic)
+    auth = Auth(store, config, clock, monotonic)
     app[AUTH], app[CONFIG], app[STORE] = auth, config, store
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)

@@ -4,9 +4,10 @@
   checked off the event loop in the thread pool SMTP AUTH uses (relay/smtp/guard.py
   ``PasswordChecker.verify``); an unknown name costs the same check as a wrong password.
 - **Failures** are counted per client address (IPv6: per /64) by the budget SMTP AUTH uses
-  (``AuthBudget``): each failure past the first is answered ``FAILURE_DELAY`` seconds later
-  than the one before (at most 10 s), and the ``MAX_FAILURES``-th refuses the address
-  (``429``) for ``BLOCK_SECONDS``.
+  (``AuthBudget``), with its settings and a count of its own: each failure past the first is
+  answered ``smtp.auth_failure_delay`` seconds later than the one before (at most 10 s), and
+  the ``smtp.auth_max_failures``-th refuses the address (``429``) for
+  ``smtp.auth_block_seconds``.
 - **Sessions**: a random cookie (``relay_session``: ``HttpOnly``, ``SameSite=Strict``, path
   ``/ui/``, ``Secure`` when the request came over https) whose SHA-256 names the session row;
   it ends at sign-out, when the password is changed, or ``dashboard.session_hours`` after
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from relay.admin.users import MAX_PASSWORD, name_problem
+from relay.config import Config
 from relay.smtp.guard import AuthBudget, PasswordChecker
 from relay.store import users
 from relay.store.engine import Store
@@ -37,9 +39,6 @@ from relay.store.engine import Store
 COOKIE = "relay_session"
 LOGIN_COOKIE = "relay_login"
 COOKIE_PATH = "/ui/"
-MAX_FAILURES = 10
-BLOCK_SECONDS = 900.0
-FAILURE_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,14 @@ def _hash(token: str) -> str:
 
 
 class Auth:
-    def __init__(self, store: Store, session_hours: float, clock: Callable[[], float],
+    def __init__(self, store: Store, config: Config, clock: Callable[[], float],
                  monotonic: Callable[[], float]) -> None:
         self.store = store
-        self.session_seconds = session_hours * 3600
+        self.session_seconds = config.dashboard.session_hours * 3600
         self.clock = clock
-        self.budget = AuthBudget(MAX_FAILURES, BLOCK_SECONDS, FAILURE_DELAY, clock=monotonic)
+        smtp = config.smtp
+        self.budget = AuthBudget(smtp.auth_max_failures, smtp.auth_block_seconds,
+                                 smtp.auth_failure_delay, clock=monotonic)
         self.checker = PasswordChecker({})
 
     def close(self) -> None:
@@ -106,7 +107,7 @@ class Auth:
             await asyncio.sleep(delay)  # the growing delay of repeated failures (not a wait)
             if blocked:
                 raise LoginRefused(429, "Too many failed sign-ins from your address: try "
-                                        f"again in {int(BLOCK_SECONDS)} s.")
+                                        f"again in {int(self.budget.block_seconds)} s.")
             raise LoginRefused(401, "Wrong name or password.")
         token = secrets.token_urlsafe(32)
         now = self.clock()

@@ -27,7 +27,7 @@ AUTH = web.AppKey("dashboard_auth", Auth)
 CONFIG = web.AppKey("dashboard_config", Config)
 STORE = web.AppKey("dashboard_store", Store)
 TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
-SIGNED = "dashboard_signed"  # request key: the Signed of the request
+SIGNED = web.RequestKey("dashboard_signed", Signed)  # who signed the request in
 
 
 def render(request: web.Request, template: str, status: int = 200, **values: Any

@@ -1,0 +1,341 @@
+"""The dashboard over real HTTP against the running relay: a user added with the real
+``relay users add`` (password on standard input), mail sent through the relay's SMTP port,
+opens and clicks made on its tracker, and the pages read with a cookie-keeping HTTP client
+(requests). Sign-in, sessions, CSRF, failures, ``http.admin_listen``, the numbers against
+the API's, escaping of what senders and links control, the click map, the HTML kept once."""
+
+from __future__ import annotations
+
+import html
+import re
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from markupsafe import escape
+
+from relay.admin import apikeys
+from relay.app import http_port
+from relay.store import engine as store
+from relay.store import retention
+from relay.tracking.tokens import sign_click, sign_open
+from tests.e2e.test_stats_api import BROWSER, TODAY, hit
+from tests.harness import Relay, wait_until
+
+PASSWORD = "correct horse battery staple"
+SALE = "https://shop.example/sale"
+PAY = "https://pay.example/now"
+# A link whose URL carries markup: written in single quotes, so the double quote is its own
+EVIL_URL = 'https://shop.example/x?a="><img src=x onerror=alert(1)>'
+EVIL_SUBJECT = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+SPRING = "eyJUYWdOYW1lIjoic3ByaW5nIiwiT3BlblRyYWNlIjoiMSIsIkxpbmtUcmFjZSI6IjEifQ=="
+
+
+def body(extra: str = "") -> str:
+    return (f'<html><body><p>Hello</p><a href="{SALE}">Sale</a> <a href="{PAY}">Pay</a>'
+            f"{extra}</body></html>")
+
+
+def send(relay: Relay, recipients: list[str], subject: str = "News", headers: str = "",
+         html_body: str | None = None) -> str:
+    msg = (f"From: <news@shop.example>\r\nTo: list@example.org\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{time.time_ns()}@shop.example>\r\n{headers}"
+           "X-Anypost-Track-Opens: true\r\nX-Anypost-Track-Clicks: true\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           f"{html_body or body()}\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+        client.ehlo()
+        assert client.mail("news@shop.example")[0] == 250
+        for rcpt in recipients:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(msg)
+    assert code == 250, reply
+    return re.search(r"email_[0-9a-f-]{36}", reply.decode()).group()
+
+
+def add_user(relay: Relay, tmp_path: Path, name: str = "alice",
+             password: str = PASSWORD) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{relay.config.store.path}"\n')
+    return subprocess.run([sys.executable, "-m", "relay", "users", "add", name, "--config",
+                           str(config)], input=password + "\n", capture_output=True,
+                          text=True, timeout=60)
+
+
+class Client:
+    """A browser-like HTTP client of the dashboard: keeps cookies, follows no redirect."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = requests.Session()
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.http.get(self.base + path, allow_redirects=False, timeout=10, **kw)
+
+    def post(self, path: str, data: dict[str, str], **kw: Any) -> requests.Response:
+        return self.http.post(self.base + path, data=data, allow_redirects=False, timeout=10,
+                              **kw)
+
+    def csrf(self, path: str) -> str:
+        page = self.get(path)
+        assert page.status_code == 200, page.text
+        return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+    def sign_in(self, name: str = "alice", password: str = PASSWORD) -> requests.Response:
+        return self.post("/ui/login", {"name": name, "password": password,
+                                       "csrf": self.csrf("/ui/login")})
+
+
+@pytest.fixture
+def relay(make_relay, upstream, tmp_path) -> Relay:
+    relay = make_relay({"tracking": {"scanner_window_seconds": 0, "tags": ["spring"]},
+                        "smtp": {"auth_failure_delay": 0.3, "auth_max_failures": 3}},
+                       upstream=upstream, http=True)
+    done = add_user(relay, tmp_path)
+    assert done.returncode == 0, done.stderr
+    return relay
+
+
+@pytest.fixture
+def client(relay) -> Client:
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+    return client
+
+
+PAGES = ["/ui/", "/ui/overview", "/ui/links", "/ui/messages", "/ui/messages/email_x",
+         "/ui/messages/email_x/clickmap", "/ui/messages/email_x/frame"]
+
+
+def test_no_page_without_a_session(relay):
+    anonymous = Client(relay.http_url)
+    for path in PAGES:
+        answer = anonymous.get(path)
+        assert answer.status_code == 303 and answer.headers["Location"] == "/ui/login", path
+    assert anonymous.post("/ui/logout", {"csrf": "x"}).status_code == 403
+    assert anonymous.get("/ui/login").status_code == 200  # the form itself is public
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(relay):
+    client = Client(relay.http_url)
+    answer = client.sign_in()
+    assert answer.status_code == 303 and answer.headers["Location"] == "/ui/overview"
+    cookie = next(c for c in answer.raw.headers.getlist("Set-Cookie")
+                  if c.startswith("relay_session="))
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/ui/" in cookie
+    assert "Secure" not in cookie  # plain http here; under https it is Secure
+    assert client.get("/ui/overview").status_code == 200
+    stolen = dict(client.http.cookies)
+    answer = client.post("/ui/logout", {"csrf": client.csrf("/ui/overview")})
+    assert answer.status_code == 303
+    replay = requests.get(relay.http_url + "/ui/overview", cookies=stolen,
+                          allow_redirects=False, timeout=10)
+    assert replay.status_code == 303  # the session ended in the store, not just the browser
+
+
+def test_the_store_holds_no_session_token_nor_password(relay, client):
+    token = client.http.cookies["relay_session"]
+    with relay.db() as db:
+        dump = "\n".join(db.iterdump())
+    assert token not in dump and PASSWORD not in dump
+    assert "scrypt$" in dump
+
+
+def test_wrong_passwords_are_answered_ever_later_then_refused(relay):
+    client = Client(relay.http_url)
+    times = []
+    for _ in range(2):
+        started = time.monotonic()
+        answer = client.sign_in(password="wrong")
+        times.append(time.monotonic() - started)
+        assert answer.status_code == 401 and "Wrong name or password" in answer.text
+    assert times[1] >= 0.3  # the second failure waits auth_failure_delay
+    assert client.sign_in(password="wrong").status_code == 429  # the 3rd: refused from now on
+    answer = client.sign_in()  # even with the right password
+    assert answer.status_code == 429 and "try again in" in answer.text
+    assert "relay_session" not in client.http.cookies
+    unknown = Client(relay.http_url).sign_in(name="mallory")
+    assert unknown.status_code == 429  # the same address
+
+
+def test_cross_site_posts_are_refused(relay, client):
+    token = client.csrf("/ui/overview")
+    assert client.post("/ui/logout", {}).status_code == 403
+    assert client.post("/ui/logout", {"csrf": "guessed"}).status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    assert client.post("/ui/logout", {"csrf": token}, headers=evil).status_code == 403
+    assert client.get("/ui/overview").status_code == 200  # still signed in
+    # the sign-in form too (login CSRF): its token must match the cookie set with the form
+    other = Client(relay.http_url)
+    forged = other.post("/ui/login", {"name": "alice", "password": PASSWORD, "csrf": "x"})
+    assert forged.status_code == 403 and "relay_session" not in other.http.cookies
+
+
+def test_sessions_expire(make_relay, upstream, tmp_path):
+    relay = make_relay({"dashboard": {"session_hours": 0.0003}}, upstream=upstream, http=True)
+    assert add_user(relay, tmp_path).returncode == 0
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+    assert client.get("/ui/overview").status_code == 200
+    wait_until(lambda: client.get("/ui/overview").status_code == 303, 10, "expiry")
+
+
+def test_users_add_changes_a_password_and_ends_sessions(relay, client, tmp_path):
+    done = add_user(relay, tmp_path, password="another one")
+    assert done.returncode == 0 and "password changed" in done.stdout
+    assert client.get("/ui/overview").status_code == 303
+    assert Client(relay.http_url).sign_in(password="another one").status_code == 303
+    bad = add_user(relay, tmp_path, name="<bad>")
+    assert bad.returncode == 2 and "user name" in bad.stderr
+    empty = add_user(relay, tmp_path, name="bob", password="")
+    assert empty.returncode == 1 and "empty password" in empty.stderr
+
+
+def metrics(page: str) -> dict[str, str]:
+    return dict(re.findall(r'data-metric="(\w+)">([^<]*)<', page))
+
+
+def api_stats(relay: Relay, **params: str) -> dict[str, Any]:
+    key = apikeys.create(store.connect(relay.config.store.path), f"k{time.time_ns()}")
+    answer = requests.get(f"{relay.http_url}/api/v1/stats", params=params, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()["rows"]
+    return {name: sum(row[name] for row in rows) for name in
+            ("sent", "opens", "unique_opens", "clicks", "unique_clicks")}
+
+
+def test_overview_numbers_are_the_apis_and_follow_the_filters(relay, client):
+    tagged = send(relay, ["a@example.org", "b@example.org"], headers=f"X-AliDM-Trace: {SPRING}\r\n"
+                  "X-Anypost-Campaign: c1\r\n")
+    other = send(relay, ["c@example.org"])
+    keyring = relay.services.keyring
+    assert hit(relay, "/o/" + sign_open(keyring, tagged, "a@example.org"), BROWSER) == 200
+    assert hit(relay, "/c/" + sign_click(keyring, tagged, "a@example.org", SALE), BROWSER) == 302
+    assert hit(relay, "/o/" + sign_open(keyring, other, "c@example.org"), BROWSER) == 200
+    assert hit(relay, "/o/" + sign_open(keyring, other, "c@example.org"), "curl/8.5.0") == 200
+    everything = metrics(client.get(f"/ui/overview?since={TODAY}&until={TODAY}").text)
+    assert everything["sent"] == "3" and everything["unique_opens"] == "2"
+    assert everything["unique_clicks"] == "1" and everything["click_to_open_rate"] == "50.00%"
+    api = api_stats(relay, since=TODAY, until=TODAY)
+    assert {k: everything[k] for k in api} == {k: str(v) for k, v in api.items()}
+    for flt in ({"tag": "spring"}, {"campaign": "c1"}, {"sender_domain": "shop.example"}):
+        page = client.get("/ui/overview", params={"since": TODAY, "until": TODAY, **flt})
+        shown, api = metrics(page.text), api_stats(relay, since=TODAY, until=TODAY, **flt)
+        assert {k: shown[k] for k in api} == {k: str(v) for k, v in api.items()}, flt
+    assert metrics(client.get("/ui/overview", params={"tag": "spring"}).text)["sent"] == "2"
+    page = client.get("/ui/overview", params={"tag": "spring", "campaign": "c1"})
+    assert page.status_code == 400 and "goes with no other filter" in page.text
+    # machine traffic, by reason: the curl open
+    machine = re.search(r'<tr data-kind="automation">(.*?)</tr>', page.text + client.get(
+        "/ui/overview").text, re.S)
+    assert machine and "<td>1</td><td>0</td>" in machine.group(1)
+
+
+def test_what_senders_and_links_control_shows_as_text(relay, client):
+    email_id = send(relay, ["x@example.org"], subject=EVIL_SUBJECT,
+                    html_body=body(f"<a href='{EVIL_URL}'>evil</a>"))
+    keyring = relay.services.keyring
+    assert hit(relay, "/c/" + sign_click(keyring, email_id, "x@example.org", EVIL_URL),
+               BROWSER) == 302
+    pages = [client.get(path).text for path in (
+        "/ui/messages?recipient=x@example.org", f"/ui/messages/{email_id}", "/ui/links",
+        f"/ui/messages/{email_id}/clickmap")]
+    for page in pages:
+        assert "<script>alert" not in page and "<img src=x" not in page
+    assert escape(EVIL_SUBJECT) in pages[0] and escape(EVIL_SUBJECT) in pages[1]
+    assert escape(EVIL_URL) in pages[2] and escape(EVIL_URL) in pages[3]
+
+
+def test_message_search_and_page_tell_the_story(relay, client):
+    email_id = send(relay, ["find.me@example.org", "other@example.org"], subject="Findable")
+    keyring = relay.services.keyring
+    assert hit(relay, "/o/" + sign_open(keyring, email_id, "find.me@example.org"),
+               "curl/8.5.0") == 200
+    found = client.get("/ui/messages", params={"recipient": "FIND.ME@example.org"})
+    assert f'href="/ui/messages/{email_id}"' in found.text and "Findable" in found.text
+    by_id = client.get("/ui/messages", params={"email_id": email_id})
+    assert by_id.status_code == 303 and by_id.headers["Location"] == f"/ui/messages/{email_id}"
+    page = client.get(f"/ui/messages/{email_id}").text
+    assert "find.me@example.org" in page and "250" in page  # the upstream's answer
+    timeline = page[page.index("Timeline"):]
+    assert "automation" in timeline and "curl" in timeline  # classified, with the reason
+
+
+def frame_badges(frame: str) -> dict[str, int]:
+    """href -> the clicks drawn on it."""
+    return {html.unescape(href): int(n) for href, n in re.findall(
+        r"""<a href=["']([^"']*)["']>(?:<span[^>]*data-clicks="(\d+)")""", frame)}
+
+
+def test_click_map_draws_each_links_clicks_on_it(relay, client):
+    email_id = send(relay, ["a@example.org", "b@example.org", "c@example.org"])
+    keyring = relay.services.keyring
+    # one click per recipient: a second link within a second is a scanner's (tracking/bots.py)
+    for recipient, url in (("a@example.org", SALE), ("b@example.org", SALE),
+                           ("c@example.org", PAY)):
+        assert hit(relay, "/c/" + sign_click(keyring, email_id, recipient, url), BROWSER) == 302
+    assert hit(relay, "/c/" + sign_click(keyring, email_id, "a@example.org", PAY),
+               "curl/8.5.0") == 302  # a machine: not drawn
+    page = client.get(f"/ui/messages/{email_id}/clickmap")
+    assert page.status_code == 200 and 'sandbox=""' in page.text
+    frame = client.get(f"/ui/messages/{email_id}/frame")
+    assert frame.headers["Content-Security-Policy"].startswith("sandbox;")
+    assert frame_badges(frame.text) == {SALE: 2, PAY: 1}
+    assert "67%" in frame.text and "33%" in frame.text
+    assert frame.text.startswith("<html><body><p>Hello</p>")  # the message as written
+
+
+def test_html_is_kept_once_and_purged_with_its_messages(relay, client):
+    first, second = (send(relay, [f"{n}@example.org"]) for n in ("one", "two"))
+    with relay.db() as db:
+        assert db.execute("SELECT count(*) FROM html_bodies").fetchone()[0] == 1
+        assert db.execute("SELECT count(*) FROM message_html").fetchone()[0] == 2
+    conn = store.connect(relay.config.store.path)
+    retention.erase_recipient(conn, "one@example.org")
+    assert client.get(f"/ui/messages/{first}/frame").status_code == 404
+    assert client.get(f"/ui/messages/{second}/frame").status_code == 200
+    retention.purge(conn, time.time() + 1)
+    with relay.db() as db:
+        assert db.execute("SELECT count(*) FROM html_bodies").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM message_html").fetchone()[0] == 0
+
+
+def test_keep_html_false_keeps_none(make_relay, upstream, tmp_path):
+    relay = make_relay({"dashboard": {"keep_html": False}}, upstream=upstream, http=True)
+    send(relay, ["a@example.org"])
+    with relay.db() as db:
+        assert db.execute("SELECT count(*) FROM html_bodies").fetchone()[0] == 0
+
+
+def test_admin_listen_moves_the_api_and_dashboard_off_the_public_host(make_relay, upstream,
+                                                                      tmp_path):
+    relay = make_relay({"http": {"admin_listen": "127.0.0.1:0"}}, upstream=upstream,
+                       http=True)
+    assert add_user(relay, tmp_path).returncode == 0
+    admin = f"http://127.0.0.1:{http_port(relay.services.admin_http)}"
+    public = relay.http_url
+    for path, status in (("/ui/login", 200), ("/api/v1/openapi.json", 401)):
+        assert requests.get(public + path, timeout=10).status_code == 404, path
+        assert requests.get(admin + path, timeout=10).status_code == status, path
+    assert requests.get(public + "/healthz", timeout=10).status_code == 200
+    email_id = send(relay, ["a@example.org"])
+    assert hit(relay, "/o/" + sign_open(relay.services.keyring, email_id, "a@example.org"),
+               BROWSER) == 200
+    assert Client(admin).sign_in().status_code == 303
+
+
+def test_static_files_and_security_headers(relay, client):
+    script = client.get("/ui/static/uPlot.iife.min.js")
+    assert script.status_code == 200 and "uPlot" in script.text
+    assert "MIT" in client.get("/ui/static/uPlot.LICENSE").text
+    page = client.get("/ui/overview")
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp and page.headers["X-Frame-Options"] == "DENY"
+    assert "https://" not in page.text.split("<main>")[0]  # nothing from the internet
