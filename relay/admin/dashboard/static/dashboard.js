@@ -18,8 +18,13 @@ document.addEventListener("DOMContentLoaded", function () {
     width: Math.max(320, holder.clientWidth || 700),
     height: 320,
     tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"); },
+    // half a day either side, so a window of one day is drawn as that day, not as years
+    scales: {
+      x: { time: true, auto: false, range: [times[0] - 43200, times[times.length - 1] + 43200] },
+      y: { range: function (u, min, max) { return [0, Math.max(1, max * 1.1)]; } }
+    },
     series: [{}].concat(series.map(function (s) {
-      return { label: s[1], stroke: s[2], width: 2 };
+      return { label: s[1], stroke: s[2], width: 2, points: { show: true, size: 6 } };
     })),
     axes: [{}, { label: "per day" }]
   };
