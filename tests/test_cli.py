@@ -64,11 +64,12 @@ JSON_RUNS = [
     ["webhooks", "replay", "--failed"], ["webhooks", "remove", "hook"],
     ["messages", "list"], ["messages", "show", "email_01890a5d-ac96-774b-bcce-b302099a8057"],
     ["purge", "--older-than", "30"], ["erase", "nobody@example.org"],
+    ["users", "add", "alice"], ["users", "list"], ["users", "remove", "alice"],
 ]
 
 
 def test_json_output_of_every_command_is_one_json_document(config, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("a password\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("a password\nanother\n"))
     conn = store.connect(Path(config).parent / "relay.db")
     store.migrate(conn)
     conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "

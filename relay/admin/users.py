@@ -13,6 +13,7 @@ import time
 from relay.admin.commands import Action, ConfigOption, add_group, fail, open_store, output
 from relay.smtp.passwords import hash_password
 from relay.store import users
+from relay.store.transaction import transaction
 
 NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 MAX_PASSWORD = 1024  # characters; scrypt hashes anything, a limit keeps a login cheap to read
@@ -58,7 +59,7 @@ def _add(args: argparse.Namespace) -> int:
     if len(password) > MAX_PASSWORD:
         return fail(f"a password has at most {MAX_PASSWORD} characters")
     hashed = hash_password(password)
-    with conn:
+    with transaction(conn):
         new = users.set_user(conn, args.name, hashed, time.time())
     verb = "added" if new else "password changed, sessions ended:"
     return output(args, {"name": args.name, "added": new},
@@ -72,7 +73,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     conn = open_store(args)
-    with conn:
+    with transaction(conn):
         removed = users.remove_user(conn, args.name)
     if not removed:
         return fail(f"no user {args.name!r}")

@@ -165,7 +165,7 @@ def erased(world: World) -> dict[str, set[tuple[str, ...]]]:
 
 
 ERASED_COUNTS = {"events": 3, "engagement": 3, "deliveries": 2, "send_claims": 0, "recipients": 2,
-                 "messages": 1,
+                 "messages": 1, "html_bodies": 0,
                  "webhook_outbox": 5, "webhook_events": 5, "stats_daily_links": 1}
 
 
@@ -177,7 +177,8 @@ def test_purge_then_erase_leave_exactly_what_they_should(world):
     counts = retention.purge(conn, time.time() - 5 * DAY)
     assert rows(relay) == expected
     assert counts == {"events": 3, "recipients": 2, "deliveries": 2, "messages": 1,
-                      "engagement": 3, "webhook_attempts": counts["webhook_attempts"],
+                      "html_bodies": 0, "engagement": 3,
+                      "webhook_attempts": counts["webhook_attempts"],
                       "webhook_outbox": 5, "webhook_batches": counts["webhook_batches"],
                       "webhook_events": 5}
     assert counts["webhook_batches"] >= 1 and counts["webhook_attempts"] >= 1
