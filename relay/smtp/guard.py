@@ -176,7 +176,8 @@ class AuthBudget:
 
     def __init__(self, max_failures: int, block_seconds: float, delay: float,
                  clock: Callable[[], float] = time.monotonic,
-                 max_addresses: int = MAX_ADDRESSES) -> None:
+                 max_addresses: int = MAX_ADDRESSES, smtp: bool = True) -> None:
+        self.smtp = smtp  # counted in SMTP AUTH's metrics (the dashboard's sign-in: not)
         self.max_failures = max_failures
         self.block_seconds = block_seconds
         self.delay = delay
@@ -194,7 +195,8 @@ class AuthBudget:
         left = record.blocked_until - self.clock()
         if left <= 0:
             return 0.0
-        SMTP_AUTH.labels("refused").inc()
+        if self.smtp:
+            SMTP_AUTH.labels("refused").inc()
         self._refusals(key, logging.INFO, "auth refused for %s: %d s left of its refusal "
                        "window", key, left)
         return left
@@ -220,7 +222,8 @@ class AuthBudget:
         record.checking = max(0, record.checking - 1)
         if not failed:
             return 0.0, False
-        SMTP_AUTH.labels("failed").inc()
+        if self.smtp:
+            SMTP_AUTH.labels("failed").inc()
         if record.blocked_until > now:  # blocked meanwhile: neither counted again nor extended
             return 0.0, True
         record.failures += 1
@@ -228,7 +231,8 @@ class AuthBudget:
         if record.failures >= self.max_failures:
             record.blocked_until = now + self.block_seconds
             record.failures = 0  # a fresh budget once the window is over
-            SMTP_AUTH_BLOCKS.inc()
+            if self.smtp:
+                SMTP_AUTH_BLOCKS.inc()
             log.warning("auth: %s refused for %.0f s after %d failed logins", key,
                         self.block_seconds, self.max_failures)
             return 0.0, True

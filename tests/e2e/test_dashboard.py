@@ -339,3 +339,53 @@ def test_static_files_and_security_headers(relay, client):
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert "frame-ancestors 'none'" in csp and page.headers["X-Frame-Options"] == "DENY"
     assert "https://" not in page.text.split("<main>")[0]  # nothing from the internet
+
+
+TRACK_HOST = "track.shop.example"
+SECRET = "whsec_" + "A" * 32
+
+
+def test_a_domain_is_verified_and_a_failed_delivery_replayed_from_the_page(
+        make_relay, upstream, dns_server, tmp_path):
+    relay = make_relay({
+        "domains": [{"name": "shop.example", "tracking_host": TRACK_HOST}],
+        "dns": {"nameservers": [dns_server.address], "timeout": 0.3},
+        "webhooks": [{"name": "crm", "url": "http://127.0.0.1:9/in", "secret": SECRET,
+                      "allow_private": True}],
+    }, upstream=upstream, http=True)
+    assert add_user(relay, tmp_path).returncode == 0
+    with relay.db() as db:  # a batch the endpoint refused until the retries ran out
+        db.execute("INSERT INTO webhook_events VALUES ('evt_1', 'email.sent', 0, '{}')")
+        db.execute("INSERT INTO webhook_outbox (endpoint, event_id, batch_id)"
+                   " VALUES ('crm', 'evt_1', 'bat_1')")
+        db.execute("INSERT INTO webhook_batches (id, endpoint, state, events, attempts,"
+                   " next_at, deadline, created_at, last_status, last_error) VALUES"
+                   " ('bat_1', 'crm', 'failed', 1, 16, 0, 0, 0, 500, 'HTTP 500')")
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+    page = client.get("/ui/operations").text
+    assert f"{TRACK_HOST}. CNAME track.test." in page and ">pending<" in page
+    assert "bat_1" in page and "HTTP 500" in page and SECRET not in page
+    token = client.csrf("/ui/operations")
+    verify = f"/ui/operations/domains/{TRACK_HOST}/verify"
+    assert client.post(verify, {}).status_code == 403  # no token: nothing checked
+    dns_server.cname(TRACK_HOST, "track.test")
+    answer = client.post(verify, {"csrf": token})
+    assert answer.status_code == 303
+    page = client.get(answer.headers["Location"]).text
+    assert ">verified<" in page and f"{TRACK_HOST}: verified" in page
+    answer = client.post("/ui/operations/webhooks/replay", {"csrf": token, "batch_id": "bat_1"})
+    assert "1 delivery queued again" in client.get(answer.headers["Location"]).text
+    with relay.db() as db:
+        assert db.execute("SELECT state FROM webhook_batches").fetchone()[0] == "pending"
+
+
+def test_where_and_how(relay, client):
+    email_id = send(relay, ["a@example.org"])
+    iphone = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko) Mobile/15E148")
+    assert hit(relay, "/o/" + sign_open(relay.services.keyring, email_id, "a@example.org"),
+               iphone) == 200
+    page = client.get("/ui/audience").text
+    device = page[page.index('data-group="device"'):page.index('data-group="client"')]
+    assert re.search(r'<th scope="row">mobile</th><td>1</td><td>1</td>', device), device

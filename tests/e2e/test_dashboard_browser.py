@@ -3,7 +3,9 @@ the running relay: mail sent through its SMTP port, opens and clicks made on its
 user added with ``relay users add``. Signing in through the form, the overview's numbers
 against the API's (with and without a tag filter), the chart drawn under the strict
 Content-Security-Policy, the click map's counts on the right links, a search and a message's
-timeline, markup in subjects and links shown as text, a cross-site form post refused, and
+timeline, opens by device, a tracking domain verified and a failed webhook delivery replayed
+from the operations page, markup in subjects and links shown as text, a cross-site form post
+refused, and
 axe-core (as bundled by axe-playwright-python) finding no serious or critical violation on
 any page. Screenshots of each page go to ``$RELAY_ARTIFACTS`` (default ``var/screenshots``).
 """
@@ -25,7 +27,9 @@ from tests.e2e.test_dashboard import (
     PASSWORD,
     PAY,
     SALE,
+    SECRET,
     SPRING,
+    TRACK_HOST,
     add_user,
     api_stats,
     body,
@@ -51,10 +55,22 @@ class Mail:
 
 
 @pytest.fixture
-def world(make_relay, upstream, tmp_path) -> tuple[Relay, Mail]:
-    relay = make_relay({"tracking": {"scanner_window_seconds": 0, "tags": ["spring"]}},
-                       upstream=upstream, http=True)
+def world(make_relay, upstream, tmp_path, dns_server) -> tuple[Relay, Mail]:
+    relay = make_relay({
+        "tracking": {"scanner_window_seconds": 0, "tags": ["spring"]},
+        "domains": [{"name": "shop.example", "tracking_host": TRACK_HOST}],
+        "dns": {"nameservers": [dns_server.address], "timeout": 0.3},
+        "webhooks": [{"name": "crm", "url": "http://127.0.0.1:9/in", "secret": SECRET,
+                      "allow_private": True}],
+    }, upstream=upstream, http=True)
     assert add_user(relay, tmp_path).returncode == 0
+    with relay.db() as db:  # a batch the endpoint refused until the retries ran out
+        db.execute("INSERT INTO webhook_events VALUES ('evt_1', 'email.sent', 0, '{}')")
+        db.execute("INSERT INTO webhook_outbox (endpoint, event_id, batch_id)"
+                   " VALUES ('crm', 'evt_1', 'bat_1')")
+        db.execute("INSERT INTO webhook_batches (id, endpoint, state, events, attempts,"
+                   " next_at, deadline, created_at, last_status, last_error) VALUES"
+                   " ('bat_1', 'crm', 'failed', 1, 16, 0, 0, 0, 500, 'HTTP 500')")
     mail = Mail()
     mail.tagged = send(relay, ["a@example.org", "b@example.org", "c@example.org"],
                        subject="Spring sale", headers=f"X-AliDM-Trace: {SPRING}\r\n")
@@ -120,7 +136,7 @@ def numbers(page: object) -> dict[str, str]:
             for name in ("sent", "opens", "unique_opens", "clicks", "unique_clicks")}
 
 
-def test_the_dashboard_in_chromium(world, browser, loops):
+def test_the_dashboard_in_chromium(world, browser, loops, dns_server):
     relay, mail = world
     base = relay.http_url
     page = browser.new_page()
@@ -196,6 +212,28 @@ def test_the_dashboard_in_chromium(world, browser, loops):
     page.frame_locator("iframe.clickmap").locator("a").first.wait_for()
     accessible(page)
     assert dialogs == []
+
+    # where and how
+    page.goto(f"{base}/ui/audience")
+    assert page.locator('table[data-group="device"] tbody tr').count() >= 1
+    accessible(page)
+    shot(page, "audience")
+
+    # operations: a domain verified, a failed webhook delivery replayed, from the page
+    page.goto(f"{base}/ui/operations")
+    assert page.locator(f'tr[data-host="{TRACK_HOST}"] .state').inner_text() == "pending"
+    accessible(page)
+    shot(page, "operations")
+    dns_server.cname(TRACK_HOST, "track.test")
+    page.get_by_role("button", name=f"Verify {TRACK_HOST}").click()
+    page.wait_for_url("**/ui/operations?done=**")
+    assert page.locator(f'tr[data-host="{TRACK_HOST}"] .state').inner_text() == "verified"
+    page.get_by_role("button", name="Replay bat_1").click()
+    page.wait_for_url("**/ui/operations?done=**")
+    assert page.get_by_role("status").inner_text() == "1 delivery queued again"
+    with relay.db() as db:
+        assert db.execute("SELECT state FROM webhook_batches").fetchone()[0] == "pending"
+    assert SECRET not in page.content()
 
     # a cross-site form post (from another origin of this host) is refused
     evil = Evil(loops, base)

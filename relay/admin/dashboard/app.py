@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jinja2
 from aiohttp import web
 
-from relay.admin.dashboard import pages
+from relay.admin.dashboard import operations, pages
 from relay.admin.dashboard.auth import (
     COOKIE,
     LOGIN_COOKIE,
@@ -71,6 +71,9 @@ def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] 
     app.router.add_static("/static/", HERE / "static", append_version=False)
     for path, handler in pages.ROUTES:
         app.router.add_get(path, handler)
+    app.router.add_get("/operations", operations.operations)
+    app.router.add_post("/operations/domains/{host}/verify", operations.verify_domain)
+    app.router.add_post("/operations/webhooks/replay", operations.replay)
     return app
 
 

@@ -69,7 +69,7 @@ class Auth:
         self.clock = clock
         smtp = config.smtp
         self.budget = AuthBudget(smtp.auth_max_failures, smtp.auth_block_seconds,
-                                 smtp.auth_failure_delay, clock=monotonic)
+                                 smtp.auth_failure_delay, clock=monotonic, smtp=False)
         self.checker = PasswordChecker({})
 
     def close(self) -> None:

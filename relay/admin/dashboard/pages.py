@@ -82,6 +82,26 @@ async def links(request: web.Request) -> web.Response:
     return render(request, "links.html", form=form, error=None, links=rows)
 
 
+AUDIENCE = ("device", "client", "country")
+AUDIENCE_ROWS = 20
+
+
+async def audience(request: web.Request) -> web.Response:
+    """Opens and clicks by device, client and country (the API's ``group_by`` of each)."""
+    params = _params(request)
+    form = {**params, **_window(params)}
+    tables = []
+    try:
+        for group in AUDIENCE:
+            query = queries.parse_stats({**form, "group_by": group,
+                                         "limit": str(AUDIENCE_ROWS)}, _today())
+            tables.append((group, queries.stats_body(query, await _rows(
+                request, queries.stats_query(query)))["rows"]))
+    except InvalidParameter as exc:
+        return render(request, "audience.html", 400, form=form, error=str(exc), tables=[])
+    return render(request, "audience.html", form=form, error=None, tables=tables)
+
+
 async def messages(request: web.Request) -> web.Response:
     params = {k: v.strip() for k, v in _params(request).items() if v.strip()}
     email_id = params.pop("email_id", "")
@@ -152,6 +172,7 @@ FILTERS = {"percent": _percent, "when": _when}
 ROUTES = (
     ("/overview", overview),
     ("/links", links),
+    ("/audience", audience),
     ("/messages", messages),
     ("/messages/{email_id}", message),
     ("/messages/{email_id}/clickmap", click_map),

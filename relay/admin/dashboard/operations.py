@@ -1,0 +1,57 @@
+"""The dashboard's operations page: tracking domains (state, the DNS record to publish, a
+verify button) and webhook endpoints with their failed deliveries (a replay button). Each
+action is what the API and the CLI do (relay/admin/domains.py, relay/admin/webhooks.py), a
+form post behind the session's CSRF token (relay/admin/dashboard/app.py), answered with a
+redirect back to the page saying what happened."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from relay.admin import domains, webhooks
+from relay.admin.dashboard.base import CONFIG, STORE, render, see_other
+from relay.webhooks.payloads import FAILED
+
+FAILED_SHOWN = 50
+
+
+async def operations(request: web.Request) -> web.Response:
+    store, config = request.app[STORE], request.app[CONFIG]
+    target = domains.cname_target(config.http.public_url)
+    tracking = [(d, domains.dns_record(d.host, target)) for d in domains.listing(store.writer)]
+    return render(request, "operations.html", tracking=tracking,
+                  endpoints=webhooks.endpoints(store.writer),
+                  failed=webhooks.deliveries(store.writer, state=FAILED, limit=FAILED_SHOWN),
+                  done=request.query.get("done", ""))
+
+
+def _back(done: str) -> web.Response:
+    return see_other("/ui/operations?" + urlencode({"done": done}))
+
+
+async def verify_domain(request: web.Request) -> web.Response:
+    store, config = request.app[STORE], request.app[CONFIG]
+    host = request.match_info["host"]
+    outcome = await domains.verify(store, config, host, domains.make_resolver(config.dns))
+    if outcome is None:
+        raise web.HTTPNotFound(reason=f"No tracking domain {host}.")
+    domain, check = outcome
+    return _back(f"{domain.host}: {domain.state} ({check.detail})")
+
+
+async def replay(request: web.Request) -> web.Response:
+    form = await request.post()
+    store, config = request.app[STORE], request.app[CONFIG]
+    keep_trying = config.webhook_delivery.retry_hours * 3600
+    chosen = str(form.get("batch_id", ""))
+
+    def write(conn: sqlite3.Connection) -> int:
+        ids = [chosen] if chosen else webhooks.failed_batches(conn, None)
+        return webhooks.replay(conn, ids, time.time(), keep_trying)
+
+    count = await store.write(write)
+    return _back(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
