@@ -1,6 +1,6 @@
 """The dashboard's operations page: tracking domains (state, the DNS record to publish, a
 verify button) and webhook endpoints with their failed deliveries (a replay button). Each
-action is what the API and the CLI do (relay/admin/domains.py, relay/admin/webhooks.py), a
+action is what the API and the CLI do (relay/admin/dnscheck.py, relay/admin/webhooks.py), a
 form post behind the session's CSRF token (relay/admin/dashboard/app.py), answered with a
 redirect back to the page saying what happened."""
 
@@ -12,8 +12,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from relay.admin import domains, webhooks
+from relay.admin import dnscheck, webhooks
 from relay.admin.dashboard.base import CONFIG, STORE, render, see_other
+from relay.policy import domains
+from relay.store import domains as stored_domains
 from relay.webhooks.payloads import FAILED
 
 FAILED_SHOWN = 50
@@ -22,7 +24,8 @@ FAILED_SHOWN = 50
 async def operations(request: web.Request) -> web.Response:
     store, config = request.app[STORE], request.app[CONFIG]
     target = domains.cname_target(config.http.public_url)
-    tracking = [(d, domains.dns_record(d.host, target)) for d in domains.listing(store.writer)]
+    tracking = [(d, domains.dns_record(d.host, target))
+                for d in stored_domains.listing(store.writer)]
     return render(request, "operations.html", tracking=tracking,
                   endpoints=webhooks.endpoints(store.writer),
                   failed=webhooks.deliveries(store.writer, state=FAILED, limit=FAILED_SHOWN),
@@ -36,7 +39,7 @@ def _back(done: str) -> web.Response:
 async def verify_domain(request: web.Request) -> web.Response:
     store, config = request.app[STORE], request.app[CONFIG]
     host = request.match_info["host"]
-    outcome = await domains.verify(store, config, host, domains.make_resolver(config.dns))
+    outcome = await dnscheck.verify(store, config, host, dnscheck.make_resolver(config.dns))
     if outcome is None:
         raise web.HTTPNotFound(reason=f"No tracking domain {host}.")
     domain, check = outcome
