@@ -35,3 +35,12 @@ def test_messages_bench_fills_and_searches_a_small_store(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "store: 2,000 messages, 4,000 recipients" in done.stdout
     assert "status=failed: 80 messages, median" in done.stdout  # 1 in 50 of 4,000
+
+
+def test_dashboard_bench_signs_in_and_times_every_page(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH.with_name("dashboard_bench.py")),
+                           "--events", "2000", "--repeat", "2", "--db", str(tmp_path / "b.db")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "one message with its events" in done.stdout
+    assert "slowest page median" in done.stdout and "reference" in done.stdout
