@@ -22,8 +22,9 @@ from relay.admin.commands import ConfigOption, fail, format_time, open_store, ou
 from relay.admin.http import CONTEXT, ERROR_REF, Operation, json_body, json_response
 from relay.config import WebhookEndpoint
 from relay.errors import ApiError, Conflict, InvalidInput
+from relay.store.outbox import delete_endpoint
 from relay.store.transaction import transaction
-from relay.webhooks.outbox import delete_endpoint, sync_endpoints
+from relay.webhooks.outbox import sync_endpoints
 from relay.webhooks.payloads import EVENT_TYPES, FAILED, PENDING, new_secret
 
 DELIVERY_STATES = ("pending", "delivered", "failed")

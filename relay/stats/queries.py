@@ -28,9 +28,12 @@ from relay.stats.maths import (
     parse_day,
     parse_int,
 )
-from relay.stats.rollup import COUNTERS
+from relay.store import events as events_table
+from relay.store.counters import COUNTERS
 from relay.tracking.bots import CLICK, OPEN
-from relay.tracking.events import COLUMNS, EVENT_PREFIX, Event
+from relay.tracking.events import EVENT_PREFIX, Event
+
+COLUMNS = ", ".join(events_table.COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)

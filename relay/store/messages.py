@@ -78,3 +78,26 @@ def mark_process(conn: sqlite3.Connection, process_id: int, status: str, new_sta
     """Move the recipients in ``status`` of the messages ``process_id`` sends to
     ``new_status`` with ``reply``; returns how many."""
     return conn.execute(MARK, (new_status, reply, now, status, process_id)).rowcount
+
+
+class StoredMessage(NamedTuple):
+    """What the statistics and the webhooks file a message's events under."""
+
+    email_id: str
+    message_id: str | None
+    sender: str
+    sender_domain: str
+    subject: str | None
+    tag_name: str | None
+    tags: str  # a JSON list
+    campaign: str | None
+    topic: str | None
+    created_at: float
+
+
+_STORED = f"SELECT {', '.join(StoredMessage._fields)} FROM messages WHERE email_id = ?"
+
+
+def stored(conn: sqlite3.Connection, email_id: str) -> StoredMessage | None:
+    row = conn.execute(_STORED, (email_id,)).fetchone()
+    return None if row is None else StoredMessage(*row)

@@ -53,14 +53,15 @@ signal sees the hits of its own process. A write that fails (or a batch whose CO
 drops the recipients it touched (all of them, for a failed COMMIT) from the cache, so they are
 read again from what was committed.
 
-Listener hook: modules that must write alongside an event (the webhook outbox) pass
-``listeners`` to :class:`Recorder` (``build_app(..., listeners=[...])``). Each is called as
-``listener(conn, event)`` for every event, counted or not (filter on ``event.counted``), after
-the event rows are inserted, inside the same savepoint and transaction. A listener that raises
-rolls back the whole group of hits written with it: events and outbox rows are stored together
-or not at all (the tracker still answers, and logs and counts the failure). A listener object
-with a ``batch(conn, events)`` method is called once per write with all its events, in order,
-instead (the daily counters sum a batch into one statement per counter row).
+Listener hook: modules that must write alongside an event (the daily counters, the webhook
+outbox) pass ``listeners`` to :class:`Recorder` (``build_app(..., listeners=[...])``). Each is
+called once per write as ``listener(conn, events, messages)``: the write's events in order,
+counted or not (filter on ``event.counted``), and the stored rows of their messages by email id
+(a message not in the store is missing), read once per hit for the classifier and shared by
+every listener. It runs after the event rows are inserted, inside the same savepoint and
+transaction. A listener that raises rolls back the whole group of hits written with it: events
+and outbox rows are stored together or not at all (the tracker still answers, and logs and
+counts the failure).
 """
 
 from __future__ import annotations
@@ -70,13 +71,16 @@ import os
 import random
 import sqlite3
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from time import perf_counter
 from typing import Any, NamedTuple
 
 from relay import metrics
+from relay.store import events as events_table
+from relay.store import messages
 from relay.store.engine import Store
+from relay.store.messages import StoredMessage
 from relay.tracking.bots import BURST_SECONDS, CLICK, OPEN, PROXY, Classifier, Signals, Verdict
 from relay.tracking.enrich import Details, Enricher, Place
 
@@ -136,16 +140,10 @@ class Event(NamedTuple):
         return None
 
 
-Listener = Callable[[sqlite3.Connection, Event], None]
+# listener(conn, events, messages): see the module's docstring.
+Listener = Callable[[sqlite3.Connection, Sequence[Event], Mapping[str, StoredMessage]], None]
+assert Event._fields == events_table.COLUMNS  # Event is the row relay/store/events.py inserts
 
-_INSERT = f"INSERT INTO events VALUES ({', '.join('?' * len(Event._fields))})"
-COLUMNS = ", ".join(Event._fields)
-
-_ENGAGEMENT = ("SELECT target, counted, last_at FROM engagement "
-               "WHERE email_id = ? AND recipient = ?")
-_ENGAGE = """INSERT INTO engagement VALUES (?, ?, ?, 1, ?, ?)
-    ON CONFLICT (email_id, recipient, target) DO UPDATE SET hits = hits + 1,
-    counted = counted + excluded.counted, last_at = excluded.last_at"""
 PIXEL_TARGET = ""
 # An engagement row is written again when it was last written this long before a hit.
 ENGAGEMENT_REFRESH_SECONDS = 3600.0
@@ -185,26 +183,26 @@ def _seen(state: _State, hit: Hit) -> tuple[bool, bool, bool, bool]:
     return opened, clicked, clicked_link, recently
 
 
-class SentTimes:
-    """Bounded LRU of ``messages.created_at`` by email id; unknown ids are looked up again."""
+class MessageCache:
+    """Bounded LRU of stored message rows by email id (they never change); unknown ids are
+    looked up again."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._cache: OrderedDict[str, float] = OrderedDict()
+        self._cache: OrderedDict[str, StoredMessage] = OrderedDict()
 
-    def get(self, conn: sqlite3.Connection, email_id: str) -> float | None:
+    def get(self, conn: sqlite3.Connection, email_id: str) -> StoredMessage | None:
         cached = self._cache.get(email_id)
         if cached is not None:
             self._cache.move_to_end(email_id)
             return cached
-        row = conn.execute("SELECT created_at FROM messages WHERE email_id = ?",
-                           (email_id,)).fetchone()
+        row = messages.stored(conn, email_id)
         if row is None:
             return None
-        self._cache[email_id] = row[0]
+        self._cache[email_id] = row
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return float(row[0])
+        return row
 
 
 class Recorder:
@@ -217,10 +215,8 @@ class Recorder:
         self.store = store
         self.classifier = classifier
         self.listeners = tuple(listeners)
-        self._batch_listeners = tuple(getattr(listener, "batch", None) or partial(_each, listener)
-                                      for listener in self.listeners)
         self.enricher = enricher or Enricher()
-        self.sent_times = SentTimes(cache_size)
+        self.messages = MessageCache(cache_size)
         self.cache_size = cache_size
         self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
         self._queue: list[Hit] = []  # the hits of the batch still open to newcomers
@@ -259,6 +255,7 @@ class Recorder:
         fresh: set[tuple[str, str]] = set()  # read from the store in this transaction
         local: dict[tuple[str, str], _State] = {}  # this batch's, even if the LRU drops them
         changes: list[tuple[str, str, str, bool, float]] = []
+        sent: dict[str, StoredMessage] = {}  # the hits' messages, read once per hit
         results = []
         try:
             for hit in hits:
@@ -266,12 +263,15 @@ class Recorder:
                 state = local.get(key)
                 if state is None:
                     state = local[key] = self._state(conn, key, fresh)
-                results.append(self._events(conn, hit, state, fresh, changes))
+                message = self.messages.get(conn, hit.email_id)
+                if message is not None:
+                    sent[hit.email_id] = message
+                results.append(self._events(hit, message, state, conn, fresh, changes))
             events = [event for group in results for event in group]
-            conn.executemany(_INSERT, events)
-            conn.executemany(_ENGAGE, changes)
-            for batch_listener in self._batch_listeners:
-                batch_listener(conn, events)
+            events_table.insert(conn, events)
+            events_table.engage(conn, changes)
+            for listener in self.listeners:
+                listener(conn, events, sent)
         except BaseException:  # rolled back: read these recipients again from the store
             for hit in hits:
                 self._states.pop((hit.email_id, hit.recipient), None)
@@ -284,7 +284,7 @@ class Recorder:
         if state is not None:
             self._states.move_to_end(key)
             return state
-        state = self._states[key] = _merge({}, conn.execute(_ENGAGEMENT, key).fetchall())
+        state = self._states[key] = _merge({}, events_table.engagement(conn, *key))
         fresh.add(key)
         if len(self._states) > self.cache_size:
             self._states.popitem(last=False)
@@ -297,21 +297,20 @@ class Recorder:
         if batch.cancelled() or batch.exception() is not None:
             self._states.clear()
 
-    def _events(self, conn: sqlite3.Connection, hit: Hit, state: _State,
-                fresh: set[tuple[str, str]], changes: list[tuple[str, str, str, bool, float]]
-                ) -> list[Event]:
-        sent = self.sent_times.get(conn, hit.email_id)
+    def _events(self, hit: Hit, message: StoredMessage | None, state: _State,
+                conn: sqlite3.Connection, fresh: set[tuple[str, str]],
+                changes: list[tuple[str, str, str, bool, float]]) -> list[Event]:
         opened, clicked, clicked_link, recently = _seen(state, hit)
         verdict = self.classifier.classify(Signals(
             hit.type, hit.method, hit.user_agent, hit.ip,
-            None if sent is None else hit.at - sent, recently, hit.at))
+            None if message is None else hit.at - message.created_at, recently, hit.at))
         details = self.enricher.describe(hit.user_agent, hit.ip, verdict.classification)
         counted = verdict.counted
         key = (hit.email_id, hit.recipient)
         if (counted and key not in fresh
                 and not (opened and (hit.type == OPEN or (clicked and clicked_link)))):
             # Could be a first: another process may have stored one since the cache was read.
-            _merge(state, conn.execute(_ENGAGEMENT, key).fetchall())
+            _merge(state, events_table.engagement(conn, *key))
             fresh.add(key)
             opened, clicked, clicked_link, _ = _seen(state, hit)
         if hit.type == CLICK:
@@ -341,11 +340,6 @@ class Recorder:
             entry[1] = event.at
             changes.append((event.email_id, event.recipient, target, event.counted, event.at))
         return events
-
-
-def _each(listener: Listener, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
-    for event in events:
-        listener(conn, event)
 
 
 _EVENT_COUNTERS: dict[tuple[str, str], Any] = {}

@@ -47,7 +47,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -60,8 +60,10 @@ from relay.config import WebhookDelivery, WebhookEndpoint
 from relay.errors import RefusedAddress
 from relay.ids import uuid7
 from relay.smtp.pipeline import MessageRecord, Outcome
+from relay.store import outbox as tables
 from relay.store.engine import Store
-from relay.store.transaction import transaction
+from relay.store.messages import StoredMessage
+from relay.store.transaction import savepoint, transaction
 from relay.tracking.bots import CLICK
 from relay.tracking.events import EVENT_PREFIX, Event
 from relay.webhooks.payloads import (
@@ -92,16 +94,6 @@ Clock = Callable[[], float]
 
 # --- endpoints ----------------------------------------------------------------------------
 
-_UPSERT_CONFIG = """
-    INSERT INTO webhook_endpoints (name, source, url, secret, events, allow_private, timeout,
-                                   created_at)
-    VALUES (?, 'config', ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (name) DO UPDATE SET source = 'config', url = excluded.url,
-        secret = excluded.secret, events = excluded.events,
-        allow_private = excluded.allow_private, timeout = excluded.timeout,
-        disabled_at = CASE WHEN url = excluded.url THEN disabled_at END,
-        disabled_reason = CASE WHEN url = excluded.url THEN disabled_reason END"""
-
 
 def sync_endpoints(conn: sqlite3.Connection, endpoints: Sequence[WebhookEndpoint],
                    now: float) -> None:
@@ -109,32 +101,15 @@ def sync_endpoints(conn: sqlite3.Connection, endpoints: Sequence[WebhookEndpoint
     changed is enabled again; one no longer in the file is deleted with its queue."""
     with transaction(conn):
         for e in endpoints:
-            conn.execute(_UPSERT_CONFIG, (e.name, e.url, e.secret, json.dumps(e.events),
-                                          e.allow_private, e.timeout, now))
+            tables.put_config_endpoint(conn, e.name, e.url, e.secret, e.events, e.allow_private,
+                                       e.timeout, now)
         names = {e.name for e in endpoints}
-        for (name,) in conn.execute(
-                "SELECT name FROM webhook_endpoints WHERE source = 'config'").fetchall():
+        for name in tables.config_endpoints(conn):
             if name not in names:
-                delete_endpoint(conn, name)
-
-
-def delete_endpoint(conn: sqlite3.Connection, name: str) -> bool:
-    """Delete an endpoint, its queue and its delivery history (inside a transaction)."""
-    conn.execute("DELETE FROM webhook_attempts WHERE batch_id IN "
-                 "(SELECT id FROM webhook_batches WHERE endpoint = ?)", (name,))
-    conn.execute("DELETE FROM webhook_batches WHERE endpoint = ?", (name,))
-    conn.execute("DELETE FROM webhook_outbox WHERE endpoint = ?", (name,))
-    conn.execute("DELETE FROM webhook_events WHERE NOT EXISTS "
-                 "(SELECT 1 FROM webhook_outbox o WHERE o.event_id = webhook_events.id)")
-    return conn.execute("DELETE FROM webhook_endpoints WHERE name = ?", (name,)).rowcount == 1
+                tables.delete_endpoint(conn, name)
 
 
 # --- enqueueing ---------------------------------------------------------------------------
-
-_SUBSCRIBERS = """SELECT name FROM webhook_endpoints WHERE disabled_at IS NULL
-    AND EXISTS (SELECT 1 FROM json_each(events) WHERE value = ?)"""
-_MESSAGE = ("SELECT message_id, sender, subject, tag_name, tags, campaign, topic "
-            "FROM messages WHERE email_id = ?")
 
 
 class Outbox:
@@ -144,24 +119,20 @@ class Outbox:
         self.clock = clock
         self.wake = asyncio.Event()
 
-    def __call__(self, conn: sqlite3.Connection, event: Event) -> None:
-        self.on_event(conn, event)
-
-    def on_event(self, conn: sqlite3.Connection, event: Event) -> None:
-        """relay/tracking/events.py listener: counted opens and clicks (proxies carry their bot)."""
-        if event.counted:
-            _safely(conn, partial(self._event, event=event), event.id)
-
-    def batch(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
-        """:meth:`on_event` for a batch of events; the subscribers are looked up once, and an
-        event nobody subscribes to costs no savepoint."""
+    def __call__(self, conn: sqlite3.Connection, events: Sequence[Event],
+                 sent: Mapping[str, StoredMessage]) -> None:
+        """relay/tracking/events.py listener: counted opens and clicks (proxies carry their
+        bot). The subscribers are looked up once per write, and an event nobody subscribes
+        to costs no savepoint."""
         try:
-            subscribed = {kind for kind in (OPENED, CLICKED) if _subscribers(conn, kind)}
+            endpoints = {kind: tables.subscribers(conn, kind) for kind in (OPENED, CLICKED)}
         except sqlite3.Error:  # let each event fail (and be logged) on its own
-            subscribed = {OPENED, CLICKED}
+            endpoints = {}
         for event in events:
-            if event.counted and (CLICKED if event.type == CLICK else OPENED) in subscribed:
-                _safely(conn, partial(self._event, event=event), event.id)
+            kind = CLICKED if event.type == CLICK else OPENED
+            if event.counted and endpoints.get(kind, True):
+                _safely(conn, partial(self._event, event=event, kind=kind,
+                                      message=sent.get(event.email_id)), event.id)
 
     def on_message(self, conn: sqlite3.Connection, record: MessageRecord,
                    outcome: Outcome) -> None:
@@ -170,19 +141,19 @@ class Outbox:
             _safely(conn, partial(self._message, record=record, sent=outcome.sent),
                     record.email_id)
 
-    def _event(self, conn: sqlite3.Connection, event: Event) -> None:
-        kind = CLICKED if event.type == CLICK else OPENED
-        endpoints = _subscribers(conn, kind)
+    def _event(self, conn: sqlite3.Connection, event: Event, kind: str,
+               message: StoredMessage | None) -> None:
+        endpoints = tables.subscribers(conn, kind)
         if not endpoints:
             return
-        data = event_data(_facts(conn, event.email_id), event.recipient, ip=event.ip,
+        data = event_data(_facts(event.email_id, message), event.recipient, ip=event.ip,
                           user_agent=event.user_agent, url=event.url, bot=event.bot,
                           details=event.details)
         self._enqueue(conn, endpoints, event.id, kind, event.at, data)
 
     def _message(self, conn: sqlite3.Connection, record: MessageRecord,
                  sent: Sequence[str]) -> None:
-        endpoints = _subscribers(conn, SENT)
+        endpoints = tables.subscribers(conn, SENT)
         if not endpoints:
             return
         c = record.controls
@@ -196,36 +167,26 @@ class Outbox:
     def _enqueue(self, conn: sqlite3.Connection, endpoints: Sequence[str], event_id: str,
                  kind: str, at: float, data: dict[str, Any]) -> None:
         encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        conn.execute("INSERT INTO webhook_events VALUES (?, ?, ?, ?)",
-                     (event_id, kind, at, encoded))
-        conn.executemany("INSERT INTO webhook_outbox (endpoint, event_id) VALUES (?, ?)",
-                         [(name, event_id) for name in endpoints])
+        tables.enqueue(conn, endpoints, event_id, kind, at, encoded)
         self.wake.set()
 
 
-def _subscribers(conn: sqlite3.Connection, kind: str) -> list[str]:
-    return [row[0] for row in conn.execute(_SUBSCRIBERS, (kind,))]
-
-
-def _facts(conn: sqlite3.Connection, email_id: str) -> MessageFacts:
-    row = conn.execute(_MESSAGE, (email_id,)).fetchone()
-    if row is None:  # deleted since: the event still names its message
+def _facts(email_id: str, message: StoredMessage | None) -> MessageFacts:
+    if message is None:  # deleted since: the event still names its message
         return MessageFacts(email_id, None, None, None, (), None, None)
-    message_id, sender, subject, tag_name, tags, campaign, topic = row
-    return MessageFacts(email_id, message_id, sender, subject,
-                        all_tags(tag_name, json.loads(tags)), campaign, topic)
+    return MessageFacts(email_id, message.message_id, message.sender, message.subject,
+                        all_tags(message.tag_name, json.loads(message.tags)), message.campaign,
+                        message.topic)
 
 
 def _safely(conn: sqlite3.Connection, write: Callable[[sqlite3.Connection], None],
             about: str) -> None:
     """Run ``write`` in a savepoint of its own; a failure is rolled back alone and logged."""
-    conn.execute("SAVEPOINT outbox")
     try:
-        write(conn)
+        with savepoint(conn, "outbox"):
+            write(conn)
     except Exception:
-        conn.execute("ROLLBACK TO outbox")
         log.exception("webhook events for %s not queued", about)
-    conn.execute("RELEASE outbox")
 
 
 # --- claiming and finishing ---------------------------------------------------------------
@@ -249,69 +210,38 @@ class Claim:
     events: list[StoredEvent]
 
 
-_READY = """SELECT e.name FROM webhook_endpoints e WHERE e.disabled_at IS NULL
-    AND EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.endpoint = e.name AND o.batch_id IS NULL)
-    AND NOT EXISTS (SELECT 1 FROM webhook_batches b WHERE b.endpoint = e.name
-                    AND b.state = 'pending' AND b.attempts > 0 AND b.lease_until IS NULL)"""
-_FILL = """UPDATE webhook_outbox SET batch_id = ? WHERE seq IN (SELECT seq FROM webhook_outbox
-    WHERE endpoint = ? AND batch_id IS NULL ORDER BY seq LIMIT ?)"""
-_CLAIM = """UPDATE webhook_batches SET attempts = attempts + 1, lease_owner = ?,
-        lease_until = ? + (SELECT timeout FROM webhook_endpoints WHERE name = endpoint) + ?
-    WHERE id IN (SELECT b.id FROM webhook_batches b
-                 JOIN webhook_endpoints e ON e.name = b.endpoint AND e.disabled_at IS NULL
-                 WHERE b.state = 'pending' AND b.next_at <= ?
-                 AND (b.lease_until IS NULL OR b.lease_until < ?)
-                 ORDER BY b.next_at LIMIT ?)
-    RETURNING id, endpoint, attempts, deadline"""
-_TARGET = ("SELECT name, url, secret, allow_private, timeout FROM webhook_endpoints "
-           "WHERE name = ?")
-_EVENTS = """SELECT e.id, e.type, e.occurred_at, e.data FROM webhook_outbox o
-    JOIN webhook_events e ON e.id = o.event_id WHERE o.batch_id = ? ORDER BY o.seq"""
-
-
 def form_batches(conn: sqlite3.Connection, now: float, size: int, keep_trying: float) -> None:
     """One batch of up to ``size`` waiting events for each endpoint that is not in backoff."""
-    for (endpoint,) in conn.execute(_READY).fetchall():
-        batch_id = BATCH_PREFIX + str(uuid7())
-        count = conn.execute(_FILL, (batch_id, endpoint, size)).rowcount
-        conn.execute("INSERT INTO webhook_batches (id, endpoint, state, events, attempts,"
-                     " next_at, deadline, created_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-                     (batch_id, endpoint, PENDING, count, now, now + keep_trying, now))
+    for endpoint in tables.ready_endpoints(conn):
+        tables.add_batch(conn, BATCH_PREFIX + str(uuid7()), endpoint, size, PENDING, now,
+                         now + keep_trying)
 
 
 def claim(conn: sqlite3.Connection, owner: str, now: float, limit: int, size: int,
           keep_trying: float) -> list[Claim]:
     """Form batches, then lease up to ``limit`` due ones to ``owner``."""
     form_batches(conn, now, size, keep_trying)
-    claimed = conn.execute(_CLAIM, (owner, now, LEASE_MARGIN, now, now, limit)).fetchall()
-    return [Claim(batch_id, attempts, deadline,
-                  Target(*conn.execute(_TARGET, (endpoint,)).fetchone()),
-                  [StoredEvent(*row) for row in conn.execute(_EVENTS, (batch_id,))])
+    claimed = tables.lease_due(conn, owner, now, LEASE_MARGIN, limit)
+    return [Claim(batch_id, attempts, deadline, Target(*tables.target(conn, endpoint)),
+                  [StoredEvent(*row) for row in tables.batch_events(conn, batch_id)])
             for batch_id, endpoint, attempts, deadline in claimed]
 
 
 def finish(conn: sqlite3.Connection, claimed: Claim, owner: str, result: Result, at: float,
            seconds: float, state: str, next_at: float | None) -> bool:
     """Record an attempt and the batch's new state; False if the lease was lost meanwhile."""
-    conn.execute("INSERT OR REPLACE INTO webhook_attempts VALUES (?, ?, ?, ?, ?, ?)",
-                 (claimed.batch_id, claimed.attempt, at, seconds, result.status, result.error))
-    kept = conn.execute(
-        "UPDATE webhook_batches SET state = ?, next_at = coalesce(?, next_at),"
-        " lease_owner = NULL, lease_until = NULL, last_status = ?, last_error = ?,"
-        " finished_at = ? WHERE id = ? AND lease_owner = ?",
-        (state, next_at, result.status, result.error, None if state == PENDING else at,
-         claimed.batch_id, owner)).rowcount == 1
+    tables.add_attempt(conn, claimed.batch_id, claimed.attempt, at, seconds, result.status,
+                       result.error)
+    kept = tables.end_attempt(conn, claimed.batch_id, owner, state, next_at, result.status,
+                              result.error, None if state == PENDING else at)
     if result.gone:
-        conn.execute("UPDATE webhook_endpoints SET disabled_at = ?, disabled_reason = ?"
-                     " WHERE name = ? AND disabled_at IS NULL",
-                     (at, "the receiver answered 410 Gone", claimed.target.name))
+        tables.disable_endpoint(conn, claimed.target.name, at, "the receiver answered 410 Gone")
     return kept
 
 
 def release(conn: sqlite3.Connection, owner: str) -> None:
     """Give up the leases of batches in flight (a clean stop): due again at once."""
-    conn.execute("UPDATE webhook_batches SET lease_owner = NULL, lease_until = NULL"
-                 " WHERE lease_owner = ? AND state = ?", (owner, PENDING))
+    tables.release_leases(conn, owner, PENDING)
 
 
 # --- the network edge ---------------------------------------------------------------------

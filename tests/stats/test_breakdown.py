@@ -230,7 +230,7 @@ def test_webhook_data_has_device_client_os_and_geo(conn: sqlite3.Connection,
     add_message(conn, "email_a", "news@shop.example", ["ann@example.net"])
     sync_endpoints(conn, [WebhookEndpoint("crm", "https://crm.example/hook", "s" * 32)],
                    SENT_AT)
-    rec = recorder(geo_path, listeners=(Outbox().on_event,))
+    rec = recorder(geo_path, listeners=(Outbox(),))
     record(conn, rec, [hit(OPEN, "ann@example.net", IPHONE_MAIL, BERLIN),
                        hit(OPEN, "ann@example.net", GMAIL_PROXY, "66.249.84.1",
                            at=SENT_AT + 7200)])

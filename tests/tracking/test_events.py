@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -157,10 +157,11 @@ async def test_listener_writes_in_the_same_transaction(store: Store, tmp_path: P
     store.writer.execute("CREATE TABLE outbox (event_id TEXT)")
     seen: list[Event] = []
 
-    def listener(conn: sqlite3.Connection, event: Event) -> None:
-        seen.append(event)
-        if event.counted:
-            conn.execute("INSERT INTO outbox VALUES (?)", (event.id,))
+    def listener(conn: sqlite3.Connection, events: Sequence[Event], sent: object) -> None:
+        for event in events:
+            seen.append(event)
+            if event.counted:
+                conn.execute("INSERT INTO outbox VALUES (?)", (event.id,))
 
     email_id = add_message(store)
     rec = recorder(store, listeners=[listener])
@@ -172,7 +173,7 @@ async def test_listener_writes_in_the_same_transaction(store: Store, tmp_path: P
 
 
 async def test_failing_listener_rolls_back_its_events(store: Store) -> None:
-    def listener(conn: sqlite3.Connection, event: Event) -> None:
+    def listener(conn: sqlite3.Connection, events: Sequence[Event], sent: object) -> None:
         raise RuntimeError("outbox unavailable")
 
     rec = recorder(store, listeners=[listener])
@@ -245,7 +246,7 @@ async def test_firsts_stay_exact_with_two_processes(store: Store) -> None:
 async def test_a_failed_write_forgets_what_it_cached(store: Store) -> None:
     fail = [True]
 
-    def listener(conn: sqlite3.Connection, event: Event) -> None:
+    def listener(conn: sqlite3.Connection, events: Sequence[Event], sent: object) -> None:
         if fail[0]:
             raise RuntimeError("outbox unavailable")
 

@@ -281,7 +281,7 @@ async def one_event_queued(tmp_path: Path, receiver: Receiver, clock: FakeClock
                             clock=clock, random=lambda: 0.0)
     event = Event("evt_1", "open", clock(), "email_1", "a@example.org", None, "127.0.0.1",
                   FIREFOX, "GET", "person", None, None, True, False, True, False)
-    await store.write(lambda conn: outbox.on_event(conn, event))
+    await store.write(lambda conn: outbox(conn, [event], {}))
     return store, worker
 
 

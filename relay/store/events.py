@@ -1,0 +1,40 @@
+"""``events`` and ``engagement``: the open and click events of the tracker, and what a hit
+must look up about its recipient (relay/tracking/events.py describes both tables)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+# The columns of ``events`` in the order of relay.tracking.events.Event's fields, which is
+# the order of the rows :func:`insert` takes.
+COLUMNS = ("id", "type", "at", "email_id", "recipient", "url", "ip", "user_agent", "method",
+           "classification", "bot_source", "reason", "counted", "implied",
+           "first_for_recipient", "first_for_link", "device", "client", "os", "country",
+           "region", "city")
+
+_INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ENGAGEMENT = ("SELECT target, counted, last_at FROM engagement "
+               "WHERE email_id = ? AND recipient = ?")
+_ENGAGE = """INSERT INTO engagement VALUES (?, ?, ?, 1, ?, ?)
+    ON CONFLICT (email_id, recipient, target) DO UPDATE SET hits = engagement.hits + 1,
+    counted = engagement.counted + excluded.counted, last_at = excluded.last_at"""
+
+
+def insert(conn: sqlite3.Connection, events: Sequence[Sequence[Any]]) -> None:
+    """Rows of :data:`COLUMNS`."""
+    conn.executemany(_INSERT, events)
+
+
+def engagement(conn: sqlite3.Connection, email_id: str, recipient: str
+               ) -> list[tuple[str, int, float]]:
+    """(target, counted, last_at) of the recipient's engagement rows."""
+    return conn.execute(_ENGAGEMENT, (email_id, recipient)).fetchall()
+
+
+def engage(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str, bool, float]]
+           ) -> None:
+    """(email_id, recipient, target, counted, at) each: one more hit of the target, counted or
+    not, last at ``at``."""
+    conn.executemany(_ENGAGE, changes)
