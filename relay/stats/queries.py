@@ -1,10 +1,9 @@
-"""The reads behind the statistics and events API and CLI, as SQL with parameters.
+"""The statistics, events and messages API and CLI: parsing a request into a filter, and
+shaping the rows of its query into JSON.
 
-Building a query and shaping its rows are pure functions, so the API (aiosqlite, on the
-reader's thread) and the CLI (a plain sqlite3 connection) run the very same SQL and print
-the very same JSON. Statistics read the daily counters of relay/stats/rollup.py; event listings read
-``events`` by its time-ordered id (``evt_<uuid7>``), which is also the pagination cursor, and
-message listings ``messages`` by theirs (``email_<uuid7>``), newest first, the same way.
+Both are pure functions and the SQL between them is the store's (relay/store/reports.py, which
+describes the reads), so the API (on the store's reader thread) and the CLI (a plain
+connection) run the very same SQL and print the very same JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -24,26 +23,27 @@ from relay.smtp.processes import SENDING, UNKNOWN
 from relay.stats.maths import (
     DAY_FORMAT,
     Counts,
-    TrackListQuery,
     parse_day,
     parse_int,
 )
-from relay.store import events as events_table
+
+# The SQL of these reads is the store's; the API and CLI (relay/admin/) call them from here.
 from relay.store.counters import COUNTERS
+from relay.store.reports import FILTERS, GROUPS, TAG_FILTER
+from relay.store.reports import Query as Query
+from relay.store.reports import events_query as events_query
+from relay.store.reports import links_query as links_query
+from relay.store.reports import machine_count_query as machine_count_query
+from relay.store.reports import message_queries as message_queries
+from relay.store.reports import messages_query as messages_query
+from relay.store.reports import recipients_query as recipients_query
+from relay.store.reports import stats_query as stats_query
+from relay.store.reports import track_list_query as track_list_query
 from relay.tracking.bots import CLICK, OPEN
 from relay.tracking.events import EVENT_PREFIX, Event
 
-COLUMNS = ", ".join(events_table.COLUMNS)
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    sql: str
-    params: tuple[Any, ...] = ()
-
-
 Row = Sequence[Any]
-_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
+
 
 
 def iso_time(timestamp: float) -> str:
@@ -69,43 +69,18 @@ def parse_instant(parameter: str, value: str, *, end: bool = False) -> float:
 
 # ---- GetTrackList ----
 
-def track_list_query(q: TrackListQuery) -> Query:
-    where = ["day BETWEEN ? AND ?"]
-    params: list[Any] = [q.start.isoformat(), q.end.isoformat()]
-    for column, value in (("sender", q.account_name), ("tag_name", q.tag_name), ("esp", q.esp)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    return Query(f"SELECT day, {_SUMS} FROM stats_daily WHERE {' AND '.join(where)} "
-                 "GROUP BY day", tuple(params))
-
-
 def counts_by_day(rows: Sequence[Row]) -> dict[str, Counts]:
     return {row[0]: Counts(*row[1:]) for row in rows}
 
 
 # ---- native statistics ----
 
-# group_by value: (table, key column, order)
-GROUPS: Mapping[str, tuple[str, str, str]] = {
-    "day": ("stats_daily", "day", "key"),
-    "tag": ("stats_daily_tags", "tag", "sum(sent) DESC, key"),
-    "campaign": ("stats_daily", "campaign", "sum(sent) DESC, key"),
-    "sender_domain": ("stats_daily", "sender_domain", "sum(sent) DESC, key"),
-    # by the event's device, client, country (relay/stats/breakdown.py): sent is 0 there
-    **{name: ("stats_daily_agents_sent", name, "sum(opens) + sum(clicks) DESC, key")
-       for name in ("device", "client", "country")},
-}
 MAX_SPAN_DAYS = 366
 DEFAULT_SPAN_DAYS = 30
 MAX_ROWS = 1000
 DEFAULT_ROWS = 100
 
 
-# Filters of the native statistics: the column of stats_daily each one reads. ``tag`` reads
-# stats_daily_tags instead, which has no other dimension, so it goes with no other filter.
-FILTERS: Mapping[str, str] = {"sender_domain": "sender_domain", "campaign": "campaign"}
-TAG_FILTER = "tag"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,21 +140,6 @@ def _filters(params: Mapping[str, str], group_by: str | None) -> tuple[tuple[str
     return filters
 
 
-def stats_query(q: StatsQuery) -> Query:
-    table, key, order = GROUPS[q.group_by]
-    where = ["day BETWEEN ? AND ?"]
-    params: list[Any] = list(q.window().values())
-    for name, value in q.filters:
-        if name == TAG_FILTER:
-            table = "stats_daily_tags"
-            where.append("tag = ?")
-        else:
-            where.append(f"{FILTERS[name]} = ?")
-        params.append(value)
-    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE {' AND '.join(where)} "
-                 f"GROUP BY {key} ORDER BY {order} LIMIT ?", (*params, q.limit))
-
-
 def total(rows: Sequence[Row]) -> Counts:
     """The counts of every row of a statistics query, summed."""
     return Counts(*(sum(row[i] for row in rows) for i in range(1, len(COUNTERS) + 1)))
@@ -188,12 +148,6 @@ def total(rows: Sequence[Row]) -> Counts:
 def stats_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
     return {"group_by": q.group_by, **q.window(), **dict(q.filters),
             "rows": [{"key": row[0] or None, **Counts(*row[1:]).as_dict()} for row in rows]}
-
-
-def links_query(q: StatsQuery) -> Query:
-    return Query("SELECT url, sum(clicks), sum(unique_clicks) FROM stats_daily_links "
-                 "WHERE day BETWEEN ? AND ? GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
-                 (*q.window().values(), q.limit))
 
 
 def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
@@ -269,59 +223,6 @@ def parse_events(params: Mapping[str, str]) -> EventFilter:
     )
 
 
-def id_floor(timestamp: float, prefix: str = EVENT_PREFIX) -> str:
-    """A string sorting at or before every id (event or message) made at ``timestamp`` or
-    later, and after every id made before it (a uuid7 starts with its Unix milliseconds, in
-    hex)."""
-    ms = f"{max(0, int(timestamp * 1000)):012x}"
-    return f"{prefix}{ms[:8]}-{ms[8:]}"
-
-
-def events_query(f: EventFilter) -> Query:
-    """One page and one row more (to tell whether there is a next page), oldest first."""
-    where, params = _event_conditions(f)
-    clause = f"WHERE {' AND '.join(where)} " if where else ""
-    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
-                 (*params, f.limit + 1))
-
-
-def machine_count_query(f: EventFilter) -> Query:
-    """How many machine events (not counted: prefetch, scanner, automation) the filter's
-    window holds: what a listing without ``include_machine`` leaves out, cursor aside."""
-    where, params = _event_conditions(replace(f, include_machine=True, after=None))
-    return Query(f"SELECT count(*) FROM events WHERE {' AND '.join([*where, 'NOT counted'])}",
-                 tuple(params))
-
-
-def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-
-    def add(condition: str, *values: Any) -> None:
-        where.append(condition)
-        params.extend(values)
-
-    if f.since is not None:  # the id bound turns the window into a range of the primary key
-        add("id >= ? AND at >= ?", id_floor(f.since), f.since)
-    if f.until is not None:
-        add("at < ?", f.until)
-    for column, value in (("type", f.type), ("recipient", f.recipient),
-                          ("email_id", f.email_id)):
-        if value is not None:
-            add(f"{column} = ?", value)
-    if f.tag is not None:
-        add("email_id IN (SELECT email_id FROM messages WHERE tag_name = ? OR EXISTS "
-            "(SELECT 1 FROM json_each(messages.tags) WHERE value = ?))", f.tag, f.tag)
-    for column, value in (("campaign", f.campaign), ("topic", f.topic)):
-        if value is not None:
-            add(f"email_id IN (SELECT email_id FROM messages WHERE {column} = ?)", value)
-    if not f.include_machine:
-        add("counted")
-    if f.after is not None:
-        add("id > ?", f.after)
-    return where, params
-
-
 def event_json(row: Row) -> dict[str, Any]:
     e = Event._make(row)
     return {
@@ -353,11 +254,6 @@ RECIPIENT_STATUSES: Mapping[str, str] = {
     UNKNOWN: "the relay process sending it stopped (crash, kill -9) before the upstream's "
              "answer was recorded: it may or may not have been delivered",
 }
-_MESSAGE_COLUMNS = ("m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, "
-                    "m.tag_name, m.tags, m.campaign, m.topic, m.track_opens, m.track_clicks, "
-                    "m.decision, m.size, m.created_at, m.links")
-
-
 @dataclass(frozen=True, slots=True)
 class MessageFilter:
     since: float | None = None
@@ -390,52 +286,6 @@ def parse_messages(params: Mapping[str, str]) -> MessageFilter:
     )
 
 
-def messages_query(f: MessageFilter) -> Query:
-    """One page and one row more, newest first. With a recipient or a status the walk goes
-    down a recipients index ((recipient, email_id) or (status, email_id)), else down the
-    messages' own (email id, sender, Message-ID): newest first in index order, so a page
-    reads about its own rows, never the whole store."""
-    by_recipient = f.recipient is not None or f.status is not None
-    key = "r.email_id" if by_recipient else "m.email_id"
-    where: list[str] = []
-    params: list[Any] = []
-    if f.since is not None:
-        where.append(f"{key} >= ?")
-        params.append(id_floor(f.since, EMAIL_PREFIX))
-    if f.until is not None:
-        where.append(f"{key} < ?")
-        params.append(id_floor(f.until, EMAIL_PREFIX))
-    if f.before is not None:
-        where.append(f"{key} < ?")
-        params.append(f.before)
-    if f.recipient is not None:
-        where.append("r.recipient = ? COLLATE NOCASE")
-        params.append(f.recipient)
-    if f.status is not None:  # with a recipient, its index leads ('+': not the status's)
-        where.append("+r.status = ?" if f.recipient is not None else "r.status = ?")
-        params.append(f.status)
-    if f.sender is not None:
-        where.append("m.sender = ? COLLATE NOCASE")
-        params.append(f.sender)
-    if f.message_id is not None:  # as written in the header, with or without its <>
-        bare = f.message_id.strip().removeprefix("<").removesuffix(">")
-        where.append("m.message_id IN (?, ?)")
-        params.extend((f"<{bare}>", bare))
-    source = ("recipients r JOIN messages m ON m.email_id = r.email_id" if by_recipient
-              else "messages m")
-    clause = f"WHERE {' AND '.join(where)} " if where else ""
-    group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
-    return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}{group}"
-                 f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
-
-
-def recipients_query(email_ids: Sequence[str]) -> Query:
-    """The recipients of the listed messages."""
-    marks = ", ".join("?" * len(email_ids))
-    return Query("SELECT email_id, recipient, status, reply, at FROM recipients "
-                 f"WHERE email_id IN ({marks}) ORDER BY email_id, recipient", tuple(email_ids))
-
-
 def messages_body(f: MessageFilter, rows: Sequence[Row], recipients: Sequence[Row]
                   ) -> dict[str, Any]:
     page = rows[:f.limit]
@@ -447,16 +297,6 @@ def messages_body(f: MessageFilter, rows: Sequence[Row], recipients: Sequence[Ro
 
 
 # ---- one message ----
-
-def message_queries(email_id: str) -> tuple[Query, Query, Query]:
-    """The message, its recipients, and all its events (machine traffic included)."""
-    return (
-        Query(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE email_id = ?", (email_id,)),
-        Query("SELECT recipient, status, reply, at FROM recipients WHERE email_id = ? "
-              "ORDER BY recipient", (email_id,)),
-        Query(f"SELECT {COLUMNS} FROM events WHERE email_id = ? ORDER BY id", (email_id,)),
-    )
-
 
 def message_json(message: Row, recipients: Sequence[Row]) -> dict[str, Any]:
     """A message with its recipients and their outcome, and how many recipients have each

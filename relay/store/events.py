@@ -7,6 +7,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+EVENT_PREFIX = "evt_"  # the ids of events rows, and of the webhook events reporting them
+
 # The columns of ``events`` in the order of relay.tracking.events.Event's fields, which is
 # the order of the rows :func:`insert` takes.
 COLUMNS = ("id", "type", "at", "email_id", "recipient", "url", "ip", "user_agent", "method",

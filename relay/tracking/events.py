@@ -80,11 +80,10 @@ from relay import metrics
 from relay.store import events as events_table
 from relay.store import messages
 from relay.store.engine import Store
+from relay.store.events import EVENT_PREFIX
 from relay.store.messages import StoredMessage
 from relay.tracking.bots import BURST_SECONDS, CLICK, OPEN, PROXY, Classifier, Signals, Verdict
 from relay.tracking.enrich import Details, Enricher, Place
-
-EVENT_PREFIX = "evt_"
 
 
 class Hit(NamedTuple):

@@ -24,6 +24,7 @@ from relay.stats.maths import (
     track_list_body,
 )
 from relay.store import engine as store
+from relay.store import reports
 from relay.tracking.bots import CLICK, OPEN, Classifier
 from relay.tracking.events import Hit, Recorder
 
@@ -170,8 +171,8 @@ def test_event_id_floor_sorts_before_ids_of_that_millisecond():
     from relay.ids import uuid7
 
     at = 1773619200.123
-    floor = queries.id_floor(at)
-    assert floor <= "evt_" + str(uuid7(int(at * 1000))) < queries.id_floor(at + 0.001) + "~"
+    floor = reports.id_floor(at)
+    assert floor <= "evt_" + str(uuid7(int(at * 1000))) < reports.id_floor(at + 0.001) + "~"
     assert "evt_" + str(uuid7(int(at * 1000) - 1)) < floor
 
 

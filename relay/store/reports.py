@@ -1,0 +1,205 @@
+"""The reads behind the statistics, events and messages API and CLI, as SQL with parameters.
+
+Each function builds a :class:`Query` from a parsed filter (relay/stats/queries.py parses the
+request and shapes the rows), so the API (on the store's reader thread) and the CLI (a plain
+connection) run the very same SQL. Statistics read the daily counters (relay/store/counters.py);
+event listings read ``events`` by its time-ordered id (``evt_<uuid7>``), which is also the
+pagination cursor, and message listings ``messages`` by theirs (``email_<uuid7>``), newest
+first, the same way. SQLite's dialect remains in three places, each the index a query relies
+on: ``json_each`` for an event's tag, ``COLLATE NOCASE`` and the ``+`` that keeps the planner
+off the status index in :func:`messages_query`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from relay.ids import PREFIX as EMAIL_PREFIX
+from relay.store.counters import COUNTERS
+from relay.store.events import COLUMNS as EVENT_COLUMNS
+from relay.store.events import EVENT_PREFIX
+
+if TYPE_CHECKING:
+    from relay.stats.maths import TrackListQuery
+    from relay.stats.queries import EventFilter, MessageFilter, StatsQuery
+
+COLUMNS = ", ".join(EVENT_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
+# group_by value: (table, key column, order)
+GROUPS: Mapping[str, tuple[str, str, str]] = {
+    "day": ("stats_daily", "day", "key"),
+    "tag": ("stats_daily_tags", "tag", "sum(sent) DESC, key"),
+    "campaign": ("stats_daily", "campaign", "sum(sent) DESC, key"),
+    "sender_domain": ("stats_daily", "sender_domain", "sum(sent) DESC, key"),
+    # by the event's device, client, country (relay/stats/breakdown.py): sent is 0 there
+    **{name: ("stats_daily_agents_sent", name, "sum(opens) + sum(clicks) DESC, key")
+       for name in ("device", "client", "country")},
+}
+
+
+# Filters of the native statistics: the column of stats_daily each one reads. ``tag`` reads
+# stats_daily_tags instead, which has no other dimension, so it goes with no other filter.
+FILTERS: Mapping[str, str] = {"sender_domain": "sender_domain", "campaign": "campaign"}
+TAG_FILTER = "tag"
+
+
+# ---- GetTrackList and the native statistics ----
+
+def track_list_query(q: TrackListQuery) -> Query:
+    where = ["day BETWEEN ? AND ?"]
+    params: list[Any] = [q.start.isoformat(), q.end.isoformat()]
+    for column, value in (("sender", q.account_name), ("tag_name", q.tag_name), ("esp", q.esp)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    return Query(f"SELECT day, {_SUMS} FROM stats_daily WHERE {' AND '.join(where)} "
+                 "GROUP BY day", tuple(params))
+
+
+def stats_query(q: StatsQuery) -> Query:
+    table, key, order = GROUPS[q.group_by]
+    where = ["day BETWEEN ? AND ?"]
+    params: list[Any] = list(q.window().values())
+    for name, value in q.filters:
+        if name == TAG_FILTER:
+            table = "stats_daily_tags"
+            where.append("tag = ?")
+        else:
+            where.append(f"{FILTERS[name]} = ?")
+        params.append(value)
+    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE {' AND '.join(where)} "
+                 f"GROUP BY {key} ORDER BY {order} LIMIT ?", (*params, q.limit))
+
+
+def links_query(q: StatsQuery) -> Query:
+    return Query("SELECT url, sum(clicks), sum(unique_clicks) FROM stats_daily_links "
+                 "WHERE day BETWEEN ? AND ? GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
+                 (*q.window().values(), q.limit))
+
+
+# ---- events ----
+
+def id_floor(timestamp: float, prefix: str = EVENT_PREFIX) -> str:
+    """A string sorting at or before every id (event or message) made at ``timestamp`` or
+    later, and after every id made before it (a uuid7 starts with its Unix milliseconds, in
+    hex)."""
+    ms = f"{max(0, int(timestamp * 1000)):012x}"
+    return f"{prefix}{ms[:8]}-{ms[8:]}"
+
+
+def events_query(f: EventFilter) -> Query:
+    """One page and one row more (to tell whether there is a next page), oldest first."""
+    where, params = _event_conditions(f)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
+                 (*params, f.limit + 1))
+
+
+def machine_count_query(f: EventFilter) -> Query:
+    """How many machine events (not counted: prefetch, scanner, automation) the filter's
+    window holds: what a listing without ``include_machine`` leaves out, cursor aside."""
+    where, params = _event_conditions(replace(f, include_machine=True, after=None))
+    return Query(f"SELECT count(*) FROM events WHERE {' AND '.join([*where, 'NOT counted'])}",
+                 tuple(params))
+
+
+def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(condition: str, *values: Any) -> None:
+        where.append(condition)
+        params.extend(values)
+
+    if f.since is not None:  # the id bound turns the window into a range of the primary key
+        add("id >= ? AND at >= ?", id_floor(f.since), f.since)
+    if f.until is not None:
+        add("at < ?", f.until)
+    for column, value in (("type", f.type), ("recipient", f.recipient),
+                          ("email_id", f.email_id)):
+        if value is not None:
+            add(f"{column} = ?", value)
+    if f.tag is not None:
+        add("email_id IN (SELECT email_id FROM messages WHERE tag_name = ? OR EXISTS "
+            "(SELECT 1 FROM json_each(messages.tags) WHERE value = ?))", f.tag, f.tag)
+    for column, value in (("campaign", f.campaign), ("topic", f.topic)):
+        if value is not None:
+            add(f"email_id IN (SELECT email_id FROM messages WHERE {column} = ?)", value)
+    if not f.include_machine:
+        add("counted")
+    if f.after is not None:
+        add("id > ?", f.after)
+    return where, params
+
+
+# ---- messages ----
+
+_MESSAGE_COLUMNS = ("m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, "
+                    "m.tag_name, m.tags, m.campaign, m.topic, m.track_opens, m.track_clicks, "
+                    "m.decision, m.size, m.created_at, m.links")
+
+
+def messages_query(f: MessageFilter) -> Query:
+    """One page and one row more, newest first. With a recipient or a status the walk goes
+    down a recipients index ((recipient, email_id) or (status, email_id)), else down the
+    messages' own (email id, sender, Message-ID): newest first in index order, so a page
+    reads about its own rows, never the whole store."""
+    by_recipient = f.recipient is not None or f.status is not None
+    key = "r.email_id" if by_recipient else "m.email_id"
+    where: list[str] = []
+    params: list[Any] = []
+    if f.since is not None:
+        where.append(f"{key} >= ?")
+        params.append(id_floor(f.since, EMAIL_PREFIX))
+    if f.until is not None:
+        where.append(f"{key} < ?")
+        params.append(id_floor(f.until, EMAIL_PREFIX))
+    if f.before is not None:
+        where.append(f"{key} < ?")
+        params.append(f.before)
+    if f.recipient is not None:
+        where.append("r.recipient = ? COLLATE NOCASE")
+        params.append(f.recipient)
+    if f.status is not None:  # with a recipient, its index leads ('+': not the status's)
+        where.append("+r.status = ?" if f.recipient is not None else "r.status = ?")
+        params.append(f.status)
+    if f.sender is not None:
+        where.append("m.sender = ? COLLATE NOCASE")
+        params.append(f.sender)
+    if f.message_id is not None:  # as written in the header, with or without its <>
+        bare = f.message_id.strip().removeprefix("<").removesuffix(">")
+        where.append("m.message_id IN (?, ?)")
+        params.extend((f"<{bare}>", bare))
+    source = ("recipients r JOIN messages m ON m.email_id = r.email_id" if by_recipient
+              else "messages m")
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
+    return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}{group}"
+                 f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+
+
+def recipients_query(email_ids: Sequence[str]) -> Query:
+    """The recipients of the listed messages."""
+    marks = ", ".join("?" * len(email_ids))
+    return Query("SELECT email_id, recipient, status, reply, at FROM recipients "
+                 f"WHERE email_id IN ({marks}) ORDER BY email_id, recipient", tuple(email_ids))
+
+
+def message_queries(email_id: str) -> tuple[Query, Query, Query]:
+    """The message, its recipients, and all its events (machine traffic included)."""
+    return (
+        Query(f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE email_id = ?", (email_id,)),
+        Query("SELECT recipient, status, reply, at FROM recipients WHERE email_id = ? "
+              "ORDER BY recipient", (email_id,)),
+        Query(f"SELECT {COLUMNS} FROM events WHERE email_id = ? ORDER BY id", (email_id,)),
+    )
