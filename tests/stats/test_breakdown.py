@@ -253,3 +253,23 @@ def test_cli_events_table_shows_device_client_and_location(
     assert out[0].split()[-3:] == ["device", "client", "location"]
     assert "desktop" in out[1] and "Chrome 126" in out[1] and "FR, Normandy, Rouen" in out[1]
     assert out[2].rstrip().endswith("JP")
+
+
+def test_a_hit_reads_its_message_once_for_every_listener(conn: sqlite3.Connection,
+                                                         geo_path: Path) -> None:
+    """The classifier (the time since sending), the counters and the webhook outbox all need
+    the message's row: the recorder reads it once and hands it to each listener."""
+    add_message(conn, "email_a", "news@shop.example", ["ann@example.net", "bob@gmail.com"])
+    sync_endpoints(conn, [WebhookEndpoint("crm", "https://crm.example/hook", "s" * 32)],
+                   SENT_AT)
+    rec = recorder(geo_path, listeners=(rollup.Rollup(), breakdown.Breakdown(), Outbox()))
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    record(conn, rec, [hit(CLICK, "ann@example.net", CHROME, BERLIN, url="https://shop.example/a"),
+                       hit(OPEN, "bob@gmail.com", IPHONE_MAIL, ROUEN)])
+    conn.set_trace_callback(None)
+    assert len([s for s in statements if "FROM messages" in s]) == 1
+    assert conn.execute("SELECT count(*) FROM webhook_events").fetchone() == (3,)
+    assert conn.execute("SELECT sum(opens), sum(clicks) FROM stats_daily").fetchone() == (2, 1)
+    assert conn.execute("SELECT sum(opens), sum(clicks) FROM stats_daily_agents"
+                        ).fetchone() == (2, 1)
