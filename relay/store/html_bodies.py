@@ -46,8 +46,9 @@ def html_of(conn: sqlite3.Connection, email_id: str) -> str | None:
     return None if not rows else str(rows[0][0])
 
 
-def bodies(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT count(*) FROM html_bodies").fetchall()[0][0])
+def kept(conn: sqlite3.Connection, email_id: str) -> bool:
+    return bool(conn.execute("SELECT 1 FROM message_html WHERE email_id = ?",
+                             (email_id,)).fetchall())
 
 
 # The click map's counts: counted clicks and distinct clickers per URL of one message (its

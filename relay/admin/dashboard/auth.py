@@ -96,8 +96,10 @@ class Auth:
                                     "in a moment.")
         ok: bool | None = None
         try:
-            encoded = None if name_problem(name) else users.password_hash(self.store.writer,
-                                                                          name)
+            # a name or password no user can have is checked against the dummy hash all the
+            # same: the answer's timing tells nothing
+            known = not name_problem(name) and len(password) <= MAX_PASSWORD
+            encoded = users.password_hash(self.store.writer, name) if known else None
             ok = await self.checker.verify(encoded, password[:MAX_PASSWORD].encode())
         finally:
             delay, blocked = self.budget.settle(client, None if ok is None else not ok)

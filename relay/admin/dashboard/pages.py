@@ -127,7 +127,7 @@ async def message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason=f"No message {email_id}.")
     body = queries.message_body(found[0], await _rows(request, recipients_q),
                                 await _rows(request, events_q))
-    kept = html_bodies.html_of(request.app[STORE].writer, email_id) is not None
+    kept = html_bodies.kept(request.app[STORE].writer, email_id)
     return render(request, "message.html", m=body, kept=kept,
                   statuses=queries.RECIPIENT_STATUSES)
 
@@ -139,7 +139,7 @@ async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.Lin
 
 async def click_map(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
-    if html_bodies.html_of(request.app[STORE].writer, email_id) is None:
+    if not html_bodies.kept(request.app[STORE].writer, email_id):
         raise web.HTTPNotFound(reason=f"No HTML kept for {email_id} (dashboard.keep_html off, "
                                       "no HTML part, or sent before it was kept).")
     counts = await _clicks(request, email_id)
