@@ -9,10 +9,12 @@ input's own (README, "How a message travels").
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import overload
 
 from relay.errors import DecodeError
 from relay.rewrite import markup, mime, urls
@@ -64,13 +66,87 @@ class LinkResult:
         return self.url is not None
 
 
+class Links(Sequence[LinkResult]):
+    """Links, each rewritten or left alone with its reason, in the order of the message.
+
+    Kept as columns (tuples of strings and numbers, which the cyclic garbage collector does
+    not walk) rather than one object per link, and made a :class:`LinkResult` only when one is
+    read: a newsletter's 100,000 links stay in memory while its copies go out, and as objects
+    every full collection in the process walked them, stalling the event loop for as long
+    (bench/fanout_bench.py). The links left alone are indexed, so what is told about them
+    (:meth:`untracked`) costs as many steps as it tells.
+    """
+
+    __slots__ = ("_hrefs", "_urls", "_left", "_codes", "_reasons")
+
+    def __init__(self, links: Iterable[LinkResult] = ()) -> None:
+        hrefs: list[str] = []
+        found: list[str | None] = []
+        left: list[int] = []
+        codes: list[str] = []
+        reasons: list[str] = []
+        for index, link in enumerate(links):
+            hrefs.append(link.href)
+            found.append(link.url)
+            if link.url is None:
+                left.append(index)
+                codes.append(link.code)
+                reasons.append(link.reason)
+        self._hrefs, self._urls, self._left = tuple(hrefs), tuple(found), tuple(left)
+        self._codes, self._reasons = tuple(codes), tuple(reasons)
+
+    @classmethod
+    def joined(cls, groups: Sequence[Links]) -> Links:
+        """The links of ``groups`` one after the other (a message's, from its parts')."""
+        if len(groups) == 1:
+            return groups[0]
+        joined = cls()
+        for group in groups:
+            offset = len(joined._hrefs)
+            joined._left += tuple(index + offset for index in group._left)
+            joined._hrefs += group._hrefs
+            joined._urls += group._urls
+            joined._codes += group._codes
+            joined._reasons += group._reasons
+        return joined
+
+    def __len__(self) -> int:
+        return len(self._hrefs)
+
+    @overload
+    def __getitem__(self, index: int) -> LinkResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[LinkResult]: ...
+
+    def __getitem__(self, index: int | slice) -> LinkResult | Sequence[LinkResult]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        href, url = self._hrefs[index], self._urls[index]
+        if url is not None:
+            return LinkResult(href, url)
+        at = bisect.bisect_left(self._left, index % len(self))
+        return LinkResult(href, None, self._reasons[at], self._codes[at])
+
+    @property
+    def tracked(self) -> int:
+        """How many were rewritten."""
+        return len(self._hrefs) - len(self._left)
+
+    def untracked(self, limit: int | None = None) -> list[LinkResult]:
+        """The first ``limit`` (all by default) of those left alone."""
+        left = self._left if limit is None else self._left[:limit]
+        return [LinkResult(self._hrefs[index], None, reason, code)
+                for index, reason, code in zip(left, self._reasons, self._codes, strict=False)]
+
+
 @dataclass(frozen=True, slots=True)
 class PartResult:
     path: str  # "1.2": second child of the first child; "" for a single-part message
     content_type: str
     rewritten: bool
     reason: str  # what was done, or why the part was left alone
-    links: tuple[LinkResult, ...] = ()
+    links: Links = field(default_factory=Links)
     pixel: bool = False
 
 
@@ -81,24 +157,24 @@ class Report:
     clicks: bool = False  # whether links were looked at (click tracking on)
 
     @property
-    def links(self) -> tuple[LinkResult, ...]:
-        return tuple(link for part in self.parts for link in part.links)
+    def links(self) -> Links:
+        return Links.joined([part.links for part in self.parts])
 
     @property
     def links_rewritten(self) -> int:
-        return sum(link.rewritten for part in self.parts for link in part.links)
+        return sum(part.links.tracked for part in self.parts)
 
     def links_text(self, limit: int = 20) -> str:
         """``5/6 tracked`` and each link left alone with its reason (the first ``limit``),
         without its userinfo, query and fragment (:func:`urls.redacted`)."""
         links = self.links
-        left = [link for link in links if not link.rewritten]
-        text = f"{len(links) - len(left)}/{len(links)} tracked"
+        text = f"{links.tracked}/{len(links)} tracked"
+        left = links.untracked(limit)
         if left:
             listed = "; ".join(f"{_shorten(urls.redacted(link.href), 100)} ({link.reason})"
-                               for link in left[:limit])
-            more = f"; {len(left) - limit} more" if len(left) > limit else ""
-            text += f", untracked: {listed}{more}"
+                               for link in left)
+            more = len(links) - links.tracked - len(left)
+            text += f", untracked: {listed}" + (f"; {more} more" if more else "")
         return text
 
 
@@ -134,7 +210,7 @@ class Prepared:
             self._dkim, self._dkim_headers = plan.dkim, plan.dkim_headers
 
     @property
-    def links(self) -> tuple[LinkResult, ...] | None:
+    def links(self) -> Links | None:
         """The links as the message goes out, each rewritten or left alone with its reason;
         ``None`` when they were not looked at (clicks off) or the message goes out unchanged
         although some were to be rewritten (a DKIM signature without a key: the reason says)."""
@@ -316,11 +392,11 @@ def _plan_part(
         reason = f"no link to rewrite among {len(links)}"
         if options.opens:
             reason = "no link to rewrite, and the document ends inside a tag, comment or raw text"
-        return PartResult(part.path, part.content_type, False, reason, tuple(links)), None
+        return PartResult(part.path, part.content_type, False, reason, Links(links)), None
     edits.extend(_meta_charset_edits(found.metas))
     rewritten = sum(link.rewritten for link in links)
     reason = f"rewrote {rewritten} of {len(links)} links" + (", pixel inserted" if pixel else "")
-    result = PartResult(part.path, part.content_type, True, reason, tuple(links), pixel)
+    result = PartResult(part.path, part.content_type, True, reason, Links(links), pixel)
     return result, _PartPlan(text, edits)
 
 

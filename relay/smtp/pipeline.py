@@ -28,7 +28,7 @@ from relay.rewrite import urls
 from relay.rewrite.dkim import DkimSigner, signs_header
 from relay.rewrite.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
 from relay.rewrite.mime import first_html
-from relay.rewrite.splice import LinkResult, Prepared, RewriteOptions, prepare
+from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream, stuff, unstuff
 from relay.store import messages
@@ -420,24 +420,24 @@ class MessageRecord:
     reason: str
     size: int
     created_at: float  # before the copies went out
-    links: tuple[LinkResult, ...] | None = None  # None: not looked at (rewrite.Prepared.links)
+    links: Links | None = None  # None: not looked at (rewrite.Prepared.links)
     process: int | None = None  # the processes row of the relay process sending it
     sending: Sequence[str] = ()  # the recipients its copies go to
     html: str | None = None  # its first HTML part, kept for the click map (tracked mail only)
 
 
-def links_json(links: tuple[LinkResult, ...] | None) -> str | None:
+def links_json(links: Links | None) -> str | None:
     """The ``messages.links`` column: how many links were tracked out of how many, and the
     first :data:`UNTRACKED_KEPT` left alone, each with its reason code and detail, the href
     without its userinfo, query and fragment (:func:`urls.redacted`)."""
     if links is None:
         return None
-    untracked = [link for link in links if not link.rewritten]
+    untracked = links.untracked(UNTRACKED_KEPT)
     return json.dumps({
-        "total": len(links), "tracked": len(links) - len(untracked),
+        "total": len(links), "tracked": links.tracked,
         "untracked": [{"href": urls.redacted(link.href)[:HREF_KEPT], "reason": link.code,
-                       "detail": link.reason} for link in untracked[:UNTRACKED_KEPT]],
-        "omitted": max(0, len(untracked) - UNTRACKED_KEPT),
+                       "detail": link.reason} for link in untracked],
+        "omitted": len(links) - links.tracked - len(untracked),
     }, ensure_ascii=False)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from relay.admin import apikeys
-from relay.rewrite.splice import LinkResult
+from relay.rewrite.splice import LinkResult, Links
 from relay.smtp.pipeline import links_json
 from relay.store import engine as store
 from tests.harness import Relay
@@ -120,9 +120,9 @@ def test_links_are_not_recorded_when_clicks_are_off(make_relay, upstream):
 
 
 def test_a_long_list_of_untracked_links_is_cut() -> None:
-    links = (LinkResult("https://shop.example/", "https://shop.example/"),
-             *[LinkResult(f"mailto:{n}@x" + "x" * 600, None, "mailto: link", "not_http")
-               for n in range(150)])
+    links = Links([LinkResult("https://shop.example/", "https://shop.example/"),
+                   *[LinkResult(f"mailto:{n}@x" + "x" * 600, None, "mailto: link", "not_http")
+                     for n in range(150)]])
     record = json.loads(links_json(links) or "")
     assert (record["total"], record["tracked"], record["omitted"]) == (151, 1, 50)
     assert len(record["untracked"]) == 100
