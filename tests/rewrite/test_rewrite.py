@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import email
-import gc
 import email.policy
+import gc
 import re
 import subprocess
 from pathlib import Path
