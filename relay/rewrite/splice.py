@@ -12,9 +12,10 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import AnyStr, Generic, overload
 
 from relay.errors import DecodeError
 from relay.rewrite import markup, mime, urls
@@ -66,34 +67,67 @@ class LinkResult:
         return self.url is not None
 
 
+class Column(Generic[AnyStr]):
+    """Strings (or byte strings) kept as one, with the offset where each ends.
+
+    What a prepared message keeps for as long as its copies go out has as many pieces as it
+    has links (100,000 in bench/fanout_bench.py): a list or tuple of them has the cyclic garbage
+    collector visit every piece on each pass that looks at it, a cache miss each (80-150 ms
+    after each message was prepared, and on every full pass while it was sent, the event loop
+    waiting). One string and an ``array`` of offsets are no containers to the collector.
+    """
+
+    __slots__ = ("text", "_ends")
+
+    def __init__(self, items: Iterable[AnyStr], empty: AnyStr) -> None:
+        pieces = list(items)
+        self.text: AnyStr = empty.join(pieces)
+        self._ends = array("q", [0])
+        end = 0
+        for piece in pieces:
+            end += len(piece)
+            self._ends.append(end)
+
+    @classmethod
+    def joined(cls, columns: Sequence[Column[AnyStr]], empty: AnyStr) -> Column[AnyStr]:
+        joined = cls((), empty)
+        joined.text = empty.join(column.text for column in columns)
+        for column in columns:
+            offset = joined._ends[-1]
+            joined._ends.extend(end + offset for end in column._ends[1:])
+        return joined
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def __getitem__(self, index: int) -> AnyStr:
+        return self.text[self._ends[index] : self._ends[index + 1]]
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Where piece ``index`` is in :attr:`text`."""
+        return self._ends[index], self._ends[index + 1]
+
+
 class Links(Sequence[LinkResult]):
     """Links, each rewritten or left alone with its reason, in the order of the message.
 
-    Kept as columns (tuples of strings and numbers, which the cyclic garbage collector does
-    not walk) rather than one object per link, and made a :class:`LinkResult` only when one is
-    read: a newsletter's 100,000 links stay in memory while its copies go out, and as objects
-    every full collection in the process walked them, stalling the event loop for as long
-    (bench/fanout_bench.py). The links left alone are indexed, so what is told about them
-    (:meth:`untracked`) costs as many steps as it tells.
+    Kept as columns (:class:`Column`) rather than one object per link, and made a
+    :class:`LinkResult` only when one is read: a newsletter's 100,000 links stay in memory while
+    its copies go out, and as objects every garbage collection that looked at them walked them
+    all. The links left alone are indexed, so what is told about them (:meth:`untracked`)
+    costs as many steps as it tells.
     """
 
     __slots__ = ("_hrefs", "_urls", "_left", "_codes", "_reasons")
 
     def __init__(self, links: Iterable[LinkResult] = ()) -> None:
-        hrefs: list[str] = []
-        found: list[str | None] = []
-        left: list[int] = []
-        codes: list[str] = []
-        reasons: list[str] = []
-        for index, link in enumerate(links):
-            hrefs.append(link.href)
-            found.append(link.url)
-            if link.url is None:
-                left.append(index)
-                codes.append(link.code)
-                reasons.append(link.reason)
-        self._hrefs, self._urls, self._left = tuple(hrefs), tuple(found), tuple(left)
-        self._codes, self._reasons = tuple(codes), tuple(reasons)
+        every = list(links)
+        left = [index for index, link in enumerate(every) if link.url is None]
+        self._hrefs = Column((link.href for link in every), "")
+        self._urls = Column((link.url or "" for link in every), "")
+        self._left = array("q", left)
+        self._codes = Column((every[index].code for index in left), "")
+        self._reasons = Column((every[index].reason for index in left), "")
 
     @classmethod
     def joined(cls, groups: Sequence[Links]) -> Links:
@@ -101,13 +135,12 @@ class Links(Sequence[LinkResult]):
         if len(groups) == 1:
             return groups[0]
         joined = cls()
+        for name in ("_hrefs", "_urls", "_codes", "_reasons"):
+            setattr(joined, name, Column.joined([getattr(g, name) for g in groups], ""))
+        offset = 0
         for group in groups:
-            offset = len(joined._hrefs)
-            joined._left += tuple(index + offset for index in group._left)
-            joined._hrefs += group._hrefs
-            joined._urls += group._urls
-            joined._codes += group._codes
-            joined._reasons += group._reasons
+            joined._left.extend(index + offset for index in group._left)
+            offset += len(group)
         return joined
 
     def __len__(self) -> int:
@@ -122,22 +155,24 @@ class Links(Sequence[LinkResult]):
     def __getitem__(self, index: int | slice) -> LinkResult | Sequence[LinkResult]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        href, url = self._hrefs[index], self._urls[index]
-        if url is not None:
-            return LinkResult(href, url)
-        at = bisect.bisect_left(self._left, index % len(self))
-        return LinkResult(href, None, self._reasons[at], self._codes[at])
+        if not -len(self) <= index < len(self):
+            raise IndexError("link index out of range")
+        index %= len(self)
+        at = bisect.bisect_left(self._left, index)
+        if at < len(self._left) and self._left[at] == index:
+            return LinkResult(self._hrefs[index], None, self._reasons[at], self._codes[at])
+        return LinkResult(self._hrefs[index], self._urls[index])
 
     @property
     def tracked(self) -> int:
         """How many were rewritten."""
-        return len(self._hrefs) - len(self._left)
+        return len(self) - len(self._left)
 
     def untracked(self, limit: int | None = None) -> list[LinkResult]:
         """The first ``limit`` (all by default) of those left alone."""
-        left = self._left if limit is None else self._left[:limit]
-        return [LinkResult(self._hrefs[index], None, reason, code)
-                for index, reason, code in zip(left, self._reasons, self._codes, strict=False)]
+        count = len(self._left) if limit is None else min(limit, len(self._left))
+        return [LinkResult(self._hrefs[self._left[at]], None, self._reasons[at], self._codes[at])
+                for at in range(count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +240,10 @@ class Prepared:
         self.report = report
         self._raw = raw
         if plan is not None:
-            self._statics, self._slots = plan.statics, plan.slots
-            self._urls, self._pixel, self._eol = plan.urls, plan.pixel, plan.eol
+            self._statics = Column(plan.statics, b"")
+            self._slots = array("q", plan.slots)
+            self._urls = Column(plan.urls, "")
+            self._pixel, self._eol = plan.pixel, plan.eol
             self._dkim, self._dkim_headers = plan.dkim, plan.dkim_headers
 
     @property
@@ -244,39 +281,42 @@ class Rendering:
     interval, which made the same work three times slower and the loop's stalls longer).
     """
 
-    __slots__ = ("_prepared", "_signer", "_tokens")
+    __slots__ = ("_prepared", "_signer", "_tokens", "_ends")
 
     def __init__(self, prepared: Prepared, email_id: str, recipient: str,
                  keyring: Keyring) -> None:
         self._prepared = prepared
         self._signer = RecipientSigner(keyring, email_id, recipient) if prepared.will_change \
             else None
-        self._tokens: list[bytes] = []  # quoted-printable lines, by the index of their URL
+        # the quoted-printable lines of the tokens, by the index of their URL, and where each
+        # ends (in one piece, as Column keeps them, for the garbage collector)
+        self._tokens = bytearray()
+        self._ends = array("q", [0])
 
     def sign(self, count: int) -> bool:
         """Sign up to ``count`` more tokens; whether all of them are signed now."""
         p, signer = self._prepared, self._signer
         if signer is None:
             return True
-        done, eol = len(self._tokens), p._eol
-        self._tokens.extend(mime.qp_wrap_safe(signer.click(url), eol)
-                            for url in p._urls[done : done + count])
-        return len(self._tokens) == len(p._urls)
+        done, eol = len(self._ends) - 1, p._eol
+        for index in range(done, min(done + count, len(p._urls))):
+            self._tokens += mime.qp_wrap_safe(signer.click(p._urls[index]), eol)
+            self._ends.append(len(self._tokens))
+        return len(self._ends) - 1 == len(p._urls)
 
     def message(self) -> bytes:
         """The copy, once every token is signed."""
-        p, signer = self._prepared, self._signer
+        p, signer, ends = self._prepared, self._signer, self._ends
         if signer is None:
             return p._raw
-        assert len(self._tokens) == len(p._urls), "tokens left to sign"
-        tokens = self._tokens
-        if p._pixel:
-            tokens = [*tokens, mime.qp_wrap_safe(signer.open(), p._eol)]  # index -1, _OPEN
-        out = [p._statics[0]]
-        for index, static in zip(p._slots, p._statics[1:], strict=True):
-            out.append(tokens[index])
-            out.append(static)
-        message = b"".join(out)
+        assert len(ends) - 1 == len(p._urls), "tokens left to sign"
+        pixel = mime.qp_wrap_safe(signer.open(), p._eol) if p._pixel else b""
+        statics, tokens = memoryview(p._statics.text), memoryview(self._tokens)
+        out = bytearray(statics[slice(*p._statics.span(0))])
+        for n, index in enumerate(p._slots, 1):  # index _OPEN: the pixel
+            out += pixel if index == _OPEN else tokens[ends[index] : ends[index + 1]]
+            out += statics[slice(*p._statics.span(n))]
+        message = bytes(out)
         if p._dkim is not None:
             message = p._dkim.sign(message, p._dkim_headers)
         return message
