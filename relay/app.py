@@ -60,7 +60,7 @@ async def running(
 ) -> AsyncIterator[Services]:
     """Start the requested services; stop them, then close the store, on exit."""
     store = await Store.open(config.store.path)
-    processes.mark_unknown(store.writer)  # what stopped processes were sending
+    processes.sweep(store.writer)  # what stopped processes left: relay/smtp/processes.py
     services = Services(store, load_keyring(config.tracking, store.writer))
     stop_rules = seeding.start(store, config, recheck=http)
     stop_retention = retention.start(config.store.path, config.retention.days if http else 0)

@@ -61,7 +61,7 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
 
 def _open(args: argparse.Namespace) -> sqlite3.Connection:
     conn = open_store(args)
-    processes.mark_unknown(conn)
+    processes.sweep(conn)
     return conn
 
 

@@ -19,14 +19,13 @@ and each repeat is news, while a client's retry comes within minutes.
 Two tries of one message at once (a client that gave up waiting, or several connections) must
 not both send: before sending, a try *claims* each recipient it will send to, in one store
 transaction (:func:`take`); a try that finds a recipient claimed by another live try waits for
-it to finish, then finds its deliveries. A claim names its owner (a process: host, pid and a
-random part); owners refresh ``seen_at`` while they hold claims, and the claims of an owner
-not seen for :data:`LEASE_SECONDS` (a process killed mid-send) are taken over. A process that
-restarts at once cannot tell its dead predecessor from a live one until the lease runs out, so
-the claims of lapsed owners are deleted at every try (:func:`take`, an indexed lookup that
-finds nothing in the usual case) and every :data:`HEARTBEAT_SECONDS` by each process that has
-sent (:meth:`Claims._beat`): they never outlive their owner by much more than the lease. Claims
-live in the store, so they hold across the worker processes (and relays) sharing it.
+it to finish, then finds its deliveries. A claim names the process whose try it is (its row
+of ``processes``): a try that finds recipients claimed checks whether that process still runs,
+and takes over the claims of one that stopped (a process killed mid-send); the heartbeat of
+each process that has sent (:meth:`Claims._beat`) forgets stopped processes with their claims
+even if no try needs them. How a process is found dead, and what else is forgotten with it,
+is relay/smtp/processes.py's. Claims live in the store, so they hold across the worker
+processes (and relays) sharing it.
 """
 
 from __future__ import annotations
@@ -36,15 +35,13 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
-import secrets
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.rewrite.headers import HeaderBlock
+from relay.smtp import processes
 from relay.store import deliveries
 from relay.store.engine import Store
 
@@ -54,10 +51,6 @@ log = logging.getLogger("relay.mail")
 TRACE_FIELDS = frozenset({"received", "return-path"})
 # How long a message that arrived without a Message-ID counts as a retry (README: Retries).
 NO_MESSAGE_ID_SECONDS = 600.0
-# An owner not seen for this long is taken for dead and its claims for abandoned.
-LEASE_SECONDS = 60.0
-# How often a process that has sent says it is alive and deletes the claims of lapsed owners.
-HEARTBEAT_SECONDS = LEASE_SECONDS / 4
 # How often a try waiting for another process's try looks again (one in this process wakes it
 # at once).
 POLL_SECONDS = 0.1
@@ -97,22 +90,22 @@ class Claim:
 
 
 def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], email_id: str,
-         owner: str, now: float, window: float) -> Claim | None:
+         me: processes.Registered, now: float, window: float) -> Claim | None:
     """In one transaction: the recipients delivered within ``window`` seconds are duplicates;
-    the others are claimed for ``email_id``, unless another live try holds any of them (then
-    None, and nothing is claimed: a try never holds some recipients while waiting for others,
-    so two tries cannot wait for each other). The claims of owners whose lease ran out are
-    deleted first, whatever they name."""
-    forget_stale(conn, now)
+    the others are claimed for ``email_id`` by process ``me``, unless a try of another process
+    that still runs holds any of them (then None, and nothing is claimed: a try never holds
+    some recipients while waiting for others, so two tries cannot wait for each other)."""
     done = deliveries.delivered(conn, digest, recipients, now - window)
     pending = [r for r in recipients if r not in done]
     duplicates = [r for r in recipients if r in done]
     earlier = tuple(sorted(set(done.values())))
     if not pending:
         return Claim(digest, email_id, pending, duplicates, earlier=earlier)
-    if deliveries.claimed_by_another(conn, digest, pending, email_id, now - LEASE_SECONDS):
+    holders = deliveries.claim_holders(conn, digest, pending, email_id)
+    if holders and processes.running(conn, holders, me.process, now):
         return None
-    deliveries.claim(conn, digest, pending, email_id, owner, now)
+    processes.see(conn, me, now)
+    deliveries.claim(conn, digest, pending, email_id, me.id, now)
     return Claim(digest, email_id, pending, duplicates, held=True, earlier=earlier)
 
 
@@ -130,32 +123,16 @@ def _drop(conn: sqlite3.Connection, claim: Claim) -> None:
     deliveries.drop_claims(conn, claim.digest, claim.email_id)
 
 
-def heartbeat(conn: sqlite3.Connection, owner: str, now: float) -> None:
-    """``owner`` is alive; owners not seen for a lease are gone, with their claims."""
-    deliveries.see_owner(conn, owner, now)
-    forget_stale(conn, now)
-
-
-def forget_stale(conn: sqlite3.Connection, now: float) -> None:
-    """Delete the owners not seen for a lease and their claims (a process killed mid-send)."""
-    deliveries.forget_owners(conn, now - LEASE_SECONDS)
-
-
-def new_owner() -> str:
-    """This process, as named in its claims."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
 class Claims:
     """This process's claims: taking them (waiting while another try holds them), keeping
     them alive while held, and letting them go."""
 
-    def __init__(self, store: Store, window_seconds: float,
+    def __init__(self, store: Store, window_seconds: float, me: processes.Registered,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.window = window_seconds
+        self.me = me
         self.clock = clock
-        self.owner = new_owner()
         self._heartbeat: asyncio.Task[None] | None = None
         self._unreleased: list[Claim] = []  # their rows could not be deleted yet
         self._released = asyncio.Event()
@@ -165,15 +142,15 @@ class Claims:
         """The try's claim; waits while another live try holds one of its recipients. Raises
         what the store raises when it cannot be written. ``window``: a shorter time than
         ``smtp.dedupe_hours`` in which earlier deliveries count (:data:`NO_MESSAGE_ID_SECONDS`)."""
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat())
         if not self.window:  # dedupe off: every try sends
             return Claim(digest, email_id, list(recipients), [])
         window = self.window if window is None else min(window, self.window)
         waited = False
         while True:
             claim = await self.store.write(lambda conn: take(
-                conn, digest, recipients, email_id, self.owner, self.clock(), window))
-            if self._heartbeat is None:
-                self._heartbeat = asyncio.create_task(self._beat())
+                conn, digest, recipients, email_id, self.me, self.clock(), window))
             if claim is not None:
                 return claim
             if not waited:
@@ -206,19 +183,19 @@ class Claims:
         self.settled(claim)
 
     async def _beat(self) -> None:
-        """From the first try on: keep this process's claims alive and delete lapsed owners'
-        (a killed predecessor's are gone about a lease after its death, even if no try needs
-        them)."""
+        """From the first try on: say this process is alive (to relays of other hosts sharing
+        the store) and forget the processes that stopped, with their claims, even if no try
+        needs them (relay/smtp/processes.py)."""
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
             unreleased, self._unreleased = self._unreleased, []
             try:
                 await self.store.write(functools.partial(self._alive, unreleased=unreleased))
-            except Exception as exc:  # the next beat tries again; the lease is four beats
+            except Exception as exc:  # the next beat tries again (the lease is four beats)
                 self._unreleased.extend(unreleased)
-                log.warning("claims heartbeat not written: %s", exc)
+                log.warning("process heartbeat not written: %s", exc)
+            await asyncio.sleep(processes.HEARTBEAT_SECONDS)
 
     def _alive(self, conn: sqlite3.Connection, unreleased: Sequence[Claim]) -> None:
-        heartbeat(conn, self.owner, self.clock())
+        processes.beat(conn, self.me, self.clock())
         for claim in unreleased:
             _drop(conn, claim)

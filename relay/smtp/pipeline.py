@@ -92,8 +92,8 @@ class MailPipeline:
         self.upstream = upstream
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
-        self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600)
-        self.process_id = processes.register(store.writer)  # what its messages name
+        self.me = processes.register(store.writer)  # what its messages and claims name
+        self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
 
     async def process(self, incoming: Incoming) -> str:
         started = time.perf_counter()
@@ -154,7 +154,7 @@ class MailPipeline:
             record = MessageRecord(email_id, message_id, incoming.sender, sender_domain,
                                    _header(raw, block, "Subject"), controls,
                                    decision if tracked else None, reason, len(raw), time.time(),
-                                   links, self.process_id, tuple(pending),
+                                   links, self.me.id, tuple(pending),
                                    await self._html(clean) if tracked else None)
             stored = bool(pending)
             if stored and not await self._store_message(record):

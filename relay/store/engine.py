@@ -397,6 +397,24 @@ MIGRATIONS: dict[str, str] = {
             PRIMARY KEY (day, classification, source)
         );
     """,
+    # One record of which relay processes run (relay/smtp/processes.py): a claim names the
+    # process whose try it is, found dead as its messages' are (pid and start time on this
+    # host, a lapsed heartbeat from another), in place of send_owners and its lease. Claims
+    # live only while a try sends: those of the processes before the upgrade are let go.
+    "0051_claims_by_process": """
+        ALTER TABLE processes ADD COLUMN seen_at REAL NOT NULL DEFAULT 0;
+        DROP TABLE send_claims;
+        DROP TABLE send_owners;
+        CREATE TABLE send_claims (
+            digest BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            email_id TEXT NOT NULL,
+            process INTEGER NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (digest, recipient)
+        );
+        CREATE INDEX send_claims_process ON send_claims (process);
+    """,
 }
 
 

@@ -31,11 +31,8 @@ class NewMessage(NamedTuple):
 
 _INSERT = (f"INSERT INTO messages ({', '.join(NewMessage._fields)}) "
            f"VALUES ({', '.join('?' * len(NewMessage._fields))})")
-# The processes with recipients in ``status``, and marking one's: both start from the
-# (status, email_id) index of recipients, so they read the few rows in flight, not the store.
-SENDERS = ("SELECT DISTINCT p.id, p.host, p.boot_id, p.pid, p.started FROM recipients r "
-           "JOIN messages m ON m.email_id = r.email_id JOIN processes p ON p.id = m.process "
-           "WHERE r.status = ?")
+# Marking the recipients of a process's messages in one status: from the (status, email_id)
+# index of recipients, so it reads the few rows in flight, not the store.
 MARK = ("UPDATE recipients SET status = ?, reply = ?, at = ? WHERE status = ? AND "
         "(SELECT process FROM messages m WHERE m.email_id = recipients.email_id) = ?")
 
@@ -60,17 +57,40 @@ def set_recipients(conn: sqlite3.Connection, rows: Sequence[tuple[str, str, str,
 
 def add_process(conn: sqlite3.Connection, host: str, boot_id: str, pid: int, started: str,
                 now: float) -> int:
-    """A new row of ``processes``; its id."""
+    """A new row of ``processes``, seen at ``now``; its id."""
     [(process_id,)] = conn.execute(
-        "INSERT INTO processes (host, boot_id, pid, started, created_at)"
-        " VALUES (?, ?, ?, ?, ?) RETURNING id", (host, boot_id, pid, started, now)).fetchall()
+        "INSERT INTO processes (host, boot_id, pid, started, created_at, seen_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (host, boot_id, pid, started, now, now)).fetchall()
     return int(process_id)
 
 
-def senders(conn: sqlite3.Connection, status: str) -> list[tuple[int, str, str, int, str]]:
-    """(id, host, boot_id, pid, started) of the processes whose messages have recipients in
-    ``status``."""
-    return conn.execute(SENDERS, (status,)).fetchall()
+def see_process(conn: sqlite3.Connection, process_id: int, host: str, boot_id: str, pid: int,
+                started: str, now: float) -> None:
+    """Process ``process_id`` was seen at ``now`` (its row made again if it was forgotten)."""
+    conn.execute(
+        "INSERT INTO processes (id, host, boot_id, pid, started, created_at, seen_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+        (process_id, host, boot_id, pid, started, now, now))
+
+
+def all_processes(conn: sqlite3.Connection) -> list[tuple[int, str, str, int, str, float]]:
+    """(id, host, boot_id, pid, started, seen_at) of every process row (only live processes'
+    and those not yet found dead: relay/smtp/processes.py sweep)."""
+    return conn.execute("SELECT id, host, boot_id, pid, started, seen_at FROM processes"
+                        ).fetchall()
+
+
+def process_rows(conn: sqlite3.Connection, ids: Sequence[int]
+                 ) -> list[tuple[int, str, str, int, str, float]]:
+    """The rows of processes ``ids`` that are there, as :func:`all_processes` gives them."""
+    marks = ",".join("?" * len(ids))
+    return conn.execute("SELECT id, host, boot_id, pid, started, seen_at FROM processes"
+                        f" WHERE id IN ({marks})", list(ids)).fetchall()
+
+
+def forget_process(conn: sqlite3.Connection, process_id: int) -> None:
+    conn.execute("DELETE FROM processes WHERE id = ?", (process_id,))
 
 
 def mark_process(conn: sqlite3.Connection, process_id: int, status: str, new_status: str,

@@ -173,7 +173,7 @@ def test_every_search_walks_an_index_in_order(tmp_path, params):
     else:  # the newest messages, by the email id's index, up to the page's LIMIT
         assert plan == ["SCAN m USING INDEX sqlite_autoindex_messages_1"]
     recipients = queries.recipients_query(["email_a", "email_b"])
-    for sql, values in ((recipients.sql, recipients.params), (messages.SENDERS, ("sending",)),
+    for sql, values in ((recipients.sql, recipients.params),
                         (messages.MARK, ("unknown", "", 0, "sending", 1))):
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", values)]
         assert not any(step.startswith("SCAN") for step in plan), (sql, plan)
@@ -182,22 +182,24 @@ def test_every_search_walks_an_index_in_order(tmp_path, params):
 # ---- a process's liveness, and only dead processes' messages marked
 
 def test_a_process_is_alive_only_while_that_very_process_runs():
-    here = processes.current()
-    assert processes.alive(here, here) is True
+    here, now = processes.current(), 1000.0
+    assert processes.alive(here, here, 0.0, now) is True
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         other = Process(here.host, here.boot_id, child.pid,
                         processes._start_ticks(child.pid))
-        assert processes.alive(other, here) is True
+        assert processes.alive(other, here, 0.0, now) is True
         reused = Process(here.host, here.boot_id, child.pid, "1")  # its pid, another start
-        assert processes.alive(reused, here) is False
+        assert processes.alive(reused, here, now, now) is False
     finally:
         child.kill()
         child.wait()
-    assert processes.alive(other, here) is False
+    assert processes.alive(other, here, now, now) is False  # however recently it was seen
     assert processes.alive(Process(here.host, "another boot", here.pid, here.started),
-                           here) is False
-    assert processes.alive(Process("elsewhere", here.boot_id, 1, "1"), here) is None
+                           here, now, now) is False
+    elsewhere = Process("elsewhere", here.boot_id, 1, "1")  # alive while its heartbeat is
+    assert processes.alive(elsewhere, here, now - processes.LEASE_SECONDS + 1, now) is True
+    assert processes.alive(elsewhere, here, now - processes.LEASE_SECONDS, now) is False
 
 
 # ---- kill -9 during a delivery: a real `relay serve`, restarted

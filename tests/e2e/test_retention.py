@@ -276,8 +276,7 @@ def test_erase_deletes_the_claims_naming_the_recipient(tmp_path):
     """A claim names its recipient: one a killed process left must not outlive an erasure."""
     conn = store.connect(tmp_path / "relay.db")
     store.migrate(conn)
-    conn.execute("INSERT INTO send_owners VALUES ('host:1:a', 1000)")
-    conn.executemany("INSERT INTO send_claims VALUES (?, ?, 'email_1', 'host:1:a', 1000)",
+    conn.executemany("INSERT INTO send_claims VALUES (?, ?, 'email_1', 1, 1000)",
                      [(b"d" * 32, "Bob@Example.ORG"), (b"d" * 32, "ann@example.org")])
     assert retention.erase_recipient(conn, "bob@example.org")["send_claims"] == 1
     assert conn.execute("SELECT recipient FROM send_claims").fetchall() == [("ann@example.org",)]

@@ -19,9 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.rewrite.headers import parse_header_block
-from relay.smtp import dedupe
-from relay.smtp.dedupe import LEASE_SECONDS, Claims, content_digest, settle, take, trace_end
+from relay.smtp import dedupe, processes
+from relay.smtp.dedupe import Claims, content_digest, settle, take, trace_end
+from relay.smtp.processes import Process
 from relay.store import engine as store_module
+from relay.store import messages
 from tests.e2e.test_app import wait_for_port
 from tests.e2e.test_smtp_relay import hold_upstream, last_reply
 from tests.harness import UpstreamServer, free_port, wait_until, without_received
@@ -187,87 +189,122 @@ def store_connection(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def test_a_claim_holds_off_other_tries_until_settled_or_its_owner_is_gone(tmp_path):
-    """Injected times: the owner that stopped saying it is alive (killed mid-send) loses
-    its claims after the lease."""
+class Child:
+    """Another relay process of this host, as the store knows it: a real process (so its
+    liveness is real) with a row of ``processes``."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float = 1000.0) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                      stdin=subprocess.PIPE)
+        here = processes.current()
+        process = Process(here.host, here.boot_id, self.popen.pid,
+                          processes._start_ticks(self.popen.pid))
+        self.me = processes.Registered(messages.add_process(
+            conn, process.host, process.boot_id, process.pid, process.started, now), process)
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+@pytest.fixture
+def children():
+    made: list[Child] = []
+    yield lambda conn: made.append(Child(conn)) or made[-1]
+    for child in made:
+        child.kill()
+
+
+def process_ids(conn: sqlite3.Connection) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT id FROM processes ORDER BY id")]
+
+
+def test_a_claim_holds_off_other_tries_until_settled_or_its_process_stops(tmp_path, children):
+    """A try of a process killed mid-send loses its claims to the next try at once: its pid
+    and start time say it stopped (there was a 60 s lease, during which the retry waited)."""
     conn = store_connection(tmp_path / "relay.db")
     digest, window, now = b"d" * 32, 3600.0, 1000.0
-    mine = take(conn, digest, RECIPIENTS, "email_1", "host:1:a", now, window)
+    me, other = processes.register(conn, now), children(conn)
+    mine = take(conn, digest, RECIPIENTS, "email_1", other.me, now, window)
     assert mine is not None and mine.held and mine.pending == RECIPIENTS
-    assert take(conn, digest, ["b@example.org"], "email_2", "host:2:b", now + 1, window) is None
-    assert take(conn, b"e" * 32, RECIPIENTS, "email_3", "host:2:b", now + 1, window) is not None
+    assert take(conn, digest, ["b@example.org"], "email_2", me, now + 1, window) is None
+    assert take(conn, b"e" * 32, RECIPIENTS, "email_3", me, now + 1, window) is not None
     # settled: the delivered recipient is a duplicate, the other one free
     settle(conn, mine, "<x@shop.example>", ["a@example.org"], now + 2, remember=True)
-    after = take(conn, digest, RECIPIENTS, "email_2", "host:2:b", now + 3, window)
+    after = take(conn, digest, RECIPIENTS, "email_2", me, now + 3, window)
     assert after is not None
     assert (after.pending, after.duplicates) == (["b@example.org"], ["a@example.org"])
-    # its owner goes silent: held off until the lease ends, then taken over
-    later = now + 3 + LEASE_SECONDS
-    assert take(conn, digest, RECIPIENTS, "email_4", "host:3:c", later - 0.5, window) is None
-    taken = take(conn, digest, RECIPIENTS, "email_4", "host:3:c", later, window)
-    assert taken is not None and taken.pending == ["b@example.org"]
+    settle(conn, after, "<x@shop.example>", [], now + 3, remember=True)  # b not reached
+    # a try of the other process holds a recipient; the process is killed: taken over at once
+    assert take(conn, b"f" * 32, RECIPIENTS, "email_4", other.me, now + 4, window) is not None
+    assert take(conn, b"f" * 32, RECIPIENTS, "email_5", me, now + 5, window) is None
+    other.kill()
+    taken = take(conn, b"f" * 32, RECIPIENTS, "email_5", me, now + 5, window)
+    assert taken is not None and taken.pending == RECIPIENTS
+    assert process_ids(conn) == [me.id]  # its row is gone with it
     # and the deliveries are forgotten after the window
-    gone = take(conn, digest, RECIPIENTS, "email_5", "host:3:c", now + 3 + window, window)
+    gone = take(conn, digest, RECIPIENTS, "email_6", me, now + 3 + window, window)
     assert gone is not None and gone.pending == RECIPIENTS
 
 
-async def test_claims_left_by_a_killed_process_are_swept_at_the_next_start(tmp_path):
-    """Else the recipients of what it was sending stayed in send_claims for good (erasure
-    and retention do not look there)."""
-    store = await store_module.Store.open(tmp_path / "relay.db")
-    try:
-        take(store.writer, b"d" * 32, RECIPIENTS, "email_1", "host:1:a", 1000.0, 3600.0)
-        claims = Claims(store, 3600.0, clock=lambda: 1000.0 + LEASE_SECONDS)
-        claim = await claims.acquire(b"e" * 32, ["c@example.org"], "email_2")
-        rows = store.writer.execute("SELECT email_id FROM send_claims").fetchall()
-        assert rows == [("email_2",)]
-        await claims.release(claim)
-        assert store.writer.execute("SELECT count(*) FROM send_claims").fetchone()[0] == 0
-    finally:
-        await store.close()
+def test_a_claim_of_a_process_on_another_host_holds_while_its_heartbeat_is_fresh(tmp_path):
+    """Relays of several hosts sharing a store cannot see each other's pids: one is alive
+    while it said so within the lease."""
+    conn = store_connection(tmp_path / "relay.db")
+    me = processes.register(conn, 1000.0)
+    far = Process("elsewhere 4026531836", "boot", 4242, "77")
+    there = processes.Registered(messages.add_process(conn, far.host, far.boot_id, far.pid,
+                                                      far.started, 1000.0), far)
+    assert take(conn, b"d" * 32, RECIPIENTS, "email_1", there, 1000.0, 3600.0) is not None
+    processes.see(conn, there, 1030.0)
+    lapse = 1030.0 + processes.LEASE_SECONDS
+    assert take(conn, b"d" * 32, RECIPIENTS, "email_2", me, lapse - 0.5, 3600.0) is None
+    taken = take(conn, b"d" * 32, RECIPIENTS, "email_2", me, lapse, 3600.0)
+    assert taken is not None and taken.pending == RECIPIENTS
+    assert process_ids(conn) == [me.id]
 
 
 async def claims_left(store: store_module.Store) -> list[str]:
     return [row[0] for row in store.writer.execute("SELECT recipient FROM send_claims")]
 
 
-async def test_claims_of_a_process_killed_just_before_a_restart_go_when_its_lease_ends(tmp_path):
-    """Restarted at once (systemd RestartSec=2s), the next process's first try comes before
-    the dead one's lease ends: a later try deletes its claims, whatever they name."""
+async def test_a_sweep_forgets_the_processes_that_stopped_with_their_claims(tmp_path,
+                                                                             children):
+    """At start, before relay messages reads, and on each heartbeat: claims that no try
+    needs do not outlive their process (erasure and retention do not look there), and the
+    processes table keeps only the processes that run (it grew by a row per start)."""
     store = await store_module.Store.open(tmp_path / "relay.db")
-    now = [1000.0]
     try:
-        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", "host:1:a", now[0],
+        gone, running = children(store.writer), children(store.writer)
+        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", gone.me, 1000.0,
              3600.0)
-        claims = Claims(store, 3600.0, clock=lambda: now[0])
-        now[0] += 2
-        await claims.release(await claims.acquire(b"e" * 32, ["c@example.org"], "email_2"))
-        assert await claims_left(store) == ["secret@victim.example"]  # it may be alive
-        now[0] = 1000.0 + LEASE_SECONDS + 1
-        await claims.release(await claims.acquire(b"f" * 32, ["c@example.org"], "email_3"))
-        assert await claims_left(store) == []
+        take(store.writer, b"e" * 32, ["c@example.org"], "email_2", running.me, 1000.0, 3600.0)
+        gone.kill()
+        assert processes.sweep(store.writer) == 0  # it had no message 'sending'
+        assert await claims_left(store) == ["c@example.org"]
+        assert process_ids(store.writer) == [running.me.id]
     finally:
         await store.close()
 
 
-async def test_claims_of_a_dead_process_go_on_the_heartbeat_when_no_try_comes(tmp_path,
-                                                                               monkeypatch):
-    monkeypatch.setattr(dedupe, "HEARTBEAT_SECONDS", 0.01)
+async def test_the_heartbeat_forgets_stopped_processes_when_no_try_comes(tmp_path, children,
+                                                                         monkeypatch):
+    monkeypatch.setattr(processes, "HEARTBEAT_SECONDS", 0.01)
     store = await store_module.Store.open(tmp_path / "relay.db")
-    now = [1000.0]
     try:
-        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", "host:1:a", now[0],
+        gone = children(store.writer)
+        take(store.writer, b"d" * 32, ["secret@victim.example"], "email_1", gone.me, 1000.0,
              3600.0)
-        claims = Claims(store, 3600.0, clock=lambda: now[0])
-        now[0] += 2
+        claims = Claims(store, 3600.0, processes.register(store.writer))
         await claims.release(await claims.acquire(b"e" * 32, ["c@example.org"], "email_2"))
         assert await claims_left(store) == ["secret@victim.example"]
-        now[0] = 1000.0 + LEASE_SECONDS + 1
+        gone.kill()
         for _ in range(500):
             if not await claims_left(store):
                 break
             await asyncio.sleep(0.01)
         assert await claims_left(store) == []
+        assert process_ids(store.writer) == [claims.me.id]
     finally:
         await store.close()
 
@@ -284,7 +321,8 @@ def test_a_database_remembering_by_message_id_is_migrated(tmp_path, monkeypatch)
     columns = [r[1] for r in conn.execute("PRAGMA table_info(deliveries)")]
     assert columns == ["digest", "recipient", "message_id", "email_id", "at"]
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
-    assert take(conn, b"d" * 32, RECIPIENTS, "email_2", "h:1:a", 1001.0, 3600.0) is not None
+    me = processes.register(conn, 1001.0)
+    assert take(conn, b"d" * 32, RECIPIENTS, "email_2", me, 1001.0, 3600.0) is not None
 
 
 WORKERS_CONFIG = """
