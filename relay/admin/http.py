@@ -18,8 +18,8 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.errors import InvalidInput
-from relay.stats.queries import Query
 from relay.store.engine import Store
+from relay.store.reports import Query
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -32,6 +32,7 @@ from relay.errors import ApiError
 from relay.rewrite.splice import LINK_REASONS
 from relay.smtp import processes
 from relay.stats import queries
+from relay.store import reports
 
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
@@ -73,11 +74,11 @@ def _list(args: argparse.Namespace) -> int:
     message_filter = queries.parse_messages(params)
     conn = _open(args)
     query = queries.messages_query(message_filter)
-    rows = conn.execute(query.sql, query.params).fetchall()
+    rows = reports.rows(conn, query)
     page = [row[0] for row in rows[:message_filter.limit]]
     recipients = queries.recipients_query(page)
     body = queries.messages_body(message_filter, rows,
-                                 conn.execute(recipients.sql, recipients.params).fetchall())
+                                 reports.rows(conn, recipients))
     return output(args, body, lambda: _print_list(body))
 
 
@@ -108,12 +109,12 @@ def _statuses(message: Mapping[str, Any]) -> str:
 def _show(args: argparse.Namespace) -> int:
     conn = _open(args)
     message_q, recipients_q, events_q = queries.message_queries(args.email_id)
-    found = conn.execute(message_q.sql, message_q.params).fetchall()
+    found = reports.rows(conn, message_q)
     if not found:
         return fail(f"no message {args.email_id!r}")
     body = queries.message_body(
-        found[0], conn.execute(recipients_q.sql, recipients_q.params).fetchall(),
-        conn.execute(events_q.sql, events_q.params).fetchall())
+        found[0], reports.rows(conn, recipients_q),
+        reports.rows(conn, events_q))
     return output(args, body, lambda: _print_message(body))
 
 

@@ -12,7 +12,6 @@ Handlers only parse, query (on the store's reader thread) and answer; a bad para
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -44,6 +43,7 @@ from relay.stats.maths import (
     parse_track_list,
     track_list_body,
 )
+from relay.store import reports
 
 
 def _today() -> date:
@@ -108,21 +108,17 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
         command.set_defaults(run=run)
 
 
-def _run(query: queries.Query, conn: sqlite3.Connection) -> list[Any]:
-    return conn.execute(query.sql, query.params).fetchall()
-
-
 def _stats(args: argparse.Namespace) -> int:
     params = {"since": args.since or "", "until": args.until or "", "limit": str(args.limit),
               "group_by": args.by if args.by != "url" else ""}
     query = queries.parse_stats(params, datetime.now(UTC).date(), grouped=args.by != "url")
     conn = open_store(args)
     if args.by == "url":
-        body = queries.links_body(query, _run(queries.links_query(query), conn))
+        body = queries.links_body(query, reports.rows(conn, queries.links_query(query)))
         return output(args, body, lambda: print_table(
             ["url", "clicks", "unique clicks"],
             [(link["url"], link["clicks"], link["unique_clicks"]) for link in body["links"]]))
-    body = queries.stats_body(query, _run(queries.stats_query(query), conn))
+    body = queries.stats_body(query, reports.rows(conn, queries.stats_query(query)))
     return output(args, body, lambda: print_table(
         [args.by, "sent", "opens", "unique opens", "clicks", "unique clicks", "open %",
          "click %", "click-to-open %"],
@@ -142,9 +138,10 @@ def _events(args: argparse.Namespace) -> int:
               "cursor": args.cursor or ""}
     event_filter = queries.parse_events(params)
     conn = open_store(args)
-    body = queries.events_body(event_filter, _run(queries.events_query(event_filter), conn))
+    body = queries.events_body(event_filter,
+                               reports.rows(conn, queries.events_query(event_filter)))
     if not args.all:
-        [(hidden,)] = _run(queries.machine_count_query(event_filter), conn)
+        [(hidden,)] = reports.rows(conn, queries.machine_count_query(event_filter))
         body["machine_events_hidden"] = hidden
     return output(args, body, lambda: _print_events(body, since))
 

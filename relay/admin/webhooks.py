@@ -8,11 +8,9 @@ the file. A secret is shown once, when an endpoint is added; listings never show
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +20,7 @@ from relay.admin.commands import ConfigOption, fail, format_time, open_store, ou
 from relay.admin.http import CONTEXT, ERROR_REF, Operation, json_body, json_response
 from relay.config import WebhookEndpoint
 from relay.errors import ApiError, Conflict, InvalidInput
-from relay.store.outbox import delete_endpoint
+from relay.store import outbox as stored
 from relay.store.transaction import transaction
 from relay.webhooks.outbox import sync_endpoints
 from relay.webhooks.payloads import EVENT_TYPES, FAILED, PENDING, new_secret
@@ -37,95 +35,19 @@ def add(conn: sqlite3.Connection, endpoint: WebhookEndpoint, now: float) -> None
     found = endpoint.problem()
     if found:
         raise InvalidInput(found[1], found[0])
-    try:
-        conn.execute("INSERT INTO webhook_endpoints (name, source, url, secret, events,"
-                     " allow_private, timeout, created_at) VALUES (?, 'api', ?, ?, ?, ?, ?, ?)",
-                     (endpoint.name, endpoint.url, endpoint.secret,
-                      json.dumps(list(dict.fromkeys(endpoint.events))), endpoint.allow_private,
-                      endpoint.timeout, now))
-    except sqlite3.IntegrityError:
-        raise Conflict(f"an endpoint named {endpoint.name!r} exists already") from None
+    stored.add_endpoint(conn, endpoint.name, endpoint.url, endpoint.secret, endpoint.events,
+                        endpoint.allow_private, endpoint.timeout, now)
 
 
 def remove(conn: sqlite3.Connection, name: str) -> bool:
-    source = _source(conn, name)
+    source = stored.endpoint_source(conn, name)
     if source == "config":
         raise Conflict(f"{name!r} is defined in the config file; remove it there")
-    return source is not None and delete_endpoint(conn, name)
-
-
-def enable(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL"
-                        " WHERE name = ?", (name,)).rowcount == 1
-
-
-def _source(conn: sqlite3.Connection, name: str) -> str | None:
-    row = conn.execute("SELECT source FROM webhook_endpoints WHERE name = ?", (name,)).fetchone()
-    return None if row is None else row[0]
-
-
-_ENDPOINTS = """SELECT name, source, url, events, allow_private, timeout, created_at,
-    disabled_at, disabled_reason,
-    (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint = name AND o.batch_id IS NULL),
-    (SELECT count(*) FROM webhook_batches b WHERE b.endpoint = name AND b.state = 'pending')
-    FROM webhook_endpoints ORDER BY name"""
-
-
-def endpoints(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every endpoint, without its secret, with how much waits for it."""
-    return [{"name": name, "source": source, "url": url, "events": json.loads(events),
-             "allow_private": bool(private), "timeout": timeout, "created_at": created,
-             "disabled_at": disabled_at, "disabled_reason": reason,
-             "waiting_events": waiting, "pending_batches": pending}
-            for (name, source, url, events, private, timeout, created, disabled_at, reason,
-                 waiting, pending) in conn.execute(_ENDPOINTS)]
-
-
-_BATCH_COLUMNS = ("id", "endpoint", "state", "events", "attempts", "created_at", "next_at",
-                  "finished_at", "last_status", "last_error")
-
-
-def deliveries(conn: sqlite3.Connection, endpoint: str | None = None, state: str | None = None,
-               limit: int = 50) -> list[dict[str, Any]]:
-    """Batches, newest first, with the result of their last attempt."""
-    query = f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches WHERE 1"
-    params: list[Any] = []
-    for column, value in (("endpoint", endpoint), ("state", state)):
-        if value is not None:
-            query += f" AND {column} = ?"
-            params.append(value)
-    rows = conn.execute(query + " ORDER BY created_at DESC LIMIT ?", (*params, limit))
-    return [dict(zip(_BATCH_COLUMNS, row, strict=True)) for row in rows]
-
-
-def batch(conn: sqlite3.Connection, batch_id: str) -> dict[str, Any] | None:
-    """One batch with its attempts and event ids."""
-    row = conn.execute(f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches WHERE id = ?",
-                       (batch_id,)).fetchone()
-    if row is None:
-        return None
-    attempts = conn.execute("SELECT attempt, at, seconds, status, error FROM webhook_attempts"
-                            " WHERE batch_id = ? ORDER BY attempt", (batch_id,))
-    event_ids = conn.execute("SELECT event_id FROM webhook_outbox WHERE batch_id = ?"
-                             " ORDER BY seq", (batch_id,))
-    return {**dict(zip(_BATCH_COLUMNS, row, strict=True)),
-            "attempt_log": [dict(zip(("attempt", "at", "seconds", "status", "error"), a,
-                                     strict=True)) for a in attempts],
-            "event_ids": [e[0] for e in event_ids]}
-
-
-def replay(conn: sqlite3.Connection, batch_ids: Sequence[str], now: float,
-           keep_trying: float) -> int:
-    """Send these batches again as soon as their endpoint is enabled; with the same batch and
-    event ids, and a fresh retry window. Returns how many were found."""
-    return sum(conn.execute(
-        "UPDATE webhook_batches SET state = ?, next_at = ?, deadline = ?, finished_at = NULL,"
-        " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-        (PENDING, now, now + keep_trying, batch_id)).rowcount for batch_id in batch_ids)
+    return source is not None and stored.delete_endpoint(conn, name)
 
 
 def failed_batches(conn: sqlite3.Connection, endpoint: str | None) -> list[str]:
-    return [row["id"] for row in deliveries(conn, endpoint, FAILED, limit=-1)]
+    return [row["id"] for row in stored.deliveries(conn, endpoint, FAILED, limit=None)]
 
 
 # --- command line -------------------------------------------------------------------------
@@ -179,7 +101,7 @@ def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, config_module.C
 
 def _list(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
-    found = endpoints(conn)
+    found = stored.endpoint_listing(conn)
     return output(args, {"webhooks": found}, lambda: print_table(
         ("NAME", "SOURCE", "URL", "EVENTS", "STATE", "WAITING"), [
             (e["name"], e["source"], e["url"], ",".join(e["events"]),
@@ -216,7 +138,7 @@ def _remove(args: argparse.Namespace) -> int:
 def _enable(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
     with transaction(conn):
-        if not enable(conn, args.name):
+        if not stored.enable_endpoint(conn, args.name):
             return fail(f"no endpoint named {args.name!r}")
     return output(args, {"name": args.name, "enabled": True},
                   lambda: print(f"enabled {args.name}"))
@@ -225,11 +147,11 @@ def _enable(args: argparse.Namespace) -> int:
 def _deliveries(args: argparse.Namespace) -> int:
     conn, _ = _open(args)
     if args.batch:
-        found = batch(conn, args.batch)
+        found = stored.batch(conn, args.batch)
         if found is None:
             return fail(f"no batch {args.batch!r}")
         return output(args, found, lambda: _print_batch(found))
-    rows = deliveries(conn, args.endpoint, args.state, args.limit)
+    rows = stored.deliveries(conn, args.endpoint, args.state, args.limit)
     return output(args, {"deliveries": rows}, lambda: print_table(
         ("BATCH", "ENDPOINT", "STATE", "EVENTS", "ATTEMPTS", "CREATED", "NEXT", "LAST"), [
             (d["id"], d["endpoint"], d["state"], d["events"], d["attempts"],
@@ -252,7 +174,8 @@ def _replay(args: argparse.Namespace) -> int:
         return fail("name batch ids, or --failed (optionally with --endpoint)", 2)
     with transaction(conn):
         ids = failed_batches(conn, args.endpoint) if args.failed else args.batch_ids
-        count = replay(conn, ids, time.time(), cfg.webhook_delivery.retry_hours * 3600)
+        count = stored.replay(conn, ids, PENDING, time.time(),
+                              cfg.webhook_delivery.retry_hours * 3600)
     output(args, {"replayed": count}, lambda: print(f"{count} batches queued again"))
     return 0 if count == len(ids) else 1
 
@@ -261,7 +184,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 async def _list_endpoints(request: web.Request) -> web.Response:
-    return json_response({"webhooks": endpoints(request.app[CONTEXT].store.writer)})
+    conn = request.app[CONTEXT].store.writer
+    return json_response({"webhooks": stored.endpoint_listing(conn)})
 
 
 async def _add_endpoint(request: web.Request) -> web.Response:
@@ -299,7 +223,9 @@ async def _remove_endpoint(request: web.Request) -> web.Response:
 
 async def _enable_endpoint(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if not await request.app[CONTEXT].store.write(lambda conn: enable(conn, name)):
+    enabled = await request.app[CONTEXT].store.write(
+        lambda conn: stored.enable_endpoint(conn, name))
+    if not enabled:
         raise ApiError(404, f"no endpoint named {name!r}")
     return json_response({"name": name, "enabled": True})
 
@@ -313,13 +239,13 @@ async def _list_deliveries(request: web.Request) -> web.Response:
         limit = int(query.get("limit", "50"))
     except ValueError:
         raise InvalidInput("limit: a number") from None
-    rows = deliveries(request.app[CONTEXT].store.writer, query.get("endpoint"), state,
+    rows = stored.deliveries(request.app[CONTEXT].store.writer, query.get("endpoint"), state,
                       max(1, min(limit, 1000)))
     return json_response({"deliveries": rows})
 
 
 async def _show_delivery(request: web.Request) -> web.Response:
-    found = batch(request.app[CONTEXT].store.writer, request.match_info["batch_id"])
+    found = stored.batch(request.app[CONTEXT].store.writer, request.match_info["batch_id"])
     if found is None:
         raise ApiError(404, "no such batch")
     return json_response(found)
@@ -339,7 +265,7 @@ async def _replay_deliveries(request: web.Request) -> web.Response:
 
     def write(conn: sqlite3.Connection) -> int:
         chosen = ids if ids is not None else failed_batches(conn, body.get("endpoint"))
-        return replay(conn, chosen, time.time(), keep_trying)
+        return stored.replay(conn, chosen, PENDING, time.time(), keep_trying)
 
     return json_response({"replayed": await context.store.write(write)})
 

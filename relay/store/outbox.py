@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
+
+from relay.errors import Conflict
 
 # --- endpoints ----------------------------------------------------------------------------
 
@@ -149,3 +152,91 @@ def release_leases(conn: sqlite3.Connection, owner: str, state: str) -> None:
     """Give up ``owner``'s leases of batches in ``state``."""
     conn.execute("UPDATE webhook_batches SET lease_owner = NULL, lease_until = NULL"
                  " WHERE lease_owner = ? AND state = ?", (owner, state))
+
+
+# --- managing endpoints and deliveries (relay webhooks ..., /api/v1/webhooks) ----------------
+
+def add_endpoint(conn: sqlite3.Connection, name: str, url: str, secret: str,
+                 events: Sequence[str], allow_private: bool, timeout: float, now: float) -> None:
+    """An endpoint added at run time (source ``api``); Conflict when the name is taken."""
+    added = conn.execute(
+        "INSERT INTO webhook_endpoints (name, source, url, secret, events, allow_private,"
+        " timeout, created_at) VALUES (?, 'api', ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        (name, url, secret, json.dumps(list(dict.fromkeys(events))), allow_private, timeout,
+         now)).rowcount
+    if added != 1:
+        raise Conflict(f"an endpoint named {name!r} exists already")
+
+
+def endpoint_source(conn: sqlite3.Connection, name: str) -> str | None:
+    """``config`` or ``api``; None when there is no such endpoint."""
+    row = conn.execute("SELECT source FROM webhook_endpoints WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def enable_endpoint(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL"
+                        " WHERE name = ?", (name,)).rowcount == 1
+
+
+_ENDPOINTS = """SELECT name, source, url, events, allow_private, timeout, created_at,
+    disabled_at, disabled_reason,
+    (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint = name AND o.batch_id IS NULL),
+    (SELECT count(*) FROM webhook_batches b WHERE b.endpoint = name AND b.state = 'pending')
+    FROM webhook_endpoints ORDER BY name"""
+
+
+def endpoint_listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every endpoint, without its secret, with how much waits for it."""
+    return [{"name": name, "source": source, "url": url, "events": json.loads(events),
+             "allow_private": bool(private), "timeout": timeout, "created_at": created,
+             "disabled_at": disabled_at, "disabled_reason": reason,
+             "waiting_events": waiting, "pending_batches": pending}
+            for (name, source, url, events, private, timeout, created, disabled_at, reason,
+                 waiting, pending) in conn.execute(_ENDPOINTS)]
+
+
+_BATCH_COLUMNS = ("id", "endpoint", "state", "events", "attempts", "created_at", "next_at",
+                  "finished_at", "last_status", "last_error")
+
+
+def deliveries(conn: sqlite3.Connection, endpoint: str | None = None, state: str | None = None,
+               limit: int | None = 50) -> list[dict[str, Any]]:
+    """Batches, newest first, with the result of their last attempt (``limit`` None: all)."""
+    conditions, params = [], []
+    for column, value in (("endpoint", endpoint), ("state", state)):
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            params.append(value)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    if limit is not None:
+        params.append(limit)
+    rows = conn.execute(f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches{where}"
+                        " ORDER BY created_at DESC" + (" LIMIT ?" if limit is not None else ""),
+                        params)
+    return [dict(zip(_BATCH_COLUMNS, row, strict=True)) for row in rows]
+
+
+def batch(conn: sqlite3.Connection, batch_id: str) -> dict[str, Any] | None:
+    """One batch with its attempts and event ids."""
+    row = conn.execute(f"SELECT {', '.join(_BATCH_COLUMNS)} FROM webhook_batches WHERE id = ?",
+                       (batch_id,)).fetchone()
+    if row is None:
+        return None
+    attempts = conn.execute("SELECT attempt, at, seconds, status, error FROM webhook_attempts"
+                            " WHERE batch_id = ? ORDER BY attempt", (batch_id,))
+    event_ids = conn.execute("SELECT event_id FROM webhook_outbox WHERE batch_id = ?"
+                             " ORDER BY seq", (batch_id,))
+    return {**dict(zip(_BATCH_COLUMNS, row, strict=True)),
+            "attempt_log": [dict(zip(("attempt", "at", "seconds", "status", "error"), a,
+                                     strict=True)) for a in attempts],
+            "event_ids": [e[0] for e in event_ids]}
+
+
+def replay(conn: sqlite3.Connection, batch_ids: Sequence[str], state: str, now: float,
+           keep_trying: float) -> int:
+    """Make these batches due again in ``state``, with a fresh retry window; how many exist."""
+    return sum(conn.execute(
+        "UPDATE webhook_batches SET state = ?, next_at = ?, deadline = ?, finished_at = NULL,"
+        " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+        (state, now, now + keep_trying, batch_id)).rowcount for batch_id in batch_ids)

@@ -12,6 +12,7 @@ off the status index in :func:`messages_query`.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,12 @@ COLUMNS = ", ".join(EVENT_COLUMNS)
 class Query:
     sql: str
     params: tuple[Any, ...] = ()
+
+
+def rows(conn: sqlite3.Connection, query: Query) -> list[Any]:
+    """Run ``query`` on a plain connection (the CLI); the API runs the same one on the store's
+    reader thread (``Store.fetchall``)."""
+    return conn.execute(query.sql, query.params).fetchall()
 
 
 _SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
