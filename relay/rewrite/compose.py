@@ -14,8 +14,8 @@ Non-ASCII in headers is written as RFC 2047 encoded words, non-ASCII filenames a
 parameters (surrounding white space is not kept: unfolding cannot tell it from the
 folding), text as 7bit when it is ASCII with short lines and quoted-printable otherwise,
 attachments as base64; so every line is at most 78 characters (998 is SMTP's limit) and the
-message needs neither 8BITMIME nor SMTPUTF8 from the upstream. Unlike relayed mail (PRODUCT.md
-section 2: splice, don't re-serialize), this message is ours to write, so the standard
+message needs neither 8BITMIME nor SMTPUTF8 from the upstream. Unlike relayed mail (README, "How a
+message travels": spliced, never re-serialized), this message is ours to write, so the standard
 library's generator writes it.
 """
 

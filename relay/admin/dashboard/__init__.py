@@ -1,2 +1,2 @@
-"""The web dashboard under ``/ui/`` (issue 19): sign-in, overview, links and click map,
+"""The web dashboard under ``/ui/`` (README, "Dashboard"): sign-in, overview, links and click map,
 messages. relay/admin/dashboard/app.py builds it."""
