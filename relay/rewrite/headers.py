@@ -69,6 +69,22 @@ class HeaderBlock:
         key = name.lower()
         return [h for h in self.headers if h.key == key]
 
+    def without(self, doomed: Iterable[Header]) -> HeaderBlock:
+        """This block as it reads in the message :func:`remove_headers` makes of it and
+        ``doomed``: the other headers moved back by the bytes cut before them."""
+        gone = set(doomed)
+        if not gone:
+            return self
+        kept: list[Header] = []
+        cut = 0
+        for header in self.headers:
+            if header in gone:
+                cut += header.end - header.start
+            else:
+                kept.append(header._replace(start=header.start - cut, end=header.end - cut,
+                                            colon=header.colon - cut))
+        return HeaderBlock(tuple(kept), self.body_start - cut)
+
 
 def parse_header_block(raw: bytes, start: int = 0) -> HeaderBlock:
     """Split the header block that begins at ``start``.
@@ -108,6 +124,27 @@ def remove_headers(raw: bytes, doomed: Iterable[Header]) -> bytes:
         pos = end
     pieces.append(raw[pos:])
     return b"".join(pieces)
+
+
+def insert_field(raw: bytes, block: HeaderBlock, field: bytes, at: int
+                 ) -> tuple[bytes, HeaderBlock]:
+    """:func:`prepend_headers` of one whole ``field`` at ``at`` (a header's start, or the end
+    of the block's headers), and ``block``, the header block of ``raw``, as it reads then."""
+    out = prepend_headers(raw, [field], at)
+    if raw[at : at + 1] in (b" ", b"\t") or raw[at - 1 : at] not in (b"", b"\n"):
+        # a line after it taken as its continuation, or the line before it without a line
+        # ending (the end of a message that is all headers): the field is not a line of its own
+        return out, parse_header_block(out)
+    match = _HEADER.match(field)
+    assert match is not None and match.end() == len(field), "one whole header field"
+    name = match[1].decode("ascii")
+    added = _new_header((name, at, at + len(field), at + match.end(2) - 1, name.lower()))
+    size = len(field)
+    headers = [h if h.start < at else h._replace(start=h.start + size, end=h.end + size,
+                                                 colon=h.colon + size)
+               for h in block.headers]
+    headers.insert(sum(h.start < at for h in block.headers), added)
+    return out, HeaderBlock(tuple(headers), block.body_start + size)
 
 
 def header_field(name: str, chunks: Sequence[str]) -> bytes:

@@ -49,9 +49,10 @@ class Part:
         return self.headers.get(name)
 
 
-def split(raw: bytes) -> Part:
-    """The MIME tree of ``raw``. Never raises: what cannot be read is reported in ``problem``."""
-    return _part(raw, 0, len(raw), "", "text/plain", 0)
+def split(raw: bytes, headers: HeaderBlock | None = None) -> Part:
+    """The MIME tree of ``raw``, whose header block is ``headers`` when the caller has read
+    it already. Never raises: what cannot be read is reported in ``problem``."""
+    return _part(raw, 0, len(raw), "", "text/plain", 0, headers)
 
 
 def leaves(part: Part) -> Iterator[Part]:
@@ -62,8 +63,9 @@ def leaves(part: Part) -> Iterator[Part]:
         yield part
 
 
-def _part(raw: bytes, start: int, end: int, path: str, default_type: str, depth: int) -> Part:
-    headers = parse_header_block(raw, start)
+def _part(raw: bytes, start: int, end: int, path: str, default_type: str, depth: int,
+          headers: HeaderBlock | None = None) -> Part:
+    headers = parse_header_block(raw, start) if headers is None else headers
     if headers.body_start > end:  # the header block runs over the delimiter: a broken part
         block = HeaderBlock((), end)
         return Part(path, start, block, end, "application/octet-stream", {}, (), "broken headers")

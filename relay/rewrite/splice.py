@@ -322,10 +322,12 @@ class Rendering:
         return message
 
 
-def prepare(raw: bytes, options: RewriteOptions) -> Prepared:
-    """Plan the rewrite of ``raw``. Never raises: whatever fails leaves the message as it is."""
+def prepare(raw: bytes, options: RewriteOptions, headers: HeaderBlock | None = None
+            ) -> Prepared:
+    """Plan the rewrite of ``raw``, whose header block is ``headers`` when the caller has read
+    it already. Never raises: whatever fails leaves the message as it is."""
     try:
-        return _prepare(raw, options)
+        return _prepare(raw, options, headers)
     except Exception as exc:  # fail safe: a bug here must never lose or mangle a message
         return Prepared(
             raw, f"left untouched after an internal error ({type(exc).__name__})", Report(())
@@ -360,7 +362,7 @@ _Piece = str | _Click | _Open
 _Edit = tuple[int, int, list[_Piece]]  # replace text[start:end] with the pieces
 
 
-def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
+def _prepare(raw: bytes, options: RewriteOptions, headers: HeaderBlock | None) -> Prepared:
     if not (options.opens or options.clicks):
         return Prepared(raw, "opens and clicks both off", Report(()))
     if not TRACKING_BASE.fullmatch(options.base_url):
@@ -368,7 +370,7 @@ def _prepare(raw: bytes, options: RewriteOptions) -> Prepared:
     eol = mime.line_ending(raw)
     results: list[PartResult] = []
     part_edits: list[tuple[mime.Part, _PartPlan]] = []
-    root = mime.split(raw)
+    root = mime.split(raw, headers)
     for part, signed in _leaves(root):
         result, part_plan = _plan_part(raw, part, options, signed)
         results.append(result)

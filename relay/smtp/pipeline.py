@@ -26,7 +26,13 @@ from relay.ids import new_email_id
 from relay.policy.decide import Controls, Decision, decide, read_controls
 from relay.rewrite import urls
 from relay.rewrite.dkim import DkimSigner, signs_header
-from relay.rewrite.headers import HeaderBlock, parse_header_block, prepend_headers, remove_headers
+from relay.rewrite.headers import (
+    HeaderBlock,
+    insert_field,
+    parse_header_block,
+    prepend_headers,
+    remove_headers,
+)
 from relay.rewrite.mime import first_html
 from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
@@ -125,14 +131,16 @@ class MailPipeline:
         decision = decide(controls, sender_domain, self.rules.current(),
                           self.config.http.public_url)
         clean = remove_headers(raw, controls.headers)
+        clean_block = block.without(controls.headers)
         digest = dedupe.content_digest(raw, block)
         message_id = _header(raw, block, "Message-ID")
         no_id = block.get("Message-ID") is None
         if no_id and not signs_header(raw, block, "Message-ID"):
             # below the trace block, which stays on top (control headers are never in it)
             message_id = dedupe.message_id_for(digest, self.config.smtp.server_name)
-            clean = prepend_headers(clean, [f"Message-ID: {message_id}\r\n".encode()],
-                                    dedupe.trace_end(block))
+            clean, clean_block = insert_field(clean, clean_block,
+                                              f"Message-ID: {message_id}\r\n".encode(),
+                                              dedupe.trace_end(block))
         try:
             claim = await self.claims.acquire(
                 digest, incoming.recipients, email_id,
@@ -147,7 +155,8 @@ class MailPipeline:
         try:
             pending, duplicates = claim.pending, claim.duplicates
             outcome = Outcome(email_id, duplicates=duplicates)
-            prepared = await self._prepare(clean, decision, sender_domain) if pending else None
+            prepared = (await self._prepare(clean, clean_block, decision, sender_domain)
+                        if pending else None)
             reason = decision.reason if prepared is None else _reason(decision, prepared)
             tracked = prepared is not None and prepared.will_change
             links = prepared.links if prepared is not None else None
@@ -219,8 +228,8 @@ class MailPipeline:
             return
         self.claims.settled(claim)
 
-    async def _prepare(self, clean: bytes, decision: Decision, sender_domain: str
-                       ) -> Prepared | None:
+    async def _prepare(self, clean: bytes, block: HeaderBlock, decision: Decision,
+                       sender_domain: str) -> Prepared | None:
         if not decision.tracking:
             return None
         key = self.config.dkim_key(sender_domain)
@@ -230,8 +239,8 @@ class MailPipeline:
             dkim=DkimSigner(key.domain, key.selector, key.private_key) if key else None,
         )
         if len(clean) > LARGE_MESSAGE:
-            return await asyncio.to_thread(_without_cyclic_gc, prepare, clean, options)
-        return prepare(clean, options)
+            return await asyncio.to_thread(_without_cyclic_gc, prepare, clean, options, block)
+        return prepare(clean, options, block)
 
     async def _forward(self, copies: Copies) -> dict[str, Reply]:
         """Send the copies and gather each recipient's reply.
