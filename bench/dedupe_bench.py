@@ -20,7 +20,7 @@ from pathlib import Path
 
 from relay import config as config_module
 from relay.smtp.pipeline import Incoming, MailPipeline
-from relay.smtp.upstream import Copy, Reply, stuff
+from relay.smtp.upstream import Copy, Reply
 from relay.store.engine import Store
 from relay.tracking.keys import load_keyring
 
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     newsletter = (SHARED / "bench" / "newsletter.eml").read_bytes()
     newsletter = newsletter.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    messages = [stuff(newsletter.replace(b"<bench-1@", f"<bench-{i}@".encode()))
+    messages = [newsletter.replace(b"<bench-1@", f"<bench-{i}@".encode())
                 for i in range(args.messages)]
     rate = {0.0: 0.0, 72.0: 0.0}
     cpu = {0.0: float("inf"), 72.0: float("inf")}

@@ -36,7 +36,7 @@ from relay.rewrite.headers import (
 from relay.rewrite.mime import first_html
 from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
-from relay.smtp.upstream import Copy, Reply, Upstream, stuff, unstuff
+from relay.smtp.upstream import Copy, Reply, Upstream
 from relay.store import messages
 from relay.store.engine import Store
 from relay.store.rules import RulesCache
@@ -62,7 +62,7 @@ HREF_KEPT = 500
 class Incoming:
     sender: str
     recipients: Sequence[str]
-    stuffed: bytes  # the DATA as received: CRLF, dot-stuffed, without the final ".\r\n"
+    message: bytes  # the DATA as received, CRLF, dot-unstuffed (relay/smtp/server.py)
     mail_options: Sequence[str] = ()
     peer: str = ""
     helo: str = ""  # the name the client gave in EHLO or HELO
@@ -124,7 +124,7 @@ class MailPipeline:
         return reply
 
     async def _process(self, incoming: Incoming, email_id: str) -> tuple[str, Outcome, str]:
-        raw = unstuff(incoming.stuffed)
+        raw = incoming.message
         block = parse_header_block(raw)
         controls = read_controls(raw, block)
         sender_domain = _sender_domain(raw, block, incoming.sender)
@@ -298,17 +298,17 @@ class Copies:
         tokens are signed :data:`TOKENS_PER_STEP` at a time, the event loop doing its other
         work between the steps."""
         if self.tracked is None:
-            stuffed = stuff(_traced(self.clean, self.received, recipients))
+            message = _traced(self.clean, self.received, recipients)
         else:
             rendering = self.tracked.rendering(self.email_id, recipients[0], keyring)
             while not rendering.sign(TOKENS_PER_STEP):
                 await asyncio.sleep(0)
             if self.large:
-                stuffed = await asyncio.to_thread(
-                    lambda: stuff(_traced(rendering.message(), self.received, recipients)))
+                message = await asyncio.to_thread(
+                    lambda: _traced(rendering.message(), self.received, recipients))
             else:
-                stuffed = stuff(_traced(rendering.message(), self.received, recipients))
-        return Copy(self.sender, recipients, stuffed, self.mail_options, self.email_id)
+                message = _traced(rendering.message(), self.received, recipients)
+        return Copy(self.sender, recipients, message, self.mail_options, self.email_id)
 
 
 def _traced(message: bytes, received: trace.Received | None, recipients: Sequence[str]

@@ -27,7 +27,7 @@ from relay.rewrite.headers import NOT_UTF8
 from relay.smtp import trace
 from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
 from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp.upstream import Upstream, build_upstream, stuff, unstuff
+from relay.smtp.upstream import Upstream, build_upstream, stuff
 from relay.store.engine import Store
 from relay.tracking.tokens import Keyring
 
@@ -301,6 +301,12 @@ def _ends_line(before: bytes, piece: bytes) -> bool:
     return tail == b"\r\n"
 
 
+def unstuff(stuffed: bytes) -> bytes:
+    """RFC 5321 4.5.2: remove the first dot of every line that starts with one."""
+    body = stuffed.replace(b"\r\n.", b"\r\n")
+    return body[1:] if body.startswith(b".") else body
+
+
 def crlf_line_endings(stuffed: bytes) -> bytes:
     """The dot-stuffed DATA ``stuffed`` with every bare CR and bare LF made CRLF, stuffed
     again so that it holds no line of a lone dot.
@@ -393,7 +399,7 @@ class RelayHandler:
         incoming = Incoming(
             sender="" if sender == "<>" else sender,
             recipients=list(envelope.rcpt_tos),
-            stuffed=envelope.original_content,
+            message=unstuff(envelope.original_content),
             mail_options=list(envelope.mail_options),
             peer=str(session.peer[0]) if session.peer else "",
             helo=session.host_name or "",

@@ -5,9 +5,9 @@ Two upstreams share one interface: ``SmtpUpstream`` (aiosmtplib, a pool of open 
 reused across messages) and ``CaptureUpstream`` (the embedded default: one ``.eml`` file per
 copy in a folder, for a fresh machine with no SMTP provider).
 
-The body handed to :meth:`Upstream.send` is already dot-stuffed with CRLF line endings, so it is
-written to the upstream as it is: aiosmtplib's ``data()`` would normalise line endings and
-stuff dots again, a pass over every byte that this relay does not need.
+The message handed to :meth:`Upstream.send` has CRLF line endings already; ``SmtpUpstream``
+dot-stuffs it (RFC 5321 4.5.2) and writes it as it is: aiosmtplib's ``data()`` would normalise
+line endings too, a pass over every byte that this relay does not need.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Copy:
-    """One transaction for the upstream: an envelope and the stuffed body."""
+    """One transaction for the upstream: an envelope and the message."""
 
     sender: str
     recipients: Sequence[str]
-    stuffed: bytes  # CRLF line endings, dot-stuffed, without the final ".\r\n"
+    message: bytes  # CRLF line endings, not dot-stuffed
     mail_options: Sequence[str] = ()
     email_id: str = ""
 
@@ -75,13 +75,8 @@ WRITE_CHUNK = 256 * 1024
 QUIT_SECONDS = 5.0
 
 
-def unstuff(stuffed: bytes) -> bytes:
-    """RFC 5321 4.5.2: remove the first dot of every line that starts with one."""
-    body = stuffed.replace(b"\r\n.", b"\r\n")
-    return body[1:] if body.startswith(b".") else body
-
-
 def stuff(body: bytes) -> bytes:
+    """RFC 5321 4.5.2: a dot more in front of every line that starts with one."""
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
@@ -100,15 +95,15 @@ class CaptureUpstream:
         stem = f"{copy.email_id or 'message'}.{os.getpid()}.{self._counter}"
         envelope = {"mail_from": copy.sender, "rcpt_tos": list(copy.recipients),
                     "email_id": copy.email_id}
-        if len(copy.stuffed) > WRITE_CHUNK:  # out of the event loop's way
-            await asyncio.to_thread(self._capture, stem, envelope, copy.stuffed)
+        if len(copy.message) > WRITE_CHUNK:  # out of the event loop's way
+            await asyncio.to_thread(self._capture, stem, envelope, copy.message)
         else:
-            self._capture(stem, envelope, copy.stuffed)
+            self._capture(stem, envelope, copy.message)
         return {r: Reply(250, f"2.0.0 Captured as {stem}.eml") for r in copy.recipients}
 
-    def _capture(self, stem: str, envelope: dict[str, object], stuffed: bytes) -> None:
+    def _capture(self, stem: str, envelope: dict[str, object], message: bytes) -> None:
         self._write(stem + ".json", json.dumps(envelope).encode())
-        self._write(stem + ".eml", unstuff(stuffed))
+        self._write(stem + ".eml", message)
 
     def _write(self, name: str, data: bytes) -> None:
         tmp = self.folder / f".{name}.tmp"
@@ -212,7 +207,7 @@ class SmtpUpstream:
         if not accepted:
             await _reset(smtp)
             return replies
-        final = await _data(smtp, copy.stuffed, self.settings.timeout)
+        final = await _data(smtp, copy.message, self.settings.timeout)
         replies.update({r: final for r in accepted})
         return replies
 
@@ -233,11 +228,15 @@ class _StaleConnection(aiosmtplib.SMTPServerDisconnected):
     """A pooled connection the upstream closed while it was idle: nothing was sent on it."""
 
 
-async def _data(smtp: aiosmtplib.SMTP, stuffed: bytes, timeout: float) -> Reply:
+async def _data(smtp: aiosmtplib.SMTP, message: bytes, timeout: float) -> Reply:
     start = await smtp.execute_command(b"DATA")
     if start.code != 354:
         await _reset(smtp)  # the upstream keeps the envelope until RSET
         return Reply(start.code, start.message)
+    if len(message) <= WRITE_CHUNK:
+        stuffed = stuff(message)
+    else:  # a pass over every byte: out of the event loop's way
+        stuffed = await asyncio.to_thread(stuff, message)
     tail = b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
     protocol = smtp.protocol
     assert protocol is not None

@@ -10,7 +10,7 @@ import pytest
 from relay import config as config_module
 from relay.rewrite.splice import RewriteOptions, prepare
 from relay.smtp.pipeline import LARGE_IN_FLIGHT, TOKENS_PER_STEP, Incoming, MailPipeline
-from relay.smtp.upstream import Copy, Reply, stuff
+from relay.smtp.upstream import Copy, Reply
 from relay.store.engine import Store
 from relay.tracking.keys import load_keyring
 from tests.harness import base_settings
@@ -44,8 +44,7 @@ async def test_an_unforeseen_failure_defers_only_its_own_copy(tmp_path):
         upstream = BrokenFor("b@example.org")
         pipeline = MailPipeline(config, store, load_keyring(config.tracking, store.writer),
                                 upstream)
-        incoming = Incoming("news@shop.example", ["a@example.org", "b@example.org"],
-                            stuff(MESSAGE))
+        incoming = Incoming("news@shop.example", ["a@example.org", "b@example.org"], MESSAGE)
         reply = await pipeline.process(incoming)
         assert reply.startswith("451 ")
         assert "b@example.org: 451 4.3.0 Internal error while forwarding" in reply
@@ -101,8 +100,7 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
         pipeline = MailPipeline(config, store, keyring, upstream)
         recipients = [f"r{i}@example.org" for i in range(6)]
         message = _links_message(links)
-        reply = await pipeline.process(Incoming("news@shop.example", recipients,
-                                                stuff(message)))
+        reply = await pipeline.process(Incoming("news@shop.example", recipients, message))
         assert reply.startswith("250 ")
         assert upstream.most == most
         email_id = reply.split()[-1]
@@ -111,7 +109,7 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
         prepared = prepare(clean, RewriteOptions(opens=True, clicks=True,
                                                  base_url="http://track.test"))
         assert prepared.tokens == links + 1
-        assert sorted((c.recipients[0], c.stuffed) for c in upstream.copies) == sorted(
-            (r, stuff(prepared.render(email_id, r, keyring))) for r in recipients)
+        assert sorted((c.recipients[0], c.message) for c in upstream.copies) == sorted(
+            (r, prepared.render(email_id, r, keyring)) for r in recipients)
     finally:
         await store.close()
