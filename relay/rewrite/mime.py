@@ -438,11 +438,11 @@ def qp_wrap_safe(token: str, eol: str) -> bytes:
 _QP_SAFE_LINE = re.compile(rf".{{1,{QP_LINE - 1}}}", re.DOTALL)  # the "=" makes it 76
 
 
-def first_html(raw: bytes) -> str | None:
+def first_html(raw: bytes, headers: HeaderBlock | None = None) -> str | None:
     """The decoded text of the message's first ``text/html`` part that is not an attachment
     (what the dashboard's click map shows, relay/store/html_bodies.py); None when there is
-    none or it cannot be decoded."""
-    for part in leaves(split(raw)):
+    none or it cannot be decoded. ``headers``: the message's header block, if read already."""
+    for part in leaves(split(raw, headers)):
         if part.content_type == "text/html" and not part.attachment and not part.problem:
             try:
                 return decode_text(transfer_decode(raw, part), part.params.get("charset"))
