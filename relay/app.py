@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import signal
@@ -24,7 +25,7 @@ from relay.stats.breakdown import Breakdown
 from relay.stats.machine import MachineTraffic
 from relay.stats.rollup import Rollup
 from relay.store import html_bodies, retention
-from relay.store.engine import Store
+from relay.store.engine import Store, open_store
 from relay.throttle import ThrottledLog, install_accept_handler
 from relay.tracking.events import Listener
 from relay.tracking.keys import load_keyring
@@ -59,11 +60,12 @@ async def running(
     config: Config, *, smtp: bool = True, http: bool = True
 ) -> AsyncIterator[Services]:
     """Start the requested services; stop them, then close the store, on exit."""
-    store = await Store.open(config.store.path)
-    processes.sweep(store.writer)  # what stopped processes left: relay/smtp/processes.py
-    services = Services(store, load_keyring(config.tracking, store.writer))
-    stop_rules = seeding.start(store, config, recheck=http)
-    stop_retention = retention.start(config.store.path, config.retention.days if http else 0)
+    store = await open_store(config.store)
+    await store.write(processes.sweep)  # what stopped processes left: relay/smtp/processes.py
+    keyring = await store.write(functools.partial(load_keyring, config.tracking))
+    services = Services(store, keyring)
+    stop_rules = await seeding.start(store, config, recheck=http)
+    stop_retention = retention.start(config.store, config.retention.days if http else 0)
     rollup = Rollup()
     services.event_listeners.append(rollup)
     services.message_listeners.append(rollup.on_message)
@@ -74,7 +76,7 @@ async def running(
     outbox = Outbox()
     services.event_listeners.append(outbox)
     services.message_listeners.append(outbox.on_message)
-    sync_endpoints(store.writer, config.webhooks, time.time())
+    await store.write(lambda conn: sync_endpoints(conn, config.webhooks, time.time()))
     webhooks = DeliveryWorker(store, config.webhook_delivery, outbox.wake)
     webhooks.start()
     # one line a minute per listener when accept() fails (out of descriptors), not a
@@ -85,7 +87,8 @@ async def running(
             from relay.smtp.server import SmtpService
 
             services.smtp = SmtpService(config, store, services.keyring,
-                                        listeners=services.message_listeners)
+                                        listeners=services.message_listeners,
+                                        me=await store.write(processes.register))
             await services.smtp.start()
         if http:
             services.http = await _start_http(config, services)

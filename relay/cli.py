@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from relay import config as config_module
 from relay.admin.commands import NO_CONFIG, config_option, fail, find_config, output
 from relay.admin.concepts import CONCEPTS
+from relay.config import redact_url
 from relay.errors import ConfigError, InvalidInput, StoreError
 
 Command = Callable[[argparse.Namespace], int]
@@ -88,13 +89,13 @@ def _check_config(args: argparse.Namespace) -> int:
                 else f"{cfg.upstream.host}:{cfg.upstream.port} ({cfg.upstream.tls})")
     summary = {"file": args.config, "ok": True, "smtp_listen": str(cfg.smtp.listen),
                "upstream": upstream, "http_listen": str(cfg.http.listen),
-               "public_url": cfg.http.public_url, "store": str(cfg.store.path)}
+               "public_url": cfg.http.public_url, "store": redact_url(cfg.store.url)}
 
     def human() -> None:
         print(f"{args.config}: ok")
         print(f"  smtp on {cfg.smtp.listen}, upstream {upstream}")
         print(f"  http on {cfg.http.listen}, tracking host {cfg.http.public_url}")
-        print(f"  store {cfg.store.path}")
+        print(f"  store {redact_url(cfg.store.url)}")
 
     return output(args, summary, human)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from relay.addresses import Network
 from relay.errors import ConfigError, InvalidInput
@@ -122,7 +122,15 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    path: Path = Path("./var/relay.db")
+    """``[store] url``: ``sqlite:///PATH`` (``path`` set) or ``postgresql://...`` (``path`` None,
+    ``url`` the libpq connection URI, relay/store/postgres.py)."""
+
+    path: Path | None = Path("./var/relay.db")
+    url: str = "sqlite:///./var/relay.db"
+
+    @property
+    def engine(self) -> str:
+        return "sqlite" if self.path is not None else "postgresql"
 
 
 @dataclass(frozen=True)
@@ -545,15 +553,49 @@ def _public_url(r: _Reader, url: str) -> str:
 
 
 def _store(r: _Reader) -> StoreSettings:
-    url = r.get("url", str, None)
-    if url is None:
-        path = StoreSettings().path
-    elif url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-    else:
-        raise r.fail("url", f"expected sqlite:///PATH, got {url!r}")
+    url = r.get("url", str, StoreSettings().url)
     r.done()
-    return StoreSettings(path if path.is_absolute() else r.base / path)
+    return store_settings(url, r.file, r.key("url"), r.base)
+
+
+def store_settings(url: str, file: str, key: str, base: Path) -> StoreSettings:
+    """The store a URL names (a relative SQLite path is taken from ``base``); ConfigError
+    naming ``file`` and ``key`` when it names none."""
+    if url.startswith(("postgresql://", "postgres://")):
+        problem = postgres_url_problem(url)
+        if problem:
+            raise ConfigError(file, key, problem)
+        return StoreSettings(None, url)
+    if not url.startswith("sqlite:///") or url == "sqlite:///":
+        raise ConfigError(file, key, f"expected sqlite:///PATH or "
+                                     f"postgresql://[USER@]HOST[:PORT]/DB, got {redact_url(url)!r}")
+    path = Path(url[len("sqlite:///"):])
+    path = path if path.is_absolute() else base / path
+    return StoreSettings(path, f"sqlite:///{path}")
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """What is wrong with a ``postgresql://`` URI (None: nothing), without echoing a password."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        return f"not a PostgreSQL URI ({exc}): {redact_url(url)!r}"
+    if not parts.path.strip("/"):
+        return f"the URI names no database (postgresql://HOST/DB): {redact_url(url)!r}"
+    if parts.fragment:
+        return f"a PostgreSQL URI has no #fragment: {redact_url(url)!r}"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for errors and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")

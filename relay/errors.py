@@ -15,7 +15,7 @@
     ├── RefusedAddress       a webhook host resolves to an address it may not reach (an
     │                        OSError, so the HTTP client reports it as a connection failure)
     ├── InvalidToken         a tracking token that does not verify
-    └── StoreError           the store file cannot be opened: names the file
+    └── StoreError           the store cannot be opened or is newer than this relay: names it
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Each module adds the metrics it owns here, so every name is defined once and lis
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
@@ -92,6 +94,10 @@ STORE_LAST_BATCH_SIZE = Gauge(
     "Writes in the most recent group commit",
     registry=REGISTRY,
 )
+
+# Coroutines awaited before each scrape, to read what gauges show from the store (the loop never
+# waits on a store synchronously: PostgreSQL's reads run on threads, relay/store/postgres.py).
+BEFORE_SCRAPE: list[Callable[[], Awaitable[None]]] = []
 
 # Tracking domains (relay/admin/domains.py).
 TRACKING_DOMAINS = Gauge(

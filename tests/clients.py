@@ -58,7 +58,7 @@ def decision(relay: Relay, reply: str) -> str:
 
 
 def api_key(relay: Relay) -> str:
-    return apikeys.create(store.connect(relay.config.store.path), "tests")
+    return apikeys.create(store.connect_url(relay.config.store), "tests")
 
 
 def call(relay: Relay, key: str | None, method: str, path: str, body: Any = None
@@ -80,7 +80,7 @@ def write_config(relay: Relay, path: Path) -> Path:
     """A config file naming the running relay's store, tracking host and nameservers."""
     cfg = relay.config
     servers = ", ".join(f'"{a}"' for a in cfg.dns.nameservers)
-    path.write_text(f'[store]\nurl = "sqlite:///{cfg.store.path}"\n'
+    path.write_text(f'[store]\nurl = "{cfg.store.url}"\n'
                     f'[http]\npublic_url = "{cfg.http.public_url}"\n'
                     f"[dns]\nnameservers = [{servers}]\ntimeout = {cfg.dns.timeout}\n")
     return path

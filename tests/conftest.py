@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings
 
 from relay import config as config_module
+from tests import pg
 from tests.dnsserver import DnsServer
 from tests.harness import LoopThread, Relay, UpstreamServer, base_settings
 
@@ -19,6 +20,22 @@ from tests.harness import LoopThread, Relay, UpstreamServer, base_settings
 # is right, and a test never fails because the machine was slow (test_limits did, at load 10).
 settings.register_profile("relay", deadline=None)
 settings.load_profile("relay")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With RELAY_TEST_STORE=postgresql, the tests about SQLite itself do not run."""
+    if pg.ENGINE == "postgresql":
+        skip = pytest.mark.skip(reason="about the SQLite engine (RELAY_TEST_STORE=postgresql)")
+        for item in items:
+            if item.get_closest_marker("sqlite_only"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgresql_database() -> Iterator[None]:
+    """The PostgreSQL database the run's stores were made in (tests/pg.py), dropped after it."""
+    yield
+    pg.drop_database()
 
 
 @pytest.fixture

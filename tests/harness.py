@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import config as config_module
 from relay.app import Services, http_port, running
+from tests import pg
 
 
 class LoopThread:
@@ -196,6 +197,8 @@ class Relay:
         return f"http://127.0.0.1:{http_port(self.services.http)}"
 
     def db(self) -> sqlite3.Connection:
+        if self.config.store.path is None:
+            return pg.connect_rows(self.config.store.url)  # type: ignore[return-value]
         conn = sqlite3.connect(self.config.store.path)
         conn.row_factory = sqlite3.Row
         return conn
@@ -222,11 +225,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def store_url(tmp_path: Path) -> str:
+    """A SQLite file in ``tmp_path``, or with RELAY_TEST_STORE=postgresql a schema of its own
+    (tests/pg.py)."""
+    if pg.ENGINE == "postgresql":
+        return pg.schema_url()
+    return f"sqlite:///{tmp_path / 'relay.db'}"
+
+
 def base_settings(tmp_path: Path) -> dict[str, Any]:
     return {
         "smtp": {"listen": "127.0.0.1:0", "hostname": "relay.test"},
         "http": {"listen": "127.0.0.1:0", "public_url": "http://track.test"},
-        "store": {"url": f"sqlite:///{tmp_path / 'relay.db'}"},
+        "store": {"url": store_url(tmp_path)},
         "tracking": {"keys": {"k1": "k" * 32}, "current_key": "k1"},
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -64,7 +65,7 @@ async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(401, "missing API key: send Authorization: Bearer <key>")
     context = request.app[CONTEXT]
-    if authenticate(context.store.writer, secret.strip()) is None:
+    if await context.store.read(partial(authenticate, secret=secret.strip())) is None:
         raise ApiError(401, "invalid or revoked API key")
     return await handler(request)
 

@@ -84,9 +84,7 @@ def add_group(commands: argparse._SubParsersAction, name: str, help: str,
 def open_store(args: argparse.Namespace) -> sqlite3.Connection:
     """The store named by the --config file, migrated, for a command that reads or writes it."""
     cfg = config_module.load(args.config)
-    conn = store.connect(cfg.store.path)
-    store.migrate(conn)
-    return conn
+    return store.connect_url(cfg.store)
 
 
 def fail(message: str, code: int = 1) -> int:

@@ -15,6 +15,7 @@ from relay.admin import (
     retention,
     settings,
     stats,
+    store_admin,
     tags,
     users,
     webhooks,
@@ -42,6 +43,7 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("webhooks", webhooks.OPERATIONS, webhooks.add_commands),
     Concept("retention", retention.OPERATIONS, retention.add_commands),
     Concept("dashboard users", (), users.add_commands),
+    Concept("the store", (), store_admin.add_commands),
 )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from functools import partial
 
 import dns.asyncresolver
 import dns.exception
@@ -99,7 +100,7 @@ async def verify(store: Store, config: Config, host: str,
 
 async def recheck_all(store: Store, config: Config, resolver: dns.asyncresolver.Resolver
                       ) -> list[tuple[TrackingDomain, Check] | None]:
-    hosts = [d.host for d in stored.listing(store.writer)]
+    hosts = [d.host for d in await store.read(stored.listing)]
     return await asyncio.gather(*(verify(store, config, h, resolver) for h in hosts))
 
 
@@ -115,12 +116,19 @@ async def recheck_forever(store: Store, config: Config) -> None:
 
 
 def publish_metrics(store: Store | None) -> None:
-    """``relay_tracking_domains{state}``, counted from ``store`` when scraped (None: zero,
-    for when the store closes)."""
-    def count(state: str) -> int:
-        if store is None:
-            return 0
-        return stored.count(store.writer, state)
-
+    """``relay_tracking_domains{state}``, counted from ``store`` before each scrape (None:
+    zero, for when the store closes)."""
+    metrics.BEFORE_SCRAPE[:] = [] if store is None else [partial(_count_states, store)]
     for state in STATES:
-        metrics.TRACKING_DOMAINS.labels(state).set_function(lambda s=state: count(s))
+        metrics.TRACKING_DOMAINS.labels(state).set(0)
+
+
+async def _count_states(store: Store) -> None:
+    """The gauges keep their last values while the store cannot be read."""
+    try:
+        counts = await store.read(lambda conn: {s: stored.count(conn, s) for s in STATES})
+    except sqlite3.Error as exc:
+        log.warning("tracking domains not counted for /metrics: %s", exc)
+        return
+    for state, count in counts.items():
+        metrics.TRACKING_DOMAINS.labels(state).set(count)

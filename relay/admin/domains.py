@@ -139,7 +139,7 @@ def domain_json(domain: TrackingDomain, public_url: str) -> dict[str, Any]:
 async def _list_domains(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     return json_response({"domains": [domain_json(d, context.config.http.public_url)
-                                      for d in stored.listing(context.store.writer)]})
+                                      for d in await context.store.read(stored.listing)]})
 
 
 async def _add_domain(request: web.Request) -> web.Response:
@@ -152,21 +152,22 @@ async def _add_domain(request: web.Request) -> web.Response:
     return json_response(domain_json(domain, context.config.http.public_url), 201)
 
 
-def _found(request: web.Request) -> TrackingDomain:
+async def _found(request: web.Request) -> TrackingDomain:
     host = request.match_info["host"]
-    domain = stored.get(request.app[CONTEXT].store.writer, host)
+    domain = await request.app[CONTEXT].store.read(lambda conn: stored.get(conn, host))
     if domain is None:
         raise ApiError(404, f"no tracking domain {host!r}")
     return domain
 
 
 async def _get_domain(request: web.Request) -> web.Response:
-    return json_response(domain_json(_found(request), request.app[CONTEXT].config.http.public_url))
+    domain = await _found(request)
+    return json_response(domain_json(domain, request.app[CONTEXT].config.http.public_url))
 
 
 async def _verify_domain(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    host = _found(request).host
+    host = (await _found(request)).host
     outcome = await verify(context.store, context.config, host, make_resolver(context.config.dns))
     if outcome is None:
         raise ApiError(404, f"no tracking domain {host!r}")
@@ -176,7 +177,7 @@ async def _verify_domain(request: web.Request) -> web.Response:
 
 
 async def _remove_domain(request: web.Request) -> web.Response:
-    host = _found(request).host
+    host = (await _found(request)).host
     await request.app[CONTEXT].store.write(lambda conn: stored.remove(conn, host))
     return web.Response(status=204)
 

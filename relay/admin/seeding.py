@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from relay.admin import dnscheck, domains, settings, tags
 from relay.config import Config
 from relay.store.engine import Store
-from relay.store.transaction import transaction
 
 
 def seed(conn: sqlite3.Connection, config: Config) -> None:
@@ -20,10 +19,10 @@ def seed(conn: sqlite3.Connection, config: Config) -> None:
         module.seed(conn, config)
 
 
-def start(store: Store, config: Config, *, recheck: bool) -> Callable[[], Awaitable[None]]:
+async def start(store: Store, config: Config, *, recheck: bool
+                ) -> Callable[[], Awaitable[None]]:
     """Seed, publish metrics, start re-checks if asked; returns the coroutine that stops it."""
-    with transaction(store.writer):
-        seed(store.writer, config)
+    await store.write(lambda conn: seed(conn, config))
     dnscheck.publish_metrics(store)
     task = None
     if recheck and config.dns.recheck_interval > 0:

@@ -72,8 +72,7 @@ def open_seeded(args: argparse.Namespace, seed_fn: Callable[[sqlite3.Connection,
                 ) -> tuple[Config, sqlite3.Connection]:
     """For a CLI command: the config, and its store migrated and seeded by ``seed_fn``."""
     cfg = config_module.load(args.config)
-    conn = store.connect(cfg.store.path)
-    store.migrate(conn)
+    conn = store.connect_url(cfg.store)
     with transaction(conn):
         seed_fn(conn, cfg)
     return cfg, conn
@@ -197,9 +196,10 @@ def domain_json(settings: Domain) -> dict[str, Any]:
 
 
 async def _get_all(request: web.Request) -> web.Response:
-    conn = request.app[CONTEXT].store.writer
-    return json_response({"account": account_json(account(conn)),
-                          "domains": [domain_json(d) for d in domains(conn).values()]})
+    stored_account, stored_domains = await request.app[CONTEXT].store.read(
+        lambda conn: (account(conn), domains(conn)))
+    return json_response({"account": account_json(stored_account),
+                          "domains": [domain_json(d) for d in stored_domains.values()]})
 
 
 async def _put_account(request: web.Request) -> web.Response:
@@ -216,7 +216,7 @@ def _domain_name(request: web.Request) -> str:
 
 async def _get_domain(request: web.Request) -> web.Response:
     name = _domain_name(request)
-    found = domain(request.app[CONTEXT].store.writer, name)
+    found = await request.app[CONTEXT].store.read(lambda conn: domain(conn, name))
     if found is None:
         raise ApiError(404, f"no settings for domain {name}: it follows the account's")
     return json_response(domain_json(found))

@@ -84,7 +84,7 @@ def tags_json(rows: list[tuple[str, float]]) -> dict[str, Any]:
 
 
 async def _list_tags(request: web.Request) -> web.Response:
-    return json_response(tags_json(stored.listing(request.app[CONTEXT].store.writer)))
+    return json_response(tags_json(await request.app[CONTEXT].store.read(stored.listing)))
 
 
 async def _add_tag(request: web.Request) -> web.Response:

@@ -184,8 +184,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 async def _list_endpoints(request: web.Request) -> web.Response:
-    conn = request.app[CONTEXT].store.writer
-    return json_response({"webhooks": stored.endpoint_listing(conn)})
+    return json_response({"webhooks": await request.app[CONTEXT].store.read(
+        stored.endpoint_listing)})
 
 
 async def _add_endpoint(request: web.Request) -> web.Response:
@@ -239,13 +239,15 @@ async def _list_deliveries(request: web.Request) -> web.Response:
         limit = int(query.get("limit", "50"))
     except ValueError:
         raise InvalidInput("limit: a number") from None
-    rows = stored.deliveries(request.app[CONTEXT].store.writer, query.get("endpoint"), state,
-                      max(1, min(limit, 1000)))
+    endpoint, limit = query.get("endpoint"), max(1, min(limit, 1000))
+    rows = await request.app[CONTEXT].store.read(
+        lambda conn: stored.deliveries(conn, endpoint, state, limit))
     return json_response({"deliveries": rows})
 
 
 async def _show_delivery(request: web.Request) -> web.Response:
-    found = stored.batch(request.app[CONTEXT].store.writer, request.match_info["batch_id"])
+    batch_id = request.match_info["batch_id"]
+    found = await request.app[CONTEXT].store.read(lambda conn: stored.batch(conn, batch_id))
     if found is None:
         raise ApiError(404, "no such batch")
     return json_response(found)

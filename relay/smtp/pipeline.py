@@ -91,14 +91,17 @@ NOT_RECORDED = "451 4.3.0 The relay cannot record messages right now; not sent, 
 
 class MailPipeline:
     def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream,
-                 listeners: Sequence[MessageListener] = ()):
+                 listeners: Sequence[MessageListener] = (),
+                 me: processes.Registered | None = None):
         self.config = config
         self.store = store
         self.keyring = keyring
         self.upstream = upstream
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store)
-        self.me = processes.register(store.writer)  # what its messages and claims name
+        # what its messages and claims name (made by the caller: the PostgreSQL engine has no
+        # connection to write it on from here)
+        self.me = me if me is not None else processes.register(store.writer)
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
 
     async def process(self, incoming: Incoming) -> str:
@@ -128,7 +131,7 @@ class MailPipeline:
         block = parse_header_block(raw)
         controls = read_controls(raw, block)
         sender_domain = _sender_domain(raw, block, incoming.sender)
-        decision = decide(controls, sender_domain, self.rules.current(),
+        decision = decide(controls, sender_domain, await self.rules.current(),
                           self.config.http.public_url)
         clean = remove_headers(raw, controls.headers)
         clean_block = block.without(controls.headers)

@@ -24,7 +24,7 @@ from relay.addresses import parse_ip
 from relay.config import Config, SmtpSettings
 from relay.limits import ConnectionLimits
 from relay.rewrite.headers import NOT_UTF8
-from relay.smtp import trace
+from relay.smtp import processes, trace
 from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
 from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
 from relay.smtp.upstream import Upstream, build_upstream, stuff
@@ -438,11 +438,12 @@ class SmtpService:
 
     def __init__(self, config: Config, store: Store, keyring: Keyring,
                  upstream: Upstream | None = None,
-                 listeners: Sequence[MessageListener] = ()) -> None:
+                 listeners: Sequence[MessageListener] = (),
+                 me: processes.Registered | None = None) -> None:
         self.config = config
         self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name)
         self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
-                                                              self.upstream, listeners))
+                                                              self.upstream, listeners, me))
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         self.call_limits = _call_limits(config.smtp.max_recipients)

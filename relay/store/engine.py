@@ -25,14 +25,18 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
 from relay.errors import StoreError
 from relay.store.transaction import transaction
+
+if TYPE_CHECKING:
+    from relay.config import StoreSettings
+    from relay.store.postgres import PgStore
 
 log = logging.getLogger("relay.store")
 
@@ -448,16 +452,18 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this file has not seen; returns their names."""
+def migrate(conn: sqlite3.Connection, where: object = "") -> list[str]:
+    """Apply the migrations this file has not seen; returns their names. ``StoreError`` if a
+    newer relay migrated it (it holds migrations this one does not know)."""
     conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
-    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    check_not_newer({row[0] for row in conn.execute("SELECT name FROM migrations")}, where)
     applied = []
     for name, script in MIGRATIONS.items():
-        if name in done:
-            continue
         with transaction(conn):
-            for statement in _statements(script):
+            # read under the write lock: another process starting at once may have run it
+            if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone():
+                continue
+            for statement in statements(script):
                 conn.execute(statement)
             conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
         applied.append(name)
@@ -469,8 +475,40 @@ def check(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT count(*) FROM migrations").fetchall()
 
 
-def _statements(script: str) -> Iterable[str]:
+def statements(script: str) -> Iterable[str]:
     return (s for s in script.split(";") if s.strip())
+
+
+def check_not_newer(applied: Iterable[str], where: object) -> None:
+    """Refuse a store migrated by a newer relay: its schema may not be what this code writes."""
+    unknown = sorted(set(applied) - MIGRATIONS.keys())
+    if unknown:
+        raise StoreError(where, f"its schema is newer than this relay knows (migrations "
+                                f"{', '.join(unknown)}): run the relay version that migrated it, "
+                                f"or a newer one")
+
+
+def open_store(settings: StoreSettings) -> Awaitable[Store | PgStore]:
+    """The store of ``[store] url``, migrated (relay/store/postgres.py for PostgreSQL)."""
+    if settings.path is None:
+        from relay.store.postgres import PgStore
+
+        return PgStore.open(settings.url)
+    return Store.open(settings.path)
+
+
+def connect_url(settings: StoreSettings) -> Any:
+    """A migrated connection for a command (the CLI): sqlite3's, or the PostgreSQL adapter."""
+    if settings.path is None:
+        from relay.config import redact_url
+        from relay.store import postgres
+
+        conn = postgres.connect(settings.url)
+        postgres.migrate(conn, MIGRATIONS, redact_url(settings.url))
+        return conn
+    conn = connect(settings.path)
+    migrate(conn, settings.path)
+    return conn
 
 
 class Checkpointer:
@@ -502,8 +540,12 @@ class Checkpointer:
 
 
 class Store:
+    engine = "sqlite"
+
     def __init__(self, path: Path, writer: sqlite3.Connection) -> None:
         self.path = path
+        self.url = f"sqlite:///{path}"
+        self._flush_hooks: list[Callable[[], None]] = []
         self.writer = writer
         self._checkpointer: Checkpointer | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -518,7 +560,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         writer = connect(path)
-        migrate(writer)
+        migrate(writer, path)
         writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
         store = cls(path, writer)
         store._checkpointer = Checkpointer(path)
@@ -541,6 +583,19 @@ class Store:
             await reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._reader = reader
         return self._reader
+
+    def on_flush(self, hook: Callable[[], None]) -> None:
+        """``hook()`` runs on the loop before each group commit runs its batch."""
+        self._flush_hooks.append(hook)
+
+    def on_rollback(self, hook: Callable[[], None]) -> None:
+        """PostgreSQL runs a batch again after a conflict (relay/store/postgres.py); a batch
+        here is never run twice, so there is nothing to undo."""
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A small read (primary-key lookups) on the writer connection, at once; PostgreSQL
+        runs it on a reader thread."""
+        return fn(self.writer)
 
     def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
         """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit."""
@@ -575,6 +630,8 @@ class Store:
         self._retry = None
         if not self._pending:
             return
+        for hook in self._flush_hooks:
+            hook()
         try:
             self._begin(wait)
         except sqlite3.OperationalError as exc:

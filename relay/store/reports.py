@@ -116,7 +116,7 @@ def machine_count_query(f: EventFilter) -> Query:
     """How many machine events (not counted: prefetch, scanner, automation) the filter's
     window holds: what a listing without ``include_machine`` leaves out, cursor aside."""
     where, params = _event_conditions(replace(f, include_machine=True, after=None))
-    return Query(f"SELECT count(*) FROM events WHERE {' AND '.join([*where, 'NOT counted'])}",
+    return Query(f"SELECT count(*) FROM events WHERE {' AND '.join([*where, 'counted = 0'])}",
                  tuple(params))
 
 
@@ -143,7 +143,7 @@ def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
         if value is not None:
             add(f"email_id IN (SELECT email_id FROM messages WHERE {column} = ?)", value)
     if not f.include_machine:
-        add("counted")
+        add("counted = 1")
     if f.after is not None:
         add("id > ?", f.after)
     return where, params

@@ -50,12 +50,16 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from relay.errors import InvalidInput
 from relay.store import engine as store
 from relay.store import html_bodies
 from relay.store.transaction import transaction
+
+if TYPE_CHECKING:
+    from relay.config import StoreSettings
 
 log = logging.getLogger("relay.retention")
 
@@ -193,17 +197,18 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
     return total
 
 
-def purge_expired(path: Path, days: int, now: float,
+def purge_expired(where: Path | StoreSettings, days: int, now: float,
                   stopping: threading.Event | None = None) -> dict[str, int]:
-    """Purge what is older than ``days`` days before ``now``, on a connection of its own."""
-    conn = store.connect(path)
+    """Purge what is older than ``days`` days before ``now``, on a connection of its own (to
+    the SQLite file ``where``, or to the store of ``[store]``)."""
+    conn = store.connect(where) if isinstance(where, Path) else store.connect_url(where)
     try:
         return purge(conn, now - days * DAY, stopping)
     finally:
         conn.close()
 
 
-async def purge_forever(path: Path, days: int, interval: float = PURGE_INTERVAL,
+async def purge_forever(path: Path | StoreSettings, days: int, interval: float = PURGE_INTERVAL,
                         stopping: threading.Event | None = None) -> None:
     """Purge now and every ``interval`` seconds; a failure is logged and tried again."""
     while True:
@@ -216,7 +221,7 @@ async def purge_forever(path: Path, days: int, interval: float = PURGE_INTERVAL,
         await asyncio.sleep(interval)
 
 
-def start(path: Path, days: int) -> Callable[[], Awaitable[None]]:
+def start(path: Path | StoreSettings, days: int) -> Callable[[], Awaitable[None]]:
     """Start :func:`purge_forever` if ``days`` is set; returns the coroutine that stops it."""
     stopping = threading.Event()  # cancelling the task leaves its thread running: see above
     task = (asyncio.create_task(purge_forever(path, days, stopping=stopping)) if days > 0

@@ -25,7 +25,8 @@ class RulesCache:
         self.store = store
         self.rules = Rules()
 
-    def current(self) -> Rules:
-        if settings.generation(self.store.writer) != self.rules.generation:
-            self.rules = load(self.store.writer)
+    async def current(self) -> Rules:
+        """The rules, read again when their generation changed (one primary-key lookup)."""
+        if await self.store.read(settings.generation) != self.rules.generation:
+            self.rules = await self.store.read(load)
         return self.rules

@@ -15,7 +15,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     half way), ``COMMIT`` when the block ends, ``ROLLBACK`` if it or the commit raised.
 
     ``conn`` is an autocommit connection (``isolation_level=None``, as
-    :func:`relay.store.engine.connect` opens them) or anything with the same ``execute``."""
+    :func:`relay.store.engine.connect` opens them) or anything with the same ``execute``. In a
+    transaction already (a function run by ``Store.write``), the block is a savepoint of it."""
+    if conn.in_transaction:
+        with savepoint(conn, "nested"):
+            yield conn
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn

@@ -220,6 +220,11 @@ class Recorder:
         self._states: OrderedDict[tuple[str, str], _State] = OrderedDict()
         self._queue: list[Hit] = []  # the hits of the batch still open to newcomers
         self._batch: asyncio.Future[list[list[Event]]] | None = None
+        # The batch closes on the loop when its group commit starts (the write may run in
+        # PostgreSQL's writer thread), and a transaction run again forgets what it read.
+        if store is not None:  # None: a test calling write() itself
+            store.on_flush(self._close_open_batch)
+            store.on_rollback(self._states.clear)
 
     async def record(self, hit: Hit) -> list[Event]:
         """The hit's events (the click and any implied open), once they are committed."""
@@ -241,8 +246,10 @@ class Recorder:
         self._batch.add_done_callback(partial(self._batch_done, hits))
 
     def _write_queued(self, hits: list[Hit], conn: sqlite3.Connection) -> list[list[Event]]:
-        self._close(hits)
         return self.write(conn, hits)
+
+    def _close_open_batch(self) -> None:
+        self._queue = []
 
     def _close(self, hits: list[Hit]) -> None:
         """Hits recorded from now on go to a new batch."""

@@ -15,7 +15,8 @@ GENERATED_KID = "g1"
 
 
 def load_keyring(settings: TrackingSettings, conn: sqlite3.Connection) -> Keyring:
-    """Configured keys plus any generated one (old links made with it keep working)."""
+    """Configured keys plus any generated one (old links made with it keep working); ``conn``
+    is in a write transaction (Store.write) or in autocommit mode."""
     keys = dict(signing_keys.stored(conn))
     keys.update({kid: secret.encode() for kid, secret in settings.keys})
     if settings.current_key:
@@ -26,5 +27,5 @@ def load_keyring(settings: TrackingSettings, conn: sqlite3.Connection) -> Keyrin
 
 
 def _generate(conn: sqlite3.Connection) -> bytes:
-    with conn:
-        return signing_keys.add_once(conn, GENERATED_KID, os.urandom(32), time.time())
+    """The generated key: made by the first node to start, read by every other one."""
+    return signing_keys.add_once(conn, GENERATED_KID, os.urandom(32), time.time())

@@ -135,7 +135,7 @@ class Tracker:
 
     async def healthz(self, request: web.Request) -> web.Response:
         try:
-            engine.check(self.store.writer)
+            await self.store.read(engine.check)
         except sqlite3.Error as exc:
             self._count("healthz", 503)
             return web.json_response({"status": "unavailable", "store": str(exc)}, status=503)
@@ -148,6 +148,8 @@ class Tracker:
             self._count("metrics", 403)
             return web.json_response({"error": "forbidden: not in http.metrics_allowed_networks"},
                                      status=403)
+        for refresh in metrics.BEFORE_SCRAPE:
+            await refresh()
         self._count("metrics", 200)
         return web.Response(body=generate_latest(metrics.REGISTRY),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -45,6 +45,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -118,6 +119,13 @@ class Outbox:
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
         self.wake = asyncio.Event()
+        # the listeners run in PostgreSQL's writer thread (relay/store/postgres.py): the event
+        # is set from the loop's thread
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # made outside a loop (tests): the listeners run on the caller's
+            self._loop = None
+        self._loop_thread = threading.get_ident()
 
     def __call__(self, conn: sqlite3.Connection, events: Sequence[Event],
                  sent: Mapping[str, StoredMessage]) -> None:
@@ -168,7 +176,10 @@ class Outbox:
                  kind: str, at: float, data: dict[str, Any]) -> None:
         encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         tables.enqueue(conn, endpoints, event_id, kind, at, encoded)
-        self.wake.set()
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            self.wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self.wake.set)
 
 
 def _facts(email_id: str, message: StoredMessage | None) -> MessageFacts:

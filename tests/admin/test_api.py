@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from relay import config as config_module
 from relay.admin import apikeys
 from relay.store import engine as store
 from tests.clients import call, cli
@@ -18,7 +19,7 @@ from tests.harness import base_settings
 @pytest.fixture
 def api(make_relay):
     relay = make_relay(http=True)
-    conn = store.connect(relay.config.store.path)
+    conn = store.connect_url(relay.config.store)
     key = apikeys.create(conn, "tests")
     return relay, conn, key
 
@@ -149,7 +150,7 @@ def test_api_keys_cli_create_list_revoke(tmp_path):
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip()
     assert secret.startswith("rk_") and len(secret) > 40
-    conn = store.connect(tmp_path / "relay.db")
+    conn = store.connect_url(config_module.load(config).store)
     assert apikeys.authenticate(conn, secret) == "ops"
     # (not read_bytes() of the file: closing another descriptor of a live SQLite file drops
     # this process's POSIX locks on it)

@@ -84,11 +84,11 @@ def test_rules_cache_reloads_only_when_another_connection_changed_something(tmp_
     db = loops.run(store.Store.open(tmp_path / "relay.db"))
     try:
         cache = rules.RulesCache(db)
-        first = cache.current()
-        assert cache.current() is first
+        first = loops.run(cache.current())
+        assert loops.run(cache.current()) is first
         with transaction(conn):
             settings.put_domain(conn, Domain("shop.example", opens=True))
-        second = cache.current()
+        second = loops.run(cache.current())
         assert second is not first and second.domains["shop.example"].opens is True
         assert second.generation == settings.generation(conn)
     finally:

@@ -76,7 +76,7 @@ def test_record_api_and_log_line_say_which_links_were_tracked_and_why_not(relay,
     assert "rewrote 4 of 9 links, pixel inserted" in row["decision"]
     assert json.loads(row["links"]) == expected
 
-    key = apikeys.create(store.connect(relay.config.store.path), "tests")
+    key = apikeys.create(store.connect_url(relay.config.store), "tests")
     request = urllib.request.Request(f"{relay.http_url}/api/v1/messages/{email_id}",
                                      headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=10) as response:

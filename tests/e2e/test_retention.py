@@ -173,7 +173,7 @@ def test_purge_then_erase_leave_exactly_what_they_should(world):
     relay = world.relay
     counters = stats(relay)
     expected = after_purge(world)
-    conn = store.connect(relay.config.store.path)
+    conn = store.connect_url(relay.config.store)
     counts = retention.purge(conn, time.time() - 5 * DAY)
     assert rows(relay) == expected
     assert counts == {"events": 3, "recipients": 2, "deliveries": 2, "messages": 1,

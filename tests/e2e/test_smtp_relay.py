@@ -556,6 +556,7 @@ def test_a_client_that_hangs_up_during_delivery_does_not_cut_it(make_relay, loop
     assert len(upstream.received) == 1
 
 
+@pytest.mark.sqlite_only  # test_postgres.py has the outage of PostgreSQL
 def test_a_store_that_cannot_be_written_defers_the_message_before_sending(make_relay,
                                                                          upstream):
     """It was forwarded anyway and answered 250, with no record: no dedupe for the client's
@@ -718,6 +719,7 @@ def test_a_raw_8bit_header_is_delivered_once_and_recorded(make_relay, upstream):
     assert subjects == ["caf\N{REPLACEMENT CHARACTER} cr\N{REPLACEMENT CHARACTER}me"] * 2
 
 
+@pytest.mark.sqlite_only  # a SQLite trigger makes the write fail
 def test_a_message_the_store_could_not_record_is_still_answered_as_delivered(make_relay,
                                                                              upstream):
     """'451 not sent' after the upstream took the message would make the client send it

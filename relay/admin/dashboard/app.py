@@ -105,7 +105,7 @@ async def _session(request: web.Request, handler: Handler) -> web.StreamResponse
     come from the dashboard's own pages."""
     if request.path.startswith(PUBLIC):
         return await handler(request)
-    signed = request.app[AUTH].current(request)
+    signed = await request.app[AUTH].current(request)
     if signed is None:
         if request.method == "GET":
             raise web.HTTPSeeOther("/ui/login")

@@ -75,11 +75,12 @@ class Auth:
     def close(self) -> None:
         self.checker.close()
 
-    def current(self, request: web.Request) -> Signed | None:
+    async def current(self, request: web.Request) -> Signed | None:
         token = request.cookies.get(COOKIE)
         if not token:
             return None
-        found = users.session(self.store.writer, _hash(token))
+        hashed = _hash(token)
+        found = await self.store.read(lambda conn: users.session(conn, hashed))
         if found is None or found.expires_at <= self.clock():
             return None
         return Signed(found.user_name, found.csrf)
@@ -99,7 +100,8 @@ class Auth:
             # a name or password no user can have is checked against the dummy hash all the
             # same: the answer's timing tells nothing
             known = not name_problem(name) and len(password) <= MAX_PASSWORD
-            encoded = users.password_hash(self.store.writer, name) if known else None
+            encoded = await self.store.read(
+                lambda conn: users.password_hash(conn, name)) if known else None
             ok = await self.checker.verify(encoded, password[:MAX_PASSWORD].encode())
         finally:
             delay, blocked = self.budget.settle(client, None if ok is None else not ok)

@@ -24,11 +24,12 @@ FAILED_SHOWN = 50
 async def operations(request: web.Request) -> web.Response:
     store, config = request.app[STORE], request.app[CONFIG]
     target = domains.cname_target(config.http.public_url)
-    tracking = [(d, domains.dns_record(d.host, target))
-                for d in stored_domains.listing(store.writer)]
+    listed, endpoints, failed = await store.read(lambda conn: (
+        stored_domains.listing(conn), webhooks.endpoints(conn),
+        webhooks.deliveries(conn, state=FAILED, limit=FAILED_SHOWN)))
+    tracking = [(d, domains.dns_record(d.host, target)) for d in listed]
     return render(request, "operations.html", tracking=tracking,
-                  endpoints=webhooks.endpoints(store.writer),
-                  failed=webhooks.deliveries(store.writer, state=FAILED, limit=FAILED_SHOWN),
+                  endpoints=endpoints, failed=failed,
                   done=request.query.get("done", ""))
 
 
