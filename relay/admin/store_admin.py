@@ -39,10 +39,9 @@ def _migrate(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
     conn = store.connect_url(cfg.store)  # migrates, and refuses a newer schema
     try:
-        applied = conn.execute("SELECT name FROM migrations ORDER BY name").fetchall()
+        names = store.applied_migrations(conn)
     finally:
         conn.close()
-    names = [name for (name,) in applied]
     where = redact_url(cfg.store.url)
     return output(args, {"store": where, "migrations": names},
                   lambda: print(f"{where}: schema up to date ({len(names)} migrations)"))

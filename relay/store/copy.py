@@ -18,15 +18,19 @@ from relay.store.transaction import transaction
 CHUNK = 2000
 # Rows the migrations themselves insert (relay/store/engine.py 0004_settings): replaced.
 SEEDED = frozenset({"rules_generation", "account_settings"})
-_CREATE = re.compile(r"CREATE TABLE (\w+)", re.IGNORECASE)
+_TABLE = re.compile(r"(CREATE|DROP) TABLE (?:IF EXISTS )?(\w+)", re.IGNORECASE)
 
 
 def tables() -> list[str]:
     """The store's tables in the order they were created (a referenced table comes before the
-    tables that reference it)."""
+    tables that reference it), less those a later migration dropped."""
     names: list[str] = []
     for script in MIGRATIONS.values():
-        names += [name for name in _CREATE.findall(script) if name not in names]
+        for verb, name in _TABLE.findall(script):
+            if name in names:
+                names.remove(name)
+            if verb.upper() == "CREATE":
+                names.append(name)
     return names
 
 

@@ -479,6 +479,11 @@ def statements(script: str) -> Iterable[str]:
     return (s for s in script.split(";") if s.strip())
 
 
+def applied_migrations(conn: Any) -> list[str]:
+    """The names of the migrations the store has seen, in name order."""
+    return [name for (name,) in conn.execute("SELECT name FROM migrations ORDER BY name")]
+
+
 def check_not_newer(applied: Iterable[str], where: object) -> None:
     """Refuse a store migrated by a newer relay: its schema may not be what this code writes."""
     unknown = sorted(set(applied) - MIGRATIONS.keys())

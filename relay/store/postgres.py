@@ -260,14 +260,10 @@ def connect(url: str) -> PgConnection:
     return PgConnection(raw)
 
 
-def applied_migrations(conn: Any) -> list[str]:
-    return [row[0] for row in conn.execute("SELECT name FROM migrations")]
-
-
 def migrate(conn: PgConnection, migrations: Mapping[str, str], where: str) -> list[str]:
     """Apply the migrations the database has not seen, under an advisory lock (nodes starting
     together wait for each other), each in its own transaction; returns their names."""
-    from relay.store.engine import check_not_newer, statements
+    from relay.store.engine import applied_migrations, check_not_newer, statements
 
     conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
     try:
