@@ -16,10 +16,12 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from relay.admin import seeding
+from relay.clock import Clock
 from relay.config import Address, Config
 from relay.http_site import GuardedSite, ServerLog
 from relay.limits import ConnectionLimits
 from relay.smtp import processes
+from relay.smtp.delivery import AttemptListener
 from relay.smtp.pipeline import MessageListener
 from relay.stats.breakdown import Breakdown
 from relay.stats.machine import MachineTraffic
@@ -53,13 +55,15 @@ class Services:
     # relay/smtp/pipeline.py)
     event_listeners: list[Listener] = field(default_factory=list)
     message_listeners: list[MessageListener] = field(default_factory=list)
+    attempt_listeners: list[AttemptListener] = field(default_factory=list)  # queue mode
 
 
 @contextlib.asynccontextmanager
 async def running(
-    config: Config, *, smtp: bool = True, http: bool = True
+    config: Config, *, smtp: bool = True, http: bool = True, clock: Clock | None = None
 ) -> AsyncIterator[Services]:
-    """Start the requested services; stop them, then close the store, on exit."""
+    """Start the requested services; stop them, then close the store, on exit. ``clock``:
+    the queue's time (tests drive it)."""
     store = await open_store(config.store)
     await store.write(processes.sweep)  # what stopped processes left: relay/smtp/processes.py
     keyring = await store.write(functools.partial(load_keyring, config.tracking))
@@ -88,7 +92,9 @@ async def running(
 
             services.smtp = SmtpService(config, store, services.keyring,
                                         listeners=services.message_listeners,
-                                        me=await store.write(processes.register))
+                                        me=await store.write(processes.register),
+                                        clock=clock,
+                                        attempt_listeners=services.attempt_listeners)
             await services.smtp.start()
         if http:
             services.http = await _start_http(config, services)

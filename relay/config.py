@@ -80,6 +80,8 @@ class SmtpSettings:
     dedupe_hours: float = 72.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
     add_received: bool = True  # a Received: line at the top of every copy
+    # "proxy": 250 once the upstream took every copy; "queue": 250 once stored (relay/queue/)
+    mode: str = "proxy"
 
     @property
     def server_name(self) -> str:
@@ -98,6 +100,18 @@ class UpstreamSettings:
     pool_size: int = 8
     capture_dir: Path | None = Path("./var/outbox")
     verify_certificate: bool = True
+    max_rate: float | None = None  # messages (copies) per second at most; None: unlimited
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """``[queue]``: how queue mode (``smtp.mode = "queue"``) keeps and retries mail."""
+
+    retry_seconds: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)  # last repeats
+    max_age_hours: float = 72.0  # then a recipient still not delivered is given up (expired)
+    max_messages: int = 100000  # queued at once; past it, 452
+    max_bytes: int = 10737418240  # of queued messages at once; past it, 452
+    bounce_messages: bool = False  # an RFC 3464 report to the sender for given-up recipients
 
 
 @dataclass(frozen=True)
@@ -244,6 +258,7 @@ class Config:
     source: str = "<defaults>"
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
@@ -384,6 +399,7 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         source=file,
         smtp=_smtp(root.sub("smtp")),
         upstream=_upstream(root.sub("upstream")),
+        queue=_queue(root.sub("queue")),
         http=_http(root.sub("http")),
         store=_store(root.sub("store")),
         tracking=_tracking(root.sub("tracking")),
@@ -435,6 +451,7 @@ def _smtp(r: _Reader) -> SmtpSettings:
         dedupe_hours=_non_negative(r, "dedupe_hours", d.dedupe_hours),
         workers=_workers(r, r.address("listen", d.listen)),
         add_received=r.get("add_received", bool, d.add_received),
+        mode=_choice(r, "mode", _SMTP_MODES, d.mode),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise r.fail("tls_cert", "tls_cert and tls_key go together")
@@ -503,9 +520,39 @@ def _upstream(r: _Reader) -> UpstreamSettings:
         pool_size=r.positive("pool_size", d.pool_size),
         capture_dir=None if host else (capture or d.capture_dir),
         verify_certificate=r.get("verify_certificate", bool, d.verify_certificate),
+        max_rate=r.positive("max_rate", 1.0, float) if "max_rate" in r.table else None,
     )
     if (settings.username is None) != (settings.password is None):
         raise r.fail("username", "username and password go together")
+    r.done()
+    return settings
+
+
+_SMTP_MODES = ("proxy", "queue")
+
+
+def _choice(r: _Reader, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = r.get(name, str, default)
+    if value not in choices:
+        raise r.fail(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _queue(r: _Reader) -> QueueSettings:
+    d = QueueSettings()
+    retry = r.get("retry_seconds", list, None)
+    if retry is not None and (not retry or any(
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            or v <= 0 for v in retry)):
+            raise r.fail("retry_seconds", "expected a non-empty list of numbers of seconds, "
+                                          "each greater than 0")
+    settings = QueueSettings(
+        retry_seconds=tuple(float(v) for v in retry) if retry is not None else d.retry_seconds,
+        max_age_hours=r.positive("max_age_hours", d.max_age_hours, float),
+        max_messages=r.positive("max_messages", d.max_messages),
+        max_bytes=r.positive("max_bytes", d.max_bytes),
+        bounce_messages=r.get("bounce_messages", bool, d.bounce_messages),
+    )
     r.done()
     return settings
 

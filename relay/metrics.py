@@ -135,3 +135,27 @@ SMTP_LIMITS = Counter(
     ["limit"],
     registry=REGISTRY,
 )
+
+# Queue mode (relay/smtp/delivery.py; the gauges read from the store when scraped).
+QUEUE_DELIVERIES = Counter(
+    "relay_queue_deliveries_total",
+    "Recipient delivery attempts from the queue, by outcome (sent, retry, permanent: a 5xx, "
+    "expired: given up after queue.max_age_hours)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+QUEUE_MESSAGES = Gauge(
+    "relay_queue_messages",
+    "Messages in the queue (not yet delivered to or given up for every recipient)",
+    registry=REGISTRY,
+)
+QUEUE_BYTES = Gauge(
+    "relay_queue_bytes",
+    "Bytes of the messages in the queue (queue.max_bytes bounds it)",
+    registry=REGISTRY,
+)
+QUEUE_OLDEST_SECONDS = Gauge(
+    "relay_queue_oldest_seconds",
+    "Age of the oldest message in the queue (0 when empty)",
+    registry=REGISTRY,
+)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings
 
 from relay import config as config_module
+from relay.clock import Clock
 from tests import pg
 from tests.dnsserver import DnsServer
 from tests.harness import LoopThread, Relay, UpstreamServer, base_settings
@@ -60,7 +61,7 @@ def make_relay(loops: LoopThread, tmp_path: Path
     started: list[Relay] = []
 
     def make(overrides: dict[str, Any] | None = None, upstream: UpstreamServer | None = None,
-             http: bool = False) -> Relay:
+             http: bool = False, clock: Clock | None = None) -> Relay:
         settings = base_settings(tmp_path)
         if upstream is not None:
             settings["upstream"] = {"host": "127.0.0.1", "port": upstream.port, "tls": "none",
@@ -70,7 +71,8 @@ def make_relay(loops: LoopThread, tmp_path: Path
                 settings.setdefault(table, {}).update(values)
             else:
                 settings[table] = values
-        relay = Relay(loops, config_module.parse(settings, "test.toml", tmp_path), http=http)
+        relay = Relay(loops, config_module.parse(settings, "test.toml", tmp_path), http=http,
+                      clock=clock)
         started.append(relay)
         return relay
 

@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import config as config_module
 from relay.app import Services, http_port, running
+from relay.clock import Clock
 from tests import pg
 
 
@@ -180,10 +181,10 @@ class Relay:
     """The relay's services started from a config dict, on the shared loop thread."""
 
     def __init__(self, loops: LoopThread, config: config_module.Config,
-                 smtp: bool = True, http: bool = False) -> None:
+                 smtp: bool = True, http: bool = False, clock: Clock | None = None) -> None:
         self.loops = loops
         self.config = config
-        self._context = running(config, smtp=smtp, http=http)
+        self._context = running(config, smtp=smtp, http=http, clock=clock)
         self.services: Services = loops.run(self._context.__aenter__())
 
     @property

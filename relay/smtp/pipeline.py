@@ -1,8 +1,12 @@
 """The mail path between SMTP in and SMTP out: read the control headers, decide what to
 track, rewrite one copy per recipient, forward, remember what was delivered, record.
 
-``MailPipeline.process`` takes one received message and returns the SMTP reply for it. It
-never raises for a problem with the message: every outcome is a reply.
+``MailPipeline.submit`` is the one way a received message (envelope and bytes) enters the
+mail path, from SMTP's DATA and from the HTTP send API alike. It never raises for a problem
+with the message: every outcome is a :class:`Submission` with its SMTP reply. In proxy mode
+(``smtp.mode = "proxy"``) the message is forwarded before the reply; in queue mode it is
+stored (fsync'd) and the queue's workers (relay/smtp/delivery.py) forward it through
+:meth:`MailPipeline.deliver`, the same path, later.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from relay.rewrite.mime import first_html
 from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream
-from relay.store import messages
-from relay.store.engine import Store
+from relay.store import messages, queue
+from relay.store.engine import SQLITE_FULL, Store
 from relay.store.rules import RulesCache
 from relay.tracking.tokens import Keyring
 
@@ -67,6 +71,25 @@ class Incoming:
     peer: str = ""
     helo: str = ""  # the name the client gave in EHLO or HELO
     protocol: str = "ESMTP"  # as the Received line names it (trace.protocol)
+    received_at: float | None = None  # when it was received, if not now (a queued message)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """The answer to a submitted message: the relay's id for it, and the SMTP reply (a
+    ``2xx`` one: taken, forwarded in proxy mode, stored in queue mode; ``4xx``: try again
+    later, nothing kept; ``5xx``: refused)."""
+
+    email_id: str
+    reply: str
+
+    @property
+    def code(self) -> int:
+        return int(self.reply[:3])
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.startswith("2")
 
 
 @dataclass(slots=True)
@@ -87,6 +110,9 @@ class Outcome:
 
 
 NOT_RECORDED = "451 4.3.0 The relay cannot record messages right now; not sent, try again later"
+QUEUE_FULL = "452 4.3.1 The relay's queue is full; not stored, try again later"
+DISK_FULL = "452 4.3.1 Insufficient storage in the relay; not stored, try again later"
+NOT_STORED = "451 4.3.0 The relay cannot store messages right now; try again later"
 
 
 class MailPipeline:
@@ -103,10 +129,76 @@ class MailPipeline:
         # connection to write it on from here)
         self.me = me if me is not None else processes.register(store.writer)
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
+        self.on_queued: Callable[[], None] = lambda: None  # the queue's workers wake up
+        self.clock: Callable[[], float] = time.time
 
-    async def process(self, incoming: Incoming) -> str:
-        started = time.perf_counter()
+    async def submit(self, incoming: Incoming) -> Submission:
+        """Take one received message: in proxy mode forward it and answer with what the
+        upstream said; in queue mode store it, fsync'd, and answer ``250`` (``452`` when the
+        queue or the disk is full, ``451`` when the store cannot be written: nothing is kept
+        then). A malformed control header or an unknown tag is refused (``5xx``) in both."""
         email_id = new_email_id()
+        if self.config.smtp.mode == "queue":
+            return Submission(email_id, await self._enqueue(incoming, email_id))
+        return Submission(email_id, await self._relay(incoming, email_id))
+
+    async def deliver(self, incoming: Incoming, email_id: str,
+                      settle: Settle) -> Outcome | None:
+        """A queued message's delivery attempt to ``incoming.recipients``, as proxy mode
+        sends it; ``settle`` runs in the transaction that records its outcome (it does not
+        run when nothing could be recorded). None when the attempt failed in an unforeseen
+        way; a message the policy now refuses (a tag deleted since) is refused for every
+        recipient."""
+        try:
+            _, outcome, _ = await self._process(incoming, email_id, settle)
+        except SmtpReplyError as exc:
+            reply = Reply(exc.code, f"{exc.enhanced} {exc.text}")
+            outcome = Outcome(email_id, replies={r: reply for r in incoming.recipients})
+            await self.store.write(lambda conn: settle(conn, outcome))
+        except Exception:
+            log.exception("%s delivery attempt failed", email_id)
+            return None
+        return outcome
+
+    async def _enqueue(self, incoming: Incoming, email_id: str) -> str:
+        raw = incoming.message
+        block = parse_header_block(raw)
+        try:
+            controls = read_controls(raw, block)
+            decide(controls, _sender_domain(raw, block, incoming.sender), self.rules.current(),
+                   self.config.http.public_url)
+        except SmtpReplyError as exc:
+            log.info("%s refused from=%s peer=%s: %s", email_id, incoming.sender,
+                     incoming.peer, exc.reply)
+            metrics.SMTP_MESSAGES.labels("refused").inc()
+            return exc.reply
+        now = self.clock()
+        settings = self.config.queue
+        message = queue.NewMessage(
+            email_id, incoming.sender, list(incoming.recipients), incoming.message,
+            list(incoming.mail_options), incoming.peer, incoming.helo, incoming.protocol, now,
+            now + settings.max_age_hours * 3600)
+        try:
+            await self.store.write(lambda conn: queue.enqueue(
+                conn, message, settings.max_messages, settings.max_bytes), durable=True)
+        except queue.QueueFull as exc:
+            log.warning("%s not queued from=%s: the queue is full (%s)", email_id,
+                        incoming.sender, exc)
+            metrics.SMTP_MESSAGES.labels("deferred").inc()
+            return QUEUE_FULL
+        except Exception as exc:
+            log.exception("%s not queued from=%s", email_id, incoming.sender)
+            metrics.SMTP_MESSAGES.labels("deferred").inc()
+            full = isinstance(exc, sqlite3.Error) and _sqlite_code(exc) == SQLITE_FULL
+            return DISK_FULL if full else NOT_STORED
+        self.on_queued()
+        metrics.SMTP_MESSAGES.labels("queued").inc()
+        log.info("%s queued from=%s to=%d size=%d", email_id, incoming.sender,
+                 len(incoming.recipients), len(incoming.message))
+        return f"250 2.0.0 Ok: queued as {email_id}"
+
+    async def _relay(self, incoming: Incoming, email_id: str) -> str:
+        started = time.perf_counter()
         try:
             reply, outcome, summary = await self._process(incoming, email_id)
         except SmtpReplyError as exc:
@@ -126,7 +218,8 @@ class MailPipeline:
                  reply[:120], (time.perf_counter() - started) * 1000)
         return reply
 
-    async def _process(self, incoming: Incoming, email_id: str) -> tuple[str, Outcome, str]:
+    async def _process(self, incoming: Incoming, email_id: str,
+                       settle: Settle | None = None) -> tuple[str, Outcome, str]:
         raw = incoming.message
         block = parse_header_block(raw)
         controls = read_controls(raw, block)
@@ -177,7 +270,7 @@ class MailPipeline:
                             email_id, prepared if tracked else None,
                             self._received(incoming, email_id))
             outcome.replies.update(await self._forward(copies))
-            await self._record(record, outcome, stored, claim)
+            await self._record(record, outcome, stored, claim, settle)
             _count(outcome, decision if tracked else None)
             summary = f"tracking={reason!r}"
             if prepared is not None and links is not None:
@@ -202,7 +295,7 @@ class MailPipeline:
             return None
         return trace.Received(helo=incoming.helo, address=incoming.peer,
                               by=self.config.smtp.server_name, protocol=incoming.protocol,
-                              email_id=email_id, when=time.time())
+                              email_id=email_id, when=incoming.received_at or time.time())
 
     async def _store_message(self, record: MessageRecord) -> bool:
         """The message's row, before its copies go out: a link scanner may click within a
@@ -217,14 +310,18 @@ class MailPipeline:
         return True
 
     async def _record(self, record: MessageRecord, outcome: Outcome, stored: bool,
-                      claim: dedupe.Claim) -> None:
+                      claim: dedupe.Claim, settle: Settle | None = None) -> None:
         """Store what became of the message, and let go of the try's claim; a failure is
         logged, and the reply still follows the upstream's: "not sent, try again" for copies
-        the upstream took would have them sent twice."""
+        the upstream took would have them sent twice. ``settle``: one more listener, for
+        this message only (the queue's record of the attempt)."""
         remember = self.config.smtp.dedupe_hours > 0
+        listeners = self.listeners
+        if settle is not None:
+            listeners = (*listeners, lambda conn, _, outcome: settle(conn, outcome))
         try:
             await self.store.write(lambda conn: _record(conn, record, outcome, remember,
-                                                        self.listeners, stored, claim))
+                                                        listeners, stored, claim))
         except Exception:
             log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
                           len(outcome.sent), len(outcome.failed))
@@ -404,6 +501,12 @@ def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
             f"({outcome.email_id}); failed: {listed}")
 
 
+def _sqlite_code(exc: sqlite3.Error) -> int:
+    """The primary result code of an SQLite error (SQLITE_FULL: the disk or the file's
+    page limit is full)."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
@@ -484,6 +587,8 @@ def _record(conn: sqlite3.Connection, m: MessageRecord, outcome: Outcome, rememb
 
 # Called in the transaction that records a message, after its rows (the webhook outbox).
 MessageListener = Callable[[sqlite3.Connection, MessageRecord, Outcome], None]
+# Called in the same transaction for one queued message's attempt (relay/smtp/delivery.py).
+Settle = Callable[[sqlite3.Connection, Outcome], None]
 
 
 def _status(reply: Reply) -> str:

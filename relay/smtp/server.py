@@ -21,12 +21,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import metrics
 from relay.addresses import parse_ip
+from relay.clock import Clock
 from relay.config import Config, SmtpSettings
 from relay.limits import ConnectionLimits
 from relay.rewrite.headers import NOT_UTF8
 from relay.smtp import processes, trace
+from relay.smtp.delivery import AttemptListener, QueueWorker
 from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
-from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
+from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener, Submission
 from relay.smtp.upstream import Upstream, build_upstream, stuff
 from relay.store.engine import Store
 from relay.tracking.tokens import Keyring
@@ -355,7 +357,7 @@ class RelayHandler:
         self.settings = settings
         self.pipeline = pipeline
         self.logins = Logins(settings)
-        self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
+        self.deliveries: set[asyncio.Task[Submission]] = set()  # messages being sent and recorded
 
     def trusted(self, session: Session | None) -> bool:
         """Whether the client may relay: it authenticated or comes from allowed_networks."""
@@ -409,13 +411,13 @@ class RelayHandler:
                 and server.transport.get_extra_info("ssl_object") is not None,
                 utf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options)),
         )
-        delivery = asyncio.create_task(self.pipeline.process(incoming))
+        delivery = asyncio.create_task(self.pipeline.submit(incoming))
         self.deliveries.add(delivery)
         delivery.add_done_callback(self.deliveries.discard)
         # Shielded: when a client hangs up, aiosmtpd cancels its session, and a delivery cut
         # in two would leave copies at the upstream without their record, so the client's
         # retry would send them again. It goes on to the end; only the reply is lost.
-        return await asyncio.shield(delivery)
+        return (await asyncio.shield(delivery)).reply
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         """aiosmtpd's mechanism hooks (see relay/smtp/guard.py: the password check runs off
@@ -439,11 +441,19 @@ class SmtpService:
     def __init__(self, config: Config, store: Store, keyring: Keyring,
                  upstream: Upstream | None = None,
                  listeners: Sequence[MessageListener] = (),
-                 me: processes.Registered | None = None) -> None:
+                 me: processes.Registered | None = None, clock: Clock | None = None,
+                 attempt_listeners: Sequence[AttemptListener] = ()) -> None:
         self.config = config
-        self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name)
-        self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
-                                                              self.upstream, listeners, me))
+        clock = clock or Clock()
+        self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name,
+                                                   clock)
+        pipeline = MailPipeline(config, store, keyring, self.upstream, listeners, me)
+        pipeline.clock = clock.time
+        self.handler = RelayHandler(config.smtp, pipeline)
+        self.queue: QueueWorker | None = None  # queue mode's deliveries
+        if config.smtp.mode == "queue":
+            self.queue = QueueWorker(config, store, pipeline, clock, attempt_listeners)
+            pipeline.on_queued = self.queue.wake
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         self.call_limits = _call_limits(config.smtp.max_recipients)
@@ -458,6 +468,8 @@ class SmtpService:
         if settings.tls_listen is not None:
             listeners.append((settings.tls_listen, tls))
         loop = asyncio.get_running_loop()
+        if self.queue is not None:
+            self.queue.start()
         for address, implicit in listeners:
             server = await loop.create_server(
                 functools.partial(self._protocol, tls, implicit is not None),
@@ -531,6 +543,8 @@ class SmtpService:
         for delivery in late:
             delivery.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+        if self.queue is not None:
+            await self.queue.stop()
         await self.upstream.close()
         self.handler.logins.close()
 

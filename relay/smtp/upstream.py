@@ -26,7 +26,9 @@ from typing import Protocol
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
+from relay.clock import Clock
 from relay.config import UpstreamSettings
+from relay.queue.rate import TokenBucket
 
 log = logging.getLogger("relay.upstream")
 
@@ -296,8 +298,33 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def build_upstream(settings: UpstreamSettings, local_hostname: str | None = None) -> Upstream:
+class RateLimited:
+    """An upstream sent at most ``upstream.max_rate`` copies a second (relay/queue/rate.py's
+    token bucket); a copy waits for its turn before it takes a connection."""
+
+    def __init__(self, upstream: Upstream, rate: float, clock: Clock) -> None:
+        self.upstream = upstream
+        self.clock = clock
+        self.bucket = TokenBucket(rate, clock.time)
+
+    async def send(self, copy: Copy) -> dict[str, Reply]:
+        wait = self.bucket.reserve()
+        if wait > 0:
+            await self.clock.sleep(wait)
+        return await self.upstream.send(copy)
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+
+def build_upstream(settings: UpstreamSettings, local_hostname: str | None = None,
+                   clock: Clock | None = None) -> Upstream:
+    upstream: Upstream
     if settings.host:
-        return SmtpUpstream(settings, local_hostname)
-    assert settings.capture_dir is not None
-    return CaptureUpstream(settings.capture_dir)
+        upstream = SmtpUpstream(settings, local_hostname)
+    else:
+        assert settings.capture_dir is not None
+        upstream = CaptureUpstream(settings.capture_dir)
+    if settings.max_rate is not None:
+        return RateLimited(upstream, settings.max_rate, clock or Clock())
+    return upstream

@@ -4,7 +4,9 @@ Writes are grouped: callers hand a function to :meth:`Store.write` and await it;
 queued during one turn of the event loop runs in one transaction, each inside its own
 savepoint, and the awaiting callers resume only after that transaction committed. A commit in
 WAL mode with ``synchronous=NORMAL`` survives the process being killed, so "the caller got an
-answer" implies "the row is in the file". Writes run on the event loop thread: a commit of a
+answer" implies "the row is in the file"; a write that must also survive a power cut (queue
+mode's "250 = stored") asks for ``durable``, and its batch commits with ``synchronous=FULL``
+(the WAL fsync'd before the commit returns). Writes run on the event loop thread: a commit of a
 batch costs well under a millisecond, less than handing it to a worker thread would. Copying the
 WAL back into the file (checkpointing: page writes and fsyncs) is not on the loop: a
 :class:`Checkpointer` thread does it (worth ~15-25% of the tracker's throughput). Nor does the
@@ -51,6 +53,7 @@ BUSY_TIMEOUT_MS = 5000
 # A group commit that finds the write lock taken tries again after this long (Store._flush).
 LOCK_RETRY_SECONDS = 0.0005
 SQLITE_BUSY = 5
+SQLITE_FULL = 13  # the disk, or the file's page limit, is full
 WriteFn = Callable[[sqlite3.Connection], T]
 
 MIGRATIONS: dict[str, str] = {
@@ -419,6 +422,47 @@ MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX send_claims_process ON send_claims (process);
     """,
+    # Queue mode (relay/store/queue.py): each message as received with its envelope, until every
+    # recipient was delivered or given up; deliveries leased to one process at a time.
+    # queue_totals keeps the spool's size for the limits, updated in the same transactions.
+    "0052_queue": """
+        CREATE TABLE queue_messages (
+            email_id TEXT PRIMARY KEY,
+            sender TEXT NOT NULL,
+            data BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            mail_options TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            helo TEXT NOT NULL,
+            protocol TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            next_at REAL NOT NULL,
+            attempts INTEGER NOT NULL,
+            held INTEGER NOT NULL,
+            lease_owner INTEGER,
+            lease_until REAL,
+            last_reply TEXT
+        );
+        CREATE INDEX queue_messages_due ON queue_messages (held, next_at);
+        CREATE INDEX queue_messages_lease ON queue_messages (lease_owner);
+        CREATE TABLE queue_recipients (
+            email_id TEXT NOT NULL REFERENCES queue_messages (email_id) ON DELETE CASCADE,
+            recipient TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            smtp_code INTEGER,
+            reply TEXT,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (email_id, recipient)
+        );
+        CREATE TABLE queue_totals (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            messages INTEGER NOT NULL,
+            bytes INTEGER NOT NULL
+        );
+        INSERT INTO queue_totals VALUES (1, 0, 0);
+    """,
 }
 
 
@@ -558,6 +602,7 @@ class Store:
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self._locked_since: float | None = None
+        self._durable = False  # a pending write asked for an fsync'd commit
         self.lock_timeout = BUSY_TIMEOUT_MS / 1000
         self.batches = 0
         self.last_batch_size = 0
@@ -602,10 +647,13 @@ class Store:
         runs it on a reader thread."""
         return fn(self.writer)
 
-    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
-        """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit."""
+    def write(self, fn: WriteFn[T], durable: bool = False) -> asyncio.Future[T]:
+        """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit.
+        ``durable``: that commit is fsync'd (``synchronous=FULL``), so it survives a power cut,
+        not only the process being killed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
+        self._durable = self._durable or durable
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -638,6 +686,8 @@ class Store:
         for hook in self._flush_hooks:
             hook()
         try:
+            if self._durable:
+                self.writer.execute("PRAGMA synchronous=FULL")
             self._begin(wait)
         except sqlite3.OperationalError as exc:
             if not wait and _is_busy(exc) and self._keep_trying():
@@ -647,7 +697,10 @@ class Store:
                 return
             self._fail(self._take_pending(), exc)
             return
-        self._commit(self._take_pending())
+        try:
+            self._commit(self._take_pending())
+        finally:
+            self.writer.execute("PRAGMA synchronous=NORMAL")
 
     def _begin(self, wait: bool) -> None:
         if wait:
@@ -667,6 +720,7 @@ class Store:
 
     def _take_pending(self) -> list[tuple[WriteFn[Any], asyncio.Future[Any]]]:
         self._locked_since = None
+        self._durable = False
         batch, self._pending = self._pending, []
         return batch
 
@@ -708,6 +762,8 @@ def _in_savepoint(conn: sqlite3.Connection, fn: WriteFn[Any]) -> tuple[bool, Any
     try:
         value = fn(conn)
     except Exception as exc:  # one caller's failure must not undo the others' writes
+        if not conn.in_transaction:
+            raise  # SQLite rolled the whole transaction back (a full disk): the batch fails
         conn.execute("ROLLBACK TO write")
         conn.execute("RELEASE write")
         return False, exc

@@ -29,8 +29,10 @@ class NewMessage(NamedTuple):
     process: int | None  # a row of processes
 
 
+# A queued message's later attempts find its row there already.
 _INSERT = (f"INSERT INTO messages ({', '.join(NewMessage._fields)}) "
-           f"VALUES ({', '.join('?' * len(NewMessage._fields))})")
+           f"VALUES ({', '.join('?' * len(NewMessage._fields))})"
+           " ON CONFLICT (email_id) DO NOTHING")
 # Marking the recipients of a process's messages in one status: from the (status, email_id)
 # index of recipients, so it reads the few rows in flight, not the store.
 MARK = ("UPDATE recipients SET status = ?, reply = ?, at = ? WHERE status = ? AND "

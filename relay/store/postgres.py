@@ -359,9 +359,10 @@ class PgStore:
         """``hook()`` runs (in the writer thread) when a batch is rolled back to run again."""
         self._rollback_hooks.append(hook)
 
-    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+    def write(self, fn: WriteFn[T], durable: bool = False) -> asyncio.Future[T]:
         """Queue ``fn(conn)`` for the next group commit; the future resolves after the commit.
-        ``fn`` runs in the writer thread: it must not touch the loop's objects."""
+        ``fn`` runs in the writer thread: it must not touch the loop's objects. ``durable``:
+        every commit here is (PostgreSQL's ``synchronous_commit`` defaults to on)."""
         future: asyncio.Future[T] = self._loop.create_future()
         self._pending.append((fn, future))
         if not self._flush_scheduled:

@@ -1,0 +1,18 @@
+"""Time as the relay's time-dependent parts see it: one object to read the time and to wait,
+so tests drive queue retries, expiry and rate limits with a clock of their own
+(tests/clock.py) instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class Clock:
+    """The real clock: Unix time, and ``asyncio.sleep``."""
+
+    def time(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)

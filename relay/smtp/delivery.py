@@ -1,0 +1,216 @@
+"""Queue mode's delivery worker: takes due messages from the queue (leased to this process),
+sends each through the pipeline as proxy mode would, and records per recipient what the
+upstream said (relay/queue/schedule.py judges it) in the transaction that records the
+attempt.
+
+At most ``upstream.pool_size`` messages are in delivery at once per process (the upstream pool
+holds as many connections); the rate is the upstream's (``upstream.max_rate``, relay/smtp/
+upstream.py ``RateLimited``). A lease lasts :data:`LEASE_SECONDS`; at start the leases of
+relay processes that no longer run (``kill -9``) are handed back at once, and a stop hands
+back this process's own after the attempts in progress ended.
+
+The one window where a recipient can get a copy twice is every MTA's: between the upstream's
+``250`` and the commit that records it (one group commit, as in proxy mode); a process killed
+there leaves its lease, and the next attempt sends again the copies whose answer was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from relay import metrics
+from relay.clock import Clock
+from relay.config import Config
+from relay.queue import schedule
+from relay.smtp import processes
+from relay.smtp.pipeline import Incoming, MailPipeline, Outcome
+from relay.store import queue
+from relay.store.engine import Store
+
+log = logging.getLogger("relay.queue")
+
+LEASE_SECONDS = 600.0
+# How often the store is looked at when nothing here woke the worker (messages queued by
+# another process, or due at a time this process did not know of).
+POLL_SECONDS = 1.0
+# How long a stop waits for the attempts in progress.
+STOP_SECONDS = 30.0
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One recipient's attempt: the upstream's reply and the verdict on it."""
+
+    recipient: str
+    code: int
+    reply: str
+    verdict: schedule.Verdict
+    attempt: int  # 1 for the first
+
+    def result(self) -> queue.Result:
+        state = {schedule.SENT: queue.SENT, schedule.RETRY: queue.QUEUED,
+                 schedule.BOUNCED: queue.BOUNCED}[self.verdict.state]
+        return queue.Result(self.recipient, state, self.code, self.reply)
+
+
+# Called in the attempt's transaction with the message and each recipient's verdict (the
+# webhook outbox: email.delayed, email.bounced).
+AttemptListener = Callable[[sqlite3.Connection, queue.Queued, Sequence[Judged]], None]
+
+
+class QueueWorker:
+    def __init__(self, config: Config, store: Store, pipeline: MailPipeline,
+                 clock: Clock | None = None,
+                 listeners: Sequence[AttemptListener] = ()) -> None:
+        self.config = config
+        self.store = store
+        self.pipeline = pipeline
+        self.clock = clock or Clock()
+        self.listeners = tuple(listeners)
+        self.owner = pipeline.me.id
+        self.concurrency = config.upstream.pool_size
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Take no more messages, let the attempts in progress end (cancelled after
+        :data:`STOP_SECONDS`), and hand back this process's leases."""
+        self._stopping = True
+        self.wake()
+        if self._task is not None:
+            await self._task
+        if self._attempts:
+            done, late = await asyncio.wait(self._attempts, timeout=STOP_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        try:
+            await self.store.write(lambda conn: queue.release(conn, self.owner))
+        except Exception:
+            log.exception("queue leases not handed back (they run out by themselves)")
+
+    async def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.write(self._release_dead)
+        while not self._stopping:
+            try:
+                taken = await self._claim()
+            except Exception:
+                log.exception("queue: due messages could not be taken")
+                taken = []
+            for message in taken:
+                task = asyncio.create_task(self._attempt(message))
+                self._attempts.add(task)
+                task.add_done_callback(self._ended)
+            if self._stopping:
+                return
+            await self._idle(full=len(self._attempts) >= self.concurrency)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._attempts.discard(task)
+        self.wake()
+
+    async def _claim(self) -> list[queue.Queued]:
+        free = self.concurrency - len(self._attempts)
+        if free <= 0:
+            return []
+        now = self.clock.time()
+        return await self.store.write(
+            lambda conn: queue.claim(conn, self.owner, now, now + LEASE_SECONDS, free))
+
+    async def _idle(self, full: bool) -> None:
+        """Wait for a wake-up (a message queued here, an attempt ended), the next due
+        message, or the poll interval, whichever comes first."""
+        wait = POLL_SECONDS
+        if not full:
+            at = self.clock.time()
+            due = await self.store.read(lambda conn: queue.next_due(conn, at))
+            if due is not None:  # the time again: the clock may have moved during the read
+                wait = min(wait, max(0.0, due - self.clock.time()))
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        woken = asyncio.ensure_future(self._wake.wait())
+        timer = asyncio.ensure_future(self.clock.sleep(wait))
+        try:
+            await asyncio.wait([woken, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
+        self._wake.clear()
+
+    def _release_dead(self, conn: sqlite3.Connection) -> None:
+        """Hand back the leases of relay processes that no longer run (relay/smtp/processes.py
+        tells, and forgets them)."""
+        now = self.clock.time()
+        owners = queue.lease_owners(conn, now)
+        alive = set(processes.running(conn, owners, processes.current(), now))
+        for owner in owners:
+            if owner not in alive:
+                count = queue.release(conn, owner)
+                log.warning("queue: %d message(s) leased by stopped relay process %s handed "
+                            "back", count, owner)
+
+    async def _attempt(self, message: queue.Queued) -> None:
+        incoming = Incoming(message.sender, message.recipients, message.data,
+                            message.mail_options, message.peer, message.helo, message.protocol,
+                            received_at=message.received_at)
+        recorded: list[bool] = []
+
+        def settle(conn: sqlite3.Connection, outcome: Outcome) -> None:
+            recorded.append(self._settle(conn, message, outcome))
+
+        outcome = await self.pipeline.deliver(incoming, message.email_id, settle)
+        if not recorded:  # nothing recorded: tried again later, not counted as an attempt
+            retry_at = self.clock.time() + self.config.queue.retry_seconds[0]
+            log.warning("%s attempt not recorded%s; tried again at the next retry",
+                        message.email_id, "" if outcome is None else " (store unavailable)")
+            with contextlib.suppress(Exception):
+                await self.store.write(lambda conn: queue.release(
+                    conn, self.owner, [message.email_id], retry_at))
+
+    def _settle(self, conn: sqlite3.Connection, message: queue.Queued, outcome: Outcome
+                ) -> bool:
+        now = self.clock.time()
+        judged = self.judge(message, outcome, now)
+        retries = [j.verdict.next_at for j in judged if j.verdict.next_at is not None]
+        next_at = min(retries) if retries else now
+        done = queue.record_attempt(conn, message.email_id, self.owner,
+                                    [j.result() for j in judged], next_at, now)
+        for listener in self.listeners:
+            listener(conn, message, judged)
+        for j in judged:
+            metrics.QUEUE_DELIVERIES.labels(j.verdict.bounce_type or j.verdict.state).inc()
+        log.info("%s attempt %d: %s%s", message.email_id, message.attempts + 1,
+                 ", ".join(f"{j.recipient} {j.verdict.bounce_type or j.verdict.state}"
+                           for j in judged), " (done)" if done else "")
+        return True
+
+    def judge(self, message: queue.Queued, outcome: Outcome, now: float) -> list[Judged]:
+        """Each recipient's verdict; one reached by an earlier try (a duplicate) is sent."""
+        failures = message.attempts + 1
+        judged = []
+        for recipient in message.recipients:
+            if recipient in outcome.duplicates:
+                code, text = 250, "2.0.0 already delivered"
+            elif recipient in outcome.replies:
+                reply = outcome.replies[recipient]
+                code, text = reply.code, reply.text
+            else:  # not tried (cannot happen short of a bug): tried again
+                code, text = 451, "4.3.0 not tried"
+            verdict = schedule.judge(code, text, failures, now, message.expires_at,
+                                     self.config.queue.retry_seconds)
+            judged.append(Judged(recipient, code, f"{code} {text}", verdict, failures))
+        return judged

@@ -1,0 +1,197 @@
+"""The queue's tables (migration ``0050_queue``): messages as received, each recipient's state,
+and the spool's totals. Named functions of a connection, in the SQL SQLite and PostgreSQL
+share, run inside the caller's transaction.
+
+A message leaves the queue (its row and its bytes) once no recipient is ``queued``: each was
+``sent`` or ``bounced`` (given up). Deliveries are leased: :func:`claim` takes due messages for
+one process in a single ``UPDATE ... RETURNING`` whose condition re-checks the lease, so two
+processes (or nodes, on a shared store) never take the same message at once; a lease that ran
+out (its holder died) is taken over by the next claim.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+QUEUED = "queued"
+SENT = "sent"
+BOUNCED = "bounced"
+
+# Message states as listed (relay queue list --state): derived, not stored.
+MESSAGE_STATES = ("waiting", "deferred", "sending", "held")
+_STATE = ("CASE WHEN held = 1 THEN 'held' WHEN lease_until > ? THEN 'sending'"
+          " WHEN attempts > 0 THEN 'deferred' ELSE 'waiting' END")
+
+
+class QueueFull(Exception):
+    """The spool holds ``queue.max_messages`` messages or ``queue.max_bytes`` already."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to keep: its envelope, its bytes as received (CRLF, dot-unstuffed) and what
+    the ``Received:`` line of its copies says about the client."""
+
+    email_id: str
+    sender: str
+    recipients: Sequence[str]
+    data: bytes
+    mail_options: Sequence[str]
+    peer: str
+    helo: str
+    protocol: str
+    received_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A message taken for a delivery attempt, with the recipients still to reach."""
+
+    email_id: str
+    sender: str
+    recipients: list[str]
+    data: bytes
+    mail_options: list[str]
+    peer: str
+    helo: str
+    protocol: str
+    received_at: float
+    expires_at: float
+    attempts: int  # made before this one
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What one attempt did for one recipient: its new state and the upstream's reply."""
+
+    recipient: str
+    state: str  # QUEUED (try again), SENT or BOUNCED
+    smtp_code: int | None
+    reply: str
+
+
+def enqueue(conn: sqlite3.Connection, m: NewMessage, max_messages: int, max_bytes: int
+            ) -> None:
+    """Keep ``m`` due at once, or raise :class:`QueueFull` (nothing written)."""
+    messages, size = conn.execute(
+        "SELECT messages, bytes FROM queue_totals WHERE id = 1").fetchone()
+    if messages + 1 > max_messages or size + len(m.data) > max_bytes:
+        raise QueueFull(f"{messages} messages, {size} bytes queued")
+    conn.execute(
+        "INSERT INTO queue_messages (email_id, sender, data, size, mail_options, peer, helo,"
+        " protocol, received_at, expires_at, next_at, attempts, held)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+        (m.email_id, m.sender, m.data, len(m.data), json.dumps(list(m.mail_options)), m.peer,
+         m.helo, m.protocol, m.received_at, m.expires_at, m.received_at))
+    conn.executemany(
+        "INSERT INTO queue_recipients (email_id, recipient, state, attempts, updated_at)"
+        " VALUES (?, ?, ?, 0, ?)",
+        [(m.email_id, r, QUEUED, m.received_at) for r in m.recipients])
+    conn.execute("UPDATE queue_totals SET messages = messages + 1, bytes = bytes + ?"
+                 " WHERE id = 1", (len(m.data),))
+
+
+def claim(conn: sqlite3.Connection, owner: int, now: float, lease_until: float, limit: int
+          ) -> list[Queued]:
+    """Lease up to ``limit`` due messages (not held, not leased by a live lease) to ``owner``
+    until ``lease_until``; oldest due first."""
+    rows = conn.execute(
+        "UPDATE queue_messages SET lease_owner = ?, lease_until = ?"
+        " WHERE email_id IN (SELECT email_id FROM queue_messages"
+        "   WHERE held = 0 AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+        "   ORDER BY next_at LIMIT ?)"
+        " AND held = 0 AND (lease_until IS NULL OR lease_until < ?)"
+        " RETURNING email_id, sender, data, mail_options, peer, helo, protocol, received_at,"
+        " expires_at, attempts",
+        (owner, lease_until, now, now, limit, now)).fetchall()
+    taken = []
+    for email_id, sender, data, options, peer, helo, protocol, received, expires, tries in rows:
+        recipients = [r for (r,) in conn.execute(
+            "SELECT recipient FROM queue_recipients WHERE email_id = ? AND state = ?"
+            " ORDER BY recipient", (email_id, QUEUED))]
+        taken.append(Queued(email_id, sender, recipients, bytes(data), json.loads(options),
+                            peer, helo, protocol, received, expires, tries))
+    return taken
+
+
+def record_attempt(conn: sqlite3.Connection, email_id: str, owner: int,
+                   results: Sequence[Result], next_at: float, now: float) -> bool:
+    """Store one attempt's results and let go of the lease; the message leaves the queue
+    when no recipient is left to try (returns True then). Nothing is written if ``owner``
+    no longer holds the lease (it ran out and another process took the message): that
+    process's attempt is the one that counts."""
+    held = conn.execute("SELECT 1 FROM queue_messages WHERE email_id = ? AND lease_owner = ?",
+                        (email_id, owner)).fetchone()
+    if held is None:
+        return False
+    conn.executemany(
+        "UPDATE queue_recipients SET state = ?, attempts = attempts + 1, smtp_code = ?,"
+        " reply = ?, updated_at = ? WHERE email_id = ? AND recipient = ? AND state = ?",
+        [(r.state, r.smtp_code, r.reply, now, email_id, r.recipient, QUEUED) for r in results])
+    last = next((r.reply for r in results if r.state != SENT), None)
+    conn.execute(
+        "UPDATE queue_messages SET attempts = attempts + 1, next_at = ?, lease_owner = NULL,"
+        " lease_until = NULL, last_reply = coalesce(?, last_reply) WHERE email_id = ?",
+        (next_at, last, email_id))
+    return _remove_if_done(conn, email_id)
+
+
+def _remove_if_done(conn: sqlite3.Connection, email_id: str) -> bool:
+    left = conn.execute("SELECT 1 FROM queue_recipients WHERE email_id = ? AND state = ?"
+                        " LIMIT 1", (email_id, QUEUED)).fetchone()
+    if left is not None:
+        return False
+    return delete(conn, email_id)
+
+
+def delete(conn: sqlite3.Connection, email_id: str) -> bool:
+    """Remove a message from the queue (its recipients go with it: ON DELETE CASCADE);
+    False when it is not there."""
+    row = conn.execute("DELETE FROM queue_messages WHERE email_id = ? RETURNING size",
+                       (email_id,)).fetchone()
+    if row is None:
+        return False
+    conn.execute("UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?"
+                 " WHERE id = 1", (row[0],))
+    return True
+
+
+def release(conn: sqlite3.Connection, owner: int, email_ids: Sequence[str] | None = None,
+            next_at: float | None = None) -> int:
+    """Hand back ``owner``'s leases (all, or those of ``email_ids``), due at ``next_at``
+    (unchanged when None); returns how many."""
+    sql = ("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL,"
+           " next_at = coalesce(?, next_at) WHERE lease_owner = ?")
+    params: list[object] = [next_at, owner]
+    if email_ids is not None:
+        if not email_ids:
+            return 0
+        sql += f" AND email_id IN ({','.join('?' * len(email_ids))})"
+        params += email_ids
+    return conn.execute(sql, params).rowcount
+
+
+def lease_owners(conn: sqlite3.Connection, now: float) -> list[int]:
+    """The processes (rows of ``processes``, or gone from it) holding leases at ``now``."""
+    return [owner for (owner,) in conn.execute(
+        "SELECT DISTINCT lease_owner FROM queue_messages WHERE lease_until >= ?", (now,))]
+
+
+def next_due(conn: sqlite3.Connection, now: float) -> float | None:
+    """When the next message not held can be taken: when it is due, or for one leased now,
+    when its lease runs out (None: nothing to wait for)."""
+    row = conn.execute(
+        "SELECT min(CASE WHEN lease_until >= ? THEN lease_until ELSE next_at END)"
+        " FROM queue_messages WHERE held = 0", (now,)).fetchone()
+    return row[0]
+
+
+def totals(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(messages, bytes) queued."""
+    messages, size = conn.execute("SELECT messages, bytes FROM queue_totals WHERE id = 1"
+                                  ).fetchone()
+    return messages, size

@@ -1,0 +1,290 @@
+"""Queue mode end to end: real SMTP in (smtplib), a real upstream that fails on demand, the
+relay's own SQLite file, time driven by a manual clock (tests/clock.py)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import re
+import signal
+import smtplib
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.clock import ManualClock
+from tests.e2e.test_app import start, wait_for_port
+from tests.harness import free_port, wait_until
+
+QUEUE = {"smtp": {"mode": "queue"}}
+
+
+def message(n: int = 0, extra: str = "") -> bytes:
+    return (f"From: shop@shop.example\r\nTo: a@example.org\r\nSubject: order {n}\r\n"
+            f"Message-ID: <order-{n}@shop.example>\r\n{extra}\r\nYour order {n}.\r\n").encode()
+
+
+def send(relay, recipients=("a@example.org",), data: bytes | None = None) -> tuple[int, str]:
+    """The relay's reply to DATA (code, text)."""
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("shop@shop.example")
+        for r in recipients:
+            client.rcpt(r)
+        code, text = client.data(data or message())
+        return code, text.decode()
+
+
+def queue_rows(relay, sql: str, params=()) -> list[tuple]:
+    with sqlite3.connect(relay.config.store.path) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def queued(relay) -> int:
+    return queue_rows(relay, "SELECT count(*) FROM queue_messages")[0][0]
+
+
+def attempts(relay, recipient: str) -> int:
+    rows = queue_rows(relay, "SELECT attempts FROM queue_recipients WHERE recipient = ?",
+                      (recipient,))
+    return rows[0][0] if rows else -1
+
+
+def test_250_means_stored_then_delivered(make_relay, upstream):
+    relay = make_relay(QUEUE, upstream=upstream)
+    code, text = send(relay, ["a@example.org", "b@example.org"])
+    assert code == 250 and "queued as email_" in text
+    wait_until(lambda: len(upstream.received) == 1, what="delivery")
+    assert sorted(upstream.received[0].rcpt_tos) == ["a@example.org", "b@example.org"]
+    assert upstream.received[0].data.endswith(message())  # below the Received line
+    wait_until(lambda: queued(relay) == 0, what="the queue emptied")
+    assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
+    email_id = text.split()[-1]
+    statuses = queue_rows(relay, "SELECT recipient, status FROM recipients WHERE email_id = ?",
+                          (email_id,))
+    assert sorted(statuses) == [("a@example.org", "sent"), ("b@example.org", "sent")]
+
+
+def test_a_malformed_control_header_is_refused_before_it_is_stored(make_relay, upstream):
+    relay = make_relay(QUEUE, upstream=upstream)
+    code, text = send(relay, data=message(extra="X-Anypost-Track-Opens: maybe\r\n"))
+    assert code == 550 and "X-Anypost-Track-Opens" in text
+    assert queued(relay) == 0
+
+
+def test_a_temporary_failure_is_retried_on_the_schedule(make_relay, upstream):
+    clock = ManualClock()
+    relay = make_relay({**QUEUE, "queue": {"retry_seconds": [60, 300]}}, upstream=upstream,
+                       clock=clock)
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    assert send(relay)[0] == 250
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the first attempt")
+    clock.advance(relay.loops, 59)
+    assert attempts(relay, "a@example.org") == 1  # not due yet
+    clock.advance(relay.loops, 1)
+    wait_until(lambda: attempts(relay, "a@example.org") == 2, what="the second attempt")
+    upstream.handler.data_reply = None
+    clock.advance(relay.loops, 299)
+    assert attempts(relay, "a@example.org") == 2
+    clock.advance(relay.loops, 1)
+    wait_until(lambda: len(upstream.received) == 1, what="delivery on the third attempt")
+    wait_until(lambda: queued(relay) == 0, what="the queue emptied")
+
+
+def test_a_wait_named_in_the_reply_is_followed(make_relay, upstream):
+    clock = ManualClock()
+    relay = make_relay(QUEUE, upstream=upstream, clock=clock)
+    upstream.handler.data_reply = "454 4.7.0 Throttling: try again in 5 seconds"
+    assert send(relay)[0] == 250
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the first attempt")
+    upstream.handler.data_reply = None
+    clock.advance(relay.loops, 5)
+    wait_until(lambda: len(upstream.received) == 1, what="delivery 5 seconds later")
+
+
+def test_a_5xx_recipient_is_given_up_while_the_others_are_delivered(make_relay, upstream):
+    relay = make_relay(QUEUE, upstream=upstream)
+    upstream.handler.refuse["nobody@example.org"] = "550 5.1.1 No such user"
+    assert send(relay, ["a@example.org", "nobody@example.org"])[0] == 250
+    wait_until(lambda: queued(relay) == 0, what="the queue emptied")
+    assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"]]
+
+
+def test_a_message_never_accepted_expires(make_relay, upstream):
+    clock = ManualClock()
+    relay = make_relay({**QUEUE, "queue": {"retry_seconds": [600], "max_age_hours": 0.5}},
+                       upstream=upstream, clock=clock)
+    upstream.handler.data_reply = "421 4.4.2 upstream down"
+    assert send(relay)[0] == 250
+    for attempt in (1, 2, 3):
+        wait_until(lambda a=attempt: attempts(relay, "a@example.org") == a,
+                   what=f"attempt {attempt}")
+        clock.advance(relay.loops, 600)
+    # the fourth attempt is at the expiry (30 minutes), and fails: given up
+    wait_until(lambda: queued(relay) == 0, what="the message given up")
+    assert upstream.received == []
+
+
+def test_a_full_queue_answers_452_and_keeps_nothing(make_relay, upstream):
+    relay = make_relay({**QUEUE, "queue": {"max_messages": 1}}, upstream=upstream,
+                       clock=ManualClock())
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    assert send(relay)[0] == 250
+    code, text = send(relay, data=message(1))
+    assert code == 452 and "queue is full" in text
+    assert queue_rows(relay, "SELECT count(*), sum(size) FROM queue_messages") == \
+        queue_rows(relay, "SELECT messages, bytes FROM queue_totals")
+    assert queued(relay) == 1
+
+
+def test_max_bytes_bounds_the_queue(make_relay, upstream):
+    relay = make_relay({**QUEUE, "queue": {"max_bytes": len(message()) + 10}},
+                       upstream=upstream, clock=ManualClock())
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    assert send(relay)[0] == 250
+    assert send(relay, data=message(1))[0] == 452
+
+
+def test_a_full_disk_answers_452_and_keeps_nothing(make_relay, upstream):
+    relay = make_relay(QUEUE, upstream=upstream)
+    writer = relay.services.store.writer
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as on a full disk
+    big = message() + (b"y" * 70 + b"\r\n") * 3000  # more than the free pages hold
+    code, text = send(relay, data=big)
+    assert code == 452 and "Insufficient storage" in text
+    writer.execute("PRAGMA max_page_count = 1073741823")
+    assert queued(relay) == 0
+    assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
+    assert send(relay)[0] == 250  # and it takes mail again once there is room
+
+
+def test_a_store_that_cannot_be_written_answers_451(make_relay, upstream):
+    relay = make_relay(QUEUE, upstream=upstream)
+    relay.services.store.lock_timeout = 0.2
+    blocker = sqlite3.connect(relay.config.store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        code, text = send(relay)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert code == 451
+    assert queued(relay) == 0
+    assert upstream.received == []
+
+
+def test_max_rate_spaces_the_deliveries(make_relay, upstream):
+    clock = ManualClock()
+    relay = make_relay({**QUEUE, "upstream": {"max_rate": 2.0}}, upstream=upstream,
+                       clock=clock)
+    for n in range(6):
+        assert send(relay, data=message(n))[0] == 250
+    wait_until(lambda: len(upstream.received) == 1, what="the first delivery")
+    for step in range(1, 6):
+        clock.advance(relay.loops, 0.5)
+        wait_until(lambda s=step: len(upstream.received) == 1 + s, what=f"delivery {step}")
+        assert len(upstream.received) == 1 + step  # one more per half second, never two
+    wait_until(lambda: queued(relay) == 0, what="the queue emptied")
+
+
+@pytest.mark.parametrize("mode", ["proxy", "queue"])
+def test_an_unknown_mode_or_bad_queue_setting_names_the_key(tmp_path, mode):
+    from relay import config as config_module
+    from relay.errors import ConfigError
+    from tests.harness import base_settings
+    settings = base_settings(tmp_path)
+    settings["smtp"]["mode"] = mode
+    assert config_module.parse(settings, "t.toml", tmp_path).smtp.mode == mode
+    settings["smtp"]["mode"] = "spool"
+    with pytest.raises(ConfigError, match=r"t\.toml: smtp\.mode: expected one of proxy, queue"):
+        config_module.parse(settings, "t.toml", tmp_path)
+    settings["smtp"]["mode"] = mode
+    settings["queue"] = {"retry_seconds": [60, 0]}
+    with pytest.raises(ConfigError, match=r"queue\.retry_seconds"):
+        config_module.parse(settings, "t.toml", tmp_path)
+    settings["queue"] = {}
+    settings["upstream"] = {"max_rate": 0}
+    with pytest.raises(ConfigError, match=r"upstream\.max_rate: must be greater than 0"):
+        config_module.parse(settings, "t.toml", tmp_path)
+
+
+def test_kill_9_under_load_loses_no_message_that_got_250(tmp_path, upstream):
+    """Many sessions send while the upstream is down; the relay is killed with SIGKILL among
+    them and started again: every message answered 250 reaches every recipient once, and
+    none is delivered twice."""
+    config = tmp_path / "relay.toml"
+    port = free_port()
+    config.write_text(f"""
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "relay.test"
+mode = "queue"
+[queue]
+retry_seconds = [0.2]
+[upstream]
+host = "127.0.0.1"
+port = {upstream.port}
+tls = "none"
+[http]
+listen = "127.0.0.1:{free_port()}"
+[store]
+url = "sqlite:///relay.db"
+""")
+    upstream.handler.data_reply = "451 4.3.2 upstream down"
+    process = start("smtp", config)
+    accepted: list[int] = []
+    enough = threading.Event()
+    counter = itertools.count()
+
+    def client() -> None:
+        while True:
+            n = next(counter)
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                    code = smtp.sendmail("shop@shop.example", ["a@example.org", "b@example.org"],
+                                        message(n)) == {}
+            except (OSError, smtplib.SMTPException):
+                return  # the relay died under this session
+            if code:
+                accepted.append(n)
+            if len(accepted) >= 60:
+                enough.set()
+
+    try:
+        wait_for_port(port, process)
+        with ThreadPoolExecutor(8) as pool:
+            sessions = [pool.submit(client) for _ in range(8)]
+            assert enough.wait(60), "the relay never accepted 60 messages"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+            for session in sessions:
+                session.result(60)
+        assert upstream.received == []  # nothing left before the kill
+        upstream.handler.data_reply = None
+        process = start("smtp", config)
+        wait_for_port(port, process)
+        subjects = set(accepted)
+        wait_until(lambda: subjects <= delivered(upstream), timeout=60,
+                   what="every accepted message delivered")
+        with sqlite3.connect(tmp_path / "relay.db") as db:
+            wait_until(lambda: db.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+                       == 0, timeout=60, what="the queue emptied")
+    finally:
+        process.terminate()
+        process.wait(30)
+    copies = collections.Counter((order(r.data), rcpt) for r in upstream.received
+                                 for rcpt in r.rcpt_tos)
+    assert max(copies.values()) == 1, "a recipient got a message twice"
+    assert {(n, r) for n in accepted for r in ("a@example.org", "b@example.org")} <= set(copies)
+
+
+def order(data: bytes) -> int:
+    return int(re.search(rb"Subject: order (\d+)", data).group(1))
+
+
+def delivered(upstream) -> set[int]:
+    return {order(r.data) for r in upstream.received}
