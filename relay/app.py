@@ -20,7 +20,7 @@ from relay.clock import Clock
 from relay.config import Address, Config
 from relay.http_site import GuardedSite, ServerLog
 from relay.limits import ConnectionLimits
-from relay.smtp import processes
+from relay.smtp import delivery, processes
 from relay.smtp.delivery import AttemptListener
 from relay.smtp.pipeline import MessageListener
 from relay.stats.breakdown import Breakdown
@@ -70,6 +70,7 @@ async def running(
     services = Services(store, keyring)
     stop_rules = await seeding.start(store, config, recheck=http)
     stop_retention = retention.start(config.store, config.retention.days if http else 0)
+    delivery.publish_metrics(store, clock or Clock())  # after seeding's (dnscheck)
     rollup = Rollup()
     services.event_listeners.append(rollup)
     services.message_listeners.append(rollup.on_message)
@@ -112,6 +113,7 @@ async def running(
         await stop_rules()
         await stop_retention()
         await webhooks.stop()
+        delivery.publish_metrics(None, clock or Clock())
         await store.close()
         restore_handler()
 

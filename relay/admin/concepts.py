@@ -12,6 +12,7 @@ from relay.admin import (
     apikeys,
     domains,
     messages,
+    queue,
     retention,
     settings,
     stats,
@@ -44,6 +45,7 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("retention", retention.OPERATIONS, retention.add_commands),
     Concept("dashboard users", (), users.add_commands),
     Concept("the store", (), store_admin.add_commands),
+    Concept("queue", queue.OPERATIONS, queue.add_commands),
 )
 
 

@@ -22,6 +22,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from relay import metrics
 from relay.clock import Clock
@@ -214,3 +215,29 @@ class QueueWorker:
                                      self.config.queue.retry_seconds)
             judged.append(Judged(recipient, code, f"{code} {text}", verdict, failures))
         return judged
+
+
+def publish_metrics(store: Store | None, clock: Clock) -> None:
+    """The queue's gauges, read from ``store`` before each scrape (None: zero, once it
+    closed)."""
+    metrics.BEFORE_SCRAPE[:] = [f for f in metrics.BEFORE_SCRAPE
+                                if getattr(f, "func", None) is not _read_gauges]
+    if store is not None:
+        metrics.BEFORE_SCRAPE.append(partial(_read_gauges, store, clock))
+        return
+    for gauge in (metrics.QUEUE_MESSAGES, metrics.QUEUE_BYTES, metrics.QUEUE_OLDEST_SECONDS):
+        gauge.set(0)
+
+
+async def _read_gauges(store: Store, clock: Clock) -> None:
+    """The gauges keep their last values while the store cannot be read."""
+    try:
+        (count, size), received = await store.read(
+            lambda conn: (queue.totals(conn), queue.oldest(conn)))
+    except Exception as exc:
+        log.warning("queue not measured for /metrics: %s", exc)
+        return
+    metrics.QUEUE_MESSAGES.set(count)
+    metrics.QUEUE_BYTES.set(size)
+    metrics.QUEUE_OLDEST_SECONDS.set(0.0 if received is None else
+                                     max(0.0, clock.time() - received))

@@ -15,6 +15,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 QUEUED = "queued"
 SENT = "sent"
@@ -195,3 +196,61 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
     messages, size = conn.execute("SELECT messages, bytes FROM queue_totals WHERE id = 1"
                                   ).fetchone()
     return messages, size
+
+
+def oldest(conn: sqlite3.Connection) -> float | None:
+    """When the oldest message in the queue was received (None: the queue is empty)."""
+    return conn.execute("SELECT min(received_at) FROM queue_messages").fetchone()[0]
+
+
+_LISTED = ("email_id, sender, size, received_at, expires_at, next_at, attempts, last_reply, "
+           + _STATE + " AS state, (SELECT count(*) FROM queue_recipients r"
+           " WHERE r.email_id = q.email_id AND r.state = 'queued') AS waiting")
+
+
+def listing(conn: sqlite3.Connection, now: float, state: str | None, after: str | None,
+            limit: int) -> list[dict[str, Any]]:
+    """Queued messages oldest first (by email id, which orders by time), from after the email
+    id ``after``, in ``state`` (one of :data:`MESSAGE_STATES`) when given."""
+    sql = f"SELECT * FROM (SELECT {_LISTED} FROM queue_messages q) AS m WHERE email_id > ?"
+    params: list[object] = [now, after or ""]
+    if state is not None:
+        sql += " AND state = ?"
+        params.append(state)
+    return _rows(conn, sql + " ORDER BY email_id LIMIT ?", [*params, limit])
+
+
+def message(conn: sqlite3.Connection, email_id: str, now: float
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """One queued message as :func:`listing` has it, and its recipients; None if not queued."""
+    found = _rows(conn, f"SELECT {_LISTED} FROM queue_messages q WHERE email_id = ?",
+                  [now, email_id])
+    if not found:
+        return None
+    recipients = _rows(conn, "SELECT recipient, state, attempts, smtp_code, reply, updated_at"
+                             " FROM queue_recipients WHERE email_id = ? ORDER BY recipient",
+                       [email_id])
+    return found[0], recipients
+
+
+def retry_now(conn: sqlite3.Connection, email_id: str | None, now: float) -> int:
+    """Make one message (None: every message) due now, unless held; returns how many."""
+    sql = "UPDATE queue_messages SET next_at = ? WHERE held = 0"
+    params: list[object] = [now]
+    if email_id is not None:
+        sql += " AND email_id = ?"
+        params.append(email_id)
+    return conn.execute(sql, params).rowcount
+
+
+def set_held(conn: sqlite3.Connection, email_id: str, held: bool) -> bool:
+    """Hold a message (no delivery attempt until released) or release it; False when it is
+    not queued. An attempt already in progress ends as it would have."""
+    return conn.execute("UPDATE queue_messages SET held = ? WHERE email_id = ?",
+                        (int(held), email_id)).rowcount > 0
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[dict[str, Any]]:
+    cursor = conn.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from relay import cli
+from tests.clients import api_key, call
 from tests.clock import ManualClock
 from tests.e2e.test_app import start, wait_for_port
 from tests.harness import free_port, wait_until
@@ -288,3 +291,66 @@ def order(data: bytes) -> int:
 
 def delivered(upstream) -> set[int]:
     return {order(r.data) for r in upstream.received}
+
+
+def test_operators_list_hold_release_retry_and_delete_over_the_api(make_relay, upstream):
+    clock = ManualClock()
+    relay = make_relay(QUEUE, upstream=upstream, http=True, clock=clock)
+    key = api_key(relay)
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    first = send(relay, data=message(1))[1].split()[-1]
+    second = send(relay, data=message(2))[1].split()[-1]
+    wait_until(lambda: attempts(relay, "a@example.org") == 1
+               and len(queue_rows(relay, "SELECT 1 FROM queue_messages WHERE attempts = 1"))
+               == 2, what="both tried once")
+    status, body = call(relay, key, "GET", "/queue")
+    assert status == 200
+    assert [m["email_id"] for m in body["messages"]] == [first, second]
+    assert body["totals"]["messages"] == 2
+    assert {m["state"] for m in body["messages"]} == {"deferred"}
+    assert body["messages"][0]["last_reply"] == "451 4.3.0 upstream busy"
+    assert call(relay, key, "GET", "/queue?limit=1")[1]["next_cursor"] == first
+    assert call(relay, key, "GET", "/queue?state=bogus")[0] == 400
+
+    assert call(relay, key, "POST", f"/queue/{first}/hold")[0] == 200
+    status, shown = call(relay, key, "GET", f"/queue/{first}")
+    assert shown["state"] == "held"
+    assert shown["recipients"][0]["reply"] == "451 4.3.0 upstream busy"
+    assert call(relay, key, "GET", "/queue?state=held")[1]["messages"][0]["email_id"] == first
+
+    upstream.handler.data_reply = None
+    assert call(relay, key, "POST", "/queue/retry")[1] == {"changed": 1}  # not the held one
+    clock.advance(relay.loops, 1)  # the poll that finds what the API changed
+    wait_until(lambda: delivered(upstream) == {2}, what="the second delivered")
+    assert call(relay, key, "GET", f"/queue/{second}")[0] == 404
+
+    assert call(relay, key, "POST", f"/queue/{first}/release")[0] == 200
+    assert call(relay, key, "POST", f"/queue/{first}/retry")[0] == 200
+    clock.advance(relay.loops, 1)  # the poll that finds what the API changed
+    wait_until(lambda: delivered(upstream) == {1, 2}, what="the first delivered")
+    assert call(relay, key, "DELETE", f"/queue/{first}")[0] == 404
+
+
+def test_the_cli_sees_and_changes_the_queue(make_relay, upstream, tmp_path, capsys):
+    relay = make_relay(QUEUE, upstream=upstream, clock=ManualClock())
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    email_id = send(relay)[1].split()[-1]
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the first attempt")
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{relay.config.store.path}"\n')
+
+    def run(*words: str) -> tuple[int, str]:
+        code = cli.main([*words, "--config", str(config)])
+        return code, capsys.readouterr().out
+
+    code, out = run("queue", "list")
+    assert code == 0 and email_id in out and "deferred" in out
+    code, out = run("queue", "show", email_id, "--json")
+    assert json.loads(out)["recipients"][0]["state"] == "queued"
+    assert run("queue", "hold", email_id)[0] == 0
+    assert json.loads(run("queue", "list", "--json", "--state", "held")[1])["messages"]
+    assert run("queue", "release", email_id)[0] == 0
+    assert json.loads(run("queue", "retry", "--all", "--json")[1]) == {"changed": 1}
+    assert run("queue", "delete", email_id)[0] == 0
+    assert run("queue", "show", email_id)[0] == 1
+    assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
