@@ -81,6 +81,7 @@ async def running(
     outbox = Outbox()
     services.event_listeners.append(outbox)
     services.message_listeners.append(outbox.on_message)
+    services.attempt_listeners.append(outbox.on_attempt)
     await store.write(lambda conn: sync_endpoints(conn, config.webhooks, time.time()))
     webhooks = DeliveryWorker(store, config.webhook_delivery, outbox.wake)
     webhooks.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 
 class Clock:
@@ -14,5 +15,6 @@ class Clock:
     def time(self) -> float:
         return time.time()
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Done ``seconds`` from now (from this call, not from the first await of it)."""
+        return asyncio.sleep(seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Awaitable
 
 from relay.clock import Clock
 from tests.harness import LoopThread
@@ -20,13 +21,13 @@ class ManualClock(Clock):
     def time(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Registered at once: the deadline counts from this call, whenever it is awaited."""
         if seconds <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self.now + seconds, next(self._order), future))
-        await future
+        return future
 
     def _advance(self, seconds: float) -> None:
         self.now += seconds

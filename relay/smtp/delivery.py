@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from functools import partial
 from relay import metrics
 from relay.clock import Clock
 from relay.config import Config
-from relay.queue import schedule
+from relay.ids import new_email_id
+from relay.queue import dsn, schedule
 from relay.smtp import processes
 from relay.smtp.pipeline import Incoming, MailPipeline, Outcome
+from relay.smtp.upstream import stuff, unstuff
 from relay.store import queue
 from relay.store.engine import Store
 
@@ -117,7 +120,11 @@ class QueueWorker:
                 task.add_done_callback(self._ended)
             if self._stopping:
                 return
-            await self._idle(full=len(self._attempts) >= self.concurrency)
+            try:
+                await self._idle(full=len(self._attempts) >= self.concurrency)
+            except Exception:  # the store could not be read: looked at again after a poll
+                log.exception("queue: the next due message could not be looked up")
+                await self.clock.sleep(POLL_SECONDS)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._attempts.discard(task)
@@ -190,6 +197,8 @@ class QueueWorker:
         next_at = min(retries) if retries else now
         done = queue.record_attempt(conn, message.email_id, self.owner,
                                     [j.result() for j in judged], next_at, now)
+        if self.config.queue.bounce_messages:
+            self._bounce(conn, message, judged, now)
         for listener in self.listeners:
             listener(conn, message, judged)
         for j in judged:
@@ -198,6 +207,34 @@ class QueueWorker:
                  ", ".join(f"{j.recipient} {j.verdict.bounce_type or j.verdict.state}"
                            for j in judged), " (done)" if done else "")
         return True
+
+    def _bounce(self, conn: sqlite3.Connection, message: queue.Queued, judged: Sequence[Judged],
+                now: float) -> None:
+        """Queue a delivery status notification to the sender for the recipients given up
+        (none for a null sender: a bounce is never bounced)."""
+        failed = [dsn.Failed(j.recipient, j.reply, j.verdict.bounce_type or "", now)
+                  for j in judged if j.verdict.state == schedule.BOUNCED]
+        if not failed or not message.sender:
+            return
+        name = self.config.smtp.server_name
+        email_id = new_email_id()
+        report = dsn.build(name, message.sender, message.email_id, message.received_at, failed,
+                           unstuff(message.data), now, f"dsn-{secrets.token_hex(12)}",
+                           f"<{email_id.removeprefix('email_')}@{name}>")
+        options = [] if report.isascii() else ["BODY=8BITMIME"]
+        if not message.sender.isascii():
+            options.append("SMTPUTF8")
+        settings = self.config.queue
+        try:
+            queue.enqueue(conn, queue.NewMessage(
+                email_id, "", [message.sender], stuff(report), options, "", name, "ESMTP", now,
+                now + settings.max_age_hours * 3600), settings.max_messages, settings.max_bytes)
+        except queue.QueueFull:
+            log.warning("%s: no bounce message to %s, the queue is full", message.email_id,
+                        message.sender)
+            return
+        log.info("%s: bounce message %s to %s for %d recipient(s)", message.email_id, email_id,
+                 message.sender, len(failed))
 
     def judge(self, message: queue.Queued, outcome: Outcome, now: float) -> list[Judged]:
         """Each recipient's verdict; one reached by an earlier try (a duplicate) is sent."""

@@ -60,16 +60,22 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from relay.config import WebhookDelivery, WebhookEndpoint
 from relay.errors import RefusedAddress
 from relay.ids import uuid7
+from relay.queue import schedule
+from relay.smtp.delivery import Judged
 from relay.smtp.pipeline import MessageRecord, Outcome
+from relay.store import messages
 from relay.store import outbox as tables
 from relay.store.engine import Store
 from relay.store.messages import StoredMessage
+from relay.store.queue import Queued
 from relay.store.transaction import savepoint, transaction
 from relay.tracking.bots import CLICK
 from relay.tracking.events import EVENT_PREFIX, Event
 from relay.webhooks.payloads import (
     BATCH_PREFIX,
+    BOUNCED,
     CLICKED,
+    DELAYED,
     FAILED,
     OPENED,
     PENDING,
@@ -79,6 +85,7 @@ from relay.webhooks.payloads import (
     Schedule,
     StoredEvent,
     all_tags,
+    delivery_fields,
     envelope,
     event_data,
     literal_address,
@@ -148,6 +155,32 @@ class Outbox:
         if outcome.sent:
             _safely(conn, partial(self._message, record=record, sent=outcome.sent),
                     record.email_id)
+
+    def on_attempt(self, conn: sqlite3.Connection, message: Queued,
+                   judged: Sequence[Judged]) -> None:
+        """relay/smtp/delivery.py listener: ``email.delayed`` per recipient tried again
+        later, ``email.bounced`` per recipient given up."""
+        if any(j.verdict.state != schedule.SENT for j in judged):
+            _safely(conn, partial(self._attempt, email_id=message.email_id, judged=judged),
+                    message.email_id)
+
+    def _attempt(self, conn: sqlite3.Connection, email_id: str,
+                 judged: Sequence[Judged]) -> None:
+        now = self.clock()
+        facts: MessageFacts | None = None
+        for j in judged:
+            if j.verdict.state == schedule.SENT:
+                continue
+            kind = DELAYED if j.verdict.state == schedule.RETRY else BOUNCED
+            endpoints = tables.subscribers(conn, kind)
+            if not endpoints:
+                continue
+            facts = facts or _facts(email_id, messages.stored(conn, email_id))
+            fields = delivery_fields(j.code, j.attempt, j.reply,
+                                     next_attempt_at=j.verdict.next_at,
+                                     bounce_type=j.verdict.bounce_type)
+            self._enqueue(conn, endpoints, EVENT_PREFIX + str(uuid7()), kind, now,
+                          event_data(facts, j.recipient, delivery=fields))
 
     def _event(self, conn: sqlite3.Connection, event: Event, kind: str,
                message: StoredMessage | None) -> None:

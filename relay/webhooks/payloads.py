@@ -39,7 +39,9 @@ from urllib.parse import urlsplit
 SENT = "email.sent"
 OPENED = "email.opened"
 CLICKED = "email.clicked"
-EVENT_TYPES = (SENT, OPENED, CLICKED)
+DELAYED = "email.delayed"  # queue mode: a temporary failure, tried again later
+BOUNCED = "email.bounced"  # queue mode: given up (bounce_type permanent or expired)
+EVENT_TYPES = (SENT, OPENED, CLICKED, DELAYED, BOUNCED)
 
 BATCH_PREFIX = "bat_"
 SECRET_PREFIX = "whsec_"
@@ -185,7 +187,8 @@ def all_tags(tag_name: str | None, tags: Sequence[str]) -> tuple[str, ...]:
 def event_data(message: MessageFacts, recipient: str, *, ip: str | None = None,
                user_agent: str | None = None, url: str | None = None,
                bot: Mapping[str, str] | None = None,
-               details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               details: Mapping[str, Any] | None = None,
+               delivery: Mapping[str, Any] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "email_id": message.email_id,
         "message_id": message.message_id,
@@ -203,9 +206,26 @@ def event_data(message: MessageFacts, recipient: str, *, ip: str | None = None,
         data["url"] = url
     if details is not None:  # device, client, os, geo (relay/tracking/events.py)
         data.update(details)
+    if delivery is not None:  # smtp_code, attempt, reply, ... (delivery_fields)
+        data.update(delivery)
     if bot is not None:
         data["tracking"] = {"bot": dict(bot)}
     return data
+
+
+def delivery_fields(smtp_code: int, attempt: int, reply: str, *,
+                    next_attempt_at: float | None = None,
+                    bounce_type: str | None = None) -> dict[str, Any]:
+    """What ``email.delayed`` and ``email.bounced`` add, with the ``anypost`` SDK's names
+    (``smtp_code``, ``attempt``, ``bounce_type``, ``bounce_classification``), the reply, and
+    for a delay when the next attempt is."""
+    fields: dict[str, Any] = {"smtp_code": smtp_code, "attempt": attempt, "reply": reply}
+    if bounce_type is None:
+        fields["next_attempt_at"] = iso_time(next_attempt_at) if next_attempt_at else None
+    else:
+        fields["bounce_type"] = bounce_type
+        fields["bounce_classification"] = None
+    return fields
 
 
 def iso_time(at: float) -> str:

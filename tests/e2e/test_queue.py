@@ -4,6 +4,8 @@ relay's own SQLite file, time driven by a manual clock (tests/clock.py)."""
 from __future__ import annotations
 
 import collections
+import email
+import email.policy
 import itertools
 import json
 import os
@@ -12,6 +14,7 @@ import signal
 import smtplib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,9 +23,20 @@ from relay import cli
 from tests.clients import api_key, call
 from tests.clock import ManualClock
 from tests.e2e.test_app import start, wait_for_port
-from tests.harness import free_port, wait_until
+from tests.harness import LoopThread, free_port, wait_until
+from tests.webhooks.test_outbox import Receiver
+from tests.webhooks.test_outbox import settings as webhook_settings
 
 QUEUE = {"smtp": {"mode": "queue"}}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on a loop of its own (tests/webhooks/test_outbox.py)."""
+    server = Receiver(LoopThread())
+    yield server
+    server.stop()
+    server.loops.close()
 
 
 def message(n: int = 0, extra: str = "") -> bytes:
@@ -30,11 +44,12 @@ def message(n: int = 0, extra: str = "") -> bytes:
             f"Message-ID: <order-{n}@shop.example>\r\n{extra}\r\nYour order {n}.\r\n").encode()
 
 
-def send(relay, recipients=("a@example.org",), data: bytes | None = None) -> tuple[int, str]:
+def send(relay, recipients=("a@example.org",), data: bytes | None = None,
+         sender: str = "shop@shop.example") -> tuple[int, str]:
     """The relay's reply to DATA (code, text)."""
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as client:
         client.ehlo("client.test")
-        client.mail("shop@shop.example")
+        client.mail(sender)
         for r in recipients:
             client.rcpt(r)
         code, text = client.data(data or message())
@@ -354,3 +369,68 @@ def test_the_cli_sees_and_changes_the_queue(make_relay, upstream, tmp_path, caps
     assert run("queue", "delete", email_id)[0] == 0
     assert run("queue", "show", email_id)[0] == 1
     assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
+
+
+def test_delays_and_bounces_are_webhooks_and_bounce_messages(make_relay, upstream, receiver):
+    clock = ManualClock()
+    receiver.start()
+    relay = make_relay({**QUEUE, **webhook_settings(receiver.url),
+                        "queue": {"retry_seconds": [600], "max_age_hours": 0.5,
+                                  "bounce_messages": True}}, upstream=upstream, clock=clock)
+    upstream.handler.refuse.update({"nobody@example.org": "550 5.1.1 No such user",
+                                    "busy@example.org": "450 4.2.1 Mailbox busy"})
+    code, text = send(relay, ["a@example.org", "nobody@example.org", "busy@example.org"])
+    email_id = text.split()[-1]
+    wait_until(lambda: len(upstream.received) == 2, what="the copy and a bounce message")
+    copy, report = upstream.received
+    assert copy.rcpt_tos == ["a@example.org"]
+    assert (report.mail_from, report.rcpt_tos) == ("<>", ["shop@shop.example"])
+    parsed = email.message_from_bytes(report.data, policy=email.policy.SMTP)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed["Subject"] == "Undelivered Mail Returned to Sender"
+    notice, status, headers = parsed.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    fields = bytes(status.get_payload()[1]) if status.is_multipart() else status.as_bytes()
+    assert b"Final-Recipient: rfc822; nobody@example.org" in fields
+    assert b"Status: 5.1.1" in fields and b"Action: failed" in fields
+    assert b"Subject: order 0" in headers.as_bytes()
+    assert "busy@example.org" not in notice.get_content()
+
+    for attempt in (2, 3, 4):  # 600 s apart; the fourth, at the expiry, gives busy@ up
+        clock.advance(relay.loops, 600)
+        wait_until(lambda a=attempt: attempts(relay, "busy@example.org") in (a, -1),
+                   what=f"attempt {attempt}")
+    wait_until(lambda: len(upstream.received) == 3, what="the second bounce message")
+    assert b"Status: 4.4.7" in upstream.received[2].data
+    assert b"Final-Recipient: rfc822; busy@example.org" in upstream.received[2].data
+
+    def events() -> list[dict]:
+        return [e for e in receiver.delivered() if e["data"]["email_id"] == email_id]
+    wait_until(lambda: len(events()) == 6, what="six events")
+    kinds = sorted((e["type"], e["data"]["recipient"], e["data"].get("bounce_type"),
+                    e["data"].get("attempt")) for e in events())
+    assert kinds == [
+        ("email.bounced", "busy@example.org", "expired", 4),
+        ("email.bounced", "nobody@example.org", "permanent", 1),
+        ("email.delayed", "busy@example.org", None, 1),
+        ("email.delayed", "busy@example.org", None, 2),
+        ("email.delayed", "busy@example.org", None, 3),
+        ("email.sent", "a@example.org", None, None)]
+    by_kind = {(e["type"], e["data"].get("attempt")): e["data"] for e in events()}
+    delayed = by_kind[("email.delayed", 1)]
+    assert delayed["smtp_code"] == 450 and delayed["reply"] == "450 4.2.1 Mailbox busy"
+    assert delayed["next_attempt_at"] is not None
+    permanent = by_kind[("email.bounced", 1)]
+    assert permanent["smtp_code"] == 550 and permanent["subject"] == "order 0"
+    # every field of the anypost SDK's Event that a webhook's data carries
+    assert {"smtp_code", "bounce_type", "attempt", "bounce_classification", "email_id",
+            "message_id", "from", "recipient", "subject", "tags", "campaign",
+            "topic"} <= set(permanent)
+
+
+def test_no_bounce_message_for_a_null_sender(make_relay, upstream):
+    relay = make_relay({**QUEUE, "queue": {"bounce_messages": True}}, upstream=upstream)
+    upstream.handler.refuse["nobody@example.org"] = "550 5.1.1 No such user"
+    assert send(relay, ["a@example.org", "nobody@example.org"], sender="")[0] == 250
+    wait_until(lambda: queued(relay) == 0, what="the queue emptied")
+    assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"]]
