@@ -14,6 +14,7 @@ import pytest
 from relay import cli
 from relay.admin.commands import CONFIG_ENV
 from relay.store import engine as store
+from relay.store import queue
 
 # Long-running services print logs, not a result.
 SERVICES = {"serve", "smtp", "http"}
@@ -47,6 +48,7 @@ def config(tmp_path: Path) -> str:
 
 
 # Each command with --json, in an order that gives every one something to act on.
+QUEUED = "email_01890a5d-ac96-774b-bcce-b302099a8058"
 JSON_RUNS = [
     ["check-config"],
     ["hash-password", "--password-stdin"],
@@ -65,6 +67,9 @@ JSON_RUNS = [
     ["messages", "list"], ["messages", "show", "email_01890a5d-ac96-774b-bcce-b302099a8057"],
     ["purge", "--older-than", "30"], ["erase", "nobody@example.org"],
     ["users", "add", "alice"], ["users", "list"], ["users", "remove", "alice"], ["migrate"],
+    ["queue", "list"], ["queue", "show", QUEUED], ["queue", "hold", QUEUED],
+    ["queue", "release", QUEUED], ["queue", "retry", QUEUED], ["queue", "retry", "--all"],
+    ["queue", "delete", QUEUED],
 ]
 
 
@@ -76,6 +81,8 @@ def test_json_output_of_every_command_is_one_json_document(config, capsys, monke
                  "track_clicks, decision, size, created_at) VALUES (?, 'a@shop.example', "
                  "'shop.example', 0, 0, 'tracking off by account default', 10, 0)",
                  ("email_01890a5d-ac96-774b-bcce-b302099a8057",))
+    queue.enqueue(conn, queue.NewMessage(QUEUED, "a@shop.example", ["b@example.org"], b"x",
+                                         [], "", "", "ESMTP", 0, 1), 10, 1000)
     for words in JSON_RUNS:
         needs_config = words[0] != "hash-password"
         code = cli.main([*words, "--json", *(["--config", config] if needs_config else [])])
