@@ -33,7 +33,7 @@ from relay.queue import dsn, schedule
 from relay.smtp import processes
 from relay.smtp.pipeline import Incoming, MailPipeline, Outcome
 from relay.smtp.upstream import stuff, unstuff
-from relay.store import queue
+from relay.store import messages, queue
 from relay.store.engine import Store
 
 log = logging.getLogger("relay.queue")
@@ -60,6 +60,10 @@ class Judged:
                  schedule.BOUNCED: queue.BOUNCED}[self.verdict.state]
         return queue.Result(self.recipient, state, self.code, self.reply)
 
+
+# A recipient's status in the message's record (relay/stats/queries.py RECIPIENT_STATUSES)
+# once the queue gave it up for its age.
+EXPIRED_STATUS = "expired"
 
 # Called in the attempt's transaction with the message and each recipient's verdict (the
 # webhook outbox: email.delayed, email.bounced).
@@ -197,6 +201,10 @@ class QueueWorker:
         next_at = min(retries) if retries else now
         done = queue.record_attempt(conn, message.email_id, self.owner,
                                     [j.result() for j in judged], next_at, now)
+        expired = [(message.email_id, j.recipient, EXPIRED_STATUS, j.reply, now) for j in judged
+                   if j.verdict.bounce_type == schedule.EXPIRED]
+        if expired:
+            messages.set_recipients(conn, expired)
         if self.config.queue.bounce_messages:
             self._bounce(conn, message, judged, now)
         for listener in self.listeners:

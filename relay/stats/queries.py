@@ -248,8 +248,12 @@ def events_body(f: EventFilter, rows: Sequence[Row]) -> dict[str, Any]:
 RECIPIENT_STATUSES: Mapping[str, str] = {
     SENDING: "being sent: the relay is waiting for the upstream's answer",
     "sent": "the upstream accepted the copy (250)",
-    "deferred": "the upstream (or the relay) answered 4xx: the client was told to try again",
-    "failed": "the upstream answered 5xx: the client was told it failed",
+    "deferred": "the upstream (or the relay) answered 4xx: the client was told to try again "
+                "(queue mode: the queue tries again)",
+    "failed": "the upstream answered 5xx: the client was told it failed (queue mode: given up, "
+              "email.bounced permanent)",
+    "expired": "queue mode: still not delivered queue.max_age_hours after it was received; "
+               "given up (email.bounced expired)",
     "duplicate": "not sent again: an earlier try of the same Message-ID delivered it",
     UNKNOWN: "the relay process sending it stopped (crash, kill -9) before the upstream's "
              "answer was recorded: it may or may not have been delivered",

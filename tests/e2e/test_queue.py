@@ -144,6 +144,8 @@ def test_a_message_never_accepted_expires(make_relay, upstream):
     # the fourth attempt is at the expiry (30 minutes), and fails: given up
     wait_until(lambda: queued(relay) == 0, what="the message given up")
     assert upstream.received == []
+    assert queue_rows(relay, "SELECT status, reply FROM recipients") == [
+        ("expired", "421 4.4.2 upstream down")]
 
 
 def test_a_full_queue_answers_452_and_keeps_nothing(make_relay, upstream):
