@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("relay/rewrite", "relay/policy", "relay/stats/maths.py", "relay/webhooks/payloads.py")
+PURE = ("relay/rewrite", "relay/policy", "relay/stats/maths.py", "relay/webhooks/payloads.py",
+        "relay/queue")
 FORBIDDEN = ("relay.store", "relay.admin", "aiohttp", "aiosqlite", "aiosmtpd", "dns", "sqlite3",
              "psycopg", "asyncio", "socket", "selectors", "ssl", "subprocess", "argparse")
 
