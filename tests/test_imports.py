@@ -1,7 +1,8 @@
 """The import rule: the pure parts of the relay (the rewrite, the policy, the statistics maths,
-the webhook payloads, the queue's decisions) do no I/O, so they import neither the store, the admin surface, a network
-or database library, nor a command-line parser; not directly, and not through another module of
-the relay. The imports are read from the source with ``ast``, so nothing is executed."""
+the webhook payloads, the queue's decisions) do no I/O, so they import neither the store, the
+admin surface, a network or database library, nor a command-line parser; not directly, and not
+through another module of the relay. The imports are read from the source with ``ast``, so
+nothing is executed."""
 
 from __future__ import annotations
 
