@@ -110,8 +110,10 @@ class QueueWorker:
             log.exception("queue leases not handed back (they run out by themselves)")
 
     async def _run(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self.store.write(self._release_dead)
+        except Exception:  # they run out by themselves
+            log.exception("queue: the leases of stopped processes could not be handed back")
         while not self._stopping:
             try:
                 taken = await self._claim()
@@ -165,12 +167,13 @@ class QueueWorker:
 
     def _release_dead(self, conn: sqlite3.Connection) -> None:
         """Hand back the leases of relay processes that no longer run (relay/smtp/processes.py
-        tells, and forgets them)."""
+        tells, and forgets them). Run before this process takes any: a lease naming its own
+        id is a predecessor's whose row was forgotten and whose id was given again."""
         now = self.clock.time()
         owners = queue.lease_owners(conn, now)
         alive = set(processes.running(conn, owners, processes.current(), now))
         for owner in owners:
-            if owner not in alive:
+            if owner not in alive or owner == self.owner:
                 count = queue.release(conn, owner)
                 log.warning("queue: %d message(s) leased by stopped relay process %s handed "
                             "back", count, owner)
