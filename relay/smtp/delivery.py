@@ -32,7 +32,6 @@ from relay.ids import new_email_id
 from relay.queue import dsn, schedule
 from relay.smtp import processes
 from relay.smtp.pipeline import Incoming, MailPipeline, Outcome
-from relay.smtp.upstream import stuff, unstuff
 from relay.store import messages, queue
 from relay.store.engine import Store
 
@@ -230,7 +229,7 @@ class QueueWorker:
         name = self.config.smtp.server_name
         email_id = new_email_id()
         report = dsn.build(name, message.sender, message.email_id, message.received_at, failed,
-                           unstuff(message.data), now, f"dsn-{secrets.token_hex(12)}",
+                           message.data, now, f"dsn-{secrets.token_hex(12)}",
                            f"<{email_id.removeprefix('email_')}@{name}>")
         options = [] if report.isascii() else ["BODY=8BITMIME"]
         if not message.sender.isascii():
@@ -238,7 +237,7 @@ class QueueWorker:
         settings = self.config.queue
         try:
             queue.enqueue(conn, queue.NewMessage(
-                email_id, "", [message.sender], stuff(report), options, "", name, "ESMTP", now,
+                email_id, "", [message.sender], report, options, "", name, "ESMTP", now,
                 now + settings.max_age_hours * 3600), settings.max_messages, settings.max_bytes)
         except queue.QueueFull:
             log.warning("%s: no bounce message to %s, the queue is full", message.email_id,
