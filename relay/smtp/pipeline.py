@@ -139,7 +139,12 @@ class MailPipeline:
         then). A malformed control header or an unknown tag is refused (``5xx``) in both."""
         email_id = new_email_id()
         if self.config.smtp.mode == "queue":
-            return Submission(email_id, await self._enqueue(incoming, email_id))
+            try:
+                return Submission(email_id, await self._enqueue(incoming, email_id))
+            except Exception:  # a bug must not lose the message: the client keeps it
+                log.exception("%s not queued from=%s peer=%s", email_id, incoming.sender,
+                              incoming.peer)
+                return Submission(email_id, NOT_STORED)
         return Submission(email_id, await self._relay(incoming, email_id))
 
     async def deliver(self, incoming: Incoming, email_id: str,
@@ -165,7 +170,8 @@ class MailPipeline:
         block = parse_header_block(raw)
         try:
             controls = read_controls(raw, block)
-            decide(controls, _sender_domain(raw, block, incoming.sender), self.rules.current(),
+            rules = await self.rules.current()
+            decide(controls, _sender_domain(raw, block, incoming.sender), rules,
                    self.config.http.public_url)
         except SmtpReplyError as exc:
             log.info("%s refused from=%s peer=%s: %s", email_id, incoming.sender,
