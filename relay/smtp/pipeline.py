@@ -104,9 +104,11 @@ class MailPipeline:
         self.me = me if me is not None else processes.register(store.writer)
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
 
-    async def process(self, incoming: Incoming) -> str:
+    async def process(self, incoming: Incoming, email_id: str | None = None) -> str:
+        """The reply to ``incoming``, which gets ``email_id`` (the send API names its
+        messages before they are sent), else a new one."""
         started = time.perf_counter()
-        email_id = new_email_id()
+        email_id = email_id or new_email_id()
         try:
             reply, outcome, summary = await self._process(incoming, email_id)
         except SmtpReplyError as exc:
@@ -388,6 +390,14 @@ def _sender_domain(raw: bytes, block: HeaderBlock, envelope_sender: str) -> str:
     return envelope_sender.rpartition("@")[2].lower()
 
 
+PARTIAL = "Delivered to "  # how a reply for a message some recipients got goes on
+
+
+def delivered_some(reply: str) -> bool:
+    """Whether a failure reply (:func:`_reply`) says some recipients got the message."""
+    return reply[4:].startswith(("4.0.0 " + PARTIAL, "5.0.0 " + PARTIAL))
+
+
 def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
     failed = outcome.failed
     if not failed:
@@ -400,7 +410,7 @@ def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
     code, enhanced = (451, "4.0.0") if temporary else (550, "5.0.0")
     listed = "; ".join(f"{r}: {reply.code} {_one_line(reply.text)}" for r, reply in failed.items())
     delivered = len(outcome.sent) + len(outcome.duplicates)
-    return (f"{code} {enhanced} Delivered to {delivered} of {len(recipients)} recipients "
+    return (f"{code} {enhanced} {PARTIAL}{delivered} of {len(recipients)} recipients "
             f"({outcome.email_id}); failed: {listed}")
 
 

@@ -439,11 +439,17 @@ class SmtpService:
     def __init__(self, config: Config, store: Store, keyring: Keyring,
                  upstream: Upstream | None = None,
                  listeners: Sequence[MessageListener] = (),
-                 me: processes.Registered | None = None) -> None:
+                 me: processes.Registered | None = None,
+                 pipeline: MailPipeline | None = None) -> None:
+        """``pipeline``: the mail path this service shares with the send API (relay/app.py),
+        whose owner closes its upstream; without one it makes its own."""
         self.config = config
-        self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name)
-        self.handler = RelayHandler(config.smtp, MailPipeline(config, store, keyring,
-                                                              self.upstream, listeners, me))
+        self.owns_pipeline = pipeline is None
+        if pipeline is None:
+            pipeline = MailPipeline(config, store, keyring, upstream or build_upstream(
+                config.upstream, config.smtp.server_name), listeners, me)
+        self.upstream = pipeline.upstream
+        self.handler = RelayHandler(config.smtp, pipeline)
         self.servers: list[asyncio.AbstractServer] = []
         self.sessions: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         self.call_limits = _call_limits(config.smtp.max_recipients)
@@ -531,7 +537,8 @@ class SmtpService:
         for delivery in late:
             delivery.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-        await self.upstream.close()
+        if self.owns_pipeline:
+            await self.upstream.close()
         self.handler.logins.close()
 
 

@@ -419,6 +419,21 @@ MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX send_claims_process ON send_claims (process);
     """,
+    # The send API's Idempotency-Key (relay/store/idempotency.py): per API key, the request's
+    # fingerprint and, once answered, the answer, until it expires.
+    "0052_idempotency_keys": """
+        CREATE TABLE idempotency_keys (
+            api_key TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint BLOB NOT NULL,
+            status INTEGER,
+            response TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (api_key, key)
+        );
+        CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+    """,
 }
 
 

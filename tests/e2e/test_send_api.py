@@ -1,0 +1,283 @@
+"""The Anypost-compatible API under /v1/, driven by the official ``anypost`` SDK (sync and async
+clients) with only its ``base_url`` changed, against a running relay and a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import smtplib
+import threading
+from collections.abc import Callable
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+import anypost
+import pytest
+from anypost import AsyncAnypost
+
+from tests.clients import api_key, tracking_urls
+from tests.harness import Relay, UpstreamServer, wait_until
+
+DOMAINS = [{"name": "shop.example", "opens": True, "clicks": True},
+           {"name": "quiet.example", "opens": False, "clicks": False}]
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40
+
+
+@pytest.fixture
+def relay(make_relay: Callable[..., Relay], upstream: UpstreamServer) -> Relay:
+    return make_relay({"domains": DOMAINS}, upstream=upstream, http=True)
+
+
+@pytest.fixture
+def client(relay: Relay) -> anypost.Anypost:
+    with anypost.Anypost(api_key(relay), base_url=relay.http_url + "/v1",
+                         max_retries=0) as client:
+        yield client
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = message_from_bytes(data, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def structure(part: EmailMessage) -> object:
+    if part.is_multipart():
+        return (part.get_content_type(), [structure(p) for p in part.iter_parts()])
+    return part.get_content_type()
+
+
+def record(relay: Relay, email_id: str) -> dict[str, Any]:
+    with relay.db() as db:
+        row = db.execute("SELECT * FROM messages WHERE email_id = ?", (email_id,)).fetchone()
+    return dict(row)
+
+
+def test_send_reaches_the_upstream_as_mime_with_attachments_byte_for_byte(
+        relay: Relay, client: anypost.Anypost, upstream: UpstreamServer) -> None:
+    result = client.email.send({
+        "from": "Jürgen Müller <news@shop.example>",
+        "to": ["you@example.org"], "cc": ["Zoë <zoe@example.org>"], "bcc": ["audit@example.org"],
+        "reply_to": "help@shop.example",
+        "subject": "Grüße aus Köln: Ihre Rechnung für März",
+        "text": "Hallo, hier ist Ihre Rechnung.",
+        "html": '<p>Hallo <a href="https://shop.example/konto">Konto</a></p>'
+                '<img src="cid:logo">',
+        "attachments": [
+            {"filename": "Rechnung März.pdf", "content": PDF, "content_type": "application/pdf"},
+            {"filename": "logo.png", "content": PNG, "content_type": "image/png",
+             "content_id": "logo"}],
+        "headers": {"X-Order": "A-17"},
+        "tags": ["invoice"], "campaign": "billing", "topic": "accounts.invoices",
+    })
+    assert result["id"].startswith("email_") and result["created_at"].endswith("Z")
+    copies = upstream.received
+    assert sorted(r for c in copies for r in c.rcpt_tos) == [
+        "audit@example.org", "you@example.org", "zoe@example.org"]
+    assert len(copies) == 3  # tracked by the domain's default: one copy per recipient
+    message = parsed(copies[0].data)
+    assert structure(message) == ("multipart/mixed", [
+        ("multipart/alternative", ["text/plain", ("multipart/related",
+                                                  ["text/html", "image/png"])]),
+        "application/pdf"])
+    assert str(message["Subject"]) == "Grüße aus Köln: Ihre Rechnung für März"
+    assert message["From"].addresses[0].addr_spec == "news@shop.example"
+    assert "Bcc" not in message and message["X-Order"] == "A-17"
+    assert not any(k.lower().startswith("x-anypost") for k in message)
+    (attached,) = message.iter_attachments()
+    assert attached.get_filename() == "Rechnung März.pdf"
+    assert attached.get_content() == PDF
+    image = next(p for p in message.walk() if p.get_content_type() == "image/png")
+    assert image["Content-ID"] == "<logo>" and image.get_content() == PNG
+    assert tracking_urls(copies[0].data)  # links rewritten, pixel in
+    assert message["Received"] and " with HTTP " in message["Received"]
+    row = record(relay, result["id"])
+    assert (row["campaign"], row["topic"], json.loads(row["tags"])) == (
+        "billing", "accounts.invoices", ["invoice"])
+    assert row["message_id"] == message["Message-ID"]
+
+
+def test_tracking_asked_and_defaulted_as_for_smtp(relay: Relay, client: anypost.Anypost,
+                                                  upstream: UpstreamServer) -> None:
+    html = '<html><body><a href="https://shop.example/x">x</a></body></html>'
+    base = {"from": "news@shop.example", "to": ["you@example.org"], "subject": "s",
+            "html": html}
+    off = client.email.send({**base, "tracking": {"opens": False, "clicks": False}})
+    clicks = client.email.send({**base, "tracking": {"opens": False}})
+    quiet = client.email.send({**base, "from": "news@quiet.example",
+                               "tracking": {"clicks": True}})
+    smtp_reply = _smtp(relay, "news@shop.example", "X-Anypost-Track-Opens: false", html)
+    decisions = {name: record(relay, r["id"])["decision"] for name, r in
+                 (("off", off), ("clicks", clicks), ("quiet", quiet))}
+    assert decisions["off"] == ("opens off by message header X-Anypost-Track-Opens, clicks off "
+                                "by message header X-Anypost-Track-Clicks")
+    # the request's tracking said opens only: clicks come from the domain, as over SMTP
+    smtp_id = smtp_reply.split()[-1]
+    assert decisions["clicks"] == record(relay, smtp_id)["decision"]
+    assert decisions["clicks"].startswith("clicks tracked by domain shop.example")
+    assert decisions["quiet"].startswith("clicks tracked by message header")
+    bodies = [c.data for c in upstream.received]
+    assert not tracking_urls(bodies[0])
+    assert all("/c/" in u for u in tracking_urls(bodies[1]))
+
+
+def _smtp(relay: Relay, sender: str, header: str, html: str) -> str:
+    msg = (f"From: {sender}\r\nTo: you@example.org\r\nSubject: s\r\n{header}\r\n"
+           f"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n")
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port) as smtp:
+        smtp.ehlo()
+        smtp.mail(sender)
+        smtp.rcpt("you@example.org")
+        code, text = smtp.data(msg.encode())
+    assert code == 250, text
+    return text.decode()
+
+
+def test_batch_with_defaults(relay: Relay, client: anypost.Anypost,
+                             upstream: UpstreamServer) -> None:
+    result = client.email.send_batch({
+        "defaults": {"from": "news@shop.example", "subject": "Default", "html": "<p>x</p>",
+                     "tags": ["all"], "tracking": {"opens": False, "clicks": False}},
+        "emails": [
+            {"to": ["a@example.org"], "tags": ["first"]},
+            {"to": ["b@example.org"], "subject": "Own", "tracking": {"opens": True}},
+            {"to": ["c@example.org"], "from": "news@unknown.example"},
+            {"to": ["not an address"]},
+        ]})
+    assert result["summary"] == {"total": 4, "queued": 2, "failed": 2}
+    assert [d["index"] for d in result["data"]] == [0, 1, 2, 3]
+    first, second, unknown, bad = result["data"]
+    assert first["status"] == second["status"] == "queued"
+    assert unknown["status"] == bad["status"] == "failed"
+    assert unknown["error"]["type"] == "validation_error"
+    assert "unknown.example" in unknown["error"]["message"]
+    assert json.loads(record(relay, first["id"])["tags"]) == ["all", "first"]
+    two = record(relay, second["id"])
+    assert (two["subject"], two["track_opens"], two["track_clicks"]) == ("Own", 1, 0)
+    assert sorted(r for c in upstream.received for r in c.rcpt_tos) == [
+        "a@example.org", "b@example.org"]
+
+
+def test_idempotent_retries(relay: Relay, client: anypost.Anypost,
+                            upstream: UpstreamServer) -> None:
+    body = {"from": "news@shop.example", "to": ["you@example.org"], "subject": "s",
+            "text": "once"}
+    first = client.email.send(body, idempotency_key="order-17")
+    again = client.email.send(body, idempotency_key="order-17")
+    assert again == first
+    assert len(upstream.received) == 1
+    with pytest.raises(anypost.IdempotencyMismatchError) as caught:
+        client.email.send({**body, "text": "other"}, idempotency_key="order-17")
+    assert caught.value.status == 422 and caught.value.type == "idempotency_mismatch"
+
+
+def test_concurrent_idempotent_request_is_a_conflict(relay: Relay, upstream: UpstreamServer
+                                                     ) -> None:
+    key = api_key(relay)
+    gate = relay.loops.run(_make_gate())
+    upstream.handler.gate = gate
+    body = {"from": "news@shop.example", "to": ["you@example.org"], "subject": "s",
+            "text": "held"}
+    results: list[object] = []
+
+    def first() -> None:
+        with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as c:
+            results.append(c.email.send(body, idempotency_key="held"))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    wait_until(lambda: upstream.handler.held, what="the first request at the upstream")
+    with (anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as c,
+          pytest.raises(anypost.ConflictError) as caught):
+        c.email.send(body, idempotency_key="held")
+    assert caught.value.type == "idempotency_concurrent" and caught.value.status == 409
+    relay.loops.loop.call_soon_threadsafe(gate.set)
+    thread.join(20)
+    assert results and results[0]["id"].startswith("email_")  # type: ignore[index]
+
+
+async def _make_gate() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def test_error_classes(relay: Relay, client: anypost.Anypost) -> None:
+    body = {"from": "news@shop.example", "to": ["you@example.org"], "subject": "s",
+            "text": "x"}
+    with pytest.raises(anypost.ValidationError) as caught:
+        client.email.send({**body, "template_id": "template_1"})
+    assert caught.value.status == 422
+    assert "template_id" in caught.value.errors
+    with pytest.raises(anypost.ValidationError) as caught:
+        client.email.send({**body, "to": [f"r{i}@example.org" for i in range(51)]})
+    assert "to" in caught.value.errors
+    with pytest.raises(anypost.ValidationError) as caught:
+        client.email.send({**body, "from": "news@unknown.example"})
+    assert "from" in caught.value.errors
+    with pytest.raises(anypost.ValidationError):
+        client.email.send_batch({"emails": [body] * 101})
+    with pytest.raises(anypost.PayloadTooLargeError) as too_large:
+        client.email.send({**body, "attachments": [
+            {"filename": "big.bin", "content": b"x" * (5 * 1024 * 1024)}]})
+    assert too_large.value.status == 413
+    with (anypost.Anypost("rk_wrong", base_url=relay.http_url + "/v1", max_retries=0) as bad,
+          pytest.raises(anypost.AuthenticationError) as denied):
+        bad.email.send(body)
+    assert denied.value.status == 401
+    with pytest.raises(anypost.NotFoundError):
+        client._http.request("GET", "/nothing-here")
+    assert client.whoami()["api_key"] == {"id": "tests", "permissions": "full"}
+
+
+def test_upstream_outage_is_a_retryable_503(make_relay: Callable[..., Relay],
+                                            upstream: UpstreamServer) -> None:
+    relay = make_relay({"domains": DOMAINS}, upstream=upstream, http=True)
+    upstream.handler.data_reply = "451 4.3.0 try later"
+    key = api_key(relay)
+    with (anypost.Anypost(key, base_url=relay.http_url + "/v1",
+                          max_retries=0) as client, pytest.raises(anypost.APIError) as caught):
+        client.email.send({"from": "news@quiet.example", "to": ["you@example.org"],
+                           "subject": "s", "text": "x"}, idempotency_key="k")
+    assert caught.value.status == 503
+    upstream.handler.data_reply = None
+    with anypost.Anypost(key, base_url=relay.http_url + "/v1",
+                         max_retries=0) as client:
+        sent = client.email.send({"from": "news@quiet.example", "to": ["you@example.org"],
+                                  "subject": "s", "text": "x"}, idempotency_key="k")
+    assert sent["id"].startswith("email_")  # the failure was not remembered for the key
+
+
+def test_async_client(relay: Relay, upstream: UpstreamServer) -> None:
+    key = api_key(relay)
+
+    async def main() -> tuple[Any, Any]:
+        async with AsyncAnypost(key, base_url=relay.http_url + "/v1", max_retries=0) as c:
+            one = await c.email.send({"from": "news@quiet.example", "to": ["a@example.org"],
+                                      "subject": "async", "text": "x"})
+            with pytest.raises(anypost.ValidationError):
+                await c.email.send({"from": "news@quiet.example", "to": [], "subject": "s",
+                                    "text": "x"})
+            return one, await c.whoami()
+
+    one, who = asyncio.run(main())
+    assert one["id"].startswith("email_") and who["api_key"]["id"] == "tests"
+    assert upstream.received[0].rcpt_tos == ["a@example.org"]
+
+
+def test_openapi_lists_the_routes(relay: Relay) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(relay.http_url + "/v1/openapi.json", timeout=10) as response:
+        document = json.loads(response.read())
+    assert {"/email", "/email/batch", "/whoami"} <= set(document["paths"])
+
+
+def test_inline_base64_strings_pass_as_sent(relay: Relay, client: anypost.Anypost,
+                                            upstream: UpstreamServer) -> None:
+    client.email.send({"from": "news@quiet.example", "to": ["you@example.org"], "subject": "s",
+                       "text": "x", "attachments": [
+                           {"filename": "a.txt", "content": base64.b64encode(b"abc").decode()}]})
+    (attached,) = parsed(upstream.received[0].data).iter_attachments()
+    assert attached.get_content() == b"abc"
