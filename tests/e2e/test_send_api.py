@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import smtplib
 import threading
+import urllib.parse
 from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -17,7 +19,7 @@ import anypost
 import pytest
 from anypost import AsyncAnypost
 
-from tests.clients import api_key, tracking_urls
+from tests.clients import api_key, call, tracking_urls
 from tests.harness import Relay, UpstreamServer, wait_until
 
 DOMAINS = [{"name": "shop.example", "opens": True, "clicks": True},
@@ -281,3 +283,126 @@ def test_inline_base64_strings_pass_as_sent(relay: Relay, client: anypost.Anypos
                            {"filename": "a.txt", "content": base64.b64encode(b"abc").decode()}]})
     (attached,) = parsed(upstream.received[0].data).iter_attachments()
     assert attached.get_content() == b"abc"
+
+
+BROWSER = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 (KHTML, like "
+           "Gecko) Version/17.4 Safari/605.1.15")
+GMAIL_PROXY = ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 "
+               "(via ggpht.com GoogleImageProxy)")
+
+
+def hit(relay: Relay, url: str, agent: str) -> int:
+    """A request on the tracker for a tracking URL of a delivered copy (track.test is the
+    relay's public name: the path goes to the relay itself)."""
+    conn = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(relay.http_url).port,
+                                      timeout=10)
+    conn.request("GET", urllib.parse.urlsplit(url).path, headers={"User-Agent": agent})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_events_after_real_pixel_and_click_requests(make_relay: Callable[..., Relay],
+                                                    upstream: UpstreamServer) -> None:
+    relay = make_relay({"domains": DOMAINS, "tracking": {"scanner_window_seconds": 0}},
+                       upstream=upstream, http=True)
+    key = api_key(relay)
+    with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as client:
+        sent = client.email.send({
+            "from": "Shop <news@shop.example>", "to": ["you@example.org"], "subject": "Sale",
+            "html": '<html><body><a href="https://shop.example/sale">Sale</a></body></html>',
+            "tags": ["spring"], "campaign": "c1", "topic": "news.weekly"})
+        other = client.email.send({"from": "news@shop.example", "to": ["me@example.org"],
+                                   "subject": "x", "html": "<p>x</p>"})
+        (copy,) = [c for c in upstream.received if c.rcpt_tos == ["you@example.org"]]
+        urls = tracking_urls(copy.data)
+        pixel = next(u for u in urls if "/o/" in u)
+        click = next(u for u in urls if "/c/" in u)
+        assert hit(relay, pixel, BROWSER) == 200
+        assert hit(relay, pixel, GMAIL_PROXY) == 200
+        assert hit(relay, click, BROWSER) == 302
+        assert hit(relay, click, "curl/8.5.0") == 302  # automation: never an event
+        events = list(client.events.list({"email_id": sent["id"]}))
+        assert [e["type"] for e in events] == ["email.clicked", "email.opened", "email.opened"]
+        clicked, proxied, opened = events
+        assert set(clicked) == set(anypost.types.event.Event.__annotations__)
+        assert clicked["email_id"] == sent["id"] and clicked["recipient"] == "you@example.org"
+        assert (clicked["from"], clicked["from_domain"], clicked["subject"]) == (
+            "news@shop.example", "shop.example", "Sale")
+        assert (clicked["tags"], clicked["campaign"], clicked["topic"]) == (
+            ["spring"], "c1", "news.weekly")
+        assert clicked["message_id"].startswith("<") and clicked["template_id"] is None
+        assert proxied["tracking"] == {"bot": {"source": "google", "kind": "proxy"}}
+        assert opened["tracking"] is None and clicked["tracking"] is None
+        # filters and pages
+        assert [e["type"] for e in client.events.list({"event_type": "email.clicked"})] == [
+            "email.clicked"]
+        assert list(client.events.list({"event_type": "email.bounced"})) == []
+        assert len(list(client.events.list({"tags": ["spring", "other"]}))) == 3
+        assert list(client.events.list({"email_id": other["id"]})) == []
+        assert list(client.events.list({"template_id": "template_x"})) == []
+        first = client.events.list({"limit": 2})
+        assert len(first.data) == 2 and first.has_more
+        rest = first.get_next_page()
+        assert rest is not None and [e["id"] for e in rest.data] == [opened["id"]]
+        with pytest.raises(anypost.ValidationError) as caught:
+            client.events.list({"domain": "unknown.example"})
+        assert "domain" in caught.value.errors
+        with pytest.raises(anypost.ValidationError):
+            client.events.list({"event_type": "email.exploded"})  # type: ignore[typeddict-item]
+
+    async def async_list() -> list[Any]:
+        async with AsyncAnypost(key, base_url=relay.http_url + "/v1", max_retries=0) as c:
+            return [e async for e in await c.events.list({"limit": 1})]
+
+    assert [e["id"] for e in asyncio.run(async_list())] == [e["id"] for e in events]
+
+
+def test_domains_round_trip_through_either_api(make_relay: Callable[..., Relay],
+                                               upstream: UpstreamServer, dns_server) -> None:
+    relay = make_relay({"domains": DOMAINS, "dns": {"nameservers": [dns_server.address]}},
+                       upstream=upstream, http=True)
+    key = api_key(relay)
+    with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as client:
+        listed = {d["name"]: d for d in client.domains.list()}
+        assert set(listed) == {"shop.example", "quiet.example"}
+        shop = listed["shop.example"]
+        assert (shop["id"], shop["status"], shop["tracking"]["status"]) == (
+            "domain_shop.example", "verified", "verified")  # the relay's own tracking host
+        assert listed["quiet.example"]["tracking"]["status"] == "disabled"
+        new = client.domains.create({"name": "News.Example"})
+        assert new["name"] == "news.example" and new["tracking"]["subdomain"] is None
+        with pytest.raises(anypost.ValidationError):
+            client.domains.create({"name": "not a domain"})
+        with pytest.raises(anypost.NotFoundError):
+            client.domains.get("domain_nowhere.example")
+        updated = client.domains.update(new["id"], {"tracking": {
+            "opens_enabled": True, "clicks_enabled": True, "subdomain": "track"}})
+        tracking = updated["tracking"]
+        assert tracking["status"] == "pending" and tracking["subdomain"] == "track"
+        assert tracking["dns_records"] == [{"type": "CNAME", "name": "track",
+                                            "value": "track.test", "purpose": "tracking"}]
+        # the same tracking domain through the native API, and mail from it untracked
+        status, native = call(relay, key, "GET", "/tracking-domains/track.news.example")
+        assert status == 200 and native["state"] == "pending"
+        sent = client.email.send({"from": "news@news.example", "to": ["you@example.org"],
+                                  "subject": "s", "html": '<a href="https://news.example/">x</a>'})
+        assert "delivered untracked" in record(relay, sent["id"])["decision"]
+        dns_server.cname("track.news.example", "track.test.")
+        verified = client.domains.verify("news.example")
+        assert verified["tracking"]["status"] == "verified"
+        assert verified["tracking"]["verified_at"] is not None
+        sent = client.email.send({"from": "news@news.example", "to": ["you@example.org"],
+                                  "subject": "s", "html": '<a href="https://news.example/">x</a>'})
+        assert tracking_urls(upstream.received[-1].data)[0].startswith("http://track.news.example/")
+        # a domain added through the native API is one the send API takes
+        call(relay, key, "PUT", "/settings/domains/other.example", {"opens": False})
+        assert client.domains.get("other.example")["tracking"]["opens_enabled"] is False
+        client.email.send({"from": "a@other.example", "to": ["you@example.org"],
+                           "subject": "s", "text": "x"})
+        client.domains.update("news.example", {"tracking": {"subdomain": None}})
+        assert call(relay, key, "GET", "/tracking-domains/track.news.example")[0] == 404
+        client.domains.delete("news.example")
+        with pytest.raises(anypost.ValidationError):
+            client.email.send({"from": "news@news.example", "to": ["you@example.org"],
+                               "subject": "s", "text": "x"})
