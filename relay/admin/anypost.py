@@ -32,7 +32,7 @@ PREFIX = "/v1"
 # Anypost's gateway limit on a request body (the SDK's PayloadTooLargeError says 5 MB).
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
 OPERATION_MODULES: tuple[str, ...] = ("relay.admin.send", "relay.admin.v1_events",
-                                     "relay.admin.v1_domains")
+                                     "relay.admin.v1_domains", "relay.admin.v1_webhooks")
 # The SDK's error types by status, for errors that have no more specific one.
 _TYPES = {400: "validation_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found", 405: "validation_error", 409: "conflict",

@@ -273,7 +273,11 @@ def test_openapi_lists_the_routes(relay: Relay) -> None:
 
     with urllib.request.urlopen(relay.http_url + "/v1/openapi.json", timeout=10) as response:
         document = json.loads(response.read())
-    assert {"/email", "/email/batch", "/whoami"} <= set(document["paths"])
+    assert set(document["paths"]) == {
+        "/email", "/email/batch", "/whoami", "/events", "/domains", "/domains/{id}",
+        "/domains/{id}/verify", "/webhooks", "/webhooks/{id}", "/webhooks/{id}/test",
+        "/webhooks/{id}/rotate-secret"}
+    assert document["servers"][0]["url"].endswith("/v1")
 
 
 def test_inline_base64_strings_pass_as_sent(relay: Relay, client: anypost.Anypost,
@@ -406,3 +410,45 @@ def test_domains_round_trip_through_either_api(make_relay: Callable[..., Relay],
         with pytest.raises(anypost.ValidationError):
             client.email.send({"from": "news@news.example", "to": ["you@example.org"],
                                "subject": "s", "text": "x"})
+
+
+def test_webhooks_round_trip_through_either_api(relay: Relay, client: anypost.Anypost) -> None:
+    created = client.webhooks.create({"name": "orders", "url": "https://hooks.example/in",
+                                      "events": ["email.opened", "email.clicked"]})
+    assert created["signing_secret"].startswith("whsec_")
+    assert created["signing_secret_prefix"] == created["signing_secret"][:12]
+    assert (created["id"], created["status"]) == ("orders", "active")
+    # the same endpoint through the native API
+    key = api_key_named(relay, "native")
+    status, native = call(relay, key, "GET", "/webhooks")
+    assert status == 200
+    assert [(w["name"], w["url"], w["events"]) for w in native["webhooks"]] == [
+        ("orders", "https://hooks.example/in", ["email.opened", "email.clicked"])]
+    call(relay, key, "POST", "/webhooks", {"name": "native", "url": "https://hooks.example/n"})
+    listed = list(client.webhooks.list())
+    assert [w["id"] for w in listed] == ["native", "orders"]
+    assert "signing_secret" not in listed[0]
+    assert client.webhooks.get("orders")["url"] == "https://hooks.example/in"
+    with pytest.raises(anypost.ValidationError) as caught:
+        client.webhooks.create({"name": "bad", "url": "ftp://x.example", "events": ["email.sent"]})
+    assert "url" in caught.value.errors
+    with pytest.raises(anypost.ValidationError) as caught:
+        client.webhooks.update("orders", {"name": "orders", "url": "https://elsewhere.example",
+                                          "events": ["email.opened"], "status": "active"})
+    assert {"url", "events"} <= set(caught.value.errors)
+    with pytest.raises(anypost.ValidationError):
+        client.webhooks.rotate_secret("orders")
+    with pytest.raises(anypost.ConflictError):
+        client.webhooks.create({"name": "orders", "url": "https://hooks.example/in",
+                                "events": ["email.opened"]})
+    client.webhooks.delete("orders")
+    with pytest.raises(anypost.NotFoundError):
+        client.webhooks.get("orders")
+    assert [w["name"] for w in call(relay, key, "GET", "/webhooks")[1]["webhooks"]] == ["native"]
+
+
+def api_key_named(relay: Relay, name: str) -> str:
+    from relay.admin import apikeys
+    from relay.store import engine
+
+    return apikeys.create(engine.connect(relay.config.store.path), name)
