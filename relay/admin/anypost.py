@@ -2,7 +2,8 @@
 of the official ``anypost`` SDK, so an application written against Anypost moves to the relay
 by changing the SDK's ``base_url``.
 
-Keys are the relay's API keys (relay/admin/apikeys.py, the same check as ``/api/v1/``). Errors
+Keys are the relay's API keys (relay/admin/apikeys.py, the same check as ``/api/v1/``); a
+``send_only`` key may only send (:data:`SEND_ONLY_ROUTES`), and nothing under ``/api/v1/``. Errors
 are ``{"error": {"type", "message", "errors"?}}``, the envelope the SDK's ``parse_error`` reads,
 so it raises its own classes (``ValidationError``, ``AuthenticationError``, ...). Each module in
 :data:`OPERATION_MODULES` lists its routes as :class:`~relay.admin.api.Operation` values, which
@@ -21,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from relay.admin.api import Handler, Operation, json_response, openapi_document
-from relay.admin.apikeys import authenticate
+from relay.admin.apikeys import FULL, ApiKey, authenticate
 from relay.config import Config
 from relay.smtp.pipeline import MailPipeline
 from relay.store.engine import Store
@@ -47,7 +48,10 @@ class SendContext:
 
 
 CONTEXT = web.AppKey("send_context", SendContext)
-KEY_NAME = web.RequestKey("api_key_name", str)  # the request's key, as authenticated
+KEY = web.RequestKey("api_key", ApiKey)  # the request's key, as authenticated
+# What a send_only key may do.
+SEND_ONLY_ROUTES = frozenset({("POST", PREFIX + "/email"), ("POST", PREFIX + "/email/batch"),
+                              ("GET", PREFIX + "/whoami")})
 
 
 class AnypostError(Exception):
@@ -129,10 +133,12 @@ async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise AnypostError(401, "missing API key: send Authorization: Bearer <key>")
-    name = authenticate(request.app[CONTEXT].store.writer, secret.strip())
-    if name is None:
+    key = authenticate(request.app[CONTEXT].store.writer, secret.strip())
+    if key is None:
         raise AnypostError(401, "invalid or revoked API key")
-    request[KEY_NAME] = name
+    if key.permissions != FULL and (request.method, request.path) not in SEND_ONLY_ROUTES:
+        raise AnypostError(403, f"the key {key.name!r} may only send (send_only)")
+    request[KEY] = key
     return await handler(request)
 
 
@@ -156,7 +162,7 @@ async def whoami(request: web.Request) -> web.Response:
     config = request.app[CONTEXT].config
     return json_response({
         "team": {"id": "relay", "name": config.smtp.server_name},
-        "api_key": {"id": request[KEY_NAME], "permissions": "full"},
+        "api_key": {"id": request[KEY].name, "permissions": request[KEY].permissions},
         "limits": None,
     })
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.admin.anypost import CONTEXT, KEY_NAME, AnypostError, SendContext, read_json
+from relay.admin.anypost import CONTEXT, KEY, AnypostError, SendContext, read_json
 from relay.admin.api import Operation, json_response
 from relay.errors import InvalidRequest
 from relay.ids import PREFIX as EMAIL_PREFIX
@@ -151,7 +151,7 @@ async def _idempotent(request: web.Request, work: Work) -> web.Response:
         raise AnypostError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable "
                                 "characters")
     store = request.app[CONTEXT].store
-    api_key = request[KEY_NAME]
+    api_key = request[KEY].name
     fingerprint = hashlib.sha256(
         f"{request.method} {request.path}\n".encode() + json.dumps(
             body, sort_keys=True, ensure_ascii=False).encode()).digest()

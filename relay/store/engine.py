@@ -434,6 +434,11 @@ MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
     """,
+    # What a key may do (relay/admin/apikeys.py): everything, or only send (the /v1/ API's
+    # send_only, as Anypost's keys).
+    "0051_api_key_permissions": """
+        ALTER TABLE api_keys ADD COLUMN permissions TEXT NOT NULL DEFAULT 'full';
+    """,
 }
 
 

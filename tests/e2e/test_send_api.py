@@ -7,6 +7,7 @@ import asyncio
 import base64
 import http.client
 import json
+import re
 import smtplib
 import threading
 import urllib.parse
@@ -19,7 +20,7 @@ import anypost
 import pytest
 from anypost import AsyncAnypost
 
-from tests.clients import api_key, call, tracking_urls
+from tests.clients import api_key, call
 from tests.harness import Relay, UpstreamServer, wait_until
 
 DOMAINS = [{"name": "shop.example", "opens": True, "clicks": True},
@@ -50,6 +51,15 @@ def structure(part: EmailMessage) -> object:
     if part.is_multipart():
         return (part.get_content_type(), [structure(p) for p in part.iter_parts()])
     return part.get_content_type()
+
+
+def tracking_urls(data: bytes) -> list[str]:
+    """The tracking links and pixel of a delivered copy's HTML (tests.clients' helper undoes
+    quoted-printable over the whole message, and the composer's boundaries hold '=' and
+    digits)."""
+    html = parsed(data).get_body(("html",))
+    assert html is not None
+    return re.findall(r"https?://[a-z0-9.:-]+/[oc]/[A-Za-z0-9_-]+", html.get_content())
 
 
 def record(relay: Relay, email_id: str) -> dict[str, Any]:
@@ -452,3 +462,23 @@ def api_key_named(relay: Relay, name: str) -> str:
     from relay.store import engine
 
     return apikeys.create(engine.connect(relay.config.store.path), name)
+
+
+def test_send_only_keys_may_only_send(relay: Relay, upstream: UpstreamServer) -> None:
+    from relay.admin import apikeys
+    from relay.store import engine
+
+    key = apikeys.create(engine.connect(relay.config.store.path), "app", apikeys.SEND_ONLY)
+    with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as client:
+        assert client.whoami()["api_key"] == {"id": "app", "permissions": "send_only"}
+        client.email.send({"from": "news@quiet.example", "to": ["you@example.org"],
+                           "subject": "s", "text": "x"})
+        client.email.send_batch({"emails": [{"from": "news@quiet.example",
+                                             "to": ["b@example.org"], "subject": "s",
+                                             "text": "x"}]})
+        for forbidden in (client.domains.list, client.webhooks.list, client.events.list):
+            with pytest.raises(anypost.PermissionError) as caught:
+                forbidden()
+            assert caught.value.status == 403
+    assert call(relay, key, "GET", "/settings")[0] == 403
+    assert len(upstream.received) == 2
