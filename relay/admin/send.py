@@ -29,8 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.admin.anypost import CONTEXT, KEY, AnypostError, SendContext, read_json
-from relay.admin.api import Operation, json_response
+from relay.admin.http import Operation, json_response
+from relay.admin.v1_http import CONTEXT, KEY, AnypostError, SendContext, read_json
 from relay.errors import InvalidRequest
 from relay.ids import PREFIX as EMAIL_PREFIX
 from relay.ids import new_email_id

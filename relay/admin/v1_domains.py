@@ -21,12 +21,18 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.admin import domains, settings
-from relay.admin.anypost import CONTEXT, AnypostError, read_json
-from relay.admin.api import Operation, json_response
+from relay.admin import dnscheck, domains
+from relay.admin.http import Operation, json_response
+from relay.admin.v1_http import CONTEXT, AnypostError, read_json
+from relay.errors import InvalidInput
 from relay.policy import names
-from relay.policy.rules import Rules, load
+from relay.policy.domains import FAILED, VERIFIED, cname_target
+from relay.policy.rules import Rules
+from relay.policy.settings import Domain
 from relay.stats.queries import iso_time
+from relay.store import domains as stored_domains
+from relay.store import settings as stored_settings
+from relay.store.rules import load
 
 ID_PREFIX = "domain_"
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -40,10 +46,10 @@ def domain_json(rules: Rules, name: str, public_url: str) -> dict[str, Any]:
     status, failure, records = "verified", None, []
     if tracking is not None:
         records = [{"type": "CNAME", "name": _relative(tracking.host, name),
-                    "value": domains.cname_target(public_url), "purpose": "tracking"}]
-        if tracking.state != domains.VERIFIED:
+                    "value": cname_target(public_url), "purpose": "tracking"}]
+        if tracking.state != VERIFIED:
             status = "pending"
-            if tracking.state == domains.FAILED:
+            if tracking.state == FAILED:
                 failure = {"code": "cname_mismatch", "message": tracking.reason or ""}
     if not (opens or clicks):
         status = "disabled"
@@ -56,7 +62,7 @@ def domain_json(rules: Rules, name: str, public_url: str) -> dict[str, Any]:
             "subdomain": tracking.host.partition(".")[0] if tracking is not None else None,
             "dns_records": records, "status": status, "verification_failure": failure,
             "verified_at": (iso_time(tracking.checked_at) if tracking is not None
-                            and tracking.state == domains.VERIFIED and tracking.checked_at
+                            and tracking.state == VERIFIED and tracking.checked_at
                             else None)},
         "created_at": iso_time(created), "verified_at": iso_time(created),
     }
@@ -112,12 +118,12 @@ async def create_domain(request: web.Request) -> web.Response:
     name = body.get("name") if isinstance(body, dict) else None
     try:
         name = names.domain_name(name if isinstance(name, str) else "")
-    except ValueError as exc:
+    except InvalidInput as exc:
         raise AnypostError(422, str(exc), errors={"name": [str(exc)]}) from None
     if name in _known(_rules(request)):
         raise AnypostError(409, f"the domain {name} exists already")
     await request.app[CONTEXT].store.write(
-        lambda conn: settings.put_domain(conn, settings.Domain(name)))
+        lambda conn: stored_settings.put_domain(conn, Domain(name)))
     return _answer(request, name, 201)
 
 
@@ -143,29 +149,29 @@ async def update_domain(request: web.Request) -> web.Response:
     if isinstance(subdomain, str):
         try:
             host = names.tracking_host(f"{subdomain}.{name}", name)
-        except ValueError as exc:
+        except InvalidInput as exc:
             problems["tracking.subdomain"] = [str(exc)]
     elif subdomain is not None and subdomain is not _unchanged:
         problems["tracking.subdomain"] = ["a prefix such as track, or null"]
     if problems:
         raise AnypostError(422, next(iter(problems.values()))[0], errors=problems)
-    own = rules.domains.get(name) or settings.Domain(name)
+    own = rules.domains.get(name) or Domain(name)
     own = replace(own, opens=tracking.get("opens_enabled", own.opens),
                   clicks=tracking.get("clicks_enabled", own.clicks))
     current = rules.tracking.get(name)
 
     def write(conn: Any) -> None:
-        settings.put_domain(conn, own)
+        stored_settings.put_domain(conn, own)
         if subdomain is _unchanged or (current is not None and current.host == host):
             return
         if current is not None:
-            domains.remove(conn, current.host)
+            stored_domains.remove(conn, current.host)
         if host is not None:
             domains.add(conn, host, name)
 
     try:
         await request.app[CONTEXT].store.write(write)
-    except ValueError as exc:
+    except InvalidInput as exc:  # the host is another domain's
         raise AnypostError(422, str(exc), errors={"tracking.subdomain": [str(exc)]}) from None
     return _answer(request, name)
 
@@ -176,9 +182,9 @@ async def delete_domain(request: web.Request) -> web.Response:
     current = rules.tracking.get(name)
 
     def write(conn: Any) -> None:
-        settings.delete_domain(conn, name)
+        stored_settings.delete_domain(conn, name)
         if current is not None:
-            domains.remove(conn, current.host)
+            stored_domains.remove(conn, current.host)
 
     await request.app[CONTEXT].store.write(write)
     return web.Response(status=204)
@@ -189,8 +195,8 @@ async def verify_domain(request: web.Request) -> web.Response:
     name = _name(request, _rules(request))
     current = _rules(request).tracking.get(name)
     if current is not None:
-        await domains.verify(context.store, context.config, current.host,
-                             domains.make_resolver(context.config.dns))
+        await dnscheck.verify(context.store, context.config, current.host,
+                              dnscheck.make_resolver(context.config.dns))
     return _answer(request, name)
 
 

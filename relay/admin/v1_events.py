@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.admin.anypost import CONTEXT, AnypostError
-from relay.admin.api import Operation, json_response
+from relay.admin.http import Operation, json_response
+from relay.admin.v1_http import CONTEXT, AnypostError
 from relay.stats import queries
 from relay.stats.maths import InvalidParameter, parse_int
 from relay.store import reports
