@@ -19,8 +19,9 @@ from aiohttp import web
 
 from relay.admin.http import Operation, json_response
 from relay.admin.v1_http import CONTEXT, AnypostError
+from relay.errors import InvalidParameter
 from relay.stats import queries
-from relay.stats.maths import InvalidParameter, parse_int
+from relay.stats.maths import parse_int
 from relay.store import reports
 from relay.tracking.bots import CLICK, OPEN
 from relay.tracking.events import Event
