@@ -83,9 +83,11 @@ async def _send_batch(request: web.Request, body: Any) -> tuple[int, dict[str, A
                 return {"status": "queued", "index": index, **await _send(request, submission)}
         except InvalidRequest as exc:
             error = {"type": "validation_error", "message": exc.message}
-        except AnypostError as exc:
-            error = {"type": exc.type if exc.status < 500 else "internal_error",
-                     "message": exc.message}
+        except AnypostError as exc:  # the SDK's BatchItemGenericError has three types
+            kind = exc.type if exc.type in ("validation_error", "permission_error") else (
+                "internal_error" if exc.status >= 500 or exc.status == 429
+                else "validation_error")
+            error = {"type": kind, "message": exc.message}
         return {"status": "failed", "index": index, "error": error}
 
     data = await asyncio.gather(*(one(i, e) for i, e in enumerate(entries)))

@@ -73,9 +73,15 @@ async def read_json(request: web.Request) -> Any:
             raise _too_large()
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AnypostError(400, f"the body is not JSON: {exc}"[:300]) from None
+    try:  # "\ud800" is JSON, but no mail header, no file name, no store can hold it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnypostError(400, "the body holds a lone surrogate (\\ud800-\\udfff), "
+                                "which is no character") from None
+    return body
 
 
 def _too_large() -> AnypostError:

@@ -10,7 +10,9 @@ import json
 import re
 import smtplib
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -230,6 +232,11 @@ def test_error_classes(relay: Relay, client: anypost.Anypost) -> None:
     assert "from" in caught.value.errors
     with pytest.raises(anypost.ValidationError):
         client.email.send_batch({"emails": [body] * 101})
+    # (the SDK cannot send one: httpx encodes JSON as UTF-8; other clients escape it)
+    status, answer = raw_post(relay, client, "/v1/email", json.dumps(
+        {**body, "subject": "half a pair \ud800"}).encode())
+    assert status == 400 and answer["error"]["type"] == "validation_error"
+    assert "surrogate" in answer["error"]["message"]
     with pytest.raises(anypost.PayloadTooLargeError) as too_large:
         client.email.send({**body, "attachments": [
             {"filename": "big.bin", "content": b"x" * (5 * 1024 * 1024)}]})
@@ -241,6 +248,18 @@ def test_error_classes(relay: Relay, client: anypost.Anypost) -> None:
     with pytest.raises(anypost.NotFoundError):
         client._http.request("GET", "/nothing-here")
     assert client.whoami()["api_key"] == {"id": "tests", "permissions": "full"}
+
+
+def raw_post(relay: Relay, client: anypost.Anypost, path: str, data: bytes
+             ) -> tuple[int, Any]:
+    request = urllib.request.Request(relay.http_url + path, data=data, method="POST", headers={
+        "Authorization": "Bearer " + client._http._api_key,
+        "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def test_upstream_outage_is_a_retryable_503(make_relay: Callable[..., Relay],
