@@ -21,7 +21,7 @@ from relay.admin.http import Operation, json_response
 from relay.admin.v1_http import CONTEXT, AnypostError, read_json
 from relay.config import WebhookEndpoint
 from relay.stats.queries import iso_time
-from relay.store.webhook_secrets import prefixes
+from relay.store import outbox as stored
 from relay.webhooks.payloads import new_secret
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -40,8 +40,8 @@ def webhook_json(endpoint: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def _all(request: web.Request) -> list[dict[str, Any]]:
     conn = request.app[CONTEXT].store.writer
-    shown = prefixes(conn)
-    return [webhook_json(e, shown.get(e["name"], "")) for e in webhooks.endpoints(conn)]
+    shown = stored.secret_prefixes(conn)
+    return [webhook_json(e, shown.get(e["name"], "")) for e in stored.endpoint_listing(conn)]
 
 
 def _one(request: web.Request, name: str | None = None) -> dict[str, Any]:
@@ -109,7 +109,7 @@ async def update_webhook(request: web.Request) -> web.Response:
         raise AnypostError(422, next(iter(problems.values()))[0], errors=problems)
     if status == "active" and webhook["status"] == "disabled":
         name = webhook["id"]
-        await request.app[CONTEXT].store.write(lambda conn: webhooks.enable(conn, name))
+        await request.app[CONTEXT].store.write(lambda conn: stored.enable_endpoint(conn, name))
     return json_response(_one(request))
 
 

@@ -436,7 +436,7 @@ MIGRATIONS: dict[str, str] = {
     """,
     # What a key may do (relay/admin/apikeys.py): everything, or only send (the /v1/ API's
     # send_only, as Anypost's keys).
-    "0051_api_key_permissions": """
+    "0053_api_key_permissions": """
         ALTER TABLE api_keys ADD COLUMN permissions TEXT NOT NULL DEFAULT 'full';
     """,
 }
