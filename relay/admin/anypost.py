@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from functools import partial
 
 from aiohttp import web
 
@@ -81,7 +82,7 @@ async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise AnypostError(401, "missing API key: send Authorization: Bearer <key>")
-    key = authenticate(request.app[CONTEXT].store.writer, secret.strip())
+    key = await request.app[CONTEXT].store.read(partial(authenticate, secret=secret.strip()))
     if key is None:
         raise AnypostError(401, "invalid or revoked API key")
     if key.permissions != FULL and (request.method, request.path) not in SEND_ONLY_ROUTES:

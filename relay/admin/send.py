@@ -37,7 +37,6 @@ from relay.ids import new_email_id
 from relay.policy.sending import Submission, read_batch, read_email
 from relay.rewrite.compose import compose
 from relay.smtp.pipeline import Incoming, delivered_some
-from relay.smtp.upstream import stuff
 from relay.stats.queries import iso_time
 from relay.store import idempotency
 
@@ -99,7 +98,7 @@ async def _send_batch(request: web.Request, body: Any) -> tuple[int, dict[str, A
 async def _send(request: web.Request, submission: Submission) -> dict[str, Any]:
     """Compose and hand over one message; its ``id`` and ``created_at``, else AnypostError."""
     context = request.app[CONTEXT]
-    _check_sender(context, submission.sender_domain)
+    await _check_sender(context, submission.sender_domain)
     email_id = new_email_id()
     now = time.time()
     message_id = f"{email_id.removeprefix(EMAIL_PREFIX)}@{context.config.smtp.server_name}"
@@ -109,7 +108,7 @@ async def _send(request: web.Request, submission: Submission) -> dict[str, Any]:
         raise AnypostError(413, f"the message is {len(raw)} bytes, over the relay's limit of "
                                 f"{limit} (smtp.max_message_size)")
     incoming = Incoming(sender=submission.sender, recipients=submission.recipients,
-                        stuffed=stuff(raw), peer=request.remote or "", helo="",
+                        message=raw, peer=request.remote or "", helo="",
                         protocol="HTTP")
     # Shielded, as the SMTP server's delivery: a client that hangs up loses only the answer.
     reply = await asyncio.shield(context.pipeline.process(incoming, email_id))
@@ -117,10 +116,10 @@ async def _send(request: web.Request, submission: Submission) -> dict[str, Any]:
     return {"id": email_id, "created_at": iso_time(now)}
 
 
-def _check_sender(context: SendContext, domain: str) -> None:
+async def _check_sender(context: SendContext, domain: str) -> None:
     """The sender's domain must be one the relay knows: a ``[[domains]]`` entry, a domain
     setting or a tracking domain added at run time."""
-    rules = context.pipeline.rules.current()
+    rules = await context.pipeline.rules.current()
     if domain not in rules.domains and domain not in rules.tracking:
         raise AnypostError(
             422, f"{domain} is not a sending domain of this relay",

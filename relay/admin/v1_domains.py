@@ -73,8 +73,8 @@ def _relative(host: str, name: str) -> str:
     return host.removesuffix("." + name) if host.endswith("." + name) else host
 
 
-def _rules(request: web.Request) -> Rules:
-    return load(request.app[CONTEXT].store.writer)
+async def _rules(request: web.Request) -> Rules:
+    return await request.app[CONTEXT].store.read(load)
 
 
 def _known(rules: Rules) -> list[str]:
@@ -88,14 +88,14 @@ def _name(request: web.Request, rules: Rules) -> str:
     return name
 
 
-def _answer(request: web.Request, name: str, status: int = 200) -> web.Response:
+async def _answer(request: web.Request, name: str, status: int = 200) -> web.Response:
     context = request.app[CONTEXT]
-    return json_response(domain_json(_rules(request), name, context.config.http.public_url),
-                         status)
+    return json_response(domain_json(await _rules(request), name,
+                                     context.config.http.public_url), status)
 
 
 async def list_domains(request: web.Request) -> web.Response:
-    rules = _rules(request)
+    rules = await _rules(request)
     try:
         limit = int(request.query.get("limit") or DEFAULT_LIMIT)
     except ValueError:
@@ -120,19 +120,19 @@ async def create_domain(request: web.Request) -> web.Response:
         name = names.domain_name(name if isinstance(name, str) else "")
     except InvalidInput as exc:
         raise AnypostError(422, str(exc), errors={"name": [str(exc)]}) from None
-    if name in _known(_rules(request)):
+    if name in _known(await _rules(request)):
         raise AnypostError(409, f"the domain {name} exists already")
     await request.app[CONTEXT].store.write(
         lambda conn: stored_settings.put_domain(conn, Domain(name)))
-    return _answer(request, name, 201)
+    return await _answer(request, name, 201)
 
 
 async def get_domain(request: web.Request) -> web.Response:
-    return _answer(request, _name(request, _rules(request)))
+    return await _answer(request, _name(request, await _rules(request)))
 
 
 async def update_domain(request: web.Request) -> web.Response:
-    rules = _rules(request)
+    rules = await _rules(request)
     name = _name(request, rules)
     body = await read_json(request)
     tracking = body.get("tracking") if isinstance(body, dict) else None
@@ -173,11 +173,11 @@ async def update_domain(request: web.Request) -> web.Response:
         await request.app[CONTEXT].store.write(write)
     except InvalidInput as exc:  # the host is another domain's
         raise AnypostError(422, str(exc), errors={"tracking.subdomain": [str(exc)]}) from None
-    return _answer(request, name)
+    return await _answer(request, name)
 
 
 async def delete_domain(request: web.Request) -> web.Response:
-    rules = _rules(request)
+    rules = await _rules(request)
     name = _name(request, rules)
     current = rules.tracking.get(name)
 
@@ -192,12 +192,12 @@ async def delete_domain(request: web.Request) -> web.Response:
 
 async def verify_domain(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    name = _name(request, _rules(request))
-    current = _rules(request).tracking.get(name)
+    name = _name(request, await _rules(request))
+    current = (await _rules(request)).tracking.get(name)
     if current is not None:
         await dnscheck.verify(context.store, context.config, current.host,
                               dnscheck.make_resolver(context.config.dns))
-    return _answer(request, name)
+    return await _answer(request, name)
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},

@@ -47,7 +47,7 @@ async def list_events(request: web.Request) -> web.Response:
         return json_response({"data": [], "has_more": False, "next_cursor": None})
     store = request.app[CONTEXT].store
     if event_filter.sender_domain is not None:
-        rules = request.app[CONTEXT].pipeline.rules.current()
+        rules = await request.app[CONTEXT].pipeline.rules.current()
         domain = event_filter.sender_domain
         if domain not in rules.domains and domain not in rules.tracking:
             raise AnypostError(400, f"unknown domain {domain!r}",

@@ -38,15 +38,15 @@ def webhook_json(endpoint: dict[str, Any], prefix: str) -> dict[str, Any]:
     }
 
 
-def _all(request: web.Request) -> list[dict[str, Any]]:
-    conn = request.app[CONTEXT].store.writer
-    shown = stored.secret_prefixes(conn)
-    return [webhook_json(e, shown.get(e["name"], "")) for e in stored.endpoint_listing(conn)]
+async def _all(request: web.Request) -> list[dict[str, Any]]:
+    shown, found = await request.app[CONTEXT].store.read(
+        lambda conn: (stored.secret_prefixes(conn), stored.endpoint_listing(conn)))
+    return [webhook_json(e, shown.get(e["name"], "")) for e in found]
 
 
-def _one(request: web.Request, name: str | None = None) -> dict[str, Any]:
+async def _one(request: web.Request, name: str | None = None) -> dict[str, Any]:
     name = name or request.match_info["id"]
-    for webhook in _all(request):
+    for webhook in await _all(request):
         if webhook["id"] == name:
             return webhook
     raise AnypostError(404, f"no webhook {name!r}")
@@ -61,7 +61,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
         raise AnypostError(400, f"limit must be 1-{MAX_LIMIT}",
                            errors={"limit": [f"a whole number from 1 to {MAX_LIMIT}"]})
     after = request.query.get("after", "")
-    left = [w for w in _all(request) if w["id"] > after]
+    left = [w for w in await _all(request) if w["id"] > after]
     page, more = left[:limit], len(left) > limit
     return json_response({"data": page, "has_more": more,
                           "next_cursor": page[-1]["id"] if more else None})
@@ -84,15 +84,16 @@ async def create_webhook(request: web.Request) -> web.Response:
     # a bad field is InvalidInput naming it (422), a name taken Conflict (409): relay/admin/
     # anypost.py answers both
     await request.app[CONTEXT].store.write(lambda conn: webhooks.add(conn, endpoint, time.time()))
-    return json_response({**_one(request, endpoint.name), "signing_secret": endpoint.secret}, 201)
+    created = await _one(request, endpoint.name)
+    return json_response({**created, "signing_secret": endpoint.secret}, 201)
 
 
 async def get_webhook(request: web.Request) -> web.Response:
-    return json_response(_one(request))
+    return json_response(await _one(request))
 
 
 async def update_webhook(request: web.Request) -> web.Response:
-    webhook = _one(request)
+    webhook = await _one(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise AnypostError(422, "expected an object")
@@ -110,17 +111,17 @@ async def update_webhook(request: web.Request) -> web.Response:
     if status == "active" and webhook["status"] == "disabled":
         name = webhook["id"]
         await request.app[CONTEXT].store.write(lambda conn: stored.enable_endpoint(conn, name))
-    return json_response(_one(request))
+    return json_response(await _one(request))
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
-    name = _one(request)["id"]  # one of the config file's: Conflict, a 409
+    name = (await _one(request))["id"]  # one of the config file's: Conflict, a 409
     await request.app[CONTEXT].store.write(lambda conn: webhooks.remove(conn, name))
     return web.Response(status=204)
 
 
 async def not_supported(request: web.Request) -> web.Response:
-    _one(request)
+    await _one(request)
     action = request.path.rpartition("/")[2]
     raise AnypostError(422, f"{action} is not supported by this relay",
                        errors={action: ["not supported by this relay"]})
