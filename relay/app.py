@@ -22,7 +22,8 @@ from relay.http_site import GuardedSite, ServerLog
 from relay.limits import ConnectionLimits
 from relay.smtp import delivery, processes
 from relay.smtp.delivery import AttemptListener
-from relay.smtp.pipeline import MessageListener
+from relay.smtp.pipeline import MailPipeline, MessageListener
+from relay.smtp.upstream import build_upstream
 from relay.stats.breakdown import Breakdown
 from relay.stats.machine import MachineTraffic
 from relay.stats.rollup import Rollup
@@ -49,6 +50,8 @@ class Services:
     store: Store
     keyring: Keyring
     smtp: object | None = None  # relay.smtp.server.SmtpService
+    # the mail path, shared by the SMTP service and the send API (relay/admin/send.py)
+    pipeline: MailPipeline | None = None
     http: web.AppRunner | None = None
     admin_http: web.AppRunner | None = None  # http.admin_listen's: the API and the dashboard
     # written in the transaction of each event / message (relay/tracking/events.py,
@@ -88,14 +91,17 @@ async def running(
     # one line a minute per listener when accept() fails (out of descriptors), not a
     # traceback per attempt
     restore_handler = install_accept_handler(asyncio.get_running_loop(), ThrottledLog(log))
+    services.pipeline = MailPipeline(
+        config, store, services.keyring,
+        build_upstream(config.upstream, config.smtp.server_name, clock),
+        services.message_listeners,
+        await store.write(processes.register))
     try:
         if smtp:
             from relay.smtp.server import SmtpService
 
             services.smtp = SmtpService(config, store, services.keyring,
-                                        listeners=services.message_listeners,
-                                        me=await store.write(processes.register),
-                                        clock=clock,
+                                        pipeline=services.pipeline, clock=clock,
                                         attempt_listeners=services.attempt_listeners)
             await services.smtp.start()
         if http:
@@ -111,6 +117,7 @@ async def running(
         if services.smtp is not None:
             stops.append(services.smtp.stop())
         await asyncio.gather(*stops)
+        await services.pipeline.upstream.close()
         await stop_rules()
         await stop_retention()
         await webhooks.stop()
@@ -147,6 +154,11 @@ def _add_admin(app: web.Application, config: Config, services: Services) -> None
 
     app.add_subapp(PREFIX, build_api(config, services.store))
     app.add_subapp(UI, build_dashboard(config, services.store))
+    if services.pipeline is not None:
+        from relay.admin import anypost
+
+        app.add_subapp(anypost.PREFIX, anypost.build_v1(config, services.store,
+                                                        services.pipeline))
 
 
 async def _serve_app(app: web.Application, config: Config, listen: Address) -> web.AppRunner:

@@ -4,10 +4,9 @@
     ├── ConfigError          a setting is wrong: names the file and the key
     ├── SmtpReplyError       refuse a message or command with an SMTP reply
     │   └── ControlHeaderError   a malformed X-AliDM-* / X-Anypost-* header
-    ├── InvalidRequest       a send API request that does not say what it must: by field
-    │                        (the /v1/ API answers it in Anypost's shape)
     ├── InvalidInput         bad input from an operator or an API client: the API answers 400
     │   │                    with it as JSON, the CLI prints it (relay/admin/api.py, cli.py)
+    │   ├── InvalidRequest       a send request (/v1/email) with problems, by field
     │   ├── InvalidParameter     names the query parameter at fault (``error.parameter``)
     │   └── Conflict             the input collides with what exists: the API answers 409
     ├── ApiError             any other API answer that is not a success (401, 404)
@@ -51,15 +50,6 @@ class ControlHeaderError(SmtpReplyError):
         self.header = header
 
 
-class InvalidRequest(RelayError):
-    """A request of the send API (``/v1/email``) with problems: ``errors`` maps each field's
-    path (``to[2]``, ``attachments[0].content``) to what is wrong with it."""
-
-    def __init__(self, message: str, errors: dict[str, list[str]]) -> None:
-        self.message, self.errors = message, errors
-        super().__init__(message)
-
-
 class InvalidInput(RelayError):
     """A name, a value or a request that validation refused; the message says what is wrong
     in words fit for the person who gave it. ``key``, when given, names the field at fault
@@ -68,6 +58,16 @@ class InvalidInput(RelayError):
     def __init__(self, problem: str, key: str | None = None) -> None:
         super().__init__(f"{key}: {problem}" if key else problem)
         self.problem, self.key = problem, key
+
+
+class InvalidRequest(InvalidInput):
+    """A request of the send API (``/v1/email``) with problems: ``errors`` maps each field's
+    path (``to[2]``, ``attachments[0].content``) to what is wrong with it (the /v1/ API answers
+    it in Anypost's shape, relay/admin/anypost.py)."""
+
+    def __init__(self, message: str, errors: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.message, self.errors = message, errors
 
 
 class InvalidParameter(InvalidInput):

@@ -109,7 +109,8 @@ def test_human_output_is_sentences_and_tables_not_reprs(config, capsys):
     assert out.startswith("rk_") and out.count("\n") == 1  # the key alone, for $(...)
     assert "shown only this once" in err
     assert cli.main(["api-keys", "list", "--config", config]) == 0
-    assert capsys.readouterr().out.splitlines()[0].split() == ["NAME", "CREATED", "STATE"]
+    assert capsys.readouterr().out.splitlines()[0].split() == [
+        "NAME", "CREATED", "STATE", "PERMISSIONS"]
 
 
 def test_config_comes_from_the_environment_then_the_search_path(config, tmp_path, capsys,

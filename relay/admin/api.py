@@ -21,7 +21,7 @@ from aiohttp import web
 
 from relay import __version__
 from relay.admin import concepts
-from relay.admin.apikeys import authenticate
+from relay.admin.apikeys import FULL, authenticate
 from relay.admin.http import (
     CONTEXT,
     ERROR_REF,
@@ -65,8 +65,11 @@ async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(401, "missing API key: send Authorization: Bearer <key>")
     context = request.app[CONTEXT]
-    if await context.store.read(partial(authenticate, secret=secret.strip())) is None:
+    key = await context.store.read(partial(authenticate, secret=secret.strip()))
+    if key is None:
         raise ApiError(401, "invalid or revoked API key")
+    if key.permissions != FULL:
+        raise ApiError(403, f"the key {key.name!r} may only send mail (through /v1/)")
     return await handler(request)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from typing import Any
 
-from relay.errors import ControlHeaderError, InvalidRequest
+from relay.errors import ControlHeaderError, InvalidInput, InvalidRequest
 from relay.policy import decide
 from relay.policy.names import domain_name
 from relay.rewrite.compose import Attachment, Draft
@@ -209,7 +209,7 @@ def _mailbox(value: object, path: str, problems: _Problems, required: bool = Fal
         return None
     try:
         domain = domain_name(_ascii_domain(domain))
-    except ValueError as exc:
+    except (InvalidInput, ValueError) as exc:
         problems.add(path, f"{spec!r}: {exc}")
         return None
     return Address(display_name=name, username=local, domain=domain)

@@ -1,9 +1,9 @@
 """The mail path between SMTP in and SMTP out: read the control headers, decide what to
 track, rewrite one copy per recipient, forward, remember what was delivered, record.
 
-``MailPipeline.submit`` is the one way a received message (envelope and bytes) enters the
+``MailPipeline.process`` is the one way a received message (envelope and bytes) enters the
 mail path, from SMTP's DATA and from the HTTP send API alike. It never raises for a problem
-with the message: every outcome is a :class:`Submission` with its SMTP reply. In proxy mode
+with the message: every outcome is an SMTP reply. In proxy mode
 (``smtp.mode = "proxy"``) the message is forwarded before the reply; in queue mode it is
 stored (fsync'd) and the queue's workers (relay/smtp/delivery.py) forward it through
 :meth:`MailPipeline.deliver`, the same path, later.
@@ -74,24 +74,6 @@ class Incoming:
     received_at: float | None = None  # when it was received, if not now (a queued message)
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """The answer to a submitted message: the relay's id for it, and the SMTP reply (a
-    ``2xx`` one: taken, forwarded in proxy mode, stored in queue mode; ``4xx``: try again
-    later, nothing kept; ``5xx``: refused)."""
-
-    email_id: str
-    reply: str
-
-    @property
-    def code(self) -> int:
-        return int(self.reply[:3])
-
-    @property
-    def accepted(self) -> bool:
-        return self.reply.startswith("2")
-
-
 @dataclass(slots=True)
 class Outcome:
     """What happened to one message, for the reply, the store and the log line."""
@@ -132,20 +114,23 @@ class MailPipeline:
         self.on_queued: Callable[[], None] = lambda: None  # the queue's workers wake up
         self.clock: Callable[[], float] = time.time
 
-    async def submit(self, incoming: Incoming) -> Submission:
-        """Take one received message: in proxy mode forward it and answer with what the
-        upstream said; in queue mode store it, fsync'd, and answer ``250`` (``452`` when the
-        queue or the disk is full, ``451`` when the store cannot be written: nothing is kept
-        then). A malformed control header or an unknown tag is refused (``5xx``) in both."""
-        email_id = new_email_id()
+    async def process(self, incoming: Incoming, email_id: str | None = None) -> str:
+        """The one way a received message enters the mail path (SMTP's DATA, the send API):
+        the reply to ``incoming``, which gets ``email_id`` (the send API names its messages
+        before they are sent), else a new one. Proxy mode: forwarded, and the reply follows
+        the upstream's. Queue mode: stored, fsync'd, then ``250`` (``452`` when the queue or
+        the disk is full, ``451`` when the store cannot be written: nothing is kept then).
+        A malformed control header or an unknown tag is refused (``5xx``) in both. Never
+        raises: every outcome is a reply."""
+        email_id = email_id or new_email_id()
         if self.config.smtp.mode == "queue":
             try:
-                return Submission(email_id, await self._enqueue(incoming, email_id))
+                return await self._enqueue(incoming, email_id)
             except Exception:  # a bug must not lose the message: the client keeps it
                 log.exception("%s not queued from=%s peer=%s", email_id, incoming.sender,
                               incoming.peer)
-                return Submission(email_id, NOT_STORED)
-        return Submission(email_id, await self._relay(incoming, email_id))
+                return NOT_STORED
+        return await self._relay(incoming, email_id)
 
     async def deliver(self, incoming: Incoming, email_id: str,
                       settle: Settle) -> Outcome | None:
@@ -491,6 +476,14 @@ def _sender_domain(raw: bytes, block: HeaderBlock, envelope_sender: str) -> str:
     return envelope_sender.rpartition("@")[2].lower()
 
 
+PARTIAL = "Delivered to "  # how a reply for a message some recipients got goes on
+
+
+def delivered_some(reply: str) -> bool:
+    """Whether a failure reply (:func:`_reply`) says some recipients got the message."""
+    return reply[4:].startswith(("4.0.0 " + PARTIAL, "5.0.0 " + PARTIAL))
+
+
 def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
     failed = outcome.failed
     if not failed:
@@ -503,7 +496,7 @@ def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
     code, enhanced = (451, "4.0.0") if temporary else (550, "5.0.0")
     listed = "; ".join(f"{r}: {reply.code} {_one_line(reply.text)}" for r, reply in failed.items())
     delivered = len(outcome.sent) + len(outcome.duplicates)
-    return (f"{code} {enhanced} Delivered to {delivered} of {len(recipients)} recipients "
+    return (f"{code} {enhanced} {PARTIAL}{delivered} of {len(recipients)} recipients "
             f"({outcome.email_id}); failed: {listed}")
 
 

@@ -28,7 +28,7 @@ from relay.rewrite.headers import NOT_UTF8
 from relay.smtp import processes, trace
 from relay.smtp.delivery import AttemptListener, QueueWorker
 from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
-from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener, Submission
+from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
 from relay.smtp.upstream import Upstream, build_upstream, stuff
 from relay.store.engine import Store
 from relay.tracking.tokens import Keyring
@@ -357,7 +357,7 @@ class RelayHandler:
         self.settings = settings
         self.pipeline = pipeline
         self.logins = Logins(settings)
-        self.deliveries: set[asyncio.Task[Submission]] = set()  # messages being sent and recorded
+        self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
 
     def trusted(self, session: Session | None) -> bool:
         """Whether the client may relay: it authenticated or comes from allowed_networks."""
@@ -411,13 +411,13 @@ class RelayHandler:
                 and server.transport.get_extra_info("ssl_object") is not None,
                 utf8="SMTPUTF8" in (o.upper() for o in envelope.mail_options)),
         )
-        delivery = asyncio.create_task(self.pipeline.submit(incoming))
+        delivery = asyncio.create_task(self.pipeline.process(incoming))
         self.deliveries.add(delivery)
         delivery.add_done_callback(self.deliveries.discard)
         # Shielded: when a client hangs up, aiosmtpd cancels its session, and a delivery cut
         # in two would leave copies at the upstream without their record, so the client's
         # retry would send them again. It goes on to the end; only the reply is lost.
-        return (await asyncio.shield(delivery)).reply
+        return await asyncio.shield(delivery)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         """aiosmtpd's mechanism hooks (see relay/smtp/guard.py: the password check runs off
@@ -441,14 +441,20 @@ class SmtpService:
     def __init__(self, config: Config, store: Store, keyring: Keyring,
                  upstream: Upstream | None = None,
                  listeners: Sequence[MessageListener] = (),
-                 me: processes.Registered | None = None, clock: Clock | None = None,
+                 me: processes.Registered | None = None,
+                 pipeline: MailPipeline | None = None, clock: Clock | None = None,
                  attempt_listeners: Sequence[AttemptListener] = ()) -> None:
+        """``pipeline``: the mail path this service shares with the send API (relay/app.py),
+        whose owner closes its upstream; without one it makes its own. ``clock``: the
+        queue's time (tests drive it)."""
         self.config = config
         clock = clock or Clock()
-        self.upstream = upstream or build_upstream(config.upstream, config.smtp.server_name,
-                                                   clock)
-        pipeline = MailPipeline(config, store, keyring, self.upstream, listeners, me)
+        self.owns_pipeline = pipeline is None
+        if pipeline is None:
+            pipeline = MailPipeline(config, store, keyring, upstream or build_upstream(
+                config.upstream, config.smtp.server_name, clock), listeners, me)
         pipeline.clock = clock.time
+        self.upstream = pipeline.upstream
         self.handler = RelayHandler(config.smtp, pipeline)
         self.queue: QueueWorker | None = None  # queue mode's deliveries
         if config.smtp.mode == "queue":
@@ -545,7 +551,8 @@ class SmtpService:
         await asyncio.gather(*late, return_exceptions=True)
         if self.queue is not None:
             await self.queue.stop()
-        await self.upstream.close()
+        if self.owns_pipeline:
+            await self.upstream.close()
         self.handler.logins.close()
 
 

@@ -176,6 +176,10 @@ class EventFilter:
     include_machine: bool = False  # bots (prefetch, scanner, automation) too
     after: str | None = None  # the last event id of the previous page
     limit: int = DEFAULT_PAGE
+    message_id: str | None = None
+    sender_domain: str | None = None
+    any_tags: tuple[str, ...] = ()  # events of messages with any of these tags
+    newest_first: bool = False  # as the /v1/ API lists them (relay/admin/v1_events.py)
 
 
 def encode_cursor(row_id: str) -> str:

@@ -16,7 +16,7 @@ from relay.store.engine import MIGRATIONS
 from relay.store.transaction import transaction
 
 CHUNK = 2000
-# Rows the migrations themselves insert (relay/store/engine.py 0004_settings, 0052_queue):
+# Rows the migrations themselves insert (relay/store/engine.py 0004_settings, 0054_queue):
 # replaced.
 SEEDED = frozenset({"rules_generation", "account_settings", "queue_totals"})
 _TABLE = re.compile(r"(CREATE|DROP) TABLE (?:IF EXISTS )?(\w+)", re.IGNORECASE)

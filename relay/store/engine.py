@@ -422,10 +422,30 @@ MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX send_claims_process ON send_claims (process);
     """,
+    # The send API's Idempotency-Key (relay/store/idempotency.py): per API key, the request's
+    # fingerprint and, once answered, the answer, until it expires.
+    "0052_idempotency_keys": """
+        CREATE TABLE idempotency_keys (
+            api_key TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint BLOB NOT NULL,
+            status INTEGER,
+            response TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (api_key, key)
+        );
+        CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+    """,
+    # What a key may do (relay/admin/apikeys.py): everything, or only send (the /v1/ API's
+    # send_only, as Anypost's keys).
+    "0053_api_key_permissions": """
+        ALTER TABLE api_keys ADD COLUMN permissions TEXT NOT NULL DEFAULT 'full';
+    """,
     # Queue mode (relay/store/queue.py): each message as received with its envelope, until every
     # recipient was delivered or given up; deliveries leased to one process at a time.
     # queue_totals keeps the spool's size for the limits, updated in the same transactions.
-    "0052_queue": """
+    "0054_queue": """
         CREATE TABLE queue_messages (
             email_id TEXT PRIMARY KEY,
             sender TEXT NOT NULL,

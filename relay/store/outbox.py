@@ -240,3 +240,13 @@ def replay(conn: sqlite3.Connection, batch_ids: Sequence[str], state: str, now: 
         "UPDATE webhook_batches SET state = ?, next_at = ?, deadline = ?, finished_at = NULL,"
         " lease_owner = NULL, lease_until = NULL WHERE id = ?",
         (state, now, now + keep_trying, batch_id)).rowcount for batch_id in batch_ids)
+
+
+SECRET_SHOWN = 12  # characters of a secret the /v1/ API shows, as Anypost's signing_secret_prefix
+
+
+def secret_prefixes(conn: sqlite3.Connection) -> dict[str, str]:
+    """Each endpoint's name and the first :data:`SECRET_SHOWN` characters of its secret (what
+    relay/admin/v1_webhooks.py shows of it, never the rest)."""
+    return dict(conn.execute(f"SELECT name, substr(secret, 1, {SECRET_SHOWN})"
+                             " FROM webhook_endpoints").fetchall())

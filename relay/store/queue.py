@@ -1,4 +1,4 @@
-"""The queue's tables (migration ``0050_queue``): messages as received, each recipient's state,
+"""The queue's tables (migration ``0054_queue``): messages as received, each recipient's state,
 and the spool's totals. Named functions of a connection, in the SQL SQLite and PostgreSQL
 share, run inside the caller's transaction.
 

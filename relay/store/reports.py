@@ -108,7 +108,8 @@ def events_query(f: EventFilter) -> Query:
     """One page and one row more (to tell whether there is a next page), oldest first."""
     where, params = _event_conditions(f)
     clause = f"WHERE {' AND '.join(where)} " if where else ""
-    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY id LIMIT ?",
+    order = "id DESC" if f.newest_first else "id"
+    return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY {order} LIMIT ?",
                  (*params, f.limit + 1))
 
 
@@ -139,13 +140,19 @@ def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
     if f.tag is not None:
         add("email_id IN (SELECT email_id FROM messages WHERE tag_name = ? OR EXISTS "
             "(SELECT 1 FROM json_each(messages.tags) WHERE value = ?))", f.tag, f.tag)
-    for column, value in (("campaign", f.campaign), ("topic", f.topic)):
+    if f.any_tags:
+        marks = ", ".join("?" * len(f.any_tags))
+        add(f"email_id IN (SELECT email_id FROM messages WHERE tag_name IN ({marks}) OR EXISTS "
+            f"(SELECT 1 FROM json_each(messages.tags) WHERE value IN ({marks})))",
+            *f.any_tags, *f.any_tags)
+    for column, value in (("campaign", f.campaign), ("topic", f.topic),
+                          ("message_id", f.message_id), ("sender_domain", f.sender_domain)):
         if value is not None:
             add(f"email_id IN (SELECT email_id FROM messages WHERE {column} = ?)", value)
     if not f.include_machine:
         add("counted = 1")
     if f.after is not None:
-        add("id > ?", f.after)
+        add("id < ?" if f.newest_first else "id > ?", f.after)
     return where, params
 
 
@@ -193,6 +200,15 @@ def messages_query(f: MessageFilter) -> Query:
     group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
     return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}{group}"
                  f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+
+
+def message_facts_query(email_ids: Sequence[str]) -> Query:
+    """What events name of their messages: email_id, message_id, sender, sender_domain,
+    subject, tag_name, tags (JSON), campaign, topic."""
+    marks = ", ".join("?" * len(email_ids))
+    return Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags,"
+                 f" campaign, topic FROM messages WHERE email_id IN ({marks})",
+                 tuple(email_ids))
 
 
 def recipients_query(email_ids: Sequence[str]) -> Query:

@@ -151,7 +151,7 @@ def test_api_keys_cli_create_list_revoke(tmp_path):
     secret = created.stdout.strip()
     assert secret.startswith("rk_") and len(secret) > 40
     conn = store.connect_url(config_module.load(config).store)
-    assert apikeys.authenticate(conn, secret) == "ops"
+    assert apikeys.authenticate(conn, secret) == ("ops", "full")
     # (not read_bytes() of the file: closing another descriptor of a live SQLite file drops
     # this process's POSIX locks on it)
     stored = conn.execute("SELECT name, key_hash FROM api_keys").fetchall()

@@ -44,3 +44,12 @@ def test_dashboard_bench_signs_in_and_times_every_page(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "one message with its events" in done.stdout
     assert "slowest page median" in done.stdout and "reference" in done.stdout
+
+
+def test_send_api_bench_sends_over_both_paths():
+    done = subprocess.run([sys.executable, str(BENCH.with_name("send_api_bench.py")),
+                           "--messages", "20", "--concurrency", "4", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "(80 of 80 messages tracked)" in done.stdout  # 2 x (20 + 20 warm-up)
+    assert "POST /v1/email" in done.stdout and "API / SMTP" in done.stdout

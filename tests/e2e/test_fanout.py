@@ -44,8 +44,9 @@ def test_a_100_recipient_fan_out_of_a_large_message_keeps_the_loop_and_memory_bo
 def test_a_dkim_signed_fan_out_keeps_the_loop_answering():
     """Each copy of a signed message is signed again after its rewrite (15 MB here). dkimpy
     canonicalized the whole body holding the interpreter lock, on whichever thread: the event
-    loop stalled 1.8-2.2 s per copy on a quiet machine, more on a loaded one. The body hash is
-    now computed a piece at a time (relay/rewrite/dkim.py)."""
+    loop stalled 1.8-2.2 s per copy on a quiet machine (1.6 s at load 10, 0.3 s since). The
+    body hash is now computed a piece at a time (relay/rewrite/dkim.py); the bound leaves room
+    for a loaded machine and none for the old stall."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(BENCH), "--json", "--dkim", "--recipients", "10"],
                           capture_output=True, text=True, env=env, timeout=1100)
@@ -54,4 +55,4 @@ def test_a_dkim_signed_fan_out_keeps_the_loop_answering():
     assert fan_out["reply"].startswith("250 ")
     assert fan_out["copies"] == fan_out["distinct_copies"] == 10
     assert fan_out["healthz_requests"] > 10
-    assert fan_out["healthz_max_ms"] < 2500, fan_out
+    assert fan_out["healthz_max_ms"] < 1200, fan_out

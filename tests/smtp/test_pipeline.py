@@ -45,12 +45,12 @@ async def test_an_unforeseen_failure_defers_only_its_own_copy(tmp_path):
         pipeline = MailPipeline(config, store, load_keyring(config.tracking, store.writer),
                                 upstream)
         incoming = Incoming("news@shop.example", ["a@example.org", "b@example.org"], MESSAGE)
-        reply = (await pipeline.submit(incoming)).reply
+        reply = await pipeline.process(incoming)
         assert reply.startswith("451 ")
         assert "b@example.org: 451 4.3.0 Internal error while forwarding" in reply
         assert upstream.sent == ["a@example.org"]
         upstream.broken = "nobody"
-        assert ((await pipeline.submit(incoming)).reply).startswith("250 ")
+        assert (await pipeline.process(incoming)).startswith("250 ")
         assert upstream.sent == ["a@example.org", "b@example.org"]
     finally:
         await store.close()
@@ -100,8 +100,7 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
         pipeline = MailPipeline(config, store, keyring, upstream)
         recipients = [f"r{i}@example.org" for i in range(6)]
         message = _links_message(links)
-        reply = (await pipeline.submit(Incoming("news@shop.example", recipients,
-                                                message))).reply
+        reply = await pipeline.process(Incoming("news@shop.example", recipients, message))
         assert reply.startswith("250 ")
         assert upstream.most == most
         email_id = reply.split()[-1]

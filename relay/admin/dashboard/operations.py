@@ -1,8 +1,9 @@
 """The dashboard's operations page: tracking domains (state, the DNS record to publish, a
 verify button) and webhook endpoints with their failed deliveries (a replay button). Each
-action is what the API and the CLI do (relay/admin/dnscheck.py, relay/admin/webhooks.py), a
-form post behind the session's CSRF token (relay/admin/dashboard/app.py), answered with a
-redirect back to the page saying what happened."""
+action is what the API and the CLI do (relay/admin/dnscheck.py, relay/admin/webhooks.py,
+relay/store/outbox.py), a form post behind the session's CSRF token
+(relay/admin/dashboard/app.py), answered with a redirect back to the page saying what
+happened."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from relay.admin import dnscheck, webhooks
 from relay.admin.dashboard.base import CONFIG, STORE, render, see_other
 from relay.policy import domains
 from relay.store import domains as stored_domains
-from relay.webhooks.payloads import FAILED
+from relay.store import outbox
+from relay.webhooks.payloads import FAILED, PENDING
 
 FAILED_SHOWN = 50
 
@@ -25,8 +27,8 @@ async def operations(request: web.Request) -> web.Response:
     store, config = request.app[STORE], request.app[CONFIG]
     target = domains.cname_target(config.http.public_url)
     listed, endpoints, failed = await store.read(lambda conn: (
-        stored_domains.listing(conn), webhooks.endpoints(conn),
-        webhooks.deliveries(conn, state=FAILED, limit=FAILED_SHOWN)))
+        stored_domains.listing(conn), outbox.endpoint_listing(conn),
+        outbox.deliveries(conn, state=FAILED, limit=FAILED_SHOWN)))
     tracking = [(d, domains.dns_record(d.host, target)) for d in listed]
     return render(request, "operations.html", tracking=tracking,
                   endpoints=endpoints, failed=failed,
@@ -55,7 +57,7 @@ async def replay(request: web.Request) -> web.Response:
 
     def write(conn: sqlite3.Connection) -> int:
         ids = [chosen] if chosen else webhooks.failed_batches(conn, None)
-        return webhooks.replay(conn, ids, time.time(), keep_trying)
+        return outbox.replay(conn, ids, PENDING, time.time(), keep_trying)
 
     count = await store.write(write)
     return _back(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
