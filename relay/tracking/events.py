@@ -77,6 +77,7 @@ from time import perf_counter
 from typing import Any, NamedTuple
 
 from relay import metrics
+from relay.ids import uuid7
 from relay.store import events as events_table
 from relay.store import messages
 from relay.store.engine import Store
@@ -375,16 +376,10 @@ def _event(hit: Hit, verdict: Verdict, details: Details, kind: str, *, implied: 
 
 
 # Event ids need uniqueness and time order, not secrecy: a per-process generator seeded from
-# the OS saves a system call (os.urandom) and a uuid.UUID object per event.
+# the OS saves a system call (os.urandom) per event.
 _random_bits = random.Random(os.urandom(32)).getrandbits
-_UUID7 = 0x7 << 76 | 0b10 << 62  # version 7, RFC 9562 variant
-_RAND_B = (1 << 62) - 1
 
 
 def event_id(at: float) -> str:
-    """``evt_<uuid7>`` for an event at ``at`` (Unix seconds): 48 bits of milliseconds, the
-    version and variant, 74 random bits; the same layout as relay.ids.uuid7."""
-    bits = _random_bits(74)
-    value = int(at * 1000) << 80 | _UUID7 | (bits >> 62) << 64 | bits & _RAND_B
-    h = f"{value:032x}"
-    return f"{EVENT_PREFIX}{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """``evt_<uuid7>`` for an event at ``at`` (Unix seconds)."""
+    return EVENT_PREFIX + uuid7(int(at * 1000), _random_bits(74))

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relay.errors import InvalidToken
-from relay.ids import PREFIX
+from relay.ids import email_id_from_bytes, email_id_to_bytes
 
 VERSION = 2
 SIV_SIZE = 16
@@ -68,9 +68,6 @@ _PREFIXES = {_CLICK_HTTPS: "https://", _CLICK_HTTP: "http://"}
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
-_EMAIL_ID = re.compile(
-    re.escape(PREFIX) + r"([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})"
-)
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class RecipientSigner:
     __slots__ = ("_ad", "_cipher", "_head", "_shared")
 
     def __init__(self, keyring: Keyring, email_id: str, recipient: str) -> None:
-        uuid = _email_id_bytes(email_id)
+        uuid = email_id_to_bytes(email_id)
         kid = keyring.current.encode("ascii")
         rcpt = recipient.encode("utf-8")
         self._head = bytes((VERSION << 4 | len(kid) - 1,)) + kid
@@ -148,14 +145,6 @@ class RecipientSigner:
     def _seal(self, kind: int, url: bytes) -> str:
         sealed = self._cipher.encrypt(b"".join((bytes((kind,)), self._shared, url)), self._ad)
         return base64.urlsafe_b64encode(self._head + sealed).rstrip(b"=").decode("ascii")
-
-
-def _email_id_bytes(email_id: str) -> bytes:
-    """The 16 bytes of an ``email_<uuid>`` id in canonical form (as ``new_email_id`` writes it)."""
-    match = _EMAIL_ID.fullmatch(email_id)
-    if match is None:
-        raise ValueError(f"email id is not in canonical form: {email_id!r}")
-    return bytes.fromhex("".join(match.groups()))
 
 
 def open_url(base_url: str, token: str) -> str:
@@ -214,7 +203,7 @@ def _parse(body: bytes, kind: int, pos: int) -> OpenTarget | ClickTarget:
     """Decode a payload from ``pos`` on, once it is known to be authentic."""
     if len(body) < pos + 16:
         raise InvalidToken("malformed token")
-    email_id = _email_id(body[pos : pos + 16])
+    email_id = email_id_from_bytes(body[pos : pos + 16])
     rcpt_len, pos = _read_varint(body, pos + 16)
     rcpt_end = pos + rcpt_len
     if rcpt_end > len(body):
@@ -229,12 +218,6 @@ def _parse(body: bytes, kind: int, pos: int) -> OpenTarget | ClickTarget:
     if kind == _CLICK or kind in _PREFIXES:
         return ClickTarget(email_id, recipient, _PREFIXES.get(kind, "") + url)
     raise InvalidToken("malformed token")
-
-
-def _email_id(raw: bytes) -> str:
-    """``email_id_from_bytes`` without building a UUID object (same canonical spelling)."""
-    h = raw.hex()
-    return f"{PREFIX}{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")

@@ -202,7 +202,7 @@ class Outbox:
                              all_tags(c.tag_name, c.tags), c.campaign, c.topic)
         now = self.clock()
         for recipient in sent:
-            self._enqueue(conn, endpoints, EVENT_PREFIX + str(uuid7()), SENT, now,
+            self._enqueue(conn, endpoints, EVENT_PREFIX + uuid7(), SENT, now,
                           event_data(facts, recipient))
 
     def _enqueue(self, conn: sqlite3.Connection, endpoints: Sequence[str], event_id: str,
@@ -257,7 +257,7 @@ class Claim:
 def form_batches(conn: sqlite3.Connection, now: float, size: int, keep_trying: float) -> None:
     """One batch of up to ``size`` waiting events for each endpoint that is not in backoff."""
     for endpoint in tables.ready_endpoints(conn):
-        tables.add_batch(conn, BATCH_PREFIX + str(uuid7()), endpoint, size, PENDING, now,
+        tables.add_batch(conn, BATCH_PREFIX + uuid7(), endpoint, size, PENDING, now,
                          now + keep_trying)
 
 

@@ -172,8 +172,8 @@ def test_event_id_floor_sorts_before_ids_of_that_millisecond():
 
     at = 1773619200.123
     floor = reports.id_floor(at)
-    assert floor <= "evt_" + str(uuid7(int(at * 1000))) < reports.id_floor(at + 0.001) + "~"
-    assert "evt_" + str(uuid7(int(at * 1000) - 1)) < floor
+    assert floor <= "evt_" + uuid7(int(at * 1000)) < reports.id_floor(at + 0.001) + "~"
+    assert "evt_" + uuid7(int(at * 1000) - 1) < floor
 
 
 def test_stats_parameters_default_to_the_last_30_days():
