@@ -5,9 +5,9 @@ request and shapes the rows), so the API (on the store's reader thread) and the 
 connection) run the very same SQL. Statistics read the daily counters (relay/store/counters.py);
 event listings read ``events`` by its time-ordered id (``evt_<uuid7>``), which is also the
 pagination cursor, and message listings ``messages`` by theirs (``email_<uuid7>``), newest
-first, the same way. SQLite's dialect remains in three places, each the index a query relies
-on: ``json_each`` for an event's tag, ``COLLATE NOCASE`` and the ``+`` that keeps the planner
-off the status index in :func:`messages_query`.
+first, the same way. SQLite's dialect remains in two places, each the index a query relies
+on: ``json_each`` for an event's tag and ``COLLATE NOCASE`` (PostgreSQL has both,
+relay/store/postgres.py SERVER_SETUP).
 """
 
 from __future__ import annotations
@@ -161,13 +161,17 @@ def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
 _MESSAGE_COLUMNS = ("m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, "
                     "m.tag_name, m.tags, m.campaign, m.topic, m.track_opens, m.track_clicks, "
                     "m.decision, m.size, m.created_at, m.links")
+_GROUPED_MESSAGE_COLUMNS = ", ".join(f"MAX({column})" for column in _MESSAGE_COLUMNS.split(", "))
 
 
 def messages_query(f: MessageFilter) -> Query:
     """One page and one row more, newest first. With a recipient or a status the walk goes
     down a recipients index ((recipient, email_id) or (status, email_id)), else down the
     messages' own (email id, sender, Message-ID): newest first in index order, so a page
-    reads about its own rows, never the whole store."""
+    reads about its own rows, never the whole store. Walking recipients, one row per message
+    is a GROUP BY of the walked email id, and the message's columns its MAX() (one value per
+    group): PostgreSQL takes no ungrouped column, and grouping by the message's own key would
+    cost SQLite a sort of every match."""
     by_recipient = f.recipient is not None or f.status is not None
     key = "r.email_id" if by_recipient else "m.email_id"
     where: list[str] = []
@@ -184,8 +188,8 @@ def messages_query(f: MessageFilter) -> Query:
     if f.recipient is not None:
         where.append("r.recipient = ? COLLATE NOCASE")
         params.append(f.recipient)
-    if f.status is not None:  # with a recipient, its index leads ('+': not the status's)
-        where.append("+r.status = ?" if f.recipient is not None else "r.status = ?")
+    if f.status is not None:  # with a recipient, its index leads ("|| ''": not the status's)
+        where.append("r.status || '' = ?" if f.recipient is not None else "r.status = ?")
         params.append(f.status)
     if f.sender is not None:
         where.append("m.sender = ? COLLATE NOCASE")
@@ -198,14 +202,21 @@ def messages_query(f: MessageFilter) -> Query:
               else "messages m")
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
-    return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}{group}"
+    columns = _GROUPED_MESSAGE_COLUMNS if by_recipient else _MESSAGE_COLUMNS
+    return Query(f"SELECT {columns} FROM {source} {clause}{group}"
                  f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+
+
+def _placeholders(values: Sequence[Any]) -> str:
+    """One ``?`` per value, for ``IN (...)``; for none, ``NULL`` (which nothing equals):
+    PostgreSQL takes no empty list."""
+    return ", ".join("?" * len(values)) or "NULL"
 
 
 def message_facts_query(email_ids: Sequence[str]) -> Query:
     """What events name of their messages: email_id, message_id, sender, sender_domain,
     subject, tag_name, tags (JSON), campaign, topic."""
-    marks = ", ".join("?" * len(email_ids))
+    marks = _placeholders(email_ids)
     return Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags,"
                  f" campaign, topic FROM messages WHERE email_id IN ({marks})",
                  tuple(email_ids))
@@ -213,7 +224,7 @@ def message_facts_query(email_ids: Sequence[str]) -> Query:
 
 def recipients_query(email_ids: Sequence[str]) -> Query:
     """The recipients of the listed messages."""
-    marks = ", ".join("?" * len(email_ids))
+    marks = _placeholders(email_ids)
     return Query("SELECT email_id, recipient, status, reply, at FROM recipients "
                  f"WHERE email_id IN ({marks}) ORDER BY email_id, recipient", tuple(email_ids))
 
