@@ -3,9 +3,9 @@ rollup.py) and ``stats_daily_agents`` (relay/stats/breakdown.py), added to on wr
 recomputed from the raw tables.
 
 The recomputations (:func:`rebuild_rollup`, :func:`rebuild_agents`) are the tests' oracle and
-the benchmarks' bulk fill, written set-based in SQLite's dialect (``date(..., 'unixepoch')``,
-``json_each``, and the ``relay_esp``/``relay_lower`` functions the caller registers): they
-are not on any path a second engine has to run.
+the benchmarks' bulk fill, written set-based. :func:`rebuild_agents` runs on both engines;
+:func:`rebuild_rollup` is SQLite's still (``json_insert``, a temporary table, and the
+``relay_esp`` function the caller registers).
 """
 
 from __future__ import annotations
@@ -106,13 +106,15 @@ def rebuild_rollup(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# In the dialect both engines share (date() is PostgreSQL's too: relay/store/postgres.py).
 _AGENTS_REBUILD = """INSERT INTO stats_daily_agents
     SELECT date(m.created_at, 'unixepoch'), coalesce(e.device, ''), coalesce(e.client, ''),
-           coalesce(e.country, ''), sum(e.type = 'open'),
-           sum(e.type = 'open' AND e.first_for_recipient), sum(e.type = 'click'),
-           sum(e.type = 'click' AND e.first_for_recipient)
+           coalesce(e.country, ''), count(*) FILTER (WHERE e.type = 'open'),
+           count(*) FILTER (WHERE e.type = 'open' AND e.first_for_recipient = 1),
+           count(*) FILTER (WHERE e.type = 'click'),
+           count(*) FILTER (WHERE e.type = 'click' AND e.first_for_recipient = 1)
     FROM events e JOIN messages m ON m.email_id = e.email_id
-    WHERE e.counted GROUP BY 1, 2, 3, 4"""
+    WHERE e.counted = 1 GROUP BY 1, 2, 3, 4"""
 
 
 def rebuild_agents(conn: sqlite3.Connection) -> None:

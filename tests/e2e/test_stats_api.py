@@ -9,6 +9,7 @@ import http.client
 import json
 import re
 import smtplib
+import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from relay.admin import apikeys
-from relay.stats import rollup
+from relay.stats import breakdown, rollup
 from relay.store import engine as store
 from relay.tracking.tokens import sign_click, sign_open
 from tests.harness import Relay
@@ -253,6 +254,20 @@ def test_counters_kept_on_write_equal_a_rebuild(world):
     kept = snapshot()
     conn.isolation_level = None
     rollup.rebuild(conn)
+    assert snapshot() == kept
+
+
+def test_agent_counters_kept_on_write_equal_a_rebuild(world):
+    conn = world.relay.db()
+
+    def snapshot() -> list[tuple]:
+        return sorted(map(tuple, conn.execute("SELECT * FROM stats_daily_agents")))
+
+    kept = snapshot()
+    assert kept  # the world's counted opens and click
+    if isinstance(conn, sqlite3.Connection):
+        conn.isolation_level = None
+    breakdown.rebuild(conn)
     assert snapshot() == kept
 
 
