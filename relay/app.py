@@ -8,14 +8,18 @@ import functools
 import logging
 import multiprocessing
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from relay.admin import seeding
+from relay.certs import manager as certs
+from relay.certs.contexts import CertificateSet
 from relay.clock import Clock
 from relay.config import Address, Config
 from relay.http_site import GuardedSite, ServerLog
@@ -59,6 +63,8 @@ class Services:
     event_listeners: list[Listener] = field(default_factory=list)
     message_listeners: list[MessageListener] = field(default_factory=list)
     attempt_listeners: list[AttemptListener] = field(default_factory=list)  # queue mode
+    certificates: CertificateSet = field(default_factory=CertificateSet)
+    acme: certs.CertificateManager | None = None  # relay/certs/manager.py
 
 
 @contextlib.asynccontextmanager
@@ -96,13 +102,15 @@ async def running(
         build_upstream(config.upstream, config.smtp.server_name, clock),
         services.message_listeners,
         await store.write(processes.register))
+    services.certificates, services.acme = certs.start(store, config, order=http)
     try:
         if smtp:
             from relay.smtp.server import SmtpService
 
             services.smtp = SmtpService(config, store, services.keyring,
                                         pipeline=services.pipeline, clock=clock,
-                                        attempt_listeners=services.attempt_listeners)
+                                        attempt_listeners=services.attempt_listeners,
+                                        certificates=services.certificates)
             await services.smtp.start()
         if http:
             services.http = await _start_http(config, services)
@@ -118,6 +126,8 @@ async def running(
             stops.append(services.smtp.stop())
         await asyncio.gather(*stops)
         await services.pipeline.upstream.close()
+        if services.acme is not None:
+            await services.acme.stop()
         await stop_rules()
         await stop_retention()
         await webhooks.stop()
@@ -142,8 +152,16 @@ async def _start_http(config: Config, services: Services) -> web.AppRunner:
         _add_admin(admin_app, config, services)
         services.admin_http = await _serve_app(admin_app, config, admin)
         log.info("http api and dashboard listening on %s", admin)
-    runner = await _serve_app(app, config, config.http.listen)
+    if config.acme is not None:
+        app.router.add_get("/.well-known/acme-challenge/{token}",
+                           certs.challenge_route(services.store))
+    tls = None
+    if config.http.tls_listen is not None:
+        tls = services.certificates.server_context(urlsplit(config.http.public_url).hostname)
+    runner = await _serve_app(app, config, config.http.listen, tls)
     log.info("http listening on %s, public url %s", config.http.listen, config.http.public_url)
+    if tls is not None:
+        log.info("https listening on %s", config.http.tls_listen)
     return runner
 
 
@@ -161,7 +179,9 @@ def _add_admin(app: web.Application, config: Config, services: Services) -> None
                                                         services.pipeline))
 
 
-async def _serve_app(app: web.Application, config: Config, listen: Address) -> web.AppRunner:
+async def _serve_app(app: web.Application, config: Config, listen: Address,
+                     tls: ssl.SSLContext | None = None) -> web.AppRunner:
+    """``app`` on ``listen`` and, given ``tls``, on ``http.tls_listen`` with the same limits."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_DRAIN_SECONDS,
                            keepalive_timeout=config.http.keepalive_timeout, logger=ServerLog())
     await runner.setup()
@@ -171,6 +191,11 @@ async def _serve_app(app: web.Application, config: Config, listen: Address) -> w
                        header_timeout=config.http.header_timeout,
                        reuse_port=config.http.workers > 1 or None)
     await site.start()
+    if tls is not None and config.http.tls_listen is not None:
+        secure = GuardedSite(runner, config.http.tls_listen.host, config.http.tls_listen.port,
+                             limits=limits, header_timeout=config.http.header_timeout,
+                             reuse_port=config.http.workers > 1 or None, ssl_context=tls)
+        await secure.start()
     return runner
 
 

@@ -82,6 +82,7 @@ class SmtpSettings:
     add_received: bool = True  # a Received: line at the top of every copy
     # "proxy": 250 once the upstream took every copy; "queue": 250 once stored (relay/queue/)
     mode: str = "proxy"
+    tls_acme: bool = False  # STARTTLS with the ACME certificate of server_name (relay/certs/)
 
     @property
     def server_name(self) -> str:
@@ -132,6 +133,21 @@ class HttpSettings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # the tracker over TLS, the certificate chosen by SNI (relay/certs/); tls_cert/tls_key:
+    # a certificate of your own for the host of public_url
+    tls_listen: Address | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """``[acme]``: where certificates are ordered (relay/certs/); ``ca_bundle`` verifies a
+    private ACME server's own certificate."""
+
+    directory: str
+    email: str | None = None
+    ca_bundle: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +287,7 @@ class Config:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    acme: AcmeSettings | None = None
     log_level: str = "INFO"
 
     def dkim_key(self, domain: str) -> DkimKey | None:
@@ -412,9 +429,11 @@ def parse(document: dict[str, Any], file: str = "<config>", base: Path = Path(".
         privacy=_privacy(root.sub("privacy")),
         retention=_retention(root.sub("retention")),
         dashboard=_dashboard(root.sub("dashboard")),
+        acme=_acme(root),
         log_level=_log_level(root.sub("logging")),
     )
     root.done()
+    _tls_sources(root, config)
     return config
 
 
@@ -452,17 +471,23 @@ def _smtp(r: _Reader) -> SmtpSettings:
         workers=_workers(r, r.address("listen", d.listen)),
         add_received=r.get("add_received", bool, d.add_received),
         mode=_choice(r, "mode", _SMTP_MODES, d.mode),
+        tls_acme=r.get("tls_acme", bool, d.tls_acme),
     )
-    if (settings.tls_cert is None) != (settings.tls_key is None):
-        raise r.fail("tls_cert", "tls_cert and tls_key go together")
-    for name in ("tls_cert", "tls_key"):
-        value = getattr(settings, name)
-        if value is not None and not value.is_file():
-            raise r.fail(name, f"no such file: {value}")
-    if settings.tls_listen and settings.tls_cert is None:
-        raise r.fail("tls_listen", "needs tls_cert and tls_key")
+    _cert_files(r, settings.tls_cert, settings.tls_key)
+    if settings.tls_acme and settings.tls_cert is not None:
+        raise r.fail("tls_acme", "set either tls_acme or tls_cert/tls_key, not both")
+    if settings.tls_listen and settings.tls_cert is None and not settings.tls_acme:
+        raise r.fail("tls_listen", "needs tls_cert and tls_key, or tls_acme")
     r.done()
     return settings
+
+
+def _cert_files(r: _Reader, cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        raise r.fail("tls_cert", "tls_cert and tls_key go together")
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if value is not None and not value.is_file():
+            raise r.fail(name, f"no such file: {value}")
 
 
 def _host_name(r: _Reader, key: str) -> str | None:
@@ -571,7 +596,15 @@ def _http(r: _Reader) -> HttpSettings:
         admin_listen=r.address("admin_listen", d.admin_listen),
         metrics_allowed_networks=r.networks("metrics_allowed_networks",
                                             d.metrics_allowed_networks),
+        tls_listen=r.address("tls_listen", None),
+        tls_cert=r.path("tls_cert", None),
+        tls_key=r.path("tls_key", None),
     )
+    _cert_files(r, settings.tls_cert, settings.tls_key)
+    if settings.tls_cert is not None and settings.tls_listen is None:
+        raise r.fail("tls_cert", "needs tls_listen, the address the TLS listener takes")
+    if settings.tls_listen is not None and settings.tls_listen.port == 0:
+        raise r.fail("tls_listen", "needs a fixed port: tracking links name it")
     r.done()
     return settings
 
@@ -643,6 +676,36 @@ def redact_url(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _acme(root: _Reader) -> AcmeSettings | None:
+    if "acme" not in root.table:
+        root.seen.add("acme")
+        return None
+    r = root.sub("acme")
+    directory = r.get("directory", str, None)
+    if directory is None:
+        raise r.fail("directory", "required: the ACME server's directory URL")
+    parts = urlsplit(directory)
+    if parts.scheme != "https" or not parts.hostname:
+        raise r.fail("directory", f"expected an https:// URL, got {directory!r}")
+    email = r.get("email", str, None)
+    if email is not None and not re.fullmatch(r"[^@\s:]+@[^@\s:]+\.[^@\s:]+", email):
+        raise r.fail("email", f"expected an email address, got {email!r}")
+    ca_bundle = r.path("ca_bundle", None)
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise r.fail("ca_bundle", f"no such file: {ca_bundle}")
+    r.done()
+    return AcmeSettings(directory, email, ca_bundle)
+
+
+def _tls_sources(root: _Reader, config: Config) -> None:
+    """Settings that need another table: a TLS listener needs a certificate from somewhere."""
+    http, acme = config.http, config.acme
+    if http.tls_listen is not None and http.tls_cert is None and acme is None:
+        raise root.fail("http.tls_listen", "needs http.tls_cert and http.tls_key, or [acme]")
+    if config.smtp.tls_acme and acme is None:
+        raise root.fail("smtp.tls_acme", "needs an [acme] table")
 
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")

@@ -16,6 +16,12 @@ What this module adds, whatever aiohttp's version:
 - ``http.max_connections`` and ``http.max_connections_per_ip`` (relay/limits.py): a connection
   past either gets ``503`` with ``Retry-After`` as soon as it is accepted, and is closed; no
   request is read and no aiohttp protocol is made for it.
+- TLS (``ssl_context``): the limits above are applied when the connection is accepted, before
+  its handshake (a connection past one is closed without the ``503``, which a TLS client
+  could not read), and ``http.header_timeout`` covers the handshake and the first request head
+  together, so a client that opens connections and never finishes a handshake is held to the
+  same bounds as one that never sends a request. A failed handshake is counted in
+  ``relay_http_tls_handshake_failures_total`` and logged at ``DEBUG`` only.
 - Requests aiohttp cannot parse (bad request line, oversized header, garbage such as TLS sent
   to the plain port) are answered ``400`` by aiohttp as before, counted in
   ``relay_http_malformed_requests_total`` by kind and logged at ``DEBUG`` only. Errors in the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -56,18 +63,21 @@ class GuardedSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  limits: ConnectionLimits, header_timeout: float,
-                 reuse_port: bool | None = None) -> None:
+                 reuse_port: bool | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(runner)
         self.host, self.port, self.reuse_port = host, port, reuse_port
         self.limits = limits
         self.header_timeout = header_timeout
+        self.ssl_context = ssl_context
         self.refusals = ThrottledLog(log)
         metrics.HTTP_CONNECTIONS.set_function(lambda: limits.open)
 
     @property
     def name(self) -> str:
-        return f"http://[{self.host}]:{self.port}" if ":" in self.host else \
-            f"http://{self.host}:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else \
+            f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         await super().start()
@@ -88,9 +98,10 @@ class GuardedSite(web.BaseSite):
 
 
 class _Guard(asyncio.Protocol):
-    """One connection: admitted (then passed on to aiohttp's protocol) or refused."""
+    """One connection: admitted (then, after the TLS handshake if the site has one, passed on
+    to aiohttp's protocol) or refused."""
 
-    __slots__ = ("site", "inner", "ip", "timer", "tail")
+    __slots__ = ("site", "inner", "ip", "timer", "tail", "admitted", "transport", "early")
 
     def __init__(self, site: GuardedSite) -> None:
         self.site = site
@@ -98,6 +109,10 @@ class _Guard(asyncio.Protocol):
         self.ip: str | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""
+        self.admitted = False
+        self.transport: asyncio.Transport | None = None  # the one to close: TLS once wrapped
+        # what TLS decrypted between the handshake's end and start_tls returning
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -106,21 +121,55 @@ class _Guard(asyncio.Protocol):
         limit = self.site.limits.admit(self.ip)
         if limit is not None:
             self.site.refused(self.ip, limit)
-            transport.write(REFUSAL)
+            if self.site.ssl_context is None:  # a TLS client could not read it: closed only
+                transport.write(REFUSAL)
             transport.close()
             return
-        self.timer = asyncio.get_running_loop().call_later(
-            self.site.header_timeout, self._too_slow, transport)
+        self.admitted = True
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.site.header_timeout, self._too_slow)
+        if self.site.ssl_context is None:
+            self._open(transport)
+        else:  # the ClientHello waits in the socket until start_tls reads it
+            transport.pause_reading()
+            loop.create_task(self._handshake(transport, self.site.ssl_context))
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Wrap the connection in TLS, this guard staying the protocol that sees its data; the
+        header timer (running already) closes it if the handshake takes too long."""
+        loop = asyncio.get_running_loop()
+        try:
+            wrapped = await loop.start_tls(transport, self, context, server_side=True,
+                                           ssl_handshake_timeout=self.site.header_timeout)
+        except OSError as exc:  # ssl.SSLError and TimeoutError among them
+            metrics.HTTP_TLS_HANDSHAKE_FAILURES.inc()
+            log.debug("tls handshake with %s failed: %r", self.ip, exc)
+            self._release()
+            return
+        if wrapped is None:  # closed during the handshake (the header timeout)
+            self._release()
+        elif self.admitted:  # not closed since
+            self._open(wrapped)
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         self.inner = self.site.make_protocol()
         self.inner.connection_made(transport)
+        early, self.early = self.early, []
+        for data in early:
+            self.data_received(data)
 
-    def _too_slow(self, transport: asyncio.Transport) -> None:
+    def _too_slow(self) -> None:
         self.timer = None
         metrics.HTTP_HEADER_TIMEOUTS.inc()
-        transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.inner is None:
+            if self.admitted:  # TLS: the request came with the handshake's last bytes
+                self.early.append(data)
             return
         if self.timer is not None:
             seen = self.tail + data
@@ -144,14 +193,21 @@ class _Guard(asyncio.Protocol):
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.inner is None:
+        self._release()
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+            self.inner = None
+
+    def _release(self) -> None:
+        """Give the connection's place back, once, however it ended."""
+        if not self.admitted:
             return
+        self.admitted = False
+        self.transport = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.site.limits.release(self.ip)
-        self.inner.connection_lost(exc)
-        self.inner = None
 
 
 class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -55,6 +55,11 @@ HTTP_CONNECTIONS_REFUSED = Counter(
     ["limit"],
     registry=REGISTRY,
 )
+HTTP_TLS_HANDSHAKE_FAILURES = Counter(
+    "relay_http_tls_handshake_failures_total",
+    "TLS connections to http.tls_listen whose handshake failed or timed out",
+    registry=REGISTRY,
+)
 HTTP_HEADER_TIMEOUTS = Counter(
     "relay_http_header_timeouts_total",
     "HTTP connections closed because no complete request head came within http.header_timeout",
@@ -157,5 +162,18 @@ QUEUE_BYTES = Gauge(
 QUEUE_OLDEST_SECONDS = Gauge(
     "relay_queue_oldest_seconds",
     "Age of the oldest message in the queue (0 when empty)",
+    registry=REGISTRY,
+)
+# TLS certificates over ACME (relay/certs/manager.py).
+CERTIFICATE_DAYS_LEFT = Gauge(
+    "relay_certificate_days_left",
+    "Days until each host's certificate expires (negative: expired); renewed at 30",
+    ["host"],
+    registry=REGISTRY,
+)
+ACME_ORDERS = Counter(
+    "relay_acme_orders_total",
+    "Certificate orders by this process, by result (issued, failed)",
+    ["result"],
     registry=REGISTRY,
 )

@@ -80,4 +80,9 @@ class DnsServer:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif kind == CNAME or question.rdtype == dns.rdatatype.A:
             response.answer.append(dns.rrset.from_text(question.name, 300, "IN", kind, value))
+            target = self.behaviour.get(value.rstrip(".").lower(), ("", ""))
+            if kind == CNAME and question.rdtype == dns.rdatatype.A and target[0] == A:
+                # the CNAME's target in the same answer, as an authoritative server that
+                # holds both names gives it (resolvers such as Pebble's need it)
+                response.answer.append(dns.rrset.from_text(value, 300, "IN", A, target[1]))
         return response.to_wire()

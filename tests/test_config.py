@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import HttpSettings, load, parse
+from relay.config import AcmeSettings, Address, HttpSettings, load, parse
 from relay.errors import ConfigError
 from relay.smtp.passwords import hash_password, verify_password
 from relay.webhooks.payloads import new_secret
@@ -27,6 +27,9 @@ def test_example_config_loads_with_capture_upstream():
     assert cfg.store.path == ROOT / "var" / "relay.db"
     assert (cfg.tracking.opens, cfg.tracking.clicks) == (False, False)
     assert cfg.http == HttpSettings()  # the example shows the defaults
+
+
+_ACME = {"directory": "https://acme.example/dir"}
 
 
 @pytest.mark.parametrize(("document", "key", "problem"), [
@@ -60,6 +63,18 @@ def test_example_config_loads_with_capture_upstream():
     ({"smtp": {"hostname": "[IPv6:2001:db8::25]"}}, "smtp.hostname", "is an IP address"),
     ({"smtp": {"hostname": "2001:db8::25"}}, "smtp.hostname", "is an IP address"),
     ({"smtp": {"add_received": "no"}}, "smtp.add_received", "expected bool"),
+    ({"http": {"tls_listen": "0.0.0.0:443"}}, "http.tls_listen", "or [acme]"),
+    ({"http": {"tls_listen": "0.0.0.0:0"}, "acme": _ACME}, "http.tls_listen", "fixed port"),
+    ({"http": {"tls_cert": "/nonexistent.pem", "tls_key": "/nonexistent.pem"}},
+     "http.tls_cert", "no such file"),
+    ({"http": {"tls_key": "/etc/hostname"}}, "http.tls_cert", "go together"),
+    ({"acme": {"email": "ops@shop.example"}}, "acme.directory", "required"),
+    ({"acme": {"directory": "http://acme.example/dir"}}, "acme.directory", "https://"),
+    ({"acme": {**_ACME, "email": "ops"}}, "acme.email", "email address"),
+    ({"acme": {**_ACME, "ca_bundle": "/nonexistent.pem"}}, "acme.ca_bundle", "no such file"),
+    ({"acme": {**_ACME, "staging": True}}, "acme.staging", "unknown setting"),
+    ({"smtp": {"tls_acme": True}}, "smtp.tls_acme", "[acme]"),
+    ({"smtp": {"tls_acme": "yes"}}, "smtp.tls_acme", "expected bool"),
 ])
 def test_errors_name_file_and_key(document, key, problem):
     with pytest.raises(ConfigError) as info:
@@ -67,6 +82,19 @@ def test_errors_name_file_and_key(document, key, problem):
     assert info.value.file == "relay.toml"
     assert info.value.key == key
     assert problem in info.value.problem
+
+
+def test_tls_and_acme_settings_are_read(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    cfg = parse({"http": {"tls_listen": "0.0.0.0:443", "tls_cert": "cert.pem",
+                          "tls_key": "cert.pem"},
+                 "acme": {**_ACME, "email": "ops@shop.example", "ca_bundle": "cert.pem"},
+                 "smtp": {"tls_acme": True}}, "relay.toml", tmp_path)
+    assert (cfg.http.tls_listen, cfg.http.tls_cert) == (Address("0.0.0.0", 443), cert)
+    assert cfg.acme == AcmeSettings(_ACME["directory"], "ops@shop.example", cert)
+    assert cfg.smtp.tls_acme
+    assert parse({}).acme is None
 
 
 def test_the_relay_is_named_after_the_machine_unless_smtp_hostname_says():

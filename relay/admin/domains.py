@@ -27,6 +27,8 @@ from relay.admin.commands import (
 from relay.admin.dnscheck import check, make_resolver, record_check, report, verify
 from relay.admin.http import CONTEXT, Operation, json_body, json_response
 from relay.admin.settings import open_seeded
+from relay.certs.plan import FAILED as CERT_FAILED
+from relay.certs.plan import Certificate
 from relay.config import Config
 from relay.errors import ApiError, InvalidInput
 from relay.policy import domains as model
@@ -39,6 +41,7 @@ from relay.policy.domains import (
     cname_target,
     dns_record,
 )
+from relay.store import certificates
 from relay.store import domains as stored
 from relay.store.settings import seed_once
 from relay.store.transaction import transaction
@@ -110,11 +113,21 @@ def _verify(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     cfg, conn = open_seeded(args, seed)
     found = stored.listing(conn)
-    return output(
-        args, {"domains": [domain_json(d, cfg.http.public_url) for d in found]},
-        lambda: print_table(("HOST", "SENDER", "STATE", "CHECKED", "LAST CHECK"), [
-            (d.host, d.sender_domain, d.state, format_time(d.checked_at), d.last_check or "-")
-            for d in found]))
+    default = cname_target(cfg.http.public_url)
+    default_cert = certificates.get(conn, default)
+
+    def human() -> None:
+        print_table(("HOST", "SENDER", "STATE", "CHECKED", "LAST CHECK", "CERTIFICATE"), [
+            (d.host, d.sender_domain, d.state, format_time(d.checked_at), d.last_check or "-",
+             _certificate_text(certificates.get(conn, d.host))) for d in found])
+        if default_cert is not None:
+            print(f"default tracking host {default}: certificate "
+                  f"{_certificate_text(default_cert)}")
+
+    return output(args, {"domains": [domain_json(d, cfg.http.public_url, conn) for d in found],
+                         "default_host": {"host": default,
+                                          "certificate": certificate_json(default_cert)}},
+                  human)
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -129,17 +142,43 @@ def _remove(args: argparse.Namespace) -> int:
 
 # --- API -----------------------------------------------------------------------------------
 
-def domain_json(domain: TrackingDomain, public_url: str) -> dict[str, Any]:
+def domain_json(domain: TrackingDomain, public_url: str,
+                conn: sqlite3.Connection | None = None) -> dict[str, Any]:
+    """The domain as the API and ``--json`` show it; with ``conn``, its TLS certificate too."""
     target = cname_target(public_url)
-    return {**asdict(domain),
-            "dns_record": {"type": "CNAME", "name": domain.host, "value": target},
-            "base_url": branded_url(public_url, domain.host)}
+    shown = {**asdict(domain),
+             "dns_record": {"type": "CNAME", "name": domain.host, "value": target},
+             "base_url": branded_url(public_url, domain.host)}
+    if conn is not None:
+        shown["certificate"] = certificate_json(certificates.get(conn, domain.host))
+    return shown
+
+
+def certificate_json(cert: Certificate | None) -> dict[str, Any] | None:
+    """A host's certificate state (relay/certs/): None when none was ordered."""
+    if cert is None:
+        return None
+    return {"state": cert.state, "expires_at": cert.not_after, "reason": cert.reason,
+            "failures": cert.failures, "next_try": cert.next_try}
+
+
+def _certificate_text(cert: Certificate | None) -> str:
+    if cert is None:
+        return "-"
+    text = cert.state
+    if cert.not_after is not None:
+        text += f", expires {format_time(cert.not_after)}"
+    if cert.state == CERT_FAILED and cert.next_try is not None:
+        text += f", retry {format_time(cert.next_try)}: {cert.reason}"
+    return text
 
 
 async def _list_domains(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    return json_response({"domains": [domain_json(d, context.config.http.public_url)
-                                      for d in await context.store.read(stored.listing)]})
+    found = await context.store.read(stored.listing)
+    shown = await context.store.read(
+        lambda conn: [domain_json(d, context.config.http.public_url, conn) for d in found])
+    return json_response({"domains": shown})
 
 
 async def _add_domain(request: web.Request) -> web.Response:
@@ -162,7 +201,9 @@ async def _found(request: web.Request) -> TrackingDomain:
 
 async def _get_domain(request: web.Request) -> web.Response:
     domain = await _found(request)
-    return json_response(domain_json(domain, request.app[CONTEXT].config.http.public_url))
+    context = request.app[CONTEXT]
+    return json_response(await context.store.read(
+        lambda conn: domain_json(domain, context.config.http.public_url, conn)))
 
 
 async def _verify_domain(request: web.Request) -> web.Response:

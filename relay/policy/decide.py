@@ -18,6 +18,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from relay.errors import ControlHeaderError, SmtpReplyError
 from relay.policy.domains import VERIFIED, branded_url
@@ -76,6 +77,28 @@ class Decision:
     def label(self) -> str:
         parts = [name for name, on in (("opens", self.opens), ("clicks", self.clicks)) if on]
         return "+".join(parts) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Https:
+    """Where new links may use ``https://``: the port of ``http.tls_listen`` and the
+    host whose certificate the config names (``http.tls_cert``); hosts with a certificate in
+    the store come with the rules (:attr:`Rules.secure_hosts`)."""
+
+    port: int
+    hosts: frozenset[str] = frozenset()
+
+
+def tracking_base(url: str, secure: frozenset[str], https: Https | None) -> str:
+    """``url`` (an http(s) base URL without query) on ``https://`` and the TLS listener's port
+    when its host has a certificate; as it is otherwise. Links already sent keep their
+    scheme: http ones keep working on the plain listener."""
+    parts = urlsplit(url)
+    if https is None or parts.scheme == "https" or not (
+            parts.hostname in https.hosts or parts.hostname in secure):
+        return url
+    port = "" if https.port == 443 else f":{https.port}"
+    return f"https://{parts.hostname}{port}{parts.path}"
 
 
 def read_controls(raw: bytes, block: HeaderBlock) -> Controls:
@@ -168,10 +191,12 @@ def _single(header: str, value: str | None, pattern: re.Pattern[str]) -> str | N
     return value
 
 
-def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str) -> Decision:
+def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str,
+           https: Https | None = None) -> Decision:
     """Refuse an unregistered tag; then what to track (account default, sender-domain setting,
     message headers); then under which host: the sender domain's tracking domain once verified
-    (untracked until then), the relay's own ``public_url`` when it has none."""
+    (untracked until then), the relay's own ``public_url`` when it has none; on https when
+    that host has a certificate (:func:`tracking_base`)."""
     if controls.tag_name is not None and controls.tag_name not in rules.tags:
         raise SmtpReplyError(550, "5.7.1", f"X-AliDM-Trace TagName {controls.tag_name!r} is not"
                                            " a registered tag")
@@ -181,14 +206,16 @@ def decide(controls: Controls, sender_domain: str, rules: Rules, public_url: str
     excluded = frozenset(domain.exclude_hosts) if domain else frozenset()
     tracking = rules.tracking.get(sender_domain)
     if tracking is None:
-        return Decision(opens, clicks, reason, public_url, excluded)
+        return Decision(opens, clicks, reason,
+                        tracking_base(public_url, rules.secure_hosts, https), excluded)
     if tracking.state != VERIFIED:
         if opens or clicks:
             why = tracking.reason or "not verified yet"
             reason += (f", delivered untracked: tracking domain {tracking.host} is"
                        f" {tracking.state} ({why})")
         return Decision(False, False, reason, public_url, excluded)
-    return Decision(opens, clicks, reason, branded_url(public_url, tracking.host), excluded)
+    base = tracking_base(branded_url(public_url, tracking.host), rules.secure_hosts, https)
+    return Decision(opens, clicks, reason, base, excluded)
 
 
 def toggles(account: Account, domain: Domain | None, controls: Controls

@@ -13,7 +13,8 @@ ways, and only the first two change the state:
   logged, so a resolver outage never switches tracking off.
 
 Branded URLs keep the scheme and port of ``http.public_url``: the CNAME sends recipients to the
-same endpoint, so whatever terminates TLS there must hold a certificate for every verified host.
+same endpoint. With ``http.tls_listen`` and ``[acme]`` a verified host gets a certificate of its
+own (relay/certs/), and then its new links use https (relay/policy/decide.py tracking_base).
 """
 
 from __future__ import annotations

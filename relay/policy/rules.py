@@ -17,3 +17,4 @@ class Rules:
     domains: Mapping[str, Domain] = field(default_factory=dict)
     tracking: Mapping[str, TrackingDomain] = field(default_factory=dict)  # by sender domain
     tags: frozenset[str] = frozenset()
+    secure_hosts: frozenset[str] = frozenset()  # with a certificate (relay/certs/)

@@ -22,12 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from relay import metrics
-from relay.config import Config
+from relay.config import Config, HttpSettings
 from relay.errors import SmtpReplyError
 from relay.ids import new_email_id
-from relay.policy.decide import Controls, Decision, decide, read_controls
+from relay.policy.decide import Controls, Decision, Https, decide, read_controls
 from relay.rewrite import urls
 from relay.rewrite.dkim import DkimSigner, signs_header
 from relay.rewrite.headers import (
@@ -113,6 +114,7 @@ class MailPipeline:
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
         self.on_queued: Callable[[], None] = lambda: None  # the queue's workers wake up
         self.clock: Callable[[], float] = time.time
+        self.https = _https(config.http)
 
     async def process(self, incoming: Incoming, email_id: str | None = None) -> str:
         """The one way a received message enters the mail path (SMTP's DATA, the send API):
@@ -216,7 +218,7 @@ class MailPipeline:
         controls = read_controls(raw, block)
         sender_domain = _sender_domain(raw, block, incoming.sender)
         decision = decide(controls, sender_domain, await self.rules.current(),
-                          self.config.http.public_url)
+                          self.config.http.public_url, self.https)
         clean = remove_headers(raw, controls.headers)
         clean_block = block.without(controls.headers)
         digest = dedupe.content_digest(raw, block)
@@ -461,6 +463,14 @@ def _reason(decision: Decision, prepared: Prepared) -> str:
 def _header(raw: bytes, block: HeaderBlock, name: str) -> str | None:
     header = block.get(name)
     return header.value(raw) if header is not None else None
+
+
+def _https(http: HttpSettings) -> Https | None:
+    """Where links may use https: with http.tls_listen, hosts with a certificate."""
+    if http.tls_listen is None:
+        return None
+    host = urlsplit(http.public_url).hostname if http.tls_cert is not None else None
+    return Https(http.tls_listen.port, frozenset([host] if host else []))
 
 
 def _sender_domain(raw: bytes, block: HeaderBlock, envelope_sender: str) -> str:

@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import metrics
 from relay.addresses import parse_ip
+from relay.certs.contexts import CertificateSet
 from relay.clock import Clock
 from relay.config import Config, SmtpSettings
 from relay.limits import ConnectionLimits
@@ -443,12 +444,14 @@ class SmtpService:
                  listeners: Sequence[MessageListener] = (),
                  me: processes.Registered | None = None,
                  pipeline: MailPipeline | None = None, clock: Clock | None = None,
-                 attempt_listeners: Sequence[AttemptListener] = ()) -> None:
+                 attempt_listeners: Sequence[AttemptListener] = (),
+                 certificates: CertificateSet | None = None) -> None:
         """``pipeline``: the mail path this service shares with the send API (relay/app.py),
         whose owner closes its upstream; without one it makes its own. ``clock``: the
         queue's time (tests drive it)."""
         self.config = config
         clock = clock or Clock()
+        self.certificates = certificates  # smtp.tls_acme: STARTTLS with the store's
         self.owns_pipeline = pipeline is None
         if pipeline is None:
             pipeline = MailPipeline(config, store, keyring, upstream or build_upstream(
@@ -470,6 +473,8 @@ class SmtpService:
     async def start(self) -> None:
         settings = self.config.smtp
         tls = _tls_context(settings)
+        if settings.tls_acme and self.certificates is not None:
+            tls = self.certificates.server_context(settings.server_name)
         listeners: list[tuple[object, ssl.SSLContext | None]] = [(settings.listen, None)]
         if settings.tls_listen is not None:
             listeners.append((settings.tls_listen, tls))
@@ -495,7 +500,7 @@ class SmtpService:
             enable_SMTPUTF8=True,
             hostname=s.server_name,
             ident="tracking-relay",
-            tls_context=None if implicit else tls,
+            tls_context=None if implicit or not self._certified() else tls,
             timeout=s.timeout,
             command_call_limit=self.call_limits,
             auth_require_tls=s.auth_require_tls and not implicit,
@@ -503,6 +508,12 @@ class SmtpService:
         )
         self.sessions.add(session)
         return session
+
+    def _certified(self) -> bool:
+        """With smtp.tls_acme, STARTTLS is offered once the host's certificate is there."""
+        s = self.config.smtp
+        return not s.tls_acme or (self.certificates is not None
+                                  and self.certificates.has(s.server_name))
 
     @property
     def ports(self) -> Sequence[int]:

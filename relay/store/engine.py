@@ -483,6 +483,39 @@ MIGRATIONS: dict[str, str] = {
         );
         INSERT INTO queue_totals VALUES (1, 0, 0);
     """,
+    # TLS certificates ordered over ACME, shared by every node (relay/certs/, SQL in
+    # relay/store/certificates.py): the account key per ACME directory, one certificate per
+    # host with its state, the HTTP-01 answers any node's plain listener gives, and leases so
+    # that one node at a time orders.
+    "0060_certificates": """
+        CREATE TABLE acme_accounts (
+            directory TEXT PRIMARY KEY,
+            key_pem TEXT NOT NULL,
+            uri TEXT,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE certificates (
+            host TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            cert_pem TEXT,
+            key_pem TEXT,
+            not_after REAL,
+            reason TEXT,
+            failures INTEGER NOT NULL,
+            next_try REAL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE acme_challenges (
+            token TEXT PRIMARY KEY,
+            key_authorization TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        );
+    """,
 }
 
 

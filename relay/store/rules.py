@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 
 from relay.policy.rules import Rules
-from relay.store import domains, settings, tags
+from relay.store import certificates, domains, settings, tags
 from relay.store.engine import Store
 
 
@@ -17,7 +17,7 @@ def load(conn: sqlite3.Connection) -> Rules:
     number = settings.generation(conn)
     tracking = {d.sender_domain: d for d in domains.listing(conn)}
     return Rules(number, settings.account(conn), settings.domains(conn), tracking,
-                 tags.registered(conn))
+                 tags.registered(conn), certificates.secure_hosts(conn))
 
 
 class RulesCache:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.errors import ControlHeaderError
-from relay.policy.decide import Controls, decide, read_controls
+from relay.policy.decide import Controls, Https, decide, read_controls, tracking_base
+from relay.policy.domains import VERIFIED, TrackingDomain
 from relay.policy.rules import Rules
 from relay.policy.settings import Account, Domain
 from relay.rewrite.headers import parse_header_block
@@ -127,3 +128,25 @@ def test_decision_carries_excluded_hosts_and_base_url():
     d = decide(Controls(opens=True), "shop.example", r, "https://t.example")
     assert d.excluded_hosts == frozenset({"pay.example"})
     assert d.base_url == "https://t.example"
+
+
+@pytest.mark.parametrize(("base", "secure", "https", "expected"), [
+    ("http://t.example:8080/x", {"t.example"}, Https(8443), "https://t.example:8443/x"),
+    ("http://t.example", {"t.example"}, Https(443), "https://t.example"),
+    ("http://t.example", set(), Https(443, frozenset({"t.example"})), "https://t.example"),
+    ("http://t.example", set(), Https(443), "http://t.example"),  # no certificate yet
+    ("http://t.example", {"t.example"}, None, "http://t.example"),  # no TLS listener
+    ("https://t.example:9443", {"t.example"}, Https(443), "https://t.example:9443"),  # as it is
+])
+def test_links_use_https_where_the_host_has_a_certificate(base, secure, https, expected):
+    assert tracking_base(base, frozenset(secure), https) == expected
+
+
+def test_a_verified_tracking_domain_with_a_certificate_gets_https_links():
+    tracking = {"shop.example": TrackingDomain("track.shop.example", "shop.example", VERIFIED)}
+    r = Rules(0, Account(opens=True), {}, tracking, frozenset(),
+              frozenset({"track.shop.example"}))
+    assert decide(Controls(), "shop.example", r, "http://t.example:80", Https(443)).base_url == \
+        "https://track.shop.example"
+    assert decide(Controls(), "other.example", r, "http://t.example", Https(443)).base_url == \
+        "http://t.example"
