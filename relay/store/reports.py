@@ -161,17 +161,17 @@ def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
 _MESSAGE_COLUMNS = ("m.email_id, m.message_id, m.sender, m.sender_domain, m.subject, "
                     "m.tag_name, m.tags, m.campaign, m.topic, m.track_opens, m.track_clicks, "
                     "m.decision, m.size, m.created_at, m.links")
-_GROUPED_MESSAGE_COLUMNS = ", ".join(f"MAX({column})" for column in _MESSAGE_COLUMNS.split(", "))
 
 
 def messages_query(f: MessageFilter) -> Query:
     """One page and one row more, newest first. With a recipient or a status the walk goes
     down a recipients index ((recipient, email_id) or (status, email_id)), else down the
     messages' own (email id, sender, Message-ID): newest first in index order, so a page
-    reads about its own rows, never the whole store. Walking recipients, one row per message
-    is a GROUP BY of the walked email id, and the message's columns its MAX() (one value per
-    group): PostgreSQL takes no ungrouped column, and grouping by the message's own key would
-    cost SQLite a sort of every match."""
+    reads about its own rows, never the whole store. Walking recipients, the page's email ids
+    come first (one per message: a GROUP BY of the walked id) and their messages after them,
+    sorted again (a page, no more): PostgreSQL takes no ungrouped column beside the GROUP BY,
+    grouping by the message's own key would cost SQLite a sort of every match, and MAX() of
+    each column, measured, nearly doubles SQLite's time for a page."""
     by_recipient = f.recipient is not None or f.status is not None
     key = "r.email_id" if by_recipient else "m.email_id"
     where: list[str] = []
@@ -201,10 +201,14 @@ def messages_query(f: MessageFilter) -> Query:
     source = ("recipients r JOIN messages m ON m.email_id = r.email_id" if by_recipient
               else "messages m")
     clause = f"WHERE {' AND '.join(where)} " if where else ""
-    group = f"GROUP BY {key} " if by_recipient else ""  # one row per message
-    columns = _GROUPED_MESSAGE_COLUMNS if by_recipient else _MESSAGE_COLUMNS
-    return Query(f"SELECT {columns} FROM {source} {clause}{group}"
-                 f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+    if not by_recipient:
+        return Query(f"SELECT {_MESSAGE_COLUMNS} FROM {source} {clause}"
+                     f"ORDER BY {key} DESC LIMIT ?", (*params, f.limit + 1))
+    page = (f"SELECT {key} FROM {source} {clause}GROUP BY {key} "  # one row per message
+            f"ORDER BY {key} DESC LIMIT ?")
+    return Query(f"SELECT {_MESSAGE_COLUMNS} FROM ({page}) p "
+                 "JOIN messages m ON m.email_id = p.email_id ORDER BY m.email_id DESC",
+                 (*params, f.limit + 1))
 
 
 def _placeholders(values: Sequence[Any]) -> str:

@@ -166,10 +166,12 @@ def test_every_search_walks_an_index_in_order(tmp_path, params):
     store.migrate(conn)
     query = queries.messages_query(queries.parse_messages(params))
     plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query.sql}", query.params)]
+    # by recipient or status, the page's ids first: only those are read again and sorted
+    walk = plan[:plan.index("SCAN p")] if "MATERIALIZE p" in plan else plan
     if "message_id" not in params:  # (the few tries of one Message-ID may be sorted)
-        assert not any("TEMP B-TREE" in step for step in plan), plan  # no sort: index order
+        assert not any("TEMP B-TREE" in step for step in walk), plan  # no sort: index order
     if params:  # a filter is a range of an index, never a walk of all of it
-        assert not any(step.startswith("SCAN") for step in plan), plan
+        assert not any(step.startswith("SCAN") for step in walk), plan
     else:  # the newest messages, by the email id's index, up to the page's LIMIT
         assert plan == ["SCAN m USING INDEX sqlite_autoindex_messages_1"]
     recipients = queries.recipients_query(["email_a", "email_b"])
