@@ -23,6 +23,7 @@ import pytest
 from anypost import AsyncAnypost
 
 from tests.clients import api_key, call
+from tests.clock import ManualClock
 from tests.harness import Relay, UpstreamServer, wait_until
 
 DOMAINS = [{"name": "shop.example", "opens": True, "clicks": True},
@@ -278,6 +279,23 @@ def test_upstream_outage_is_a_retryable_503(make_relay: Callable[..., Relay],
         sent = client.email.send({"from": "news@quiet.example", "to": ["you@example.org"],
                                   "subject": "s", "text": "x"}, idempotency_key="k")
     assert sent["id"].startswith("email_")  # the failure was not remembered for the key
+
+
+def test_a_full_queue_is_a_rate_limit_with_retry_after(make_relay: Callable[..., Relay],
+                                                        upstream: UpstreamServer) -> None:
+    relay = make_relay({"domains": DOMAINS, "smtp": {"mode": "queue"},
+                        "queue": {"max_messages": 1}},
+                       upstream=upstream, http=True, clock=ManualClock())
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"  # the first message stays queued
+    body = {"from": "news@quiet.example", "to": ["you@example.org"], "subject": "s",
+            "text": "x"}
+    with anypost.Anypost(api_key(relay), base_url=relay.http_url + "/v1",
+                         max_retries=0) as client:
+        assert client.email.send(body)["id"].startswith("email_")
+        with pytest.raises(anypost.RateLimitError) as caught:
+            client.email.send(body)
+    assert caught.value.status == 429
+    assert caught.value.retry_after and caught.value.retry_after > 0
 
 
 def test_async_client(relay: Relay, upstream: UpstreamServer) -> None:
