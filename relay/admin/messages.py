@@ -46,6 +46,7 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
     listing.add_argument("--recipient", help="a recipient's address")
     listing.add_argument("--message-id", help="the Message-ID header, <> optional")
     listing.add_argument("--sender", help="the envelope sender")
+    listing.add_argument("--subject", help="a part of the subject (any case)")
     listing.add_argument("--status", choices=list(queries.RECIPIENT_STATUSES),
                          help="with a recipient (--recipient's, if given) in this state")
     listing.add_argument("--since", help="yyyy-mm-dd or ISO 8601 date-time")
@@ -68,7 +69,8 @@ def _open(args: argparse.Namespace) -> sqlite3.Connection:
 
 def _list(args: argparse.Namespace) -> int:
     params = {"recipient": args.recipient or "", "message_id": args.message_id or "",
-              "sender": args.sender or "", "status": args.status or "",
+              "sender": args.sender or "", "subject": args.subject or "",
+              "status": args.status or "",
               "since": args.since or "", "until": args.until or "",
               "limit": str(args.limit), "cursor": args.cursor or ""}
     message_filter = queries.parse_messages(params)
@@ -188,6 +190,8 @@ _MESSAGE_PARAMS = [
     param("recipient", "A recipient's address (ASCII letters in any case)"),
     param("message_id", "The Message-ID header, with or without its angle brackets"),
     param("sender", "The envelope sender (MAIL FROM; ASCII letters in any case)"),
+    param("subject", "A part of the subject, in any case (ASCII letters on SQLite; at most "
+                     f"{queries.MAX_SUBJECT_SEARCH} characters)"),
     param("status", "Messages with a recipient in this state (the recipient named by "
                      "recipient, when given)", _STATUS),
     param("since", "Received from this instant: yyyy-mm-dd or an ISO 8601 date-time (UTC by "

@@ -160,6 +160,7 @@ def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
 EVENT_TYPES = (OPEN, CLICK)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+MAX_SUBJECT_SEARCH = 200  # characters of a subject searched for
 _UUID = r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}"
 
 
@@ -269,6 +270,7 @@ class MessageFilter:
     recipient: str | None = None
     message_id: str | None = None
     sender: str | None = None
+    subject: str | None = None  # a part of the subject
     status: str | None = None
     before: str | None = None  # the last email id of the previous page
     limit: int = DEFAULT_PAGE
@@ -283,11 +285,15 @@ def parse_messages(params: Mapping[str, str]) -> MessageFilter:
     until = parse_instant("until", params["until"], end=True) if params.get("until") else None
     if since is not None and until is not None and since >= until:
         raise InvalidParameter("since", "must be before until")
+    subject = params.get("subject") or None
+    if subject is not None and len(subject) > MAX_SUBJECT_SEARCH:
+        raise InvalidParameter("subject", f"at most {MAX_SUBJECT_SEARCH} characters")
     return MessageFilter(
         since=since, until=until,
         recipient=params.get("recipient") or None,
         message_id=params.get("message_id") or None,
         sender=params.get("sender") or None,
+        subject=subject,
         status=status,
         before=decode_cursor(params["cursor"], EMAIL_PREFIX) if params.get("cursor") else None,
         limit=parse_int("limit", params.get("limit") or str(DEFAULT_PAGE), 1, MAX_PAGE),

@@ -267,6 +267,27 @@ def test_message_search_and_page_tell_the_story(relay, client):
     assert "automation" in timeline and "curl" in timeline  # classified, with the reason
 
 
+def test_message_search_by_subject(relay, client):
+    """A part of the subject, in any case; % and _ are themselves, not LIKE's wildcards."""
+    sale = send(relay, ["a@example.org"], subject="Spring sale: 100% off_today")
+    other = send(relay, ["b@example.org"], subject="Spring sale: 1000 off today")
+    send(relay, ["c@example.org"], subject="Invoice")
+
+    def found(subject: str) -> list[str]:
+        page = client.get("/ui/messages", params={"subject": subject})
+        assert page.status_code == 200, page.text
+        return re.findall(r'href="/ui/messages/(email_[^"/]+)"', page.text)
+
+    assert found("SPRING SALE") == [other, sale]  # newest first
+    assert found("100% off_") == [sale]
+    assert found("%") == [sale] and found("_") == [sale]
+    assert found("nothing like it") == []
+    form = client.get("/ui/messages", params={"subject": "SPRING SALE"}).text
+    assert 'value="SPRING SALE"' in form
+    too_long = client.get("/ui/messages", params={"subject": "x" * 201})
+    assert too_long.status_code == 400 and "subject" in too_long.text
+
+
 def frame_badges(frame: str) -> dict[str, int]:
     """href -> the clicks drawn on it."""
     return {html.unescape(href): int(n) for href, n in re.findall(

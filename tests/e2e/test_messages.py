@@ -117,6 +117,29 @@ def test_messages_are_found_newest_first_by_recipient_message_id_sender_and_stat
         "relay: no message 'email_nope'\n")
 
 
+def test_messages_are_found_by_a_part_of_their_subject(make_relay, upstream, tmp_path):
+    """In any case; ``%``, ``_`` and ``\\`` stand for themselves (not LIKE's wildcards)."""
+    relay = make_relay(upstream=upstream, http=True)
+    key = api_key(relay)
+    for subject in ("Spring sale: 100% off_today", "Spring sale: 1000 off today",
+                    "Invoice \\ March", "Invoice"):
+        send(relay.smtp_port, ["a@example.org"], subject)
+    [sale], [other] = email_ids(relay, "Spring sale: 100% off_today"), email_ids(
+        relay, "Spring sale: 1000 off today")
+    [backslash], [invoice] = email_ids(relay, "Invoice \\ March"), email_ids(relay, "Invoice")
+    assert listed(relay, key, subject="SPRING SALE") == [other, sale]
+    assert listed(relay, key, subject="0% off_") == [sale]
+    assert listed(relay, key, subject="%") == [sale] == listed(relay, key, subject="_")
+    assert listed(relay, key, subject="\\") == [backslash]
+    assert listed(relay, key, subject="invoice") == [invoice, backslash]
+    assert listed(relay, key, subject="invoice", limit="1") == [invoice]
+    assert listed(relay, key, subject="nothing like it") == []
+    assert listed(relay, key, subject="sale", since="2000-01-01", until="2000-01-02") == []
+    config = write_config(relay, tmp_path / "cli.toml")
+    done = cli(config, "messages", "list", "--subject", "0% OFF", "--json")
+    assert [m["email_id"] for m in json.loads(done.stdout)["messages"]] == [sale]
+
+
 def body_of(relay, key, query: str) -> dict:
     status, body = call(relay, key, "GET", f"/messages?{query}")
     assert status == 200
@@ -126,7 +149,7 @@ def body_of(relay, key, query: str) -> dict:
 @pytest.mark.parametrize(("query", "parameter"), [
     ("status=lost", "status"), ("since=yesterday", "since"), ("until=2026-02-30", "until"),
     ("since=2026-02-02&until=2026-02-01", "since"), ("limit=0", "limit"),
-    ("limit=1001", "limit"), ("cursor=abc", "cursor"),
+    ("limit=1001", "limit"), ("cursor=abc", "cursor"), ("subject=" + "x" * 201, "subject"),
     # an event cursor is not a message cursor
     (f"cursor={queries.encode_cursor('evt_01890a5d-ac96-774b-bcce-b302099a8057')}", "cursor"),
 ])
@@ -143,7 +166,8 @@ def test_the_openapi_document_describes_the_search(make_relay):
     _, document = call(relay, api_key(relay), "GET", "/openapi.json")
     search = document["paths"]["/messages"]["get"]
     assert {p["name"] for p in search["parameters"]} == {
-        "recipient", "message_id", "sender", "status", "since", "until", "cursor", "limit"}
+        "recipient", "message_id", "sender", "subject", "status", "since", "until", "cursor",
+        "limit"}
     [status] = [p for p in search["parameters"] if p["name"] == "status"]
     assert status["schema"]["enum"] == list(queries.RECIPIENT_STATUSES)
     assert "unknown: the relay process sending it stopped" in status["schema"]["description"]
@@ -156,6 +180,7 @@ FILTERS = [{}, {"recipient": "a@example.org"}, {"message_id": "<x@y>"},
            {"recipient": "a@example.org", "status": "sent"},
            {"sender": "news@shop.example", "status": "unknown"},
            {"since": "2026-01-01", "until": "2026-01-02"},
+           {"subject": "sale", "since": "2026-01-01", "until": "2026-01-02"},
            {"recipient": "a@example.org", "since": "2026-01-01",
             "cursor": queries.encode_cursor("email_01890a5d-ac96-774b-bcce-b302099a8057")}]
 
