@@ -3,14 +3,20 @@
 API or ``relay webhooks``.
 
 A webhook's ``id`` and ``name`` are the endpoint's name (1-64 letters, digits, ``-``, ``_``).
-Its ``status`` is ``active``, or ``disabled`` once the relay disabled it (a ``410``); ``PATCH``
-with ``status: active`` enables it again. What the relay's endpoints cannot do is refused by
-name: changing the name, URL or events of an endpoint (remove it and add it again), pausing one,
-``test`` and ``rotate-secret``.
+Its ``status`` is ``active``, or ``disabled`` once paused (``PATCH`` with ``status: disabled``)
+or disabled by the relay (a ``410``); ``PATCH`` with ``status: active`` enables it again.
+``PATCH`` changes the URL and events of an endpoint added at run time (the config file's are
+changed in the file: a ``409``), checked as ``relay webhooks add`` checks them.
+``rotate-secret`` puts a new secret in force at once: an endpoint has one secret, so there is no
+grace window (``signing_secret_previous_prefix`` stays ``null``). What the relay's endpoints
+cannot do is refused by name: renaming a webhook. ``test`` sends one ``webhook.test`` event
+at once, signed with the current secret, and answers what the receiver said.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from typing import Any
 
@@ -20,9 +26,12 @@ from relay.admin import webhooks
 from relay.admin.http import Operation, json_response
 from relay.admin.v1_http import CONTEXT, AnypostError, read_json
 from relay.config import WebhookEndpoint
+from relay.ids import uuid7
 from relay.stats.queries import iso_time
 from relay.store import outbox as stored
-from relay.webhooks.payloads import new_secret
+from relay.tracking.events import EVENT_PREFIX
+from relay.webhooks.outbox import Sender, Target
+from relay.webhooks.payloads import BATCH_PREFIX, StoredEvent, new_secret
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
@@ -97,21 +106,38 @@ async def update_webhook(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise AnypostError(422, "expected an object")
-    problems = {key: [f"this relay cannot change a webhook's {key}: remove it and add it again"]
-                for key in ("name", "url", "events") if key in body and body[key] != webhook[key]}
-    problems.update({key: ["unknown field"] for key in set(body) - {
-        "name", "url", "events", "status"}})
+    problems = {key: ["unknown field"] for key in set(body) - {"name", "url", "events", "status"}}
+    if body.get("name", webhook["name"]) != webhook["name"]:
+        problems["name"] = ["this relay cannot rename a webhook: remove it and add it again"]
+    url, events = body.get("url", webhook["url"]), body.get("events", webhook["events"])
+    if not isinstance(url, str):
+        problems["url"] = ["a URL"]
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        problems["events"] = ["a list of event types"]
     status = body.get("status", webhook["status"])
     if status not in ("active", "disabled"):
         problems["status"] = ["active or disabled"]
-    elif status == "disabled" and webhook["status"] != "disabled":
-        problems["status"] = ["this relay cannot pause a webhook: remove it"]
     if problems:
         raise AnypostError(422, next(iter(problems.values()))[0], errors=problems)
-    if status == "active" and webhook["status"] == "disabled":
-        name = webhook["id"]
-        await request.app[CONTEXT].store.write(lambda conn: stored.enable_endpoint(conn, name))
+    name, now = webhook["id"], time.time()
+
+    def write(conn: sqlite3.Connection) -> None:
+        # InvalidInput naming the field (422), Conflict for the config file's (409): anypost.py
+        if (url, events) != (webhook["url"], webhook["events"]):
+            webhooks.change(conn, name, url, events)
+        if status == "active" and webhook["status"] == "disabled":
+            stored.enable_endpoint(conn, name)
+        elif status == "disabled":
+            stored.disable_endpoint(conn, name, now, "paused through the API")
+
+    await request.app[CONTEXT].store.write(write)
     return json_response(await _one(request))
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    name = (await _one(request))["id"]
+    secret = await request.app[CONTEXT].store.write(lambda conn: webhooks.rotate(conn, name))
+    return json_response({**await _one(request, name), "signing_secret": secret})
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
@@ -120,11 +146,24 @@ async def delete_webhook(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def not_supported(request: web.Request) -> web.Response:
-    await _one(request)
-    action = request.path.rpartition("/")[2]
-    raise AnypostError(422, f"{action} is not supported by this relay",
-                       errors={action: ["not supported by this relay"]})
+async def test_webhook(request: web.Request) -> web.Response:
+    """One synthetic ``webhook.test`` event, sent and signed as the outbox worker sends (its
+    address checks included), once and outside the delivery history."""
+    name = (await _one(request))["id"]
+    _, url, secret, allow_private, timeout = await request.app[CONTEXT].store.read(
+        lambda conn: stored.target(conn, name))
+    event = StoredEvent(EVENT_PREFIX + str(uuid7()), "webhook.test", time.time(),
+                        json.dumps({"webhook_id": name}))
+    sender, started = Sender(time.time), time.monotonic()
+    try:
+        result = await sender.send(BATCH_PREFIX + str(uuid7()),
+                                   Target(name, url, secret, bool(allow_private), timeout),
+                                   [event])
+    finally:
+        await sender.close()
+    return json_response({"delivered": result.ok, "status_code": result.status,
+                          "latency_ms": round((time.monotonic() - started) * 1000),
+                          "error": result.error, "response_body_preview": None})
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -137,12 +176,14 @@ OPERATIONS = [
               "createWebhook", tags=_TAGS, responses={"201": {"description": "Added"}}),
     Operation("GET", "/webhooks/{id}", get_webhook, "One webhook", "getWebhook", _ID,
               tags=_TAGS),
-    Operation("PATCH", "/webhooks/{id}", update_webhook, "Enable a disabled webhook",
+    Operation("PATCH", "/webhooks/{id}", update_webhook, "Change URL or events; pause, enable",
               "updateWebhook", _ID, tags=_TAGS),
     Operation("DELETE", "/webhooks/{id}", delete_webhook, "Remove a webhook", "deleteWebhook",
               _ID, tags=_TAGS, responses={"204": {"description": "Removed"}}),
-    Operation("POST", "/webhooks/{id}/test", not_supported, "Not supported (422)",
+    Operation("POST", "/webhooks/{id}/test", test_webhook,
+              "Send one webhook.test event now (not retried, not in the history)",
               "testWebhook", _ID, tags=_TAGS),
-    Operation("POST", "/webhooks/{id}/rotate-secret", not_supported, "Not supported (422)",
-              "rotateWebhookSecret", _ID, tags=_TAGS),
+    Operation("POST", "/webhooks/{id}/rotate-secret", rotate_secret,
+              "A new signing secret, in force at once (returned once)", "rotateWebhookSecret",
+              _ID, tags=_TAGS),
 ]

@@ -11,6 +11,7 @@ import argparse
 import sqlite3
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +45,35 @@ def remove(conn: sqlite3.Connection, name: str) -> bool:
     if source == "config":
         raise Conflict(f"{name!r} is defined in the config file; remove it there")
     return source is not None and stored.delete_endpoint(conn, name)
+
+
+def change(conn: sqlite3.Connection, name: str, url: str, events: Sequence[str]) -> None:
+    """Give an added endpoint a new URL and events, checked as when it is added."""
+    _, _, secret, allow_private, timeout = _changeable(conn, name)
+    found = WebhookEndpoint(name, url, secret, tuple(events), bool(allow_private),
+                            timeout).problem()
+    if found:
+        raise InvalidInput(found[1], found[0])
+    stored.change_endpoint(conn, name, url, events)
+
+
+def rotate(conn: sqlite3.Connection, name: str) -> str:
+    """A new signing secret for an added endpoint, in force at once (no grace window: an
+    endpoint has one secret); returns it."""
+    _changeable(conn, name)
+    secret = new_secret()
+    stored.set_secret(conn, name, secret)
+    return secret
+
+
+def _changeable(conn: sqlite3.Connection, name: str) -> tuple[str, str, str, int, float]:
+    """The stored target of an endpoint added at run time; Conflict for the config file's."""
+    if stored.endpoint_source(conn, name) == "config":
+        raise Conflict(f"{name!r} is defined in the config file; change it there")
+    found = stored.target(conn, name)
+    if found is None:
+        raise InvalidInput(f"no endpoint named {name!r}", "name")
+    return found
 
 
 def failed_batches(conn: sqlite3.Connection, endpoint: str | None) -> list[str]:

@@ -179,6 +179,20 @@ def enable_endpoint(conn: sqlite3.Connection, name: str) -> bool:
                         " WHERE name = ?", (name,)).rowcount == 1
 
 
+def change_endpoint(conn: sqlite3.Connection, name: str, url: str, events: Sequence[str]
+                    ) -> bool:
+    """Change the URL and events of an endpoint added at run time; whether there was one."""
+    return conn.execute(
+        "UPDATE webhook_endpoints SET url = ?, events = ? WHERE name = ? AND source = 'api'",
+        (url, json.dumps(list(dict.fromkeys(events))), name)).rowcount == 1
+
+
+def set_secret(conn: sqlite3.Connection, name: str, secret: str) -> bool:
+    """Replace the signing secret of an endpoint added at run time; whether there was one."""
+    return conn.execute("UPDATE webhook_endpoints SET secret = ? WHERE name = ? AND source = 'api'",
+                        (secret, name)).rowcount == 1
+
+
 _ENDPOINTS = """SELECT name, source, url, events, allow_private, timeout, created_at,
     disabled_at, disabled_reason,
     (SELECT count(*) FROM webhook_outbox o WHERE o.endpoint = name AND o.batch_id IS NULL),
