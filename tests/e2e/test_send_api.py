@@ -23,6 +23,7 @@ import pytest
 from anypost import AsyncAnypost
 from standardwebhooks.webhooks import Webhook
 
+from relay.webhooks.payloads import new_secret
 from tests.clients import api_key, call
 from tests.clock import ManualClock
 from tests.harness import LoopThread, Relay, UpstreamServer, wait_until
@@ -498,8 +499,10 @@ def test_webhook_changed_paused_rotated_and_tested_through_the_sdk(
         make_relay: Callable[..., Relay], upstream: UpstreamServer) -> None:
     receiver = Receiver(LoopThread()).start()
     try:
-        relay = make_relay({"domains": DOMAINS, "webhook_delivery": FAST}, upstream=upstream,
-                           http=True)
+        filed = {"name": "filed", "url": "https://hooks.example/f", "secret": new_secret(),
+                 "events": ["email.opened"]}
+        relay = make_relay({"domains": DOMAINS, "webhook_delivery": FAST, "webhooks": [filed]},
+                           upstream=upstream, http=True)
         key = api_key_named(relay, "native")
         # added natively: the receiver listens on loopback, which only allow_private reaches
         assert call(relay, key, "POST", "/webhooks", {
@@ -507,6 +510,10 @@ def test_webhook_changed_paused_rotated_and_tested_through_the_sdk(
             "allow_private": True, "timeout": 5})[0] == 201
         with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as client:
             _change_pause_enable(relay, key, client, receiver.url)
+            for refused in (lambda: client.webhooks.update("filed", {"events": ["email.sent"]}),
+                            lambda: client.webhooks.rotate_secret("filed")):
+                with pytest.raises(anypost.ConflictError):  # changed in the config file only
+                    refused()
             rotated = client.webhooks.rotate_secret("crm")
             secret = rotated["signing_secret"]
             assert rotated["signing_secret_prefix"] == secret[:12]
@@ -540,10 +547,11 @@ def _change_pause_enable(relay: Relay, key: str, client: anypost.Anypost, url: s
         assert field in caught.value.errors
     assert client.webhooks.update("crm", {"status": "disabled"})["status"] == "disabled"
     native = call(relay, key, "GET", "/webhooks")[1]["webhooks"]
-    assert [(w["url"], w["events"], w["disabled_at"] is not None) for w in native] == [
-        (url, ["email.sent"], True)]
+    assert [(w["url"], w["events"], w["disabled_at"] is not None) for w in native
+            if w["name"] == "crm"] == [(url, ["email.sent"], True)]
     assert client.webhooks.update("crm", {"status": "active"})["status"] == "active"
-    assert call(relay, key, "GET", "/webhooks")[1]["webhooks"][0]["disabled_at"] is None
+    assert [w["disabled_at"] for w in call(relay, key, "GET", "/webhooks")[1]["webhooks"]] == [
+        None, None]
 
 
 def api_key_named(relay: Relay, name: str) -> str:
