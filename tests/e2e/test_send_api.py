@@ -558,14 +558,14 @@ def api_key_named(relay: Relay, name: str) -> str:
     from relay.admin import apikeys
     from relay.store import engine
 
-    return apikeys.create(engine.connect(relay.config.store.path), name)
+    return apikeys.create(engine.connect_url(relay.config.store), name)
 
 
 def test_send_only_keys_may_only_send(relay: Relay, upstream: UpstreamServer) -> None:
     from relay.admin import apikeys
     from relay.store import engine
 
-    key = apikeys.create(engine.connect(relay.config.store.path), "app", apikeys.SEND_ONLY)
+    key = apikeys.create(engine.connect_url(relay.config.store), "app", apikeys.SEND_ONLY)
     with anypost.Anypost(key, base_url=relay.http_url + "/v1", max_retries=0) as client:
         assert client.whoami()["api_key"] == {"id": "app", "permissions": "send_only"}
         client.email.send({"from": "news@quiet.example", "to": ["you@example.org"],
