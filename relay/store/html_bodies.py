@@ -55,3 +55,13 @@ def kept(conn: sqlite3.Connection, email_id: str) -> bool:
 # events, by the events_email index). Run by the caller on the store's reader thread.
 LINK_CLICKS = ("SELECT url, count(*), count(DISTINCT recipient) FROM events "
                "WHERE email_id = ? AND type = 'click' AND counted GROUP BY url")
+
+
+# The first message (the oldest email id) of a campaign, or of a tag (its X-AliDM-Trace
+# TagName or one of its tags, as the events API's tag filter), whose HTML is kept: the walk
+# goes up the kept messages' own primary key and stops at the first match (LIMIT 1).
+_FIRST = ("SELECT h.email_id FROM message_html h JOIN messages m ON m.email_id = h.email_id "
+          "WHERE {match} ORDER BY h.email_id LIMIT 1")
+FIRST_OF_CAMPAIGN = _FIRST.format(match="m.campaign = ?")
+FIRST_OF_TAG = _FIRST.format(match="(m.tag_name = ? OR EXISTS "
+                                   "(SELECT 1 FROM json_each(m.tags) WHERE value = ?))")

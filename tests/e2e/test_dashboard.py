@@ -312,6 +312,32 @@ def test_click_map_draws_each_links_clicks_on_it(relay, client):
     assert frame.text.startswith("<html><body><p>Hello</p>")  # the message as written
 
 
+def test_a_campaigns_or_tags_click_map_is_its_first_messages(relay, client):
+    untracked = send(relay, ["z@example.org"], headers="X-Anypost-Campaign: c1\r\n",
+                     html_body="<p>no link</p>")
+    with relay.db() as db:  # sent before its HTML was kept (or with keep_html off)
+        db.execute("DELETE FROM message_html WHERE email_id = ?", (untracked,))
+    first = send(relay, ["a@example.org"], headers=f"X-AliDM-Trace: {SPRING}\r\n"
+                 "X-Anypost-Campaign: c1\r\n")
+    send(relay, ["b@example.org"], headers=f"X-AliDM-Trace: {SPRING}\r\n"
+         "X-Anypost-Campaign: c1\r\n")
+    tagged_only = send(relay, ["c@example.org"], headers="X-Anypost-Campaign: c2\r\n"
+                       "X-Anypost-Tags: autumn, spring-extra\r\n")
+    for query, email_id in (({"campaign": "c1"}, first), ({"tag": "spring"}, first),
+                            ({"campaign": "c2"}, tagged_only), ({"tag": "autumn"}, tagged_only)):
+        found = client.get("/ui/clickmap", params=query)
+        assert found.status_code == 303, (query, found.text)
+        assert found.headers["Location"] == f"/ui/messages/{email_id}/clickmap"
+    assert hit(relay, "/c/" + sign_click(relay.services.keyring, first, "a@example.org", SALE),
+               BROWSER) == 302
+    frame = client.get(f"/ui/messages/{first}/frame")
+    assert frame_badges(frame.text) == {SALE: 1, PAY: 0}
+    none = client.get("/ui/clickmap", params={"tag": "<b>nope</b>"})
+    assert none.status_code == 404 and "&lt;b&gt;nope&lt;/b&gt;" in none.text
+    assert client.get("/ui/clickmap").status_code == 400
+    assert "/ui/clickmap" in client.get("/ui/links").text  # the form that asks for it
+
+
 def test_html_is_kept_once_and_purged_with_its_messages(relay, client):
     first, second = (send(relay, [f"{n}@example.org"]) for n in ("one", "two"))
     with relay.db() as db:

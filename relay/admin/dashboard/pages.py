@@ -148,6 +148,24 @@ async def click_map(request: web.Request) -> web.Response:
     return render(request, "clickmap.html", email_id=email_id, links=ranked, total=total)
 
 
+async def first_click_map(request: web.Request) -> web.Response:
+    """The click map of a campaign's or a tag's first message (the oldest whose HTML is
+    kept): its own clicks drawn on it."""
+    campaign = request.query.get("campaign", "").strip()
+    tag = request.query.get("tag", "").strip()
+    if campaign:
+        what, rows = f"campaign {campaign!r}", await request.app[STORE].fetchall(
+            html_bodies.FIRST_OF_CAMPAIGN, (campaign,))
+    elif tag:
+        what, rows = f"tag {tag!r}", await request.app[STORE].fetchall(
+            html_bodies.FIRST_OF_TAG, (tag, tag))
+    else:
+        raise web.HTTPBadRequest(reason="Name a campaign or a tag.")
+    if not rows:
+        raise web.HTTPNotFound(reason=f"No message of {what} has its HTML kept.")
+    return see_other(f"/ui/messages/{rows[0][0]}/clickmap")
+
+
 async def click_map_frame(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
     text = html_bodies.html_of(request.app[STORE].writer, email_id)
@@ -176,5 +194,6 @@ ROUTES = (
     ("/messages", messages),
     ("/messages/{email_id}", message),
     ("/messages/{email_id}/clickmap", click_map),
+    ("/clickmap", first_click_map),
     ("/messages/{email_id}/frame", click_map_frame),
 )
