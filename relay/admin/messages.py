@@ -116,7 +116,8 @@ def _show(args: argparse.Namespace) -> int:
         return fail(f"no message {args.email_id!r}")
     body = queries.message_body(
         found[0], reports.rows(conn, recipients_q),
-        reports.rows(conn, events_q))
+        reports.rows(conn, events_q),
+        reports.rows(conn, queries.message_delivery_events_query(args.email_id)))
     return output(args, body, lambda: _print_message(body))
 
 
@@ -155,7 +156,9 @@ async def get_message(request: web.Request) -> web.Response:
     if not message:
         raise ApiError(404, f"no message {email_id!r}")
     body = queries.message_body(message[0], await fetch(request, recipients_q),
-                                await fetch(request, events_q))
+                                await fetch(request, events_q),
+                                await fetch(request, queries.message_delivery_events_query(
+                                    email_id)))
     return json_response(body)
 
 

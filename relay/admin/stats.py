@@ -59,7 +59,8 @@ async def get_track_list(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     event_filter = queries.parse_events(query_params(request))
     rows = await fetch(request, queries.events_query(event_filter))
-    return json_response(queries.events_body(event_filter, rows))
+    deliveries = await fetch(request, queries.delivery_events_query(event_filter))
+    return json_response(queries.events_body(event_filter, rows, deliveries))
 
 
 async def get_stats(request: web.Request) -> web.Response:
@@ -91,7 +92,7 @@ def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOpti
                        help="group by (default: day)")
     stats.add_argument("--limit", type=int, default=queries.DEFAULT_ROWS, help="at most N rows")
     events = commands.add_parser(
-        "events", help="list open and click events",
+        "events", help="list events: opens, clicks, queue mode's delays and bounces",
         description="Events, oldest first. Machine traffic is left out unless --all.")
     events.add_argument("--since", help="yyyy-mm-dd or ISO 8601 date-time (default: "
                                         f"{DEFAULT_EVENTS_HOURS} hours ago)")
@@ -139,7 +140,8 @@ def _events(args: argparse.Namespace) -> int:
     event_filter = queries.parse_events(params)
     conn = open_store(args)
     body = queries.events_body(event_filter,
-                               reports.rows(conn, queries.events_query(event_filter)))
+                               reports.rows(conn, queries.events_query(event_filter)),
+                               reports.rows(conn, queries.delivery_events_query(event_filter)))
     if not args.all:
         [(hidden,)] = reports.rows(conn, queries.machine_count_query(event_filter))
         body["machine_events_hidden"] = hidden
@@ -160,13 +162,25 @@ def _print_events(body: Mapping[str, Any], since: str) -> None:
 
 
 def print_events(events: Sequence[Mapping[str, Any]]) -> None:
-    """Events (the API's JSON) as a table."""
+    """Events (the API's JSON) as a table; a delivery event's url column holds its reply."""
     print_table(["time", "type", "classification", "recipient", "email id", "url", "device",
                  "client", "location"],
-                [(e["occurred_at"], e["type"] + (" (implied)" if e["implied"] else ""),
-                  e["classification"] + (f" ({e['bot_source']})" if e["bot_source"] else ""),
-                  e["recipient"], e["email_id"], e["url"], e["device"], e["client"],
+                [(e["occurred_at"], _event_type(e), _classification(e), e["recipient"],
+                  e["email_id"], e["url"] or e.get("reply"), e["device"], e["client"],
                   ", ".join(filter(None, (e["geo"] or {}).values()))) for e in events])
+
+
+def _event_type(e: Mapping[str, Any]) -> str:
+    if "smtp_code" in e:  # a delivery event
+        return f"{e['type']} ({e['bounce_type']})" if e.get("bounce_type") else e["type"]
+    return e["type"] + (" (implied)" if e["implied"] else "")
+
+
+def _classification(e: Mapping[str, Any]) -> str:
+    if "smtp_code" in e:
+        then = f", next {e['next_attempt_at']}" if e.get("next_attempt_at") else ""
+        return f"attempt {e['attempt']}{then}"
+    return e["classification"] + (f" ({e['bot_source']})" if e["bot_source"] else "")
 
 
 def _percent(rate: float | None) -> str:
@@ -226,24 +240,32 @@ _FILTER_PARAMS = [
     param("tag", "Messages carrying this tag only (by day or tag; with no other filter)"),
 ]
 
-EVENT = obj({
+_EVENT_FIELDS = {
     "id": STRING, "type": {"type": "string", "enum": list(queries.EVENT_TYPES)},
     "occurred_at": {"type": "string", "format": "date-time"}, "email_id": STRING,
-    "recipient": STRING, "url": NULLABLE_STRING, "ip": NULLABLE_STRING, "user_agent": STRING,
-    "method": STRING, "classification": STRING, "bot_source": NULLABLE_STRING,
+    "recipient": STRING, "url": NULLABLE_STRING, "ip": NULLABLE_STRING,
+    # null for the delivery events (delayed, bounced), which have the five fields after geo
+    "user_agent": NULLABLE_STRING, "method": NULLABLE_STRING,
+    "classification": NULLABLE_STRING, "bot_source": NULLABLE_STRING,
     "reason": NULLABLE_STRING, "counted": BOOLEAN, "implied": BOOLEAN,
     "first_for_recipient": BOOLEAN, "first_for_link": BOOLEAN,
     # relay/tracking/enrich.py: from the user agent, and the location database when configured
     "device": NULLABLE_STRING, "client": NULLABLE_STRING, "os": NULLABLE_STRING,
     "geo": {**obj({"country": NULLABLE_STRING, "region": NULLABLE_STRING,
                        "city": NULLABLE_STRING}), "nullable": True},
-})
+}
+EVENT = obj({**_EVENT_FIELDS,
+             "smtp_code": INTEGER, "attempt": INTEGER, "reply": STRING,
+             "next_attempt_at": {"type": "string", "format": "date-time", "nullable": True},
+             "bounce_type": {"type": "string", "enum": ["permanent", "expired"]}},
+            list(_EVENT_FIELDS))
 EVENTS = obj({"events": {"type": "array", "items": EVENT},
                   "next_cursor": NULLABLE_STRING})
 _EVENT_PARAMS = [
     param("since", "From this instant: yyyy-mm-dd or an ISO 8601 date-time (UTC by default)"),
     param("until", "Before this instant; a day (yyyy-mm-dd) is included whole"),
-    param("type", "open or click", {"type": "string", "enum": list(queries.EVENT_TYPES)}),
+    param("type", "open, click, or (queue mode) delayed or bounced",
+          {"type": "string", "enum": list(queries.EVENT_TYPES)}),
     param("recipient", "Recipient address, exactly as sent"),
     param("email_id", "The relay's message id (email_...)"),
     param("tag", "A tag of the message (its TagName or one of its X-Anypost-Tags)"),

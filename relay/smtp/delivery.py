@@ -28,12 +28,13 @@ from functools import partial
 from relay import metrics
 from relay.clock import Clock
 from relay.config import Config
-from relay.ids import new_email_id
+from relay.ids import new_email_id, uuid7
 from relay.queue import dsn, schedule
 from relay.smtp import processes
 from relay.smtp.pipeline import Incoming, MailPipeline, Outcome
 from relay.store import messages, queue
 from relay.store.engine import Store
+from relay.store.events import EVENT_PREFIX
 
 log = logging.getLogger("relay.queue")
 
@@ -207,6 +208,7 @@ class QueueWorker:
                    if j.verdict.bounce_type == schedule.EXPIRED]
         if expired:
             messages.set_recipients(conn, expired)
+        queue.record_events(conn, delivery_events(message.email_id, judged, now))
         if self.config.queue.bounce_messages:
             self._bounce(conn, message, judged, now)
         for listener in self.listeners:
@@ -262,6 +264,17 @@ class QueueWorker:
                                      self.config.queue.retry_seconds)
             judged.append(Judged(recipient, code, f"{code} {text}", verdict, failures))
         return judged
+
+
+def delivery_events(email_id: str, judged: Sequence[Judged], now: float
+                    ) -> list[queue.DeliveryEvent]:
+    """The ``delayed`` and ``bounced`` events of an attempt (a copy sent is in the message's
+    recipients), with the fields of their webhooks (relay/webhooks/payloads.py)."""
+    kinds = {schedule.RETRY: queue.DELAYED_EVENT, schedule.BOUNCED: queue.BOUNCED_EVENT}
+    return [queue.DeliveryEvent(EVENT_PREFIX + uuid7(int(now * 1000)), kinds[j.verdict.state],
+                                now, email_id, j.recipient, j.code, j.attempt, j.reply,
+                                j.verdict.next_at, j.verdict.bounce_type)
+            for j in judged if j.verdict.state in kinds]
 
 
 def publish_metrics(store: Store | None, clock: Clock) -> None:

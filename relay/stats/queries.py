@@ -29,11 +29,14 @@ from relay.stats.maths import (
 
 # The SQL of these reads is the store's; the API and CLI (relay/admin/) call them from here.
 from relay.store.counters import COUNTERS
+from relay.store.queue import BOUNCED_EVENT, DELAYED_EVENT, DeliveryEvent
 from relay.store.reports import FILTERS, GROUPS, TAG_FILTER
 from relay.store.reports import Query as Query
+from relay.store.reports import delivery_events_query as delivery_events_query
 from relay.store.reports import events_query as events_query
 from relay.store.reports import links_query as links_query
 from relay.store.reports import machine_count_query as machine_count_query
+from relay.store.reports import message_delivery_events_query as message_delivery_events_query
 from relay.store.reports import message_queries as message_queries
 from relay.store.reports import messages_query as messages_query
 from relay.store.reports import recipients_query as recipients_query
@@ -157,7 +160,8 @@ def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
 
 # ---- events ----
 
-EVENT_TYPES = (OPEN, CLICK)
+# Opens and clicks (``events``), and queue mode's delivery events (``delivery_events``).
+EVENT_TYPES = (OPEN, CLICK, DELAYED_EVENT, BOUNCED_EVENT)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 MAX_SUBJECT_SEARCH = 200  # characters of a subject searched for
@@ -240,11 +244,40 @@ def event_json(row: Row) -> dict[str, Any]:
     }
 
 
-def events_body(f: EventFilter, rows: Sequence[Row]) -> dict[str, Any]:
-    page = rows[:f.limit]
-    more = len(rows) > f.limit
-    return {"events": [event_json(row) for row in page],
-            "next_cursor": encode_cursor(page[-1][0]) if more else None}
+def delivery_event_json(row: Row) -> dict[str, Any]:
+    """A delivery event with the fields of its webhook (``smtp_code``, ``attempt``,
+    ``reply``; ``next_attempt_at`` for a delay, ``bounce_type`` for a bounce), and those of an
+    open or click, null where they do not apply."""
+    e = DeliveryEvent(*row)
+    fields = {"smtp_code": e.smtp_code, "attempt": e.attempt, "reply": e.reply}
+    if e.type == DELAYED_EVENT:
+        fields["next_attempt_at"] = iso_time(e.next_attempt_at) if e.next_attempt_at else None
+    else:
+        fields["bounce_type"] = e.bounce_type
+    return {
+        "id": e.id, "type": e.type, "occurred_at": iso_time(e.at), "email_id": e.email_id,
+        "recipient": e.recipient, "url": None, "ip": None, "user_agent": None, "method": None,
+        "classification": None, "bot_source": None, "reason": None, "counted": False,
+        "implied": False, "first_for_recipient": False, "first_for_link": False,
+        "device": None, "client": None, "os": None, "geo": None, **fields,
+    }
+
+
+def merged_events(rows: Sequence[Row], deliveries: Sequence[Row], newest_first: bool = False
+                  ) -> list[dict[str, Any]]:
+    """Opens and clicks and delivery events as one list in the order of their ids (time)."""
+    listed = [*map(event_json, rows), *map(delivery_event_json, deliveries)]
+    return sorted(listed, key=lambda e: e["id"], reverse=newest_first)
+
+
+def events_body(f: EventFilter, rows: Sequence[Row], deliveries: Sequence[Row] = ()
+                ) -> dict[str, Any]:
+    """One page of ``events_query`` and ``delivery_events_query`` rows merged (each read one
+    row more than a page, so the merge knows whether there is a next one)."""
+    listed = merged_events(rows, deliveries, f.newest_first)
+    page = listed[:f.limit]
+    more = len(listed) > f.limit
+    return {"events": page, "next_cursor": encode_cursor(page[-1]["id"]) if more else None}
 
 
 # ---- messages ----
@@ -333,7 +366,6 @@ def message_json(message: Row, recipients: Sequence[Row]) -> dict[str, Any]:
     }
 
 
-def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row]
-                 ) -> dict[str, Any]:
-    return {**message_json(message, recipients),
-            "events": [event_json(row) for row in events]}
+def message_body(message: Row, recipients: Sequence[Row], events: Sequence[Row],
+                 deliveries: Sequence[Row] = ()) -> dict[str, Any]:
+    return {**message_json(message, recipients), "events": merged_events(events, deliveries)}

@@ -516,6 +516,25 @@ MIGRATIONS: dict[str, str] = {
             expires_at REAL NOT NULL
         );
     """,
+    # Queue mode's delivery events (email.delayed, email.bounced), written in the transaction
+    # that records the attempt (relay/store/queue.py record_events), listed beside the opens
+    # and clicks of ``events`` (relay/store/reports.py) but kept apart from them: nothing
+    # counts them.
+    "0061_delivery_events": """
+        CREATE TABLE delivery_events (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            at REAL NOT NULL,
+            email_id TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            smtp_code INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            reply TEXT NOT NULL,
+            next_attempt_at REAL,
+            bounce_type TEXT
+        );
+        CREATE INDEX delivery_events_email ON delivery_events (email_id, id);
+    """,
 }
 
 

@@ -20,6 +20,11 @@ from typing import Any
 QUEUED = "queued"
 SENT = "sent"
 BOUNCED = "bounced"
+# The types of the delivery events listed beside opens and clicks (relay/stats/queries.py).
+DELAYED_EVENT = "delayed"
+BOUNCED_EVENT = "bounced"
+DELIVERY_EVENT_COLUMNS = ("id", "type", "at", "email_id", "recipient", "smtp_code", "attempt",
+                          "reply", "next_attempt_at", "bounce_type")
 
 # Message states as listed (relay queue list --state): derived, not stored.
 MESSAGE_STATES = ("waiting", "deferred", "sending", "held")
@@ -139,6 +144,31 @@ def record_attempt(conn: sqlite3.Connection, email_id: str, owner: int,
         " lease_until = NULL, last_reply = coalesce(?, last_reply) WHERE email_id = ?",
         (next_at, last, email_id))
     return _remove_if_done(conn, email_id)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """A recipient's ``delayed`` or ``bounced`` attempt, as the events listings show it."""
+
+    id: str  # evt_<uuid7>: orders by time with the opens and clicks
+    type: str
+    at: float
+    email_id: str
+    recipient: str
+    smtp_code: int
+    attempt: int
+    reply: str
+    next_attempt_at: float | None
+    bounce_type: str | None
+
+
+def record_events(conn: sqlite3.Connection, events: Sequence[DeliveryEvent]) -> None:
+    """Keep an attempt's delivery events (in the attempt's transaction)."""
+    conn.executemany(
+        "INSERT INTO delivery_events (id, type, at, email_id, recipient, smtp_code, attempt,"
+        " reply, next_attempt_at, bounce_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(e.id, e.type, e.at, e.email_id, e.recipient, e.smtp_code, e.attempt, e.reply,
+          e.next_attempt_at, e.bounce_type) for e in events])
 
 
 def _remove_if_done(conn: sqlite3.Connection, email_id: str) -> bool:

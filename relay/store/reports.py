@@ -22,12 +22,14 @@ from relay.ids import PREFIX as EMAIL_PREFIX
 from relay.store.counters import COUNTERS
 from relay.store.events import COLUMNS as EVENT_COLUMNS
 from relay.store.events import EVENT_PREFIX
+from relay.store.queue import DELIVERY_EVENT_COLUMNS
 
 if TYPE_CHECKING:
     from relay.stats.maths import TrackListQuery
     from relay.stats.queries import EventFilter, MessageFilter, StatsQuery
 
 COLUMNS = ", ".join(EVENT_COLUMNS)
+DELIVERY_COLUMNS = ", ".join(DELIVERY_EVENT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,18 @@ def events_query(f: EventFilter) -> Query:
     order = "id DESC" if f.newest_first else "id"
     return Query(f"SELECT {COLUMNS} FROM events {clause}ORDER BY {order} LIMIT ?",
                  (*params, f.limit + 1))
+
+
+def delivery_events_query(f: EventFilter) -> Query:
+    """The queue's delivery events (``delayed``, ``bounced``: relay/store/queue.py) the
+    filter matches, one page and one row more in the same order and by the same cursor as
+    :func:`events_query`: their ids are ``evt_<uuid7>`` too, so the caller merges both pages
+    by id. They are never machine traffic."""
+    where, params = _event_conditions(replace(f, include_machine=True))
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    order = "id DESC" if f.newest_first else "id"
+    return Query(f"SELECT {DELIVERY_COLUMNS} FROM delivery_events {clause}ORDER BY {order} "
+                 "LIMIT ?", (*params, f.limit + 1))
 
 
 def machine_count_query(f: EventFilter) -> Query:
@@ -253,3 +267,9 @@ def message_queries(email_id: str) -> tuple[Query, Query, Query]:
               "ORDER BY recipient", (email_id,)),
         Query(f"SELECT {COLUMNS} FROM events WHERE email_id = ? ORDER BY id", (email_id,)),
     )
+
+
+def message_delivery_events_query(email_id: str) -> Query:
+    """All the queue's delivery events of one message, oldest first."""
+    return Query(f"SELECT {DELIVERY_COLUMNS} FROM delivery_events WHERE email_id = ? "
+                 "ORDER BY id", (email_id,))

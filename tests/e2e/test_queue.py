@@ -436,3 +436,56 @@ def test_no_bounce_message_for_a_null_sender(make_relay, upstream):
     assert send(relay, ["a@example.org", "nobody@example.org"], sender="")[0] == 250
     wait_until(lambda: queued(relay) == 0, what="the queue emptied")
     assert [r.rcpt_tos for r in upstream.received] == [["a@example.org"]]
+
+
+def test_delays_and_bounces_are_listed_as_events_and_in_the_message(make_relay, upstream,
+                                                                    tmp_path, capsys):
+    """Issue 16: GET /api/v1/events, relay events and the message view show email.delayed
+    and email.bounced with their webhook's fields, in time order, by the same cursor."""
+    clock = ManualClock()
+    relay = make_relay({**QUEUE, "queue": {"retry_seconds": [600]}}, upstream=upstream,
+                       http=True, clock=clock)
+    key = api_key(relay)
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    email_id = send(relay)[1].split()[-1]
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the first attempt")
+    upstream.handler.data_reply = "550 5.1.1 No such user"
+    clock.advance(relay.loops, 600)
+    wait_until(lambda: queued(relay) == 0, what="the message given up")
+
+    status, body = call(relay, key, "GET", f"/events?email_id={email_id}")
+    assert status == 200 and body["next_cursor"] is None
+    delayed, bounced = body["events"]
+    assert (delayed["type"], delayed["smtp_code"], delayed["attempt"], delayed["reply"]) == (
+        "delayed", 451, 1, "451 4.3.0 upstream busy")
+    assert delayed["next_attempt_at"] is not None and delayed["recipient"] == "a@example.org"
+    assert (bounced["type"], bounced["smtp_code"], bounced["attempt"],
+            bounced["bounce_type"], bounced["reply"]) == (
+        "bounced", 550, 2, "permanent", "550 5.1.1 No such user")
+    assert delayed["id"] < bounced["id"] and not delayed["counted"]
+    # one per page, by the same cursor; a type filter picks one kind
+    first = call(relay, key, "GET", f"/events?email_id={email_id}&limit=1")[1]
+    assert [e["id"] for e in first["events"]] == [delayed["id"]]
+    second = call(relay, key, "GET", f"/events?email_id={email_id}&limit=1"
+                                     f"&cursor={first['next_cursor']}")[1]
+    assert [e["id"] for e in second["events"]] == [bounced["id"]]
+    assert second["next_cursor"] is None
+    assert [e["id"] for e in call(relay, key, "GET", "/events?type=bounced")[1]["events"]] == [
+        bounced["id"]]
+    status, shown = call(relay, key, "GET", f"/messages/{email_id}")
+    assert status == 200 and shown["events"] == body["events"]
+    # nothing counts them: no open, no click
+    totals = call(relay, key, "GET", "/stats")[1]["rows"]
+    assert all(row["opens"] == row["clicks"] == 0 for row in totals)
+
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{relay.config.store.path}"\n')
+    assert cli.main(["events", "--email-id", email_id, "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["events"] == body["events"]
+    assert cli.main(["events", "--email-id", email_id, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "delayed" in out and "451 4.3.0 upstream busy" in out
+    assert "bounced (permanent)" in out and "550 5.1.1 No such user" in out
+    assert cli.main(["messages", "show", email_id, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "bounced (permanent)" in out and "attempt 1, next" in out
