@@ -4,6 +4,7 @@
 
 ==================  ======================================================================
 events              opens and clicks recorded before the cutoff
+delivery_events     queue mode's delays and bounces recorded before the cutoff
 recipients          the rows of messages created before the cutoff
 deliveries          those recorded before the cutoff (the resend guard, relay/smtp/dedupe.py)
 messages            those created before the cutoff (``message_html`` rows go with them)
@@ -24,10 +25,10 @@ deletes the rows whose URL names the recipient's address, whole (plain or percen
 
 :func:`erase_recipient` matches the address case-insensitively (whole address) and deletes
 its recipients, deliveries, send claims (a try in progress, or one a killed process left;
-relay/smtp/dedupe.py), events and engagement rows, the webhook events naming it (with
-their outbox rows, even in a batch still pending: that batch goes out without them), and the
-messages whose only recipient it was (their subject may be about that person). A message that
-went to others too keeps its row; only the erased recipient's rows go.
+relay/smtp/dedupe.py), events, delivery events and engagement rows, the webhook events naming
+it (with their outbox rows, even in a batch still pending: that batch goes out without them),
+and the messages whose only recipient it was (their subject may be about that person). A
+message that went to others too keeps its row; only the erased recipient's rows go.
 
 Every delete runs in chunks of :data:`CHUNK` rows, one short write transaction each, so a
 large purge never holds the write lock long enough to stall the tracker's group commits.
@@ -82,6 +83,7 @@ _FINISHED_BATCHES = ("SELECT id FROM webhook_batches WHERE state != 'pending' "
                      "AND finished_at < :before")
 PURGE_STEPS: tuple[Step, ...] = (
     Step("events", "id", "at < :before"),
+    Step("delivery_events", "id", "at < :before"),
     Step("recipients", "rowid", f"email_id IN ({_OLD_MESSAGES})"),
     Step("deliveries", "rowid", "at < :before"),
     Step("messages", "rowid", "created_at < :before"),  # message_html rows go with them
@@ -102,6 +104,7 @@ PURGE_STEPS: tuple[Step, ...] = (
 _ADDRESSES = "(SELECT address FROM temp.erase_addresses)"
 ERASE_STEPS: tuple[Step, ...] = (
     Step("events", "id", f"recipient IN {_ADDRESSES}"),
+    Step("delivery_events", "id", f"recipient IN {_ADDRESSES}"),
     Step("engagement", "email_id, recipient, target", f"recipient IN {_ADDRESSES}"),
     Step("deliveries", "rowid", f"recipient IN {_ADDRESSES}"),
     Step("send_claims", "rowid", f"recipient IN {_ADDRESSES}"),
@@ -121,6 +124,7 @@ _SPELLINGS = """
     UNION SELECT recipient FROM deliveries WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM send_claims WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM events WHERE relay_lower(recipient) = :address
+    UNION SELECT recipient FROM delivery_events WHERE relay_lower(recipient) = :address
     UNION SELECT recipient FROM engagement WHERE relay_lower(recipient) = :address"""
 _ONLY_THEIRS = """SELECT DISTINCT r.email_id FROM recipients r
     WHERE r.recipient IN (SELECT address FROM temp.erase_addresses)

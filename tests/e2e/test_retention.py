@@ -16,7 +16,7 @@ import pytest
 from relay import config as config_module
 from relay.errors import ConfigError, InvalidInput
 from relay.store import engine as store
-from relay.store import retention
+from relay.store import queue, retention
 from relay.tracking.tokens import sign_click, sign_open
 from tests.clients import api_key, call, cli, write_config
 from tests.harness import LoopThread, Relay
@@ -164,7 +164,8 @@ def erased(world: World) -> dict[str, set[tuple[str, ...]]]:
     return expected
 
 
-ERASED_COUNTS = {"events": 3, "engagement": 3, "deliveries": 2, "send_claims": 0, "recipients": 2,
+ERASED_COUNTS = {"events": 3, "delivery_events": 0, "engagement": 3, "deliveries": 2,
+                 "send_claims": 0, "recipients": 2,
                  "messages": 1, "html_bodies": 0,
                  "webhook_outbox": 5, "webhook_events": 5, "stats_daily_links": 1}
 
@@ -176,7 +177,8 @@ def test_purge_then_erase_leave_exactly_what_they_should(world):
     conn = store.connect_url(relay.config.store)
     counts = retention.purge(conn, time.time() - 5 * DAY)
     assert rows(relay) == expected
-    assert counts == {"events": 3, "recipients": 2, "deliveries": 2, "messages": 1,
+    assert counts == {"events": 3, "delivery_events": 0, "recipients": 2, "deliveries": 2,
+                      "messages": 1,
                       "html_bodies": 0, "engagement": 3,
                       "webhook_attempts": counts["webhook_attempts"],
                       "webhook_outbox": 5, "webhook_batches": counts["webhook_batches"],
@@ -280,6 +282,22 @@ def test_erase_deletes_the_claims_naming_the_recipient(tmp_path):
                      [(b"d" * 32, "Bob@Example.ORG"), (b"d" * 32, "ann@example.org")])
     assert retention.erase_recipient(conn, "bob@example.org")["send_claims"] == 1
     assert conn.execute("SELECT recipient FROM send_claims").fetchall() == [("ann@example.org",)]
+
+
+def test_delivery_events_are_purged_and_erased(tmp_path):
+    """Queue mode's delays and bounces name their recipient: they age out with the other
+    events and go with an erasure."""
+    conn = store.connect(tmp_path / "relay.db")
+    store.migrate(conn)
+    queue.record_events(conn, [
+        queue.DeliveryEvent(f"evt_{n}", queue.DELAYED_EVENT, at, "email_1", who, 451, 1,
+                            "451 busy", at + 60, None)
+        for n, (at, who) in enumerate([(1.0, "old@example.org"), (5.0, "Bob@Example.org"),
+                                       (5.0, "ann@example.org")])])
+    assert retention.purge(conn, 2.0)["delivery_events"] == 1
+    assert retention.erase_recipient(conn, "bob@example.org")["delivery_events"] == 1
+    assert conn.execute("SELECT recipient FROM delivery_events").fetchall() == [
+        ("ann@example.org",)]
 
 
 def test_erase_finds_every_case_and_only_whole_addresses(tmp_path):
