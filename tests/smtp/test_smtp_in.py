@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtp.server import crlf_line_endings, has_long_line
+from relay.smtp.server import abort, crlf_line_endings, has_long_line
 
 
 def naive_long_line(body: bytes, limit: int) -> bool:
@@ -48,3 +51,35 @@ def test_line_endings_made_crlf_leave_no_end_of_data_inside(pieces):
     assert b"\r\n.\r\n" not in body
     assert not body.startswith(b".\r\n")
     assert crlf_line_endings(body) == body
+
+
+def test_abort_of_a_tls_connection_closed_twice(certificate):
+    """A stop met a STARTTLS session its QUIT had closed twice: asyncio's TLS transport
+    then has no protocol left and its ``abort()`` raised out of the relay's shutdown (on
+    Debian's Python 3.11.2; 3.11.7's ``abort()`` checks)."""
+    cert, key = certificate
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server_side: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                server_side.set_result(transport)
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        listener = await loop.create_server(Protocol, "127.0.0.1", 0, ssl=context)
+        port = listener.sockets[0].getsockname()[1]
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        transport = await server_side
+        transport.close()
+        transport.close()
+        abort(transport)  # raised AttributeError
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(run())
