@@ -32,7 +32,6 @@ from relay.policy.settings import Domain
 from relay.stats.queries import iso_time
 from relay.store import domains as stored_domains
 from relay.store import settings as stored_settings
-from relay.store.rules import load
 
 ID_PREFIX = "domain_"
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -74,7 +73,7 @@ def _relative(host: str, name: str) -> str:
 
 
 async def _rules(request: web.Request) -> Rules:
-    return await request.app[CONTEXT].store.read(load)
+    return await request.app[CONTEXT].pipeline.rules.current()
 
 
 def _known(rules: Rules) -> list[str]:

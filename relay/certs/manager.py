@@ -77,6 +77,7 @@ class CertificateManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._task: asyncio.Task[None] | None = None
         self._round = asyncio.Lock()  # one round at a time in this process (one lease owner)
+        self._expired: set[str] = set()  # hosts whose certificate was seen run out
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever())
@@ -101,7 +102,9 @@ class CertificateManager:
             await asyncio.sleep(TICK_SECONDS)
 
     async def refresh(self) -> None:
-        """Load new or renewed certificates from the store; publish days left."""
+        """Load new or renewed certificates from the store; publish days left. When one has
+        run out (its renewals failed for 30 days), the rules generation is bumped, so that
+        every process's mail path puts new links to that host on http again."""
         now = self.clock()
         found = await self.store.read(certificates.listing)
         for host in self.certs.update(found):
@@ -110,6 +113,12 @@ class CertificateManager:
             days = cert.days_left(now)
             if days is not None:
                 metrics.CERTIFICATE_DAYS_LEFT.labels(cert.host).set(round(days, 2))
+        expired = {c.host for c in found if c.cert_pem is not None and not c.usable(now)}
+        if expired - self._expired:
+            await self.store.write(bump)
+            log.warning("certificate for %s expired: new links to it use http",
+                        ", ".join(sorted(expired - self._expired)))
+        self._expired = expired
 
     async def due(self) -> list[str]:
         now = self.clock()

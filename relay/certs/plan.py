@@ -44,12 +44,15 @@ class Certificate:
 
 
 def wanted(names: Iterable[str | None]) -> list[str]:
-    """The host names that get certificates: DNS names only (no IP address, which HTTP-01
-    cannot prove), lower-cased, each once."""
+    """The host names that get certificates: DNS names only (no IP address, and no
+    ``localhost`` or other one-label name, which no CA can reach to validate HTTP-01: the
+    default ``public_url`` would be ordered, and fail, every 12 hours forever), lower-cased,
+    each once."""
     hosts: dict[str, None] = {}
     for name in names:
-        if name and not _is_address(name):
-            hosts[name.lower().rstrip(".")] = None
+        host = (name or "").lower().rstrip(".")
+        if host and not _is_address(host) and "." in host and not host.endswith(".localhost"):
+            hosts[host] = None
     return list(hosts)
 
 

@@ -107,7 +107,7 @@ class MailPipeline:
         self.keyring = keyring
         self.upstream = upstream
         self.listeners = tuple(listeners)
-        self.rules = RulesCache(store)
+        self.rules = RulesCache(store, lambda: self.clock())
         # what its messages and claims name (made by the caller: the PostgreSQL engine has no
         # connection to write it on from here)
         self.me = me if me is not None else processes.register(store.writer)

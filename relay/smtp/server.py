@@ -570,7 +570,8 @@ class SmtpService:
 def abort(transport: asyncio.BaseTransport) -> None:
     """Drop a connection now. A TLS transport closed twice (a QUIT's close, then the
     session's own) has let go of its protocol, and Debian 12's Python 3.11.2 ``abort()`` on
-    it raises ``AttributeError`` (3.11.7 checks); such a connection is already ending, so there is nothing to drop."""
+    it raises ``AttributeError`` (3.11.7 checks); such a connection is already ending, so
+    there is nothing to drop."""
     try:
         transport.abort()  # type: ignore[attr-defined]
     except AttributeError:

@@ -44,9 +44,11 @@ def put(conn: sqlite3.Connection, cert: Certificate) -> None:
                  f" ON CONFLICT (host) DO UPDATE SET {updates}", astuple(cert))
 
 
-def secure_hosts(conn: sqlite3.Connection) -> frozenset[str]:
-    """Hosts that have a certificate (issued, possibly since renewed or failing to renew)."""
-    rows = conn.execute("SELECT host FROM certificates WHERE cert_pem IS NOT NULL").fetchall()
+def secure_hosts(conn: sqlite3.Connection, now: float) -> frozenset[str]:
+    """Hosts that have a certificate valid at ``now`` (issued, possibly since renewed or
+    failing to renew): new links to one whose certificate ran out go on http."""
+    rows = conn.execute("SELECT host FROM certificates WHERE cert_pem IS NOT NULL"
+                        " AND not_after > ?", (now,)).fetchall()
     return frozenset(row[0] for row in rows)
 
 

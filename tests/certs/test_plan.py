@@ -42,3 +42,8 @@ def test_a_failed_renewal_keeps_the_certificate_it_had() -> None:
 def test_wanted_hosts_are_dns_names_each_once() -> None:
     assert plan.wanted(["Track.Example.", None, "127.0.0.1", "[::1]", "track.example",
                         "t.shop.example"]) == ["track.example", "t.shop.example"]
+
+
+def test_names_no_ca_can_reach_get_no_certificate() -> None:
+    assert plan.wanted(["localhost", "LOCALHOST.", "relay", "a.localhost", "t.example"]) == [
+        "t.example"]

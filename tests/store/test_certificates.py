@@ -36,7 +36,8 @@ def test_certificates_and_answers_are_shared(tmp_path: Path) -> None:
     certificates.put(a, cert)
     certificates.put(a, Certificate("u.example"))
     assert certificates.get(b, "t.example") == cert
-    assert certificates.secure_hosts(b) == frozenset({"t.example"})
+    assert certificates.secure_hosts(b, 4.0) == frozenset({"t.example"})
+    assert certificates.secure_hosts(b, 5.0) == frozenset()  # ran out: no new https links
     certificates.add_challenges(a, [("tok", "tok.thumb")], 1.0)
     assert certificates.challenge(b, "tok") == "tok.thumb"
     certificates.remove_challenges(a, ["tok"])
