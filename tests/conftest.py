@@ -13,9 +13,10 @@ from hypothesis import settings
 
 from relay import config as config_module
 from relay.clock import Clock
+from relay.store import engine
 from tests import pg
 from tests.dnsserver import DnsServer
-from tests.harness import LoopThread, Relay, UpstreamServer, base_settings
+from tests.harness import LoopThread, Relay, UpstreamServer, base_settings, store_url
 
 # No hypothesis deadline: an example's time says how loaded the machine is, not whether the code
 # is right, and a test never fails because the machine was slow (test_limits did, at load 10).
@@ -79,6 +80,16 @@ def make_relay(loops: LoopThread, tmp_path: Path
     yield make
     for relay in started:
         relay.close()
+
+
+@pytest.fixture
+def store_conn(tmp_path: Path) -> Iterator[Any]:
+    """A migrated connection to a new store of the run's engine: a SQLite file in ``tmp_path``,
+    or with RELAY_TEST_STORE=postgresql a schema of its own (tests/pg.py)."""
+    conn = engine.connect_url(config_module.store_settings(store_url(tmp_path), "test.toml",
+                                                           "store.url", tmp_path))
+    yield conn
+    conn.close()
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ The contract of a store function, so that a second engine (PostgreSQL) can run t
   API runs them on the store's reader (``await Store.fetchall(query.sql, query.params)``) and
   the CLI on its connection: the same contract for the SQL, run by the caller.
 - Parameters are ``?`` placeholders (an adapter may rewrite them to ``%s``); rows are tuples
-  read by position.
+  read by position. A list of values is ``IN ({sql.placeholders(values)})``, never an empty
+  ``IN ()``, which PostgreSQL refuses.
 - The SQL is the subset SQLite and PostgreSQL share: ``INSERT ... ON CONFLICT (...) DO NOTHING``
   or ``DO UPDATE`` (not ``INSERT OR IGNORE/REPLACE``), no ``julianday``, no SQLite-only
   functions, times as REAL seconds since the epoch computed in Python; ``RETURNING`` where a

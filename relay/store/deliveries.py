@@ -7,12 +7,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from relay.store.sql import placeholders
+
 
 def delivered(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str],
               since: float) -> dict[str, str]:
     """recipient -> email_id of those of ``recipients`` that a message with ``digest`` reached
     after ``since``."""
-    marks = ",".join("?" * len(recipients))
+    marks = placeholders(recipients)
     return dict(conn.execute(
         "SELECT recipient, email_id FROM deliveries"
         f" WHERE digest = ? AND at > ? AND recipient IN ({marks})",
@@ -22,7 +24,7 @@ def delivered(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str]
 def claim_holders(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str],
                   email_id: str) -> list[int]:
     """The processes whose tries, other than ``email_id``, claim one of ``recipients``."""
-    marks = ",".join("?" * len(recipients))
+    marks = placeholders(recipients)
     return [row[0] for row in conn.execute(
         "SELECT DISTINCT process FROM send_claims"
         f" WHERE digest = ? AND recipient IN ({marks}) AND email_id != ?",

@@ -7,6 +7,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from relay.store.sql import placeholders
+
 
 class NewMessage(NamedTuple):
     """A message's row as the mail path first writes it."""
@@ -86,7 +88,7 @@ def all_processes(conn: sqlite3.Connection) -> list[tuple[int, str, str, int, st
 def process_rows(conn: sqlite3.Connection, ids: Sequence[int]
                  ) -> list[tuple[int, str, str, int, str, float]]:
     """The rows of processes ``ids`` that are there, as :func:`all_processes` gives them."""
-    marks = ",".join("?" * len(ids))
+    marks = placeholders(ids)
     return conn.execute("SELECT id, host, boot_id, pid, started, seen_at FROM processes"
                         f" WHERE id IN ({marks})", list(ids)).fetchall()
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay.store.sql import placeholders
+
 QUEUED = "queued"
 SENT = "sent"
 BOUNCED = "bounced"
@@ -199,9 +201,7 @@ def release(conn: sqlite3.Connection, owner: int, email_ids: Sequence[str] | Non
            " next_at = coalesce(?, next_at) WHERE lease_owner = ?")
     params: list[object] = [next_at, owner]
     if email_ids is not None:
-        if not email_ids:
-            return 0
-        sql += f" AND email_id IN ({','.join('?' * len(email_ids))})"
+        sql += f" AND email_id IN ({placeholders(email_ids)})"
         params += email_ids
     return conn.execute(sql, params).rowcount
 

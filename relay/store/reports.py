@@ -23,6 +23,7 @@ from relay.store.counters import COUNTERS
 from relay.store.events import COLUMNS as EVENT_COLUMNS
 from relay.store.events import EVENT_PREFIX
 from relay.store.queue import DELIVERY_EVENT_COLUMNS
+from relay.store.sql import placeholders
 
 if TYPE_CHECKING:
     from relay.stats.maths import TrackListQuery
@@ -156,7 +157,7 @@ def _event_conditions(f: EventFilter) -> tuple[list[str], list[Any]]:
         add("email_id IN (SELECT email_id FROM messages WHERE tag_name = ? OR EXISTS "
             "(SELECT 1 FROM json_each(messages.tags) WHERE value = ?))", f.tag, f.tag)
     if f.any_tags:
-        marks = ", ".join("?" * len(f.any_tags))
+        marks = placeholders(f.any_tags)
         add(f"email_id IN (SELECT email_id FROM messages WHERE tag_name IN ({marks}) OR EXISTS "
             f"(SELECT 1 FROM json_each(messages.tags) WHERE value IN ({marks})))",
             *f.any_tags, *f.any_tags)
@@ -237,16 +238,10 @@ def like_escape(text: str) -> str:
     return re.sub(r"([\\%_])", r"\\\1", text)
 
 
-def _placeholders(values: Sequence[Any]) -> str:
-    """One ``?`` per value, for ``IN (...)``; for none, ``NULL`` (which nothing equals):
-    PostgreSQL takes no empty list."""
-    return ", ".join("?" * len(values)) or "NULL"
-
-
 def message_facts_query(email_ids: Sequence[str]) -> Query:
     """What events name of their messages: email_id, message_id, sender, sender_domain,
     subject, tag_name, tags (JSON), campaign, topic."""
-    marks = _placeholders(email_ids)
+    marks = placeholders(email_ids)
     return Query("SELECT email_id, message_id, sender, sender_domain, subject, tag_name, tags,"
                  f" campaign, topic FROM messages WHERE email_id IN ({marks})",
                  tuple(email_ids))
@@ -254,7 +249,7 @@ def message_facts_query(email_ids: Sequence[str]) -> Query:
 
 def recipients_query(email_ids: Sequence[str]) -> Query:
     """The recipients of the listed messages."""
-    marks = _placeholders(email_ids)
+    marks = placeholders(email_ids)
     return Query("SELECT email_id, recipient, status, reply, at FROM recipients "
                  f"WHERE email_id IN ({marks}) ORDER BY email_id, recipient", tuple(email_ids))
 
