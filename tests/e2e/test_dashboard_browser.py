@@ -7,7 +7,9 @@ timeline, opens by device, a tracking domain verified and a failed webhook deliv
 from the operations page, markup in subjects and links shown as text, a cross-site form post
 refused, and
 axe-core (as bundled by axe-playwright-python) finding no serious or critical violation on
-any page. Screenshots of each page go to ``$RELAY_ARTIFACTS`` (default ``var/screenshots``).
+any page. Screenshots of each page go to ``$RELAY_ARTIFACTS`` (default
+``test-artifacts/screenshots/`` under the repository, where CI keeps its output: .ci/run says
+so when it ends).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ if not Path(CHROMIUM).exists():
 
 TRACK_HOST = "track.brand.example"
 ARTIFACTS = Path(os.environ.get("RELAY_ARTIFACTS")
-                 or Path(__file__).parents[2] / "var" / "screenshots")
+                 or Path(__file__).parents[2] / "test-artifacts" / "screenshots")
 SERIOUS = ("serious", "critical")
 
 
