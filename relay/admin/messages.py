@@ -16,6 +16,7 @@ from aiohttp import web
 from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
 from relay.admin.http import (
     BOOLEAN,
+    CONTEXT,
     INTEGER,
     NULLABLE_STRING,
     STRING,
@@ -33,6 +34,7 @@ from relay.rewrite.splice import LINK_REASONS
 from relay.smtp import processes
 from relay.stats import queries
 from relay.store import reports
+from relay.store.engine import Store
 
 
 def add_commands(commands: argparse._SubParsersAction, config_option: ConfigOption) -> None:
@@ -149,16 +151,26 @@ async def list_messages(request: web.Request) -> web.Response:
     return json_response(queries.messages_body(message_filter, rows, recipients))
 
 
+async def message_view(store: Store, email_id: str) -> dict[str, Any] | None:
+    """One message as ``GET /api/v1/messages/{email_id}`` and the dashboard's message page
+    show it: its recipients and their outcome, and every event, opens and clicks and queue
+    mode's delivery events (``delayed``, ``bounced``) merged oldest first; None when the
+    store has no such message. Read on the store's reader thread."""
+    message_q, recipients_q, events_q = queries.message_queries(email_id)
+    deliveries_q = queries.message_delivery_events_query(email_id)
+    message = await store.fetchall(message_q.sql, message_q.params)
+    if not message:
+        return None
+    return queries.message_body(
+        message[0], *[await store.fetchall(q.sql, q.params)
+                      for q in (recipients_q, events_q, deliveries_q)])
+
+
 async def get_message(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
-    message_q, recipients_q, events_q = queries.message_queries(email_id)
-    message = await fetch(request, message_q)
-    if not message:
+    body = await message_view(request.app[CONTEXT].store, email_id)
+    if body is None:
         raise ApiError(404, f"no message {email_id!r}")
-    body = queries.message_body(message[0], await fetch(request, recipients_q),
-                                await fetch(request, events_q),
-                                await fetch(request, queries.message_delivery_events_query(
-                                    email_id)))
     return json_response(body)
 
 

@@ -24,6 +24,7 @@ from relay.app import http_port
 from relay.store import engine as store
 from relay.store import retention
 from relay.tracking.tokens import sign_click, sign_open
+from tests.clock import ManualClock
 from tests.e2e.test_stats_api import BROWSER, TODAY, hit
 from tests.harness import Relay, wait_until
 
@@ -436,3 +437,32 @@ def test_where_and_how(relay, client):
     page = client.get("/ui/audience").text
     device = page[page.index('data-group="device"'):page.index('data-group="client"')]
     assert re.search(r'<th scope="row">mobile</th><td>1</td><td>1</td>', device), device
+
+
+def test_a_message_page_shows_its_queue_attempts_and_delivery_events(make_relay, upstream,
+                                                                     tmp_path):
+    """Queue mode: the recipient the upstream deferred is still queued (its attempts shown),
+    the one it refused bounced; both delivery events are on the timeline, the upstream's
+    words (markup included) as text."""
+    relay = make_relay({"smtp": {"mode": "queue"}, "queue": {"retry_seconds": [600]}},
+                       upstream=upstream, http=True, clock=ManualClock())
+    assert add_user(relay, tmp_path).returncode == 0
+    upstream.handler.data_reply = "451 4.3.0 busy <script>alert(1)</script>"
+    upstream.handler.refuse["gone@example.org"] = "550 5.1.1 No such user"
+    email_id = send(relay, ["a@example.org", "gone@example.org"])
+    wait_until(lambda: relay.db().execute("SELECT count(*) FROM delivery_events").fetchone()[0]
+               == 2, 10, "the first attempt's delivery events")
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+    page = client.get(f"/ui/messages/{email_id}").text
+    assert 'data-state="deferred"' in page and "1 attempt so far" in page
+    queued = page[page.index('class="queue-recipients"'):page.index("Timeline")]
+    assert re.search(r"<td>a@example.org</td><td>queued</td><td>1</td>", queued), queued
+    timeline = page[page.index("Timeline"):]
+    delayed = re.search(r'<tr class="delivery" data-type="delayed">(.*?)</tr>', timeline, re.S)
+    bounced = re.search(r'<tr class="delivery" data-type="bounced">(.*?)</tr>', timeline, re.S)
+    assert delayed and "a@example.org" in delayed.group(1)
+    assert "attempt 1, SMTP 451" in delayed.group(1) and "next attempt" in delayed.group(1)
+    assert bounced and "gone@example.org" in bounced.group(1)
+    assert "SMTP 550 (permanent)" in bounced.group(1) and "No such user" in bounced.group(1)
+    assert "<script>alert" not in page and escape("<script>alert(1)</script>") in page

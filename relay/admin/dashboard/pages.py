@@ -5,14 +5,17 @@ Handlers parse, query on the store's reader thread, and render a template."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
+from relay.admin import queue as admin_queue
 from relay.admin.dashboard import clickmap
 from relay.admin.dashboard.base import HEADERS, STORE, render, see_other
+from relay.admin.messages import message_view
 from relay.stats import queries
 from relay.stats.maths import Counts, InvalidParameter, days_between
 from relay.store import html_bodies, machine
@@ -120,15 +123,17 @@ async def messages(request: web.Request) -> web.Response:
 
 
 async def message(request: web.Request) -> web.Response:
+    """The API's view of the message (relay/admin/messages.py), with its queue record while
+    queue mode still holds it (relay/admin/queue.py ``show_body``: each recipient's attempts)."""
     email_id = request.match_info["email_id"]
-    message_q, recipients_q, events_q = queries.message_queries(email_id)
-    found = await _rows(request, message_q)
-    if not found:
+    store = request.app[STORE]
+    body = await message_view(store, email_id)
+    if body is None:
         raise web.HTTPNotFound(reason=f"No message {email_id}.")
-    body = queries.message_body(found[0], await _rows(request, recipients_q),
-                                await _rows(request, events_q))
-    kept = html_bodies.kept(request.app[STORE].writer, email_id)
-    return render(request, "message.html", m=body, kept=kept,
+    now = time.time()
+    kept, queued = await store.read(lambda conn: (
+        html_bodies.kept(conn, email_id), admin_queue.show_body(conn, email_id, now)))
+    return render(request, "message.html", m=body, kept=kept, queued=queued,
                   statuses=queries.RECIPIENT_STATUSES)
 
 
@@ -139,7 +144,7 @@ async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.Lin
 
 async def click_map(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
-    if not html_bodies.kept(request.app[STORE].writer, email_id):
+    if not await request.app[STORE].read(lambda conn: html_bodies.kept(conn, email_id)):
         raise web.HTTPNotFound(reason=f"No HTML kept for {email_id} (dashboard.keep_html off, "
                                       "no HTML part, or sent before it was kept).")
     counts = await _clicks(request, email_id)
@@ -168,7 +173,7 @@ async def first_click_map(request: web.Request) -> web.Response:
 
 async def click_map_frame(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
-    text = html_bodies.html_of(request.app[STORE].writer, email_id)
+    text = await request.app[STORE].read(lambda conn: html_bodies.html_of(conn, email_id))
     if text is None:
         raise web.HTTPNotFound(reason=f"No HTML kept for {email_id}.")
     drawn = clickmap.draw(text, await _clicks(request, email_id))
