@@ -83,11 +83,16 @@ def make_relay(loops: LoopThread, tmp_path: Path
 
 
 @pytest.fixture
-def store_conn(tmp_path: Path) -> Iterator[Any]:
-    """A migrated connection to a new store of the run's engine: a SQLite file in ``tmp_path``,
-    or with RELAY_TEST_STORE=postgresql a schema of its own (tests/pg.py)."""
-    conn = engine.connect_url(config_module.store_settings(store_url(tmp_path), "test.toml",
-                                                           "store.url", tmp_path))
+def store_settings(tmp_path: Path) -> config_module.StoreSettings:
+    """A new store of the run's engine: a SQLite file in ``tmp_path``, or with
+    RELAY_TEST_STORE=postgresql a schema of its own (tests/pg.py)."""
+    return config_module.store_settings(store_url(tmp_path), "test.toml", "store.url", tmp_path)
+
+
+@pytest.fixture
+def store_conn(store_settings: config_module.StoreSettings) -> Iterator[Any]:
+    """A migrated connection to the store of ``store_settings``."""
+    conn = engine.connect_url(store_settings)
     yield conn
     conn.close()
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 from aiohttp import web
 
 from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
 from relay.admin.http import CONTEXT, Operation, json_response
+from relay.config import StoreSettings
 from relay.store import engine as store
 from relay.store.retention import DAY, erase_recipient, purge
 
@@ -47,9 +47,10 @@ def _report(args: argparse.Namespace, counts: dict[str, int]) -> int:
                   lambda: print_table(["table", "deleted"], sorted(counts.items())))
 
 
-def erase_in_file(path: Path, address: str) -> dict[str, int]:
-    """:func:`erase_recipient` on a connection of its own (run in a worker thread)."""
-    conn = store.connect(path)
+def erase_in_store(settings: StoreSettings, address: str) -> dict[str, int]:
+    """:func:`erase_recipient` on a connection of its own (run in a worker thread): its many
+    short transactions stay out of the group commit."""
+    conn = store.connect_url(settings)
     try:
         return erase_recipient(conn, address)
     finally:
@@ -58,8 +59,8 @@ def erase_in_file(path: Path, address: str) -> dict[str, int]:
 
 async def _erase_recipient(request: web.Request) -> web.Response:
     address = request.match_info["address"]
-    path = request.app[CONTEXT].store.path
-    counts = await asyncio.to_thread(erase_in_file, path, address)
+    settings = request.app[CONTEXT].config.store
+    counts = await asyncio.to_thread(erase_in_store, settings, address)
     return json_response({"recipient": address, "deleted": counts})
 
 

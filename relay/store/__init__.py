@@ -27,7 +27,9 @@ The contract of a store function, so that a second engine (PostgreSQL) can run t
   functions, times as REAL seconds since the epoch computed in Python; ``RETURNING`` where a
   new row's id is needed; in ``DO UPDATE SET`` the old row's columns are named by their table
   (``hits = engagement.hits + 1``: PostgreSQL finds a bare ``hits`` ambiguous).
-- Where SQLite's dialect remains, the module says so: the rebuilds of ``counters``, a few
-  index-bound reads of ``reports``, and ``retention`` (rowids, temporary tables, SQL
-  functions registered on the connection).
+- What PostgreSQL lacks of the shared SQL, relay/store/postgres.py supplies: the placeholders,
+  ``rowid`` and ``temp.`` translated, SQLite's functions (``date``, ``json_each``,
+  ``json_extract``) and ``relay_lower`` defined on the server. Where SQLite's dialect remains,
+  the module says so: the rebuilds of ``counters`` and a few index-bound reads of
+  ``reports``.
 """

@@ -61,22 +61,26 @@ MIGRATION_LOCK = 0x72656C6179  # "relay"
 
 # --- the dialect ------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|::|\?|:([A-Za-z_]\w*)|%|\browid\b")
+_TOKEN = re.compile(
+    r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")|::|\?|:([A-Za-z_]\w*)|%|\browid\b|\btemp\.")
 
 
 @functools.lru_cache(maxsize=2048)
 def translate(sql: str, params: bool = True) -> str:
     """``sql`` as psycopg takes it: ``rowid`` (a row's address, to delete in chunks) as
-    ``ctid`` and, for a statement with ``params``, sqlite3's placeholders (``?``, ``:name``) as
-    psycopg's (``%s``, ``%(name)s``) and every literal ``%`` doubled (psycopg reads ``%`` even
-    in quoted text). Without params psycopg reads no placeholders, and nothing else changes.
-    Quoted text and ``::`` casts keep their ``?`` and ``:``."""
+    ``ctid``, the schema of temporary tables ``temp.`` as ``pg_temp.`` and, for a statement
+    with ``params``, sqlite3's placeholders (``?``, ``:name``) as psycopg's (``%s``,
+    ``%(name)s``) and every literal ``%`` doubled (psycopg reads ``%`` even in quoted text).
+    Without params psycopg reads no placeholders, and nothing else changes. Quoted text and
+    ``::`` casts keep their ``?`` and ``:``."""
     def token(match: re.Match[str]) -> str:
         text = match.group(0)
         if match.group(1):  # quoted
             return text.replace("%", "%%") if params else text
         if text == "rowid":
             return "ctid"
+        if text == "temp.":
+            return "pg_temp."
         if text == "%":
             return "%%" if params else text
         if text == "?" and params:
@@ -102,7 +106,8 @@ _DDL = (
 )
 # What the shared SQL calls that PostgreSQL lacks: COLLATE NOCASE (a case-insensitive ICU
 # collation), relay_lower() (engine.add_lower's function on SQLite), SQLite's
-# date(seconds, 'unixepoch') and json_each(TEXT) over a JSON array (its elements as ``value``).
+# date(seconds, 'unixepoch'), json_each(TEXT) over a JSON array (its elements as ``value``) and
+# json_extract(TEXT, '$.key') of a JSON object (as text; '$.a.b' for nested keys).
 # Created before the migrations run, idempotently.
 SERVER_SETUP = (
     "CREATE COLLATION IF NOT EXISTS nocase "
@@ -115,6 +120,9 @@ SERVER_SETUP = (
     "CREATE OR REPLACE FUNCTION json_each(text) RETURNS TABLE (value text) "
     "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
     "'SELECT json_array_elements_text($1::json)'",
+    "CREATE OR REPLACE FUNCTION json_extract(text, text) RETURNS text "
+    "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
+    "$$SELECT $1::json #>> string_to_array(substr($2, 3), '.')$$",
 )
 SERVER_FUNCTIONS = frozenset({"relay_lower"})
 # Migrations released before this engine existed: a PostgreSQL database went through them

@@ -50,7 +50,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -99,8 +98,9 @@ PURGE_STEPS: tuple[Step, ...] = (
 )
 
 # Run after the spellings of the address were collected into temp.erase_addresses, the
-# messages sent to them alone into temp.erase_messages and the webhook events naming them into
-# temp.erase_events.
+# messages sent to them alone into temp.erase_messages, the webhook events naming them into
+# temp.erase_events and the link counters whose URL names the address into temp.erase_links
+# (``temp.`` is ``pg_temp.`` on PostgreSQL: relay/store/postgres.py translate).
 _ADDRESSES = "(SELECT address FROM temp.erase_addresses)"
 ERASE_STEPS: tuple[Step, ...] = (
     Step("events", "id", f"recipient IN {_ADDRESSES}"),
@@ -113,9 +113,13 @@ ERASE_STEPS: tuple[Step, ...] = (
     Step("html_bodies", "digest", html_bodies.ORPHANS),
     Step("webhook_outbox", "seq", "event_id IN (SELECT id FROM temp.erase_events)"),
     Step("webhook_events", "id", "id IN (SELECT id FROM temp.erase_events)"),
-    Step("stats_daily_links", "day, url", "relay_names_address(url)"),
+    Step("stats_daily_links", "day, url",
+         "(day, url) IN (SELECT day, url FROM temp.erase_links)"),
 )
-_TEMP_TABLES = {"erase_addresses": "address", "erase_messages": "email_id", "erase_events": "id"}
+_TEMP_TABLES = {"erase_addresses": "address TEXT PRIMARY KEY",
+                "erase_messages": "email_id TEXT PRIMARY KEY",
+                "erase_events": "id TEXT PRIMARY KEY",
+                "erase_links": "day TEXT, url TEXT, PRIMARY KEY (day, url)"}
 
 # Every spelling of the address stored anywhere (the tables keep it as it was received);
 # relay_lower: see store.add_lower.
@@ -132,6 +136,10 @@ _ONLY_THEIRS = """SELECT DISTINCT r.email_id FROM recipients r
                     AND o.recipient NOT IN (SELECT address FROM temp.erase_addresses))"""
 _NAMING = ("SELECT id FROM webhook_events "
            "WHERE relay_lower(json_extract(data, '$.recipient')) = :address")
+# The link counters that may name an address: their URL holds an @, plain or percent-encoded
+# (:func:`_names` decides in Python, which both engines run alike).
+_LINKS_WITH_AT = ("SELECT day, url FROM stats_daily_links "
+                  "WHERE url LIKE '%@%' OR url LIKE '%!%40%' ESCAPE '!'")
 
 
 def purge(conn: sqlite3.Connection, before: float,
@@ -146,13 +154,16 @@ def erase_recipient(conn: sqlite3.Connection, address: str) -> dict[str, int]:
     rows deleted per table."""
     params = {"address": valid_address(address).lower()}
     store.add_lower(conn)
-    conn.create_function("relay_names_address", 1, _names(params["address"]), deterministic=True)
-    for table, column in _TEMP_TABLES.items():
-        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({column} TEXT PRIMARY KEY)")
+    for table, columns in _TEMP_TABLES.items():
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns})")
     try:
         conn.execute(f"INSERT INTO temp.erase_addresses {_SPELLINGS}", params)
         conn.execute(f"INSERT INTO temp.erase_messages {_ONLY_THEIRS}")
         conn.execute(f"INSERT INTO temp.erase_events {_NAMING}", params)
+        names = _names(params["address"])
+        conn.executemany("INSERT INTO temp.erase_links VALUES (?, ?)",
+                         [(day, url) for day, url in conn.execute(_LINKS_WITH_AT).fetchall()
+                          if names(url)])
         return _run(conn, ERASE_STEPS, params)
     finally:
         for table in _TEMP_TABLES:
@@ -201,23 +212,24 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
     return total
 
 
-def purge_expired(where: Path | StoreSettings, days: int, now: float,
+def purge_expired(settings: StoreSettings, days: int, now: float,
                   stopping: threading.Event | None = None) -> dict[str, int]:
-    """Purge what is older than ``days`` days before ``now``, on a connection of its own (to
-    the SQLite file ``where``, or to the store of ``[store]``)."""
-    conn = store.connect(where) if isinstance(where, Path) else store.connect_url(where)
+    """Purge what is older than ``days`` days before ``now``, on a connection of its own to
+    the store of ``[store]``."""
+    conn = store.connect_url(settings)
     try:
         return purge(conn, now - days * DAY, stopping)
     finally:
         conn.close()
 
 
-async def purge_forever(path: Path | StoreSettings, days: int, interval: float = PURGE_INTERVAL,
+async def purge_forever(settings: StoreSettings, days: int, interval: float = PURGE_INTERVAL,
                         stopping: threading.Event | None = None) -> None:
     """Purge now and every ``interval`` seconds; a failure is logged and tried again."""
     while True:
         try:
-            counts = await asyncio.to_thread(purge_expired, path, days, time.time(), stopping)
+            counts = await asyncio.to_thread(purge_expired, settings, days, time.time(),
+                                           stopping)
             if any(counts.values()):
                 log.info("retention: purged %s", _summary(counts))
         except Exception:
@@ -225,10 +237,10 @@ async def purge_forever(path: Path | StoreSettings, days: int, interval: float =
         await asyncio.sleep(interval)
 
 
-def start(path: Path | StoreSettings, days: int) -> Callable[[], Awaitable[None]]:
+def start(settings: StoreSettings, days: int) -> Callable[[], Awaitable[None]]:
     """Start :func:`purge_forever` if ``days`` is set; returns the coroutine that stops it."""
     stopping = threading.Event()  # cancelling the task leaves its thread running: see above
-    task = (asyncio.create_task(purge_forever(path, days, stopping=stopping)) if days > 0
+    task = (asyncio.create_task(purge_forever(settings, days, stopping=stopping)) if days > 0
             else None)
 
     async def stop() -> None:

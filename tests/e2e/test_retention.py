@@ -92,7 +92,7 @@ def delivered(relay: Relay, events: int) -> None:
             return db.execute(
                 "SELECT (SELECT count(*) FROM webhook_events) = ? AND NOT EXISTS (SELECT 1 FROM "
                 "webhook_outbox o LEFT JOIN webhook_batches b ON b.id = o.batch_id "
-                "WHERE b.state IS NOT 'delivered')", (events,)).fetchone()[0]
+                "WHERE coalesce(b.state, '') != 'delivered')", (events,)).fetchone()[0]
     wait_until(done, what=f"{events} webhook events delivered")
 
 
@@ -238,25 +238,22 @@ def test_retention_days_setting(tmp_path):
         config_module.parse({"retention": {"keep": 1}}, "x.toml")
 
 
-def test_purge_expired_counts_days_back_from_now(tmp_path):
-    path = tmp_path / "relay.db"
-    conn = store.connect(path)
-    store.migrate(conn)
+def test_purge_expired_counts_days_back_from_now(store_settings, store_conn):
+    conn = store_conn
     now = time.time()
     for email_id, age in (("email_old", 31), ("email_new", 29)):
         conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
                      "track_clicks, decision, size, created_at) VALUES (?, 's@x', 'x', 1, 1, "
                      "'tracked', 1, ?)", (email_id, now - age * DAY))
-    assert retention.purge_expired(path, 30, now)["messages"] == 1
+    assert retention.purge_expired(store_settings, 30, now)["messages"] == 1
     assert [r[0] for r in conn.execute("SELECT email_id FROM messages")] == ["email_new"]
 
 
-def test_a_stop_ends_the_purge_before_its_next_chunk(tmp_path, monkeypatch):
+def test_a_stop_ends_the_purge_before_its_next_chunk(store_conn, monkeypatch):
     """Cancelling the purge task does not stop its thread, and asyncio.run waits for that
     thread before the process exits: a long first purge would outlast systemd's stop."""
     monkeypatch.setattr(retention, "CHUNK", 2)
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
+    conn = store_conn
     conn.executemany(
         "INSERT INTO events (id, type, at, email_id, recipient, user_agent, method, "
         "classification, counted, implied, first_for_recipient, first_for_link) "
@@ -274,21 +271,19 @@ def test_a_stop_ends_the_purge_before_its_next_chunk(tmp_path, monkeypatch):
     assert retention.purge(conn, 2.0)["events"] == 3  # the next purge finishes the job
 
 
-def test_erase_deletes_the_claims_naming_the_recipient(tmp_path):
+def test_erase_deletes_the_claims_naming_the_recipient(store_conn):
     """A claim names its recipient: one a killed process left must not outlive an erasure."""
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
+    conn = store_conn
     conn.executemany("INSERT INTO send_claims VALUES (?, ?, 'email_1', 1, 1000)",
                      [(b"d" * 32, "Bob@Example.ORG"), (b"d" * 32, "ann@example.org")])
     assert retention.erase_recipient(conn, "bob@example.org")["send_claims"] == 1
     assert conn.execute("SELECT recipient FROM send_claims").fetchall() == [("ann@example.org",)]
 
 
-def test_delivery_events_are_purged_and_erased(tmp_path):
+def test_delivery_events_are_purged_and_erased(store_conn):
     """Queue mode's delays and bounces name their recipient: they age out with the other
     events and go with an erasure."""
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
+    conn = store_conn
     queue.record_events(conn, [
         queue.DeliveryEvent(f"evt_{n}", queue.DELAYED_EVENT, at, "email_1", who, 451, 1,
                             "451 busy", at + 60, None)
@@ -300,11 +295,10 @@ def test_delivery_events_are_purged_and_erased(tmp_path):
         ("ann@example.org",)]
 
 
-def test_erase_finds_every_case_and_only_whole_addresses(tmp_path):
+def test_erase_finds_every_case_and_only_whole_addresses(store_conn):
     """SQLite's lower() folds ASCII letters only: JÖRG@… was never found, whatever spelling
     was given. Link counters were matched by substring: erasing ann@… took joann@'s too."""
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
+    conn = store_conn
     conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
                  "track_clicks, decision, size, created_at) VALUES ('email_j', 's@shop.example', "
                  "'shop.example', 1, 1, 'tracked', 1, 0)")
