@@ -8,8 +8,13 @@ trust authentication, as .ci/run starts it).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -80,3 +85,56 @@ def connect_rows(url: str) -> PgConnection:
     conn = connect(url)
     conn.raw.row_factory = _rows
     return conn
+
+
+class Cluster:
+    """A throwaway PostgreSQL server of its own (``initdb`` in a new folder, ``pg_ctl`` on a
+    free loopback port) for a test that stops and restarts it, so that the server the other
+    tests share is never restarted. The server refuses to run as root: as root, its folder
+    belongs to the ``postgres`` user and its commands run as that user."""
+
+    def __init__(self) -> None:
+        from tests.harness import free_port
+
+        bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                         key=lambda p: int(p.parent.parent.name))
+        if not bindirs:
+            raise RuntimeError("no PostgreSQL server programs in /usr/lib/postgresql/*/bin")
+        self.bin = bindirs[-1].parent
+        self.folder = Path(tempfile.mkdtemp(prefix="relay-pg-"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                 "--no-sync", "-E", "UTF8")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, program: str, *args: str) -> None:
+        command = [str(self.bin / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{program} failed: {done.stderr or done.stdout}")
+
+    def start(self) -> None:
+        """Start the server and wait until it takes connections."""
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                   f"-c unix_socket_directories={self.folder} -c fsync=off")
+        self._pg("pg_ctl", "start", "-w", "-D", str(self.data), "-o", options,
+                 "-l", str(self.folder / "server.log"))
+
+    def stop(self) -> None:
+        """A fast shutdown, as a restart or a failover looks to clients: every session is
+        ended, and new connections are refused until :meth:`start`."""
+        self._pg("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)

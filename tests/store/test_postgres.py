@@ -12,7 +12,9 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+import threading
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,15 +164,21 @@ scanner_window_seconds = 0
 
 @contextlib.contextmanager
 def relay_process(config: Path, *ports: int) -> Iterator[subprocess.Popen]:
+    """``relay serve`` with ``config`` until the block ends, then stopped with SIGTERM. Its log is
+    read as it comes (a full pipe would stop a node that logs much, as one does while its
+    database is away) and the last lines are shown when it fails."""
     process = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: deque[str] = deque(maxlen=50)
+    reader = threading.Thread(target=log.extend, args=(process.stderr,), daemon=True)
     try:
         for port in ports:
             wait_for_port(port, process, timeout=60)
+        reader.start()
         yield process
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, process.stderr.read()
+        assert process.wait(30) == 0, "".join(log)
 
 
 def fetch(url: str) -> int:
