@@ -182,7 +182,7 @@ class QueueWorker:
         incoming = Incoming(message.sender, message.recipients, message.data,
                             message.mail_options, message.peer, message.helo, message.protocol,
                             received_at=message.received_at)
-        recorded: list[bool] = []
+        recorded: list[queue.Recorded] = []
 
         def settle(conn: sqlite3.Connection, outcome: Outcome) -> None:
             recorded.append(self._settle(conn, message, outcome))
@@ -193,17 +193,23 @@ class QueueWorker:
             log.warning("%s attempt not recorded%s; tried again at the next retry",
                         message.email_id, "" if outcome is None else " (store unavailable)")
             with contextlib.suppress(Exception):
-                await self.store.write(lambda conn: queue.release(
-                    conn, self.owner, [message.email_id], retry_at))
+                await self.store.write(lambda conn: queue.give_back(
+                    conn, message.email_id, message.lease, retry_at))
 
     def _settle(self, conn: sqlite3.Connection, message: queue.Queued, outcome: Outcome
-                ) -> bool:
+                ) -> queue.Recorded:
+        """Record the attempt, with its events, unless its lease was lost: then the attempt
+        of the claim that took the message over records (and reports) it, once."""
         now = self.clock.time()
         judged = self.judge(message, outcome, now)
         retries = [j.verdict.next_at for j in judged if j.verdict.next_at is not None]
         next_at = min(retries) if retries else now
-        done = queue.record_attempt(conn, message.email_id, self.owner,
-                                    [j.result() for j in judged], next_at, now)
+        recorded = queue.record_attempt(conn, message.email_id, message.lease,
+                                        [j.result() for j in judged], next_at, now)
+        if recorded is queue.Recorded.LOST:
+            log.warning("%s attempt %d not recorded: its lease ran out and the message was "
+                        "taken over", message.email_id, message.attempts + 1)
+            return recorded
         expired = [(message.email_id, j.recipient, EXPIRED_STATUS, j.reply, now) for j in judged
                    if j.verdict.bounce_type == schedule.EXPIRED]
         if expired:
@@ -217,8 +223,9 @@ class QueueWorker:
             metrics.QUEUE_DELIVERIES.labels(j.verdict.bounce_type or j.verdict.state).inc()
         log.info("%s attempt %d: %s%s", message.email_id, message.attempts + 1,
                  ", ".join(f"{j.recipient} {j.verdict.bounce_type or j.verdict.state}"
-                           for j in judged), " (done)" if done else "")
-        return True
+                           for j in judged),
+                 " (done)" if recorded is queue.Recorded.DONE else "")
+        return recorded
 
     def _bounce(self, conn: sqlite3.Connection, message: queue.Queued, judged: Sequence[Judged],
                 now: float) -> None:

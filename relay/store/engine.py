@@ -535,6 +535,12 @@ MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX delivery_events_email ON delivery_events (email_id, id);
     """,
+    # Each claim of a queued message names its lease (relay/store/queue.py claim): renewals and
+    # the attempt's record hold only for the attempt that claimed it, not for a later claim of
+    # the same process after its lease ran out.
+    "0062_queue_lease_ids": """
+        ALTER TABLE queue_messages ADD COLUMN lease_id TEXT;
+    """,
 }
 
 

@@ -6,18 +6,21 @@ A message leaves the queue (its row and its bytes) once no recipient is ``queued
 ``sent`` or ``bounced`` (given up). Deliveries are leased: :func:`claim` takes due messages for
 one process in a single ``UPDATE ... RETURNING`` whose condition re-checks the lease, so two
 processes (or nodes, on a shared store) never take the same message at once; a lease that ran
-out (its holder died) is taken over by the next claim.
+out (its holder died) is taken over by the next claim. Each claim names its lease with an id of
+its own: :func:`renew` and :func:`record_attempt` hold only for the attempt whose lease is still
+the message's, never for one whose lease ran out and was taken over, by another process or by
+a later claim of the same one.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from relay.store.sql import placeholders
 
 QUEUED = "queued"
 SENT = "sent"
@@ -70,6 +73,7 @@ class Queued:
     received_at: float
     expires_at: float
     attempts: int  # made before this one
+    lease: str  # the id of this claim's lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,36 +110,55 @@ def enqueue(conn: sqlite3.Connection, m: NewMessage, max_messages: int, max_byte
 def claim(conn: sqlite3.Connection, owner: int, now: float, lease_until: float, limit: int
           ) -> list[Queued]:
     """Lease up to ``limit`` due messages (not held, not leased by a live lease) to ``owner``
-    until ``lease_until``; oldest due first."""
+    until ``lease_until``, under a new lease id; oldest due first."""
+    lease = secrets.token_hex(12)
     rows = conn.execute(
-        "UPDATE queue_messages SET lease_owner = ?, lease_until = ?"
+        "UPDATE queue_messages SET lease_owner = ?, lease_until = ?, lease_id = ?"
         " WHERE email_id IN (SELECT email_id FROM queue_messages"
         "   WHERE held = 0 AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
         "   ORDER BY next_at LIMIT ?)"
         " AND held = 0 AND (lease_until IS NULL OR lease_until < ?)"
         " RETURNING email_id, sender, data, mail_options, peer, helo, protocol, received_at,"
         " expires_at, attempts",
-        (owner, lease_until, now, now, limit, now)).fetchall()
+        (owner, lease_until, lease, now, now, limit, now)).fetchall()
     taken = []
     for email_id, sender, data, options, peer, helo, protocol, received, expires, tries in rows:
         recipients = [r for (r,) in conn.execute(
             "SELECT recipient FROM queue_recipients WHERE email_id = ? AND state = ?"
             " ORDER BY recipient", (email_id, QUEUED))]
         taken.append(Queued(email_id, sender, recipients, bytes(data), json.loads(options),
-                            peer, helo, protocol, received, expires, tries))
+                            peer, helo, protocol, received, expires, tries, lease))
     return taken
 
 
-def record_attempt(conn: sqlite3.Connection, email_id: str, owner: int,
-                   results: Sequence[Result], next_at: float, now: float) -> bool:
-    """Store one attempt's results and let go of the lease; the message leaves the queue
-    when no recipient is left to try (returns True then). Nothing is written if ``owner``
-    no longer holds the lease (it ran out and another process took the message): that
-    process's attempt is the one that counts."""
-    held = conn.execute("SELECT 1 FROM queue_messages WHERE email_id = ? AND lease_owner = ?",
-                        (email_id, owner)).fetchone()
+def renew(conn: sqlite3.Connection, email_id: str, lease: str, now: float, lease_until: float
+          ) -> bool:
+    """Extend the lease ``lease`` of a message in delivery to ``lease_until``; False when it
+    is no longer that message's (recorded, handed back, or taken over) or ran out before
+    ``now`` (another claim may take it at any moment: the attempt has lost it)."""
+    return conn.execute(
+        "UPDATE queue_messages SET lease_until = ? WHERE email_id = ? AND lease_id = ?"
+        " AND lease_until >= ?", (lease_until, email_id, lease, now)).rowcount > 0
+
+
+class Recorded(enum.Enum):
+    """What :func:`record_attempt` did with an attempt's results."""
+
+    LOST = "lost"  # nothing: the lease was no longer the attempt's
+    KEPT = "kept"  # recorded; recipients are left to try
+    DONE = "done"  # recorded; none is left, the message left the queue
+
+
+def record_attempt(conn: sqlite3.Connection, email_id: str, lease: str,
+                   results: Sequence[Result], next_at: float, now: float) -> Recorded:
+    """Store one attempt's results and let go of its lease; the message leaves the queue
+    when no recipient is left to try. Nothing is written if the lease is no longer
+    ``lease`` (it ran out and another claim took the message): that claim's attempt is the
+    one that counts. A lease that ran out but was not taken over is still the attempt's."""
+    held = conn.execute("SELECT 1 FROM queue_messages WHERE email_id = ? AND lease_id = ?",
+                        (email_id, lease)).fetchone()
     if held is None:
-        return False
+        return Recorded.LOST
     conn.executemany(
         "UPDATE queue_recipients SET state = ?, attempts = attempts + 1, smtp_code = ?,"
         " reply = ?, updated_at = ? WHERE email_id = ? AND recipient = ? AND state = ?",
@@ -143,9 +166,9 @@ def record_attempt(conn: sqlite3.Connection, email_id: str, owner: int,
     last = next((r.reply for r in results if r.state != SENT), None)
     conn.execute(
         "UPDATE queue_messages SET attempts = attempts + 1, next_at = ?, lease_owner = NULL,"
-        " lease_until = NULL, last_reply = coalesce(?, last_reply) WHERE email_id = ?",
-        (next_at, last, email_id))
-    return _remove_if_done(conn, email_id)
+        " lease_until = NULL, lease_id = NULL, last_reply = coalesce(?, last_reply)"
+        " WHERE email_id = ?", (next_at, last, email_id))
+    return Recorded.DONE if _remove_if_done(conn, email_id) else Recorded.KEPT
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,17 +216,17 @@ def delete(conn: sqlite3.Connection, email_id: str) -> bool:
     return True
 
 
-def release(conn: sqlite3.Connection, owner: int, email_ids: Sequence[str] | None = None,
-            next_at: float | None = None) -> int:
-    """Hand back ``owner``'s leases (all, or those of ``email_ids``), due at ``next_at``
-    (unchanged when None); returns how many."""
-    sql = ("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL,"
-           " next_at = coalesce(?, next_at) WHERE lease_owner = ?")
-    params: list[object] = [next_at, owner]
-    if email_ids is not None:
-        sql += f" AND email_id IN ({placeholders(email_ids)})"
-        params += email_ids
-    return conn.execute(sql, params).rowcount
+def release(conn: sqlite3.Connection, owner: int) -> int:
+    """Hand back every lease of process ``owner``; returns how many."""
+    return conn.execute("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL,"
+                        " lease_id = NULL WHERE lease_owner = ?", (owner,)).rowcount
+
+
+def give_back(conn: sqlite3.Connection, email_id: str, lease: str, next_at: float) -> bool:
+    """Hand back one attempt's lease (if still its), the message due again at ``next_at``."""
+    return conn.execute("UPDATE queue_messages SET lease_owner = NULL, lease_until = NULL,"
+                        " lease_id = NULL, next_at = ? WHERE email_id = ? AND lease_id = ?",
+                        (next_at, email_id, lease)).rowcount > 0
 
 
 def lease_owners(conn: sqlite3.Connection, now: float) -> list[int]:

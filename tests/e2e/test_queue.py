@@ -4,6 +4,7 @@ relay's own SQLite file, time driven by a manual clock (tests/clock.py)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import email
 import email.policy
 import itertools
@@ -20,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from relay import cli
+from relay.smtp import delivery
 from tests.clients import api_key, call
 from tests.clock import ManualClock
 from tests.e2e.test_app import start, wait_for_port
+from tests.e2e.test_smtp_relay import hold_upstream
 from tests.harness import LoopThread, free_port, wait_until
 from tests.webhooks.test_outbox import Receiver
 from tests.webhooks.test_outbox import settings as webhook_settings
@@ -57,8 +60,8 @@ def send(relay, recipients=("a@example.org",), data: bytes | None = None,
 
 
 def queue_rows(relay, sql: str, params=()) -> list[tuple]:
-    with sqlite3.connect(relay.config.store.path) as conn:
-        return conn.execute(sql, params).fetchall()
+    with contextlib.closing(relay.db()) as conn:
+        return [tuple(row) for row in conn.execute(sql, params).fetchall()]
 
 
 def queued(relay) -> int:
@@ -489,3 +492,33 @@ def test_delays_and_bounces_are_listed_as_events_and_in_the_message(make_relay, 
     assert cli.main(["messages", "show", email_id, "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "bounced (permanent)" in out and "attempt 1, next" in out
+
+
+def in_delivery(*relays) -> int:
+    """How many delivery attempts the relays' queue workers have in progress."""
+    return sum(len(relay.services.smtp.queue._attempts) for relay in relays)
+
+
+def test_an_attempt_that_lost_its_lease_records_and_reports_nothing(make_relay, upstream,
+                                                                     receiver):
+    """Issue 16: an attempt whose lease ran out while the upstream kept it (and another claim
+    took the message over) still wrote its results and its email.delayed: the delay was
+    counted and reported twice. Only the attempt holding the lease records."""
+    clock = ManualClock()
+    receiver.start()
+    settings = {**QUEUE, **webhook_settings(receiver.url), "queue": {"retry_seconds": [3600]}}
+    first = make_relay(settings, upstream=upstream, clock=clock)
+    gate = hold_upstream(first.loops, upstream)
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    assert send(first)[0] == 250
+    wait_until(lambda: upstream.handler.held == 1, what="the first attempt at the upstream")
+    second = make_relay({**settings, "store": {"url": first.config.store.url}},
+                        upstream=upstream, clock=clock)
+    clock.advance(first.loops, delivery.LEASE_SECONDS + 1)  # the lease runs out at once
+    wait_until(lambda: upstream.handler.held == 2, what="the message taken over")
+    first.loops.loop.call_soon_threadsafe(gate.set)
+    wait_until(lambda: in_delivery(first, second) == 0, what="both attempts ended")
+    assert attempts(first, "a@example.org") == 1
+    assert queue_rows(first, "SELECT type, attempt FROM delivery_events") == [("delayed", 1)]
+    assert queue_rows(first, "SELECT count(*) FROM webhook_events WHERE type = ?",
+                      ("email.delayed",)) == [(1,)]
