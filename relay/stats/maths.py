@@ -54,7 +54,7 @@ ESP_DOMAINS: Mapping[str, frozenset[str]] = {
 }
 OTHERS = "Others"
 ESPS = (*ESP_DOMAINS, OTHERS)
-_ESP_BY_DOMAIN = {domain: esp for esp, domains in ESP_DOMAINS.items() for domain in domains}
+ESP_BY_DOMAIN = {domain: esp for esp, domains in ESP_DOMAINS.items() for domain in domains}
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 10
@@ -66,7 +66,13 @@ DAY_FORMAT = "%Y-%m-%d"  # for parsing; days are written with date.isoformat() (
 
 def esp_of(recipient: str) -> str:
     """The provider of a recipient address, by its domain: one of :data:`ESPS`."""
-    return _ESP_BY_DOMAIN.get(recipient.rpartition("@")[2].strip().lower(), OTHERS)
+    return ESP_BY_DOMAIN.get(domain_of(recipient), OTHERS)
+
+
+def domain_of(address: str) -> str:
+    """An address's domain as :data:`ESP_BY_DOMAIN` keys it: after the last ``@``, stripped,
+    lower case (``relay_domain()`` in SQL: relay/stats/rollup.py rebuild)."""
+    return address.rpartition("@")[2].strip().lower()
 
 
 def esp_parameter(value: str) -> str:
@@ -74,8 +80,8 @@ def esp_parameter(value: str) -> str:
     text = value.strip().lower()
     if text == OTHERS.lower():
         return OTHERS
-    if text in _ESP_BY_DOMAIN:
-        return _ESP_BY_DOMAIN[text]
+    if text in ESP_BY_DOMAIN:
+        return ESP_BY_DOMAIN[text]
     raise InvalidParameter("Esp", f"{value!r} is not one of {', '.join(ESPS)} (or an alias "
                                   "such as googlemail.com, hotmail.com, me.com)")
 

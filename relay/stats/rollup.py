@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from relay.stats.maths import add_counts, day_of, esp_of
+from relay.stats.maths import ESP_BY_DOMAIN, OTHERS, add_counts, day_of, domain_of, esp_of
 from relay.store import counters, messages
 from relay.store import engine as store
 from relay.store.messages import StoredMessage
@@ -125,7 +125,7 @@ def rebuild(conn: sqlite3.Connection) -> None:
     """Recompute the three tables from messages, recipients and events, in one transaction.
 
     The caller must keep other writers out (the relay stopped, or the benchmark's fill)."""
-    conn.create_function("relay_esp", 1, esp_of, deterministic=True)
+    conn.create_function("relay_domain", 1, domain_of, deterministic=True)
     store.add_lower(conn)
     with transaction(conn):
-        counters.rebuild_rollup(conn)
+        counters.rebuild_rollup(conn, ESP_BY_DOMAIN, OTHERS)

@@ -29,7 +29,6 @@ The contract of a store function, so that a second engine (PostgreSQL) can run t
   (``hits = engagement.hits + 1``: PostgreSQL finds a bare ``hits`` ambiguous).
 - What PostgreSQL lacks of the shared SQL, relay/store/postgres.py supplies: the placeholders,
   ``rowid`` and ``temp.`` translated, SQLite's functions (``date``, ``json_each``,
-  ``json_extract``) and ``relay_lower`` defined on the server. Where SQLite's dialect remains,
-  the module says so: the rebuilds of ``counters`` and a few index-bound reads of
-  ``reports``.
+  ``json_extract``), ``relay_lower`` and ``relay_domain`` defined on the server. Where
+  SQLite's dialect remains, the module says so: a few index-bound reads of ``reports``.
 """

@@ -3,15 +3,13 @@ rollup.py) and ``stats_daily_agents`` (relay/stats/breakdown.py), added to on wr
 recomputed from the raw tables.
 
 The recomputations (:func:`rebuild_rollup`, :func:`rebuild_agents`) are the tests' oracle and
-the benchmarks' bulk fill, written set-based. :func:`rebuild_agents` runs on both engines;
-:func:`rebuild_rollup` is SQLite's still (``json_insert``, a temporary table, and the
-``relay_esp`` function the caller registers).
+the benchmarks' bulk fill, written set-based, in the dialect both engines share.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 COUNTERS = ("sent", "opens", "unique_opens", "clicks", "unique_clicks")
 
@@ -60,50 +58,71 @@ _ROLLUP_TABLES = ("stats_daily", "stats_daily_tags", "stats_daily_links")
 _SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
 _DAY = "date(m.created_at, 'unixepoch')"
 # Set-based on purpose: an implementation independent of the listener's, so each checks the
-# other. First the counts per message and provider, then filed under the message's dimensions.
+# other. First the counts per message and provider (NULL: none of temp.rollup_esp's, filed
+# under the caller's ``others``), then filed under the message's dimensions. The provider is
+# found by the recipient's domain (``relay_domain()``, registered by the caller on SQLite and
+# defined on PostgreSQL's server: relay/store/postgres.py) in temp.rollup_esp, which the caller's
+# mapping fills.
+_ROLLUP_ESP = (
+    "DROP TABLE IF EXISTS temp.rollup_esp",
+    "CREATE TEMP TABLE rollup_esp (domain TEXT PRIMARY KEY, esp TEXT NOT NULL)",
+)
 _ROLLUP = (
     "DROP TABLE IF EXISTS temp.rollup_pm",
     """CREATE TEMP TABLE rollup_pm AS
-    SELECT email_id, esp, sum(sent) AS sent, sum(opens) AS opens,
-           sum(unique_opens) AS unique_opens, sum(clicks) AS clicks,
-           sum(unique_clicks) AS unique_clicks
-    FROM (SELECT email_id, relay_esp(recipient) AS esp, 1 AS sent, 0 AS opens,
-                 0 AS unique_opens, 0 AS clicks, 0 AS unique_clicks
+    SELECT u.email_id AS email_id, x.esp AS esp, sum(u.sent) AS sent, sum(u.opens) AS opens,
+           sum(u.unique_opens) AS unique_opens, sum(u.clicks) AS clicks,
+           sum(u.unique_clicks) AS unique_clicks
+    FROM (SELECT email_id, recipient, 1 AS sent, 0 AS opens, 0 AS unique_opens, 0 AS clicks,
+                 0 AS unique_clicks
           FROM recipients WHERE status = 'sent'
           UNION ALL
-          SELECT email_id, relay_esp(recipient), 0, type = 'open',
-                 type = 'open' AND first_for_recipient, type = 'click',
-                 type = 'click' AND first_for_recipient
-          FROM events WHERE counted)
-    GROUP BY email_id, esp""",
+          SELECT email_id, recipient, 0, CASE WHEN type = 'open' THEN 1 ELSE 0 END,
+                 CASE WHEN type = 'open' AND first_for_recipient = 1 THEN 1 ELSE 0 END,
+                 CASE WHEN type = 'click' THEN 1 ELSE 0 END,
+                 CASE WHEN type = 'click' AND first_for_recipient = 1 THEN 1 ELSE 0 END
+          FROM events WHERE counted = 1) u
+    LEFT JOIN temp.rollup_esp x ON x.domain = relay_domain(u.recipient)
+    GROUP BY u.email_id, x.esp""",
     f"""INSERT INTO stats_daily
-    SELECT {_DAY}, relay_lower(m.sender), coalesce(m.tag_name, ''), pm.esp,
+    SELECT {_DAY}, relay_lower(m.sender), coalesce(m.tag_name, ''), coalesce(pm.esp, :others),
            relay_lower(m.sender_domain), coalesce(m.campaign, ''), {_SUMS}
-    FROM rollup_pm pm JOIN messages m ON m.email_id = pm.email_id
+    FROM temp.rollup_pm pm JOIN messages m ON m.email_id = pm.email_id
     GROUP BY 1, 2, 3, 4, 5, 6""",
+    # A message's tags and its tag_name, each once (UNION: the tag_name may be a tag too).
     f"""INSERT INTO stats_daily_tags
     SELECT day, tag, {_SUMS} FROM (
-        SELECT DISTINCT pm.rowid, {_DAY} AS day, t.value AS tag, pm.sent, pm.opens,
+        SELECT pm.email_id, pm.esp, {_DAY} AS day, t.value AS tag, pm.sent, pm.opens,
                pm.unique_opens, pm.clicks, pm.unique_clicks
-        FROM rollup_pm pm JOIN messages m ON m.email_id = pm.email_id,
-             json_each(json_insert(m.tags, '$[#]', m.tag_name)) t
-        WHERE t.value IS NOT NULL)
+        FROM temp.rollup_pm pm JOIN messages m ON m.email_id = pm.email_id,
+             json_each(m.tags) t
+        UNION
+        SELECT pm.email_id, pm.esp, {_DAY}, m.tag_name, pm.sent, pm.opens, pm.unique_opens,
+               pm.clicks, pm.unique_clicks
+        FROM temp.rollup_pm pm JOIN messages m ON m.email_id = pm.email_id) u
+    WHERE tag IS NOT NULL
     GROUP BY day, tag""",
     f"""INSERT INTO stats_daily_links
     SELECT {_DAY}, e.url, count(*), sum(e.first_for_link)
     FROM events e JOIN messages m ON m.email_id = e.email_id
-    WHERE e.counted AND e.type = 'click' GROUP BY 1, 2""",
+    WHERE e.counted = 1 AND e.type = 'click' GROUP BY 1, 2""",
     "DROP TABLE temp.rollup_pm",
+    "DROP TABLE temp.rollup_esp",
 )
 
 
-def rebuild_rollup(conn: sqlite3.Connection) -> None:
+def rebuild_rollup(conn: sqlite3.Connection, esp_by_domain: Mapping[str, str],
+                   others: str) -> None:
     """Recompute the three tables of relay/stats/rollup.py from messages, recipients and
-    events (``relay_esp`` and ``relay_lower`` registered on ``conn``)."""
+    events: each recipient's provider is ``esp_by_domain`` of its domain, else ``others``
+    (``relay_domain`` and ``relay_lower`` registered on ``conn``)."""
     for table in _ROLLUP_TABLES:
         conn.execute(f"DELETE FROM {table}")
-    for statement in _ROLLUP:
+    for statement in _ROLLUP_ESP:
         conn.execute(statement)
+    conn.executemany("INSERT INTO temp.rollup_esp VALUES (?, ?)", esp_by_domain.items())
+    for statement in _ROLLUP:
+        conn.execute(statement, {"others": others} if ":others" in statement else ())
 
 
 # In the dialect both engines share (date() is PostgreSQL's too: relay/store/postgres.py).

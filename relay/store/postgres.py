@@ -105,7 +105,9 @@ _DDL = (
     (re.compile(r"\bunixepoch\(\)"), "extract(epoch FROM now())"),
 )
 # What the shared SQL calls that PostgreSQL lacks: COLLATE NOCASE (a case-insensitive ICU
-# collation), relay_lower() (engine.add_lower's function on SQLite), SQLite's
+# collation), relay_lower() (engine.add_lower's function on SQLite), relay_domain() (an
+# address's domain as relay/stats/maths.py domain_of gives it: after the last @, stripped,
+# lower case; registered by relay/stats/rollup.py rebuild on SQLite), SQLite's
 # date(seconds, 'unixepoch'), json_each(TEXT) over a JSON array (its elements as ``value``) and
 # json_extract(TEXT, '$.key') of a JSON object (as text; '$.a.b' for nested keys).
 # Created before the migrations run, idempotently.
@@ -114,6 +116,10 @@ SERVER_SETUP = (
     "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
     "CREATE OR REPLACE FUNCTION relay_lower(text) RETURNS text "
     "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT lower($1)'",
+    "CREATE OR REPLACE FUNCTION relay_domain(text) RETURNS text "
+    "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
+    "$$SELECT lower(btrim(reverse(split_part(reverse($1), '@', 1)), "
+    "E' \\t\\n\\r\\f' || chr(11)))$$",
     "CREATE OR REPLACE FUNCTION date(double precision, text) RETURNS text "
     "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
     "$$SELECT to_char(to_timestamp($1) AT TIME ZONE 'UTC', 'YYYY-MM-DD')$$",
@@ -124,7 +130,7 @@ SERVER_SETUP = (
     "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
     "$$SELECT $1::json #>> string_to_array(substr($2, 3), '.')$$",
 )
-SERVER_FUNCTIONS = frozenset({"relay_lower"})
+SERVER_FUNCTIONS = frozenset({"relay_lower", "relay_domain"})
 # Migrations released before this engine existed: a PostgreSQL database went through them
 # empty (relay migrate) and was filled after the last one (relay store copy), so their
 # backfills of existing rows (INSERT ... SELECT, written for SQLite) have nothing to do here.
