@@ -5,9 +5,13 @@ attempt.
 
 At most ``upstream.pool_size`` messages are in delivery at once per process (the upstream pool
 holds as many connections); the rate is the upstream's (``upstream.max_rate``, relay/smtp/
-upstream.py ``RateLimited``). A lease lasts :data:`LEASE_SECONDS`; at start the leases of
-relay processes that no longer run (``kill -9``) are handed back at once, and a stop hands
-back this process's own after the attempts in progress ended.
+upstream.py ``RateLimited``). A lease lasts :data:`LEASE_SECONDS` and is renewed every
+:data:`RENEW_SECONDS` while its attempt runs, however long (a slow upstream, a large fan-out),
+so no other worker takes the message meanwhile. A lease that ran out all the same (the store
+could not be written for that long, or the process stalled) may be taken over; the attempt
+that lost it goes on, but records and reports nothing (relay/store/queue.py record_attempt).
+At start the leases of relay processes that no longer run (``kill -9``) are handed back at
+once, and a stop hands back this process's own after the attempts in progress ended.
 
 The one window where a recipient can get a copy twice is every MTA's: between the upstream's
 ``250`` and the commit that records it (one group commit, as in proxy mode); a process killed
@@ -39,6 +43,8 @@ from relay.store.events import EVENT_PREFIX
 log = logging.getLogger("relay.queue")
 
 LEASE_SECONDS = 600.0
+# How often an attempt in progress renews its lease: three renewals may fail in a row.
+RENEW_SECONDS = LEASE_SECONDS / 4
 # How often the store is looked at when nothing here woke the worker (messages queued by
 # another process, or due at a time this process did not know of).
 POLL_SECONDS = 1.0
@@ -187,7 +193,11 @@ class QueueWorker:
         def settle(conn: sqlite3.Connection, outcome: Outcome) -> None:
             recorded.append(self._settle(conn, message, outcome))
 
-        outcome = await self.pipeline.deliver(incoming, message.email_id, settle)
+        keeping = asyncio.create_task(self._keep(message))
+        try:
+            outcome = await self.pipeline.deliver(incoming, message.email_id, settle)
+        finally:
+            keeping.cancel()
         if not recorded:  # nothing recorded: tried again later, not counted as an attempt
             retry_at = self.clock.time() + self.config.queue.retry_seconds[0]
             log.warning("%s attempt not recorded%s; tried again at the next retry",
@@ -195,6 +205,26 @@ class QueueWorker:
             with contextlib.suppress(Exception):
                 await self.store.write(lambda conn: queue.give_back(
                     conn, message.email_id, message.lease, retry_at))
+
+    async def _keep(self, message: queue.Queued) -> None:
+        """Renew ``message``'s lease every :data:`RENEW_SECONDS` until the attempt ends (it
+        cancels this) or the lease is found lost."""
+        while True:
+            await self.clock.sleep(RENEW_SECONDS)
+            now = self.clock.time()
+            try:
+                held = await self.store.write(partial(
+                    queue.renew, email_id=message.email_id, lease=message.lease, now=now,
+                    lease_until=now + LEASE_SECONDS))
+            except Exception as exc:  # tried again at the next renewal
+                log.warning("%s: the lease of its attempt not renewed: %s", message.email_id,
+                            exc)
+                continue
+            if not held:
+                log.warning("%s: the lease of its attempt ran out; another worker may take "
+                            "the message over, and then this attempt's results are not "
+                            "recorded", message.email_id)
+                return
 
     def _settle(self, conn: sqlite3.Connection, message: queue.Queued, outcome: Outcome
                 ) -> queue.Recorded:

@@ -522,3 +522,27 @@ def test_an_attempt_that_lost_its_lease_records_and_reports_nothing(make_relay, 
     assert queue_rows(first, "SELECT type, attempt FROM delivery_events") == [("delayed", 1)]
     assert queue_rows(first, "SELECT count(*) FROM webhook_events WHERE type = ?",
                       ("email.delayed",)) == [(1,)]
+
+
+def test_an_attempt_longer_than_a_lease_keeps_it(make_relay, upstream):
+    """Issue 16: a lease was never renewed: an attempt that outlasted it (a slow upstream, a
+    large fan-out) had its message taken over by another worker, which sent it again."""
+    clock = ManualClock()
+    settings = {"smtp": {"mode": "queue", "dedupe_hours": 0}}
+    first = make_relay(settings, upstream=upstream, clock=clock)
+    gate = hold_upstream(first.loops, upstream)
+    assert send(first)[0] == 250
+    wait_until(lambda: upstream.handler.held == 1, what="the attempt at the upstream")
+    make_relay({**settings, "store": {"url": first.config.store.url}}, upstream=upstream,
+               clock=clock)  # a second worker, looking for due messages
+
+    def lease_until() -> float:
+        return queue_rows(first, "SELECT lease_until FROM queue_messages")[0][0]
+    steps = int(2 * delivery.LEASE_SECONDS / delivery.RENEW_SECONDS)
+    for _ in range(steps):  # twice as long as a lease, the other worker looking meanwhile
+        clock.advance(first.loops, delivery.RENEW_SECONDS)
+        wait_until(lambda: lease_until() == clock.now + delivery.LEASE_SECONDS,
+                   what="the lease renewed")
+    first.loops.loop.call_soon_threadsafe(gate.set)
+    wait_until(lambda: queued(first) == 0, what="the queue emptied")
+    assert upstream.handler.held == 1 and len(upstream.received) == 1
