@@ -65,6 +65,7 @@ class Services:
     attempt_listeners: list[AttemptListener] = field(default_factory=list)  # queue mode
     certificates: CertificateSet = field(default_factory=CertificateSet)
     acme: certs.CertificateManager | None = None  # relay/certs/manager.py
+    clock: Clock = field(default_factory=Clock)  # the queue's time (``running``'s clock)
 
 
 @contextlib.asynccontextmanager
@@ -76,7 +77,7 @@ async def running(
     store = await open_store(config.store)
     await store.write(processes.sweep)  # what stopped processes left: relay/smtp/processes.py
     keyring = await store.write(functools.partial(load_keyring, config.tracking))
-    services = Services(store, keyring)
+    services = Services(store, keyring, clock=clock or Clock())
     stop_rules = await seeding.start(store, config, recheck=http)
     stop_retention = retention.start(config.store, config.retention.days if http else 0)
     delivery.publish_metrics(store, clock or Clock())  # after seeding's (dnscheck)
@@ -171,7 +172,7 @@ def _add_admin(app: web.Application, config: Config, services: Services) -> None
     from relay.admin.dashboard.app import build_dashboard
 
     app.add_subapp(PREFIX, build_api(config, services.store))
-    app.add_subapp(UI, build_dashboard(config, services.store))
+    app.add_subapp(UI, build_dashboard(config, services.store, clock=services.clock.time))
     if services.pipeline is not None:
         from relay.admin import anypost
 

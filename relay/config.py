@@ -6,6 +6,7 @@ the key and what is wrong, so a bad config fails at start-up with a clear messag
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import math
@@ -389,11 +390,16 @@ class _Reader:
             raise self.fail(unknown[0], "unknown setting")
 
 
+def is_secret(name: str) -> bool:
+    """Whether the setting ``name`` (its last key) holds a secret: a password or its hash, a
+    signing secret, tracking key material, a DKIM private key."""
+    return "password" in name or "secret" in name or name in ("keys", "private_key")
+
+
 def _shown(name: str, value: Any) -> str:
     """A wrong value as errors show it: its type, and the value itself unless the setting
-    holds a secret (a password, its hash, a signing secret, tracking key material)."""
-    secret = "password" in name or "secret" in name or name == "keys"
-    return type(value).__name__ if secret else f"{type(value).__name__} {value!r}"
+    holds a secret."""
+    return type(value).__name__ if is_secret(name) else f"{type(value).__name__} {value!r}"
 
 
 def load(path: str | Path) -> Config:
@@ -915,3 +921,45 @@ def _log_level(r: _Reader) -> str:
         raise r.fail("level", f"expected one of {', '.join(_LEVELS)}")
     r.done()
     return level
+
+
+HIDDEN = "(set, not shown)"
+
+
+def effective_settings(config: Config) -> list[tuple[str, str]]:
+    """Every setting in force, defaults included, as (dotted key, value as text), in the
+    order of the file's sections (the dashboard's operations page). Secrets (:func:`is_secret`)
+    show only that they are set, and a PostgreSQL URL without its password (userinfo or a
+    ``password`` parameter)."""
+    shown: list[tuple[str, str]] = []
+
+    def walk(key: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, Address):
+            for f in dataclasses.fields(value):
+                walk(f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for index, item in enumerate(value):
+                walk(f"{key}[{index}]", item)
+        elif is_secret(key.rpartition(".")[2]):
+            shown.append((key, HIDDEN if value else "not set"))
+        elif key == "store.url":
+            parts = urlsplit(redact_url(value))
+            shown.append((key, urlunsplit(parts._replace(query="")) if "password" in
+                          parts.query.lower() else parts.geturl()))
+        else:
+            shown.append((key, _text(value)))
+
+    for f in dataclasses.fields(config):
+        if f.name != "source":
+            walk(f.name, getattr(config, f.name))
+    return shown
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ", ".join(map(_text, value)) or "none"
+    return str(value)

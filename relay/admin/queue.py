@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +60,15 @@ def show_body(conn: sqlite3.Connection, email_id: str, now: float) -> dict[str, 
         {"recipient": r["recipient"], "state": r["state"], "attempts": r["attempts"],
          "smtp_code": r["smtp_code"], "reply": r["reply"],
          "updated_at": iso_time(r["updated_at"])} for r in recipients]}
+
+
+# What an operator may do to one queued message (the API below, the dashboard's operations
+# page): the change, run in a write; what it returns is false when the message is not queued.
+ACTIONS: Mapping[str, Callable[[sqlite3.Connection, str], int | bool]] = {
+    "retry": lambda conn, email_id: queue.retry_now(conn, email_id, time.time()),
+    "hold": lambda conn, email_id: queue.set_held(conn, email_id, True),
+    "release": lambda conn, email_id: queue.set_held(conn, email_id, False),
+}
 
 
 def _message_json(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,15 +234,15 @@ OPERATIONS = [
     Operation("GET", "/queue/{email_id}", _api_show, "One queued message and its recipients",
               "getQueuedMessage", tags=["queue"], parameters=_EMAIL_ID),
     Operation("POST", "/queue/{email_id}/retry",
-              _action(lambda conn, e: queue.retry_now(conn, e, time.time())),
+              _action(ACTIONS["retry"]),
               "Make a queued message due now", "retryQueuedMessage", tags=["queue"],
               parameters=_EMAIL_ID),
     Operation("POST", "/queue/{email_id}/hold",
-              _action(lambda conn, e: queue.set_held(conn, e, True)),
+              _action(ACTIONS["hold"]),
               "Hold a queued message: no delivery attempt until released", "holdQueuedMessage",
               tags=["queue"], parameters=_EMAIL_ID),
     Operation("POST", "/queue/{email_id}/release",
-              _action(lambda conn, e: queue.set_held(conn, e, False)),
+              _action(ACTIONS["release"]),
               "Release a held message", "releaseQueuedMessage", tags=["queue"],
               parameters=_EMAIL_ID),
     Operation("DELETE", "/queue/{email_id}", _action(queue.delete),

@@ -251,6 +251,14 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
     return messages, size
 
 
+def state_counts(conn: sqlite3.Connection, now: float) -> dict[str, int]:
+    """How many queued messages are in each of :data:`MESSAGE_STATES` at ``now``."""
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    counts.update(conn.execute(f"SELECT state, count(*) FROM (SELECT {_STATE} AS state"
+                               " FROM queue_messages) AS q GROUP BY state", (now,)).fetchall())
+    return counts
+
+
 def oldest(conn: sqlite3.Connection) -> float | None:
     """When the oldest message in the queue was received (None: the queue is empty)."""
     return conn.execute("SELECT min(received_at) FROM queue_messages").fetchone()[0]

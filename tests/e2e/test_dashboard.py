@@ -466,3 +466,81 @@ def test_a_message_page_shows_its_queue_attempts_and_delivery_events(make_relay,
     assert bounced and "gone@example.org" in bounced.group(1)
     assert "SMTP 550 (permanent)" in bounced.group(1) and "No such user" in bounced.group(1)
     assert "<script>alert" not in page and escape("<script>alert(1)</script>") in page
+
+
+UPSTREAM_PASSWORD = "upstream-password-never-shown"
+
+
+def test_operations_shows_the_settings_in_force_never_a_secret(make_relay, upstream, tmp_path):
+    relay = make_relay({
+        "upstream": {"username": EVIL_SUBJECT, "password": UPSTREAM_PASSWORD},
+        "webhooks": [{"name": "crm", "url": "http://127.0.0.1:9/in", "secret": SECRET,
+                      "allow_private": True}],
+    }, upstream=upstream, http=True)
+    assert add_user(relay, tmp_path).returncode == 0
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+    page = client.get("/ui/operations").text
+    settings = dict(re.findall(r'<tr><th scope="row"><code>([^<]+)</code></th><td>([^<]*)</td>',
+                               page))
+    assert settings["smtp.mode"] == "proxy" and settings["queue.max_age_hours"] == "72.0"
+    assert settings["upstream.port"] == str(upstream.port)  # the file's value
+    assert settings["dashboard.session_hours"] == "12.0"  # a default
+    assert settings["upstream.password"] == settings["webhooks[0].secret"] == \
+        settings["tracking.keys"] == "(set, not shown)"
+    assert UPSTREAM_PASSWORD not in page and SECRET not in page and "k" * 32 not in page
+    assert settings["upstream.username"] == str(escape(EVIL_SUBJECT))  # as text
+    assert "<script>alert" not in page
+    assert 'id="queue-h"' not in page  # proxy mode: no queue
+
+
+def test_the_queue_on_the_operations_page_and_its_buttons(make_relay, upstream, tmp_path):
+    clock = ManualClock()
+    relay = make_relay({"smtp": {"mode": "queue"}, "queue": {"retry_seconds": [600]}},
+                       upstream=upstream, http=True, clock=clock)
+    assert add_user(relay, tmp_path).returncode == 0
+    upstream.handler.data_reply = "451 4.3.0 busy <script>alert(1)</script>"
+    first = send(relay, ["a@example.org"])
+    second = send(relay, ["b@example.org"])
+    wait_until(lambda: relay.db().execute(
+        "SELECT count(*) FROM queue_messages WHERE attempts = 1").fetchone()[0] == 2, 10,
+        "both tried once")
+    clock.advance(relay.loops, 90)
+    client = Client(relay.http_url)
+    assert client.sign_in().status_code == 303
+
+    def shown() -> tuple[dict[str, str], dict[str, list[str]]]:
+        page = client.get("/ui/operations").text
+        assert "<script>alert" not in page
+        tables = {state: re.findall(r'<tr data-email="([^"]+)">', page[page.index(
+            f'<table class="queued" data-state="{state}">'):].split("</table>")[0])
+            for state in ("deferred", "held")}
+        return dict(re.findall(r'data-queue="(\w+)">([^<]*)<', page)), tables
+
+    counts, tables = shown()
+    assert counts == {"waiting": "0", "deferred": "2", "sending": "0", "held": "0",
+                      "bytes": counts["bytes"], "oldest": "1 min"}
+    assert int(counts["bytes"]) > 0 and tables == {"deferred": [first, second], "held": []}
+    token = client.csrf("/ui/operations")
+    assert client.post(f"/ui/operations/queue/{first}/hold", {}).status_code == 403
+    assert client.post(f"/ui/operations/queue/{first}/bogus", {"csrf": token}
+                       ).status_code == 404
+    answer = client.post(f"/ui/operations/queue/{first}/hold", {"csrf": token})
+    assert answer.status_code == 303
+    assert f"{first}: held" in client.get(answer.headers["Location"]).text
+    counts, tables = shown()
+    assert (counts["held"], counts["deferred"]) == ("1", "1")
+    assert tables == {"deferred": [second], "held": [first]}
+    answer = client.post(f"/ui/operations/queue/{first}/retry", {"csrf": token})
+    assert f"{first}: not in the queue or held" in client.get(answer.headers["Location"]).text
+    upstream.handler.data_reply = None
+    answer = client.post("/ui/operations/queue/retry", {"csrf": token})
+    assert "1 message due now" in client.get(answer.headers["Location"]).text
+    clock.advance(relay.loops, 1)  # the poll that finds the change
+    wait_until(lambda: shown()[1] == {"deferred": [], "held": [first]}, 10, "second sent")
+    client.post(f"/ui/operations/queue/{first}/release", {"csrf": token})
+    answer = client.post(f"/ui/operations/queue/{first}/retry", {"csrf": token})
+    assert f"{first}: due now" in client.get(answer.headers["Location"]).text
+    clock.advance(relay.loops, 1)
+    wait_until(lambda: shown()[0]["oldest"] == "–", 10, "the queue emptied")
+    assert len(upstream.received) == 2

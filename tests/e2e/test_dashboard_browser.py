@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from relay.tracking.tokens import sign_click, sign_open
+from tests.clock import ManualClock
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.e2e.test_dashboard import (
     EVIL_SUBJECT,
@@ -37,7 +38,7 @@ from tests.e2e.test_dashboard import (
     send,
 )
 from tests.e2e.test_stats_api import BROWSER, TODAY, hit
-from tests.harness import LoopThread, Relay
+from tests.harness import LoopThread, Relay, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not Path(CHROMIUM).exists():
@@ -255,3 +256,72 @@ def test_the_dashboard_in_chromium(world, browser, loops, dns_server):
     page.goto(f"{base}/ui/overview")
     assert page.url == f"{base}/ui/login"
     assert not [p for p in problems if "Content Security Policy" in p], problems
+
+
+EVIL_HOOK = 'http://127.0.0.1:9/in?x="><script>alert(3)</script>'
+
+
+def sign_in(page: object, base: str) -> None:
+    page.goto(f"{base}/ui/login")
+    page.get_by_label("Name").fill("alice")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/ui/overview")
+
+
+def test_the_queue_settings_and_delivery_events_in_chromium(make_relay, upstream, tmp_path,
+                                                            browser):
+    """Queue mode: the operations page's queue (a message held and released from it) and
+    settings, and a message's queue attempts and delivery events; the upstream's words, markup
+    included, shown as text."""
+    relay = make_relay({"smtp": {"mode": "queue"}, "queue": {"retry_seconds": [600]},
+                        "webhooks": [{"name": "crm", "url": EVIL_HOOK, "secret": SECRET,
+                                      "allow_private": True, "events": ["email.opened"]}]},
+                       upstream=upstream, http=True, clock=ManualClock())
+    assert add_user(relay, tmp_path).returncode == 0
+    upstream.handler.data_reply = f"451 4.3.0 busy {EVIL_SUBJECT}"
+    upstream.handler.refuse["gone@example.org"] = "550 5.1.1 No such user"
+    email_id = send(relay, ["a@example.org", "gone@example.org"], subject=EVIL_SUBJECT)
+    wait_until(lambda: relay.db().execute("SELECT count(*) FROM delivery_events").fetchone()[0]
+               == 2, 10, "the first attempt's delivery events")
+    base = relay.http_url
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    sign_in(page, base)
+
+    page.goto(f"{base}/ui/operations")
+    assert page.locator('[data-queue="deferred"]').inner_text() == "1"
+    deferred = page.locator('table[data-state="deferred"] tbody tr')
+    assert deferred.count() == 1 and email_id in deferred.inner_text()
+    assert EVIL_SUBJECT in deferred.inner_text()  # the last answer, as text
+    page.get_by_text("The settings in force").click()
+    settings = page.locator("table.settings")
+    assert settings.get_by_role("row", name="smtp.mode queue").count() == 1
+    assert settings.get_by_role("row", name="webhooks[0].secret (set, not shown)").count() == 1
+    assert settings.get_by_role("row", name=f"webhooks[0].url {EVIL_HOOK}").count() == 1
+    assert SECRET not in page.content()
+    accessible(page)
+    shot(page, "operations-queue")
+    page.get_by_role("button", name=f"Hold {email_id}").click()
+    page.wait_for_url("**/ui/operations?done=**")
+    assert page.get_by_role("status").inner_text() == f"{email_id}: held"
+    assert page.locator('table[data-state="held"] tbody tr[data-email]').count() == 1
+    accessible(page)
+    page.get_by_role("button", name=f"Release {email_id}").click()
+    page.wait_for_url("**/ui/operations?done=**")
+    assert page.get_by_role("status").inner_text() == f"{email_id}: released"
+
+    page.get_by_role("link", name=email_id).click()
+    page.wait_for_url(f"{base}/ui/messages/{email_id}")
+    queued = page.locator("table.queue-recipients tbody tr")
+    assert queued.filter(has_text="a@example.org").filter(has_text="queued").count() == 1
+    assert queued.filter(has_text="gone@example.org").filter(has_text="bounced").count() == 1
+    delivery = page.locator("table.timeline tr.delivery")
+    assert delivery.count() == 2
+    assert "attempt 1, SMTP 451" in delivery.filter(has_text="delayed").inner_text()
+    assert "SMTP 550 (permanent)" in delivery.filter(has_text="bounced").inner_text()
+    assert page.get_by_role("heading", name=EVIL_SUBJECT).count() == 1
+    accessible(page)
+    shot(page, "message-queue")
+    assert dialogs == []

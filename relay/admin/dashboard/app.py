@@ -32,6 +32,7 @@ from relay.admin.dashboard.auth import (
 )
 from relay.admin.dashboard.base import (
     AUTH,
+    CLOCK,
     CONFIG,
     HEADERS,
     HERE,
@@ -55,7 +56,7 @@ def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] 
                     monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     app = web.Application(middlewares=[_headers, _session], client_max_size=64 * 1024)
     auth = Auth(store, config, clock, monotonic)
-    app[AUTH], app[CONFIG], app[STORE] = auth, config, store
+    app[AUTH], app[CONFIG], app[STORE], app[CLOCK] = auth, config, store, clock
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     app[TEMPLATES].filters.update(pages.FILTERS)
@@ -74,6 +75,8 @@ def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] 
     app.router.add_get("/operations", operations.operations)
     app.router.add_post("/operations/domains/{host}/verify", operations.verify_domain)
     app.router.add_post("/operations/webhooks/replay", operations.replay)
+    app.router.add_post("/operations/queue/retry", operations.retry_queue)
+    app.router.add_post("/operations/queue/{email_id}/{action}", operations.queue_action)
     return app
 
 

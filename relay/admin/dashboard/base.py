@@ -3,6 +3,7 @@ answer, and rendering a template."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ HEADERS = {
 AUTH = web.AppKey("dashboard_auth", Auth)
 CONFIG = web.AppKey("dashboard_config", Config)
 STORE = web.AppKey("dashboard_store", Store)
+# The relay's clock (relay/clock.py: tests drive it): sessions' expiry, the queue's ages
+CLOCK = web.AppKey("dashboard_clock", Callable[[], float])
 TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
 SIGNED = web.RequestKey("dashboard_signed", Signed)  # who signed the request in
 

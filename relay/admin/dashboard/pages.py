@@ -5,7 +5,6 @@ Handlers parse, query on the store's reader thread, and render a template."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -14,7 +13,7 @@ from aiohttp import web
 
 from relay.admin import queue as admin_queue
 from relay.admin.dashboard import clickmap
-from relay.admin.dashboard.base import HEADERS, STORE, render, see_other
+from relay.admin.dashboard.base import CLOCK, HEADERS, STORE, render, see_other
 from relay.admin.messages import message_view
 from relay.stats import queries
 from relay.stats.maths import Counts, InvalidParameter, days_between
@@ -130,7 +129,7 @@ async def message(request: web.Request) -> web.Response:
     body = await message_view(store, email_id)
     if body is None:
         raise web.HTTPNotFound(reason=f"No message {email_id}.")
-    now = time.time()
+    now = request.app[CLOCK]()
     kept, queued = await store.read(lambda conn: (
         html_bodies.kept(conn, email_id), admin_queue.show_body(conn, email_id, now)))
     return render(request, "message.html", m=body, kept=kept, queued=queued,
@@ -191,7 +190,18 @@ def _when(value: str) -> str:
     return value.replace("T", " ").replace("Z", " UTC")
 
 
-FILTERS = {"percent": _percent, "when": _when}
+def _duration(seconds: float) -> str:
+    """A wait or an age for people: ``45 s``, ``12 min``, ``3 h 5 min``, ``2 d 4 h``."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, hours, days = whole // 60 % 60, whole // 3600 % 24, whole // 86400
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+FILTERS = {"percent": _percent, "when": _when, "duration": _duration}
 ROUTES = (
     ("/overview", overview),
     ("/links", links),
