@@ -284,9 +284,9 @@ OPERATIONS = [
     Operation("GET", "/events", list_events, "Open and click events, oldest first, paged",
               "listEvents", _EVENT_PARAMS, responses=ok(EVENTS), tags=("events",)),
     Operation("GET", "/stats", get_stats, "Counts and rates grouped by day, tag, campaign, "
-              "sender domain, device, client or country", "getStats",
+              "sender domain, device, client, OS or country", "getStats",
               [*_WINDOW_PARAMS, *_FILTER_PARAMS, param("group_by", "day (default), tag, campaign, "
-                                       "sender_domain, device, client, country (these three "
+                                       "sender_domain, device, client, os, country (these four "
                                        "count opens and clicks: sent is 0)",
                                        {"type": "string", "enum": list(queries.GROUPS)})],
               responses=ok(STATS), tags=("statistics",)),

@@ -1,14 +1,16 @@
-"""Opens and clicks by device, client and country: daily counters kept on write.
+"""Opens and clicks by device, client, OS and country: daily counters kept on write.
 
 ``stats_daily_agents`` (migration ``0030_event_details`` in relay/store/engine.py): the UTC day the
 message was sent (as every statistic, relay/stats/maths.py) × device × client × country (``''`` when
 unknown, relay/tracking/enrich.py), holding opens, unique_opens, clicks and unique_clicks of counted
-events. A unique open or click is the recipient's first counted one for the message, filed
-under the device, client and country of that first event: "unique opens on mobile" are the
-recipients whose first open was on a phone. The view ``stats_daily_agents_sent`` adds a
-``sent`` of 0 (a send has no device) so the native statistics (relay/stats/queries.py, ``group_by``
-device, client or country) sum the same counters as for their other groupings; rates over
-sends are then null, the click-to-open rate is not.
+events; ``stats_daily_os`` (``0063_stats_os``) the same by day × OS, a table of its own so the
+other one does not grow by a fourth dimension. A unique open or click is the recipient's first
+counted one for the message, filed under the device, client, OS and country of that first
+event: "unique opens on mobile" are the recipients whose first open was on a phone. The views
+``stats_daily_agents_sent`` and ``stats_daily_os_sent`` add a ``sent`` of 0 (a send has no
+device) so the native statistics (relay/stats/queries.py, ``group_by`` device, client, os or
+country) sum the same counters as for their other groupings; rates over sends are then null,
+the click-to-open rate is not.
 
 Writer: :class:`Breakdown`, an events listener (relay/tracking/events.py) in the transaction that
 writes the event. :func:`rebuild` recomputes the table from ``events``, set-based, independent
@@ -31,7 +33,7 @@ from relay.tracking.events import Event
 
 class Breakdown:
     """The events listener: counts each counted event under its message's send day and the
-    event's device, client and country."""
+    event's device, client and country, and under that day and the event's OS."""
 
     def __call__(self, conn: sqlite3.Connection, events: Sequence[Event],
                  sent: Mapping[str, StoredMessage]) -> None:
@@ -39,6 +41,7 @@ class Breakdown:
         whose message is not in the store (purged, or sent through another relay) has nothing
         to be filed under."""
         totals: dict[tuple[str, str, str, str], list[int]] = {}
+        systems: dict[tuple[str, str], list[int]] = {}
         for event in events:
             if not event.counted:
                 continue
@@ -47,11 +50,13 @@ class Breakdown:
                 continue
             first = int(event.first_for_recipient)
             counts = (1, first, 0, 0) if event.type == OPEN else (0, 0, 1, first)
-            key = (day_of(message.created_at), event.device or "", event.client or "",
-                   event.country or "")
-            add_counts(totals, key, counts)
+            day = day_of(message.created_at)
+            add_counts(totals, (day, event.device or "", event.client or "",
+                                event.country or ""), counts)
+            add_counts(systems, (day, event.os or ""), counts)
         if totals:
             counters.add_agents(conn, [(*key, *counts) for key, counts in totals.items()])
+            counters.add_os(conn, [(*key, *counts) for key, counts in systems.items()])
 
 
 def rebuild(conn: sqlite3.Connection) -> None:

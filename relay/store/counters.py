@@ -1,6 +1,6 @@
 """The daily counters: ``stats_daily``, ``stats_daily_tags``, ``stats_daily_links`` (relay/stats/
-rollup.py) and ``stats_daily_agents`` (relay/stats/breakdown.py), added to on write and
-recomputed from the raw tables.
+rollup.py), ``stats_daily_agents`` and ``stats_daily_os`` (relay/stats/breakdown.py), added to on
+write and recomputed from the raw tables.
 
 The recomputations (:func:`rebuild_rollup`, :func:`rebuild_agents`) are the tests' oracle and
 the benchmarks' bulk fill, written set-based, in the dialect both engines share.
@@ -28,6 +28,8 @@ _LINKS = f"""INSERT INTO stats_daily_links VALUES (?, ?, ?, ?)
 _AGENTS = f"""INSERT INTO stats_daily_agents VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day, device, client, country)
     DO UPDATE SET {_add("stats_daily_agents", COUNTERS[1:])}"""
+_OS = f"""INSERT INTO stats_daily_os VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (day, os) DO UPDATE SET {_add("stats_daily_os", COUNTERS[1:])}"""
 
 Row = Sequence[object]
 
@@ -50,6 +52,11 @@ def add_links(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
 def add_agents(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
     """(day, device, client, country, opens, unique_opens, clicks, unique_clicks) each."""
     conn.executemany(_AGENTS, rows)
+
+
+def add_os(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """(day, os, opens, unique_opens, clicks, unique_clicks) each."""
+    conn.executemany(_OS, rows)
 
 
 # ---- recomputing from the raw tables ----
@@ -126,17 +133,23 @@ def rebuild_rollup(conn: sqlite3.Connection, esp_by_domain: Mapping[str, str],
 
 
 # In the dialect both engines share (date() is PostgreSQL's too: relay/store/postgres.py).
-_AGENTS_REBUILD = """INSERT INTO stats_daily_agents
-    SELECT date(m.created_at, 'unixepoch'), coalesce(e.device, ''), coalesce(e.client, ''),
-           coalesce(e.country, ''), count(*) FILTER (WHERE e.type = 'open'),
+_BY_AGENT = """SELECT date(m.created_at, 'unixepoch'), {keys},
+           count(*) FILTER (WHERE e.type = 'open'),
            count(*) FILTER (WHERE e.type = 'open' AND e.first_for_recipient = 1),
            count(*) FILTER (WHERE e.type = 'click'),
            count(*) FILTER (WHERE e.type = 'click' AND e.first_for_recipient = 1)
     FROM events e JOIN messages m ON m.email_id = e.email_id
-    WHERE e.counted = 1 GROUP BY 1, 2, 3, 4"""
+    WHERE e.counted = 1 GROUP BY {groups}"""
+_AGENTS_REBUILD = "INSERT INTO stats_daily_agents " + _BY_AGENT.format(
+    keys="coalesce(e.device, ''), coalesce(e.client, ''), coalesce(e.country, '')",
+    groups="1, 2, 3, 4")
+_OS_REBUILD = "INSERT INTO stats_daily_os " + _BY_AGENT.format(keys="coalesce(e.os, '')",
+                                                               groups="1, 2")
 
 
 def rebuild_agents(conn: sqlite3.Connection) -> None:
-    """Recompute ``stats_daily_agents`` from events and messages."""
-    conn.execute("DELETE FROM stats_daily_agents")
-    conn.execute(_AGENTS_REBUILD)
+    """Recompute ``stats_daily_agents`` and ``stats_daily_os`` from events and messages."""
+    for table, rebuild in (("stats_daily_agents", _AGENTS_REBUILD),
+                           ("stats_daily_os", _OS_REBUILD)):
+        conn.execute(f"DELETE FROM {table}")
+        conn.execute(rebuild)

@@ -541,6 +541,31 @@ MIGRATIONS: dict[str, str] = {
     "0062_queue_lease_ids": """
         ALTER TABLE queue_messages ADD COLUMN lease_id TEXT;
     """,
+    # Opens and clicks by the event's operating system (relay/stats/breakdown.py), as
+    # stats_daily_agents by device, client and country; the events recorded before it counted
+    # from their os column (kept since 0030_event_details).
+    "0063_stats_os": """
+        CREATE TABLE stats_daily_os (
+            day TEXT NOT NULL,
+            os TEXT NOT NULL,
+            opens INTEGER NOT NULL,
+            unique_opens INTEGER NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, os)
+        ) WITHOUT ROWID;
+        CREATE VIEW stats_daily_os_sent AS
+            SELECT day, os, 0 AS sent, opens, unique_opens, clicks, unique_clicks
+            FROM stats_daily_os;
+        INSERT INTO stats_daily_os
+            SELECT date(m.created_at, 'unixepoch'), coalesce(e.os, ''),
+                   count(*) FILTER (WHERE e.type = 'open'),
+                   count(*) FILTER (WHERE e.type = 'open' AND e.first_for_recipient = 1),
+                   count(*) FILTER (WHERE e.type = 'click'),
+                   count(*) FILTER (WHERE e.type = 'click' AND e.first_for_recipient = 1)
+            FROM events e JOIN messages m ON m.email_id = e.email_id
+            WHERE e.counted = 1 GROUP BY 1, 2;
+    """,
 }
 
 

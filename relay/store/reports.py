@@ -52,9 +52,10 @@ GROUPS: Mapping[str, tuple[str, str, str]] = {
     "tag": ("stats_daily_tags", "tag", "sum(sent) DESC, key"),
     "campaign": ("stats_daily", "campaign", "sum(sent) DESC, key"),
     "sender_domain": ("stats_daily", "sender_domain", "sum(sent) DESC, key"),
-    # by the event's device, client, country (relay/stats/breakdown.py): sent is 0 there
+    # by the event's device, client, country, OS (relay/stats/breakdown.py): sent is 0 there
     **{name: ("stats_daily_agents_sent", name, "sum(opens) + sum(clicks) DESC, key")
        for name in ("device", "client", "country")},
+    "os": ("stats_daily_os_sent", "os", "sum(opens) + sum(clicks) DESC, key"),
 }
 
 

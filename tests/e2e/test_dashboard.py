@@ -437,6 +437,8 @@ def test_where_and_how(relay, client):
     page = client.get("/ui/audience").text
     device = page[page.index('data-group="device"'):page.index('data-group="client"')]
     assert re.search(r'<th scope="row">mobile</th><td>1</td><td>1</td>', device), device
+    system = page[page.index('data-group="os"'):page.index('data-group="country"')]
+    assert re.search(r'<th scope="row">iOS 17.5</th><td>1</td><td>1</td>', system), system
 
 
 def test_a_message_page_shows_its_queue_attempts_and_delivery_events(make_relay, upstream,

@@ -220,6 +220,9 @@ def test_the_dashboard_in_chromium(world, browser, loops, dns_server):
     # where and how
     page.goto(f"{base}/ui/audience")
     assert page.locator('table[data-group="device"] tbody tr').count() >= 1
+    systems = page.locator('table[data-group="os"]')
+    assert systems.get_by_role("columnheader", name="OS").count() == 1
+    assert systems.get_by_role("rowheader").count() >= 1
     accessible(page)
     shot(page, "audience")
 

@@ -261,11 +261,12 @@ def test_counters_kept_on_write_equal_a_rebuild(world):
 def test_agent_counters_kept_on_write_equal_a_rebuild(world):
     conn = world.relay.db()
 
-    def snapshot() -> list[tuple]:
-        return sorted(map(tuple, conn.execute("SELECT * FROM stats_daily_agents")))
+    def snapshot() -> list[list[tuple]]:
+        return [sorted(map(tuple, conn.execute(f"SELECT * FROM {table}")))
+                for table in ("stats_daily_agents", "stats_daily_os")]
 
     kept = snapshot()
-    assert kept  # the world's counted opens and click
+    assert all(kept)  # the world's counted opens and click
     if isinstance(conn, sqlite3.Connection):
         conn.isolation_level = None
     breakdown.rebuild(conn)

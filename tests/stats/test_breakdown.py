@@ -30,6 +30,7 @@ from tests.stats.test_stats import SENT_AT, add_message
 
 DAY = day_of(SENT_AT)
 DETAILS = "0030_event_details"
+STATS_OS = "0063_stats_os"
 TODAY = DAY
 IPHONE_MAIL = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
                "(KHTML, like Gecko) Mobile/15E148")
@@ -162,15 +163,42 @@ def test_counters_by_device_client_and_country(filled: sqlite3.Connection) -> No
     ]
 
 
+def os_table(conn: sqlite3.Connection) -> list[tuple]:
+    return sorted(conn.execute("SELECT * FROM stats_daily_os").fetchall())
+
+
+def test_counters_by_os(filled: sqlite3.Connection) -> None:
+    # day, OS: opens, unique opens, clicks, unique clicks, filed as by device (above); the
+    # Gmail image proxy says Windows XP
+    assert os_table(filled) == [
+        ("2026-03-14", "Windows 10", 1, 1, 0, 0),
+        ("2026-03-15", "Windows 10", 2, 1, 2, 2),
+        ("2026-03-15", "Windows XP", 1, 1, 0, 0),
+        ("2026-03-15", "iOS 17.5", 1, 1, 0, 0),
+    ]
+
+
 def test_counters_match_a_rebuild_from_the_events(filled: sqlite3.Connection) -> None:
-    kept = agents_table(filled)
+    kept = agents_table(filled), os_table(filled)
     breakdown.rebuild(filled)
-    assert agents_table(filled) == kept
+    assert (agents_table(filled), os_table(filled)) == kept
+
+
+def test_the_os_migration_counts_the_events_recorded_before_it(
+        filled: sqlite3.Connection) -> None:
+    """A store migrated before ``0063_stats_os``: its events, with their os, counted by it as
+    the listener would have."""
+    kept = os_table(filled)
+    filled.execute("DROP VIEW stats_daily_os_sent")
+    filled.execute("DROP TABLE stats_daily_os")
+    filled.execute("DELETE FROM migrations WHERE name = ?", (STATS_OS,))
+    assert store.migrate(filled) == [STATS_OS]
+    assert os_table(filled) == kept
 
 
 def test_the_migration_counts_earlier_events_under_unknown(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = {name: sql for name, sql in store.MIGRATIONS.items() if name != DETAILS}
+    before = {name: sql for name, sql in store.MIGRATIONS.items() if name < DETAILS}
     monkeypatch.setattr(store, "MIGRATIONS", before)
     conn = store.connect(tmp_path / "old.db")
     store.migrate(conn)
@@ -187,8 +215,9 @@ def test_the_migration_counts_earlier_events_under_unknown(
          "automation", "curl", "library", 0, 0, 0, 0),
     ])
     monkeypatch.undo()
-    assert store.migrate(conn) == [DETAILS]
+    assert store.migrate(conn)[:1] == [DETAILS]
     assert agents_table(conn) == [(DAY, "", "", "", 2, 2, 1, 1)]
+    assert os_table(conn) == [(DAY, "", 2, 2, 1, 1)]
     assert conn.execute("SELECT DISTINCT device, country FROM events").fetchall() == [
         (None, None)]
 
@@ -212,6 +241,11 @@ def test_native_statistics_grouped_by_device_client_and_country(
     assert set(countries) == {"DE", "FR", "JP", "US", None}  # None: the proxy's, unknown
     jp = countries["JP"]
     assert (jp["sent"], jp["open_rate"], jp["click_to_open_rate"]) == (0, None, 1.0)
+    by_os = {row["key"]: (row["sent"], row["opens"], row["unique_opens"], row["clicks"],
+                          row["unique_clicks"]) for row in stats(filled, "os")["rows"]}
+    assert by_os == {"Windows 10": (0, 3, 2, 2, 2), "Windows XP": (0, 1, 1, 0, 0),
+                     "iOS 17.5": (0, 1, 1, 0, 0)}
+    assert [row["key"] for row in stats(filled, "os")["rows"]][0] == "Windows 10"
 
 
 def test_events_api_json_has_the_details(filled: sqlite3.Connection) -> None:
@@ -273,3 +307,4 @@ def test_a_hit_reads_its_message_once_for_every_listener(conn: sqlite3.Connectio
     assert conn.execute("SELECT sum(opens), sum(clicks) FROM stats_daily").fetchone() == (2, 1)
     assert conn.execute("SELECT sum(opens), sum(clicks) FROM stats_daily_agents"
                         ).fetchone() == (2, 1)
+    assert conn.execute("SELECT sum(opens), sum(clicks) FROM stats_daily_os").fetchone() == (2, 1)

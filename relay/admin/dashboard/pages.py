@@ -84,12 +84,12 @@ async def links(request: web.Request) -> web.Response:
     return render(request, "links.html", form=form, error=None, links=rows)
 
 
-AUDIENCE = ("device", "client", "country")
+AUDIENCE = ("device", "client", "os", "country")
 AUDIENCE_ROWS = 20
 
 
 async def audience(request: web.Request) -> web.Response:
-    """Opens and clicks by device, client and country (the API's ``group_by`` of each)."""
+    """Opens and clicks by device, client, OS and country (the API's ``group_by`` of each)."""
     params = _params(request)
     form = {**params, **_window(params)}
     tables = []
