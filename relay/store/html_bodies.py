@@ -54,14 +54,33 @@ def kept(conn: sqlite3.Connection, email_id: str) -> bool:
 # The click map's counts: counted clicks and distinct clickers per URL of one message (its
 # events, by the events_email index). Run by the caller on the store's reader thread.
 LINK_CLICKS = ("SELECT url, count(*), count(DISTINCT recipient) FROM events "
-               "WHERE email_id = ? AND type = 'click' AND counted GROUP BY url")
+               "WHERE email_id = ? AND type = 'click' AND counted = 1 GROUP BY url")
 
 
-# The first message (the oldest email id) of a campaign, or of a tag (its X-AliDM-Trace
-# TagName or one of its tags, as the events API's tag filter), whose HTML is kept: the walk
-# goes up the kept messages' own primary key and stops at the first match (LIMIT 1).
-_FIRST = ("SELECT h.email_id FROM message_html h JOIN messages m ON m.email_id = h.email_id "
-          "WHERE {match} ORDER BY h.email_id LIMIT 1")
-FIRST_OF_CAMPAIGN = _FIRST.format(match="m.campaign = ?")
-FIRST_OF_TAG = _FIRST.format(match="(m.tag_name = ? OR EXISTS "
-                                   "(SELECT 1 FROM json_each(m.tags) WHERE value = ?))")
+# A campaign's or a tag's messages (a tag: the X-AliDM-Trace TagName or one of the message's
+# tags, as the events API's tag filter): the condition on ``messages m`` and how many times it
+# takes the name as a parameter.
+GROUPS = {"campaign": ("m.campaign = ?", 1),
+          "tag": ("(m.tag_name = ? OR EXISTS (SELECT 1 FROM json_each(m.tags) "
+                  "WHERE value = ?))", 2)}
+# The first message (the oldest email id) of the group whose HTML is kept: the walk goes up the
+# kept messages' own primary key and stops at the first match (LIMIT 1).
+FIRST = {group: "SELECT h.email_id FROM message_html h JOIN messages m ON m.email_id = h.email_id "
+                f"WHERE {match} ORDER BY h.email_id LIMIT 1"
+         for group, (match, _) in GROUPS.items()}
+# The group's messages that had the same HTML as a given one (the message_html_digest index):
+# how many, and their counted clicks and distinct clickers (message and recipient) per URL.
+_SHARING = ("FROM message_html h JOIN messages m ON m.email_id = h.email_id {join}"
+            "WHERE h.digest = (SELECT digest FROM message_html WHERE email_id = ?) AND {match}")
+SHARING = {group: "SELECT count(*) " + _SHARING.format(join="", match=match)
+           for group, (match, _) in GROUPS.items()}
+SHARED_CLICKS = {
+    group: "SELECT e.url, count(*), count(DISTINCT e.email_id || ' ' || e.recipient) "
+           + _SHARING.format(join="JOIN events e ON e.email_id = h.email_id ", match=match)
+           + " AND e.type = 'click' AND e.counted = 1 GROUP BY e.url"
+    for group, (match, _) in GROUPS.items()}
+
+
+def group_params(group: str, name: str) -> tuple[str, ...]:
+    """The parameters naming ``name`` in the queries of ``group`` (a key of :data:`GROUPS`)."""
+    return (name,) * GROUPS[group][1]

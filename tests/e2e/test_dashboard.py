@@ -313,29 +313,52 @@ def test_click_map_draws_each_links_clicks_on_it(relay, client):
     assert frame.text.startswith("<html><body><p>Hello</p>")  # the message as written
 
 
-def test_a_campaigns_or_tags_click_map_is_its_first_messages(relay, client):
+def test_a_campaigns_or_tags_click_map_counts_its_messages_with_the_same_html(relay, client):
+    """The HTML of the group's first message kept, with the clicks of each message of the
+    group that had that HTML; not those of its messages with other HTML, nor of the same HTML
+    sent outside the group."""
     untracked = send(relay, ["z@example.org"], headers="X-Anypost-Campaign: c1\r\n",
                      html_body="<p>no link</p>")
     with relay.db() as db:  # sent before its HTML was kept (or with keep_html off)
         db.execute("DELETE FROM message_html WHERE email_id = ?", (untracked,))
-    first = send(relay, ["a@example.org"], headers=f"X-AliDM-Trace: {SPRING}\r\n"
-                 "X-Anypost-Campaign: c1\r\n")
-    send(relay, ["b@example.org"], headers=f"X-AliDM-Trace: {SPRING}\r\n"
-         "X-Anypost-Campaign: c1\r\n")
-    tagged_only = send(relay, ["c@example.org"], headers="X-Anypost-Campaign: c2\r\n"
-                       "X-Anypost-Tags: autumn, spring-extra\r\n")
-    for query, email_id in (({"campaign": "c1"}, first), ({"tag": "spring"}, first),
-                            ({"campaign": "c2"}, tagged_only), ({"tag": "autumn"}, tagged_only)):
-        found = client.get("/ui/clickmap", params=query)
-        assert found.status_code == 303, (query, found.text)
-        assert found.headers["Location"] == f"/ui/messages/{email_id}/clickmap"
-    assert hit(relay, "/c/" + sign_click(relay.services.keyring, first, "a@example.org", SALE),
-               BROWSER) == 302
-    frame = client.get(f"/ui/messages/{first}/frame")
-    assert frame_badges(frame.text) == {SALE: 1, PAY: 0}
+    spring = f"X-AliDM-Trace: {SPRING}\r\nX-Anypost-Campaign: c1\r\n"
+    first = send(relay, ["a@example.org"], headers=spring)
+    second = send(relay, ["b@example.org"], headers=spring)
+    other_html = send(relay, ["c@example.org"], headers=spring,
+                      html_body=body("<p>another version</p>"))
+    outside = send(relay, ["d@example.org"])  # the same HTML, in no campaign
+    tagged_only = send(relay, ["e@example.org"], headers="X-Anypost-Campaign: c2\r\n"
+                       "X-Anypost-Tags: autumn, spring-extra\r\n", html_body=body("<p>2</p>"))
+    keyring = relay.services.keyring
+    for email_id, recipient, url in ((first, "a@example.org", SALE),
+                                     (second, "b@example.org", SALE),
+                                     (other_html, "c@example.org", SALE),
+                                     (outside, "d@example.org", PAY),
+                                     (tagged_only, "e@example.org", PAY)):
+        assert hit(relay, "/c/" + sign_click(keyring, email_id, recipient, url), BROWSER) == 302
+    assert hit(relay, "/c/" + sign_click(keyring, second, "b@example.org", PAY),
+               "curl/8.5.0") == 302  # a machine: not counted
+    for query, email_id, sharing, badges in (
+            ({"campaign": "c1"}, first, 2, {SALE: 2, PAY: 0}),
+            ({"tag": "spring"}, first, 2, {SALE: 2, PAY: 0}),
+            ({"campaign": "c2"}, tagged_only, 1, {SALE: 0, PAY: 1}),
+            ({"tag": "autumn"}, tagged_only, 1, {SALE: 0, PAY: 1})):
+        page = client.get("/ui/clickmap", params=query)
+        assert page.status_code == 200, (query, page.text)
+        assert f'href="/ui/messages/{email_id}"' in page.text
+        counted = re.search(r'<p class="counted">(.*?)</p>', page.text, re.S).group(1)
+        assert f"{sharing} message{'s' if sharing > 1 else ''} of this" in counted, counted
+        frame_src = html.unescape(re.search(r'<iframe class="clickmap" src="([^"]+)"',
+                                            page.text).group(1))
+        frame = client.get(frame_src)
+        assert frame.headers["Content-Security-Policy"].startswith("sandbox;")
+        assert frame_badges(frame.text) == badges, query
     none = client.get("/ui/clickmap", params={"tag": "<b>nope</b>"})
     assert none.status_code == 404 and "&lt;b&gt;nope&lt;/b&gt;" in none.text
+    assert client.get("/ui/clickmap/frame", params={"tag": "nope"}).status_code == 404
     assert client.get("/ui/clickmap").status_code == 400
+    evil = client.get("/ui/clickmap", params={"campaign": EVIL_SUBJECT})
+    assert evil.status_code == 404 and "<script>alert" not in evil.text
     assert "/ui/clickmap" in client.get("/ui/links").text  # the form that asks for it
 
 

@@ -207,6 +207,20 @@ def test_the_dashboard_in_chromium(world, browser, loops, dns_server):
     accessible(page)
     shot(page, "clickmap")
 
+    # a tag's click map, asked for from the links page: its messages with that HTML counted
+    page.goto(f"{base}/ui/links")
+    page.locator("#map_tag").fill("spring")
+    page.get_by_role("button", name="Open its click map").click()
+    page.wait_for_url("**/ui/clickmap?**tag=spring**")
+    assert "1 message of this tag" in page.locator("p.counted").inner_text()
+    frame = page.frame_locator("iframe.clickmap")
+    frame.locator("a").first.wait_for()
+    assert {frame.locator("a").nth(i).get_attribute("href"): frame.locator("a").nth(i).locator(
+        "span[data-clicks]").get_attribute("data-clicks")
+        for i in range(frame.locator("a").count())} == {SALE: "2", PAY: "1"}
+    accessible(page)
+    shot(page, "clickmap-tag")
+
     # markup in a subject is text, and no script of it runs
     page.goto(f"{base}/ui/messages?recipient=e@example.org")
     assert page.get_by_role("link", name=EVIL_SUBJECT).count() == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -136,9 +137,16 @@ async def message(request: web.Request) -> web.Response:
                   statuses=queries.RECIPIENT_STATUSES)
 
 
-async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.LinkClicks]:
-    rows = await request.app[STORE].fetchall(html_bodies.LINK_CLICKS, (email_id,))
+def _link_clicks(rows: list[Any]) -> dict[str, clickmap.LinkClicks]:
     return {url: clickmap.LinkClicks(clicks, unique) for url, clicks, unique in rows}
+
+
+def _ranked(counts: Mapping[str, clickmap.LinkClicks]) -> list[tuple[str, clickmap.LinkClicks]]:
+    return sorted(counts.items(), key=lambda item: (-item[1].clicks, item[0]))
+
+
+async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.LinkClicks]:
+    return _link_clicks(await request.app[STORE].fetchall(html_bodies.LINK_CLICKS, (email_id,)))
 
 
 async def click_map(request: web.Request) -> web.Response:
@@ -147,39 +155,76 @@ async def click_map(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason=f"No HTML kept for {email_id} (dashboard.keep_html off, "
                                       "no HTML part, or sent before it was kept).")
     counts = await _clicks(request, email_id)
-    total = sum(c.clicks for c in counts.values())
-    ranked = sorted(counts.items(), key=lambda item: (-item[1].clicks, item[0]))
-    return render(request, "clickmap.html", email_id=email_id, links=ranked, total=total)
+    return render(request, "clickmap.html", email_id=email_id, links=_ranked(counts),
+                  total=sum(c.clicks for c in counts.values()), group=None,
+                  frame=f"/ui/messages/{email_id}/frame")
 
 
-async def first_click_map(request: web.Request) -> web.Response:
-    """The click map of a campaign's or a tag's first message (the oldest whose HTML is
-    kept): its own clicks drawn on it."""
-    campaign = request.query.get("campaign", "").strip()
-    tag = request.query.get("tag", "").strip()
-    if campaign:
-        what, rows = f"campaign {campaign!r}", await request.app[STORE].fetchall(
-            html_bodies.FIRST_OF_CAMPAIGN, (campaign,))
-    elif tag:
-        what, rows = f"tag {tag!r}", await request.app[STORE].fetchall(
-            html_bodies.FIRST_OF_TAG, (tag, tag))
-    else:
-        raise web.HTTPBadRequest(reason="Name a campaign or a tag.")
-    if not rows:
-        raise web.HTTPNotFound(reason=f"No message of {what} has its HTML kept.")
-    return see_other(f"/ui/messages/{rows[0][0]}/clickmap")
+class _Group:
+    """A campaign's or a tag's click map: the HTML of its first message (the oldest whose
+    HTML is kept), and the counted clicks of every message of the group that had that same
+    HTML (by its digest: a newsletter sent as one message per recipient is counted whole;
+    messages of the group with other HTML, personalised or another version, are not)."""
+
+    def __init__(self, request: web.Request) -> None:
+        campaign = request.query.get("campaign", "").strip()
+        tag = request.query.get("tag", "").strip()
+        if not (campaign or tag):
+            raise web.HTTPBadRequest(reason="Name a campaign or a tag.")
+        self.kind, self.name = ("campaign", campaign) if campaign else ("tag", tag)
+        self.store = request.app[STORE]
+        self.params = html_bodies.group_params(self.kind, self.name)
+
+    async def first(self) -> str:
+        rows = await self.store.fetchall(html_bodies.FIRST[self.kind], self.params)
+        if not rows:
+            raise web.HTTPNotFound(reason=f"No message of {self.kind} {self.name!r} has its "
+                                          "HTML kept.")
+        return str(rows[0][0])
+
+    async def clicks(self, first: str) -> dict[str, clickmap.LinkClicks]:
+        return _link_clicks(await self.store.fetchall(html_bodies.SHARED_CLICKS[self.kind],
+                                                      (first, *self.params)))
+
+    async def sharing(self, first: str) -> int:
+        rows = await self.store.fetchall(html_bodies.SHARING[self.kind], (first, *self.params))
+        return int(rows[0][0])
+
+
+async def group_click_map(request: web.Request) -> web.Response:
+    """A campaign's or a tag's click map (:class:`_Group` says what is counted)."""
+    group = _Group(request)
+    first = await group.first()
+    counts = await group.clicks(first)
+    return render(request, "clickmap.html", email_id=first, links=_ranked(counts),
+                  total=sum(c.clicks for c in counts.values()), group=group,
+                  sharing=await group.sharing(first),
+                  frame="/ui/clickmap/frame?" + urlencode({group.kind: group.name}))
+
+
+def _frame(text: str, counts: Mapping[str, clickmap.LinkClicks]) -> web.Response:
+    headers = {**HEADERS, "Content-Security-Policy": FRAME_CSP,
+               "X-Frame-Options": "SAMEORIGIN"}
+    return web.Response(text=clickmap.draw(text, counts), content_type="text/html",
+                        charset="utf-8", headers=headers)
+
+
+async def _html(request: web.Request, email_id: str) -> str:
+    text = await request.app[STORE].read(lambda conn: html_bodies.html_of(conn, email_id))
+    if text is None:
+        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id}.")
+    return text
 
 
 async def click_map_frame(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
-    text = await request.app[STORE].read(lambda conn: html_bodies.html_of(conn, email_id))
-    if text is None:
-        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id}.")
-    drawn = clickmap.draw(text, await _clicks(request, email_id))
-    headers = {**HEADERS, "Content-Security-Policy": FRAME_CSP,
-               "X-Frame-Options": "SAMEORIGIN"}
-    return web.Response(text=drawn, content_type="text/html", charset="utf-8",
-                        headers=headers)
+    return _frame(await _html(request, email_id), await _clicks(request, email_id))
+
+
+async def group_click_map_frame(request: web.Request) -> web.Response:
+    group = _Group(request)
+    first = await group.first()
+    return _frame(await _html(request, first), await group.clicks(first))
 
 
 def _percent(value: float | None) -> str:
@@ -209,6 +254,7 @@ ROUTES = (
     ("/messages", messages),
     ("/messages/{email_id}", message),
     ("/messages/{email_id}/clickmap", click_map),
-    ("/clickmap", first_click_map),
+    ("/clickmap", group_click_map),
+    ("/clickmap/frame", group_click_map_frame),
     ("/messages/{email_id}/frame", click_map_frame),
 )
