@@ -17,8 +17,6 @@ COLUMNS = ("id", "type", "at", "email_id", "recipient", "url", "ip", "user_agent
            "region", "city")
 
 _INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_ENGAGEMENT = ("SELECT target, counted, last_at FROM engagement "
-               "WHERE email_id = ? AND recipient = ?")
 _ENGAGE = """INSERT INTO engagement VALUES (?, ?, ?, 1, ?, ?)
     ON CONFLICT (email_id, recipient, target) DO UPDATE SET hits = engagement.hits + 1,
     counted = engagement.counted + excluded.counted, last_at = excluded.last_at"""
@@ -29,10 +27,28 @@ def insert(conn: sqlite3.Connection, events: Sequence[Sequence[Any]]) -> None:
     conn.executemany(_INSERT, events)
 
 
-def engagement(conn: sqlite3.Connection, email_id: str, recipient: str
-               ) -> list[tuple[str, int, float]]:
-    """(target, counted, last_at) of the recipient's engagement rows."""
-    return conn.execute(_ENGAGEMENT, (email_id, recipient)).fetchall()
+# Keys per statement of :func:`engagements` (two parameters each, well under both engines'
+# limits on parameters).
+ENGAGEMENT_KEYS = 500
+
+
+def engagements(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]
+                ) -> dict[tuple[str, str], list[tuple[str, int, float]]]:
+    """(target, counted, last_at) of the engagement rows of each recipient, ``(email_id,
+    recipient)`` each, in one statement per :data:`ENGAGEMENT_KEYS` (on PostgreSQL a statement
+    is a round trip to the server); recipients without rows are left out."""
+    found: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
+    for start in range(0, len(keys), ENGAGEMENT_KEYS):
+        chunk = keys[start:start + ENGAGEMENT_KEYS]
+        sql = " UNION ALL ".join([_ENGAGEMENTS] * len(chunk))
+        params = [value for key in chunk for value in key]
+        for email_id, recipient, target, counted, last_at in conn.execute(sql, params):
+            found.setdefault((email_id, recipient), []).append((target, counted, last_at))
+    return found
+
+
+_ENGAGEMENTS = ("SELECT email_id, recipient, target, counted, last_at FROM engagement "
+                "WHERE email_id = ? AND recipient = ?")
 
 
 def engage(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str, bool, float]]

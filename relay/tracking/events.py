@@ -41,13 +41,14 @@ Per-message event listings use ``events (email_id)``. Retention and erasure must
 both tables.
 
 The engagement cache: :class:`Recorder` keeps the rows of recently seen recipients in a
-bounded LRU (loaded by primary key on a miss) and writes a row only when it changes something
-a later decision needs: a new target, the first counted event of a target, or (so retention's
-``last_at`` stays close to the truth) a row last written more than
-:data:`ENGAGEMENT_REFRESH_SECONDS` before. A hammered link therefore writes no engagement page.
-Counted-first flags stay exact across processes: a counted hit that the cache says could be a
-first re-reads the recipient's rows inside the write transaction (which holds the database's
-write lock) before deciding. The time of each target's last hit, for the "another link
+bounded LRU and writes a row only when it changes something a later decision needs: a new
+target, the first counted event of a target, or (so retention's ``last_at`` stays close to the
+truth) a row last written more than :data:`ENGAGEMENT_REFRESH_SECONDS` before. A hammered link
+therefore writes no engagement page. Counted-first flags stay exact across processes: each
+write reads the rows of all its recipients inside the write transaction (SQLite's write lock,
+PostgreSQL's SERIALIZABLE), in one statement rather than one per hit (on PostgreSQL every
+statement is a round trip to the server), and merges them into the cache before deciding. The
+time of each target's last hit, for the "another link
 clicked within one second" signal, is kept in memory only: with several worker processes that
 signal sees the hits of its own process. A write that fails (or a batch whose COMMIT fails)
 drops the recipients it touched (all of them, for a failed COMMIT) from the cache, so they are
@@ -259,21 +260,17 @@ class Recorder:
 
     def write(self, conn: sqlite3.Connection, hits: Sequence[Hit]) -> list[list[Event]]:
         """Classify the hits in order and insert their events; one list of events per hit."""
-        fresh: set[tuple[str, str]] = set()  # read from the store in this transaction
-        local: dict[tuple[str, str], _State] = {}  # this batch's, even if the LRU drops them
         changes: list[tuple[str, str, str, bool, float]] = []
         sent: dict[str, StoredMessage] = {}  # the hits' messages, read once per hit
         results = []
         try:
+            local = self._states_of(conn, hits)  # this batch's, even if the LRU drops them
             for hit in hits:
-                key = (hit.email_id, hit.recipient)
-                state = local.get(key)
-                if state is None:
-                    state = local[key] = self._state(conn, key, fresh)
                 message = self.messages.get(conn, hit.email_id)
                 if message is not None:
                     sent[hit.email_id] = message
-                results.append(self._events(hit, message, state, conn, fresh, changes))
+                results.append(self._events(hit, message, local[(hit.email_id, hit.recipient)],
+                                            changes))
             events = [event for group in results for event in group]
             events_table.insert(conn, events)
             events_table.engage(conn, changes)
@@ -285,17 +282,25 @@ class Recorder:
             raise
         return results
 
-    def _state(self, conn: sqlite3.Connection, key: tuple[str, str],
-               fresh: set[tuple[str, str]]) -> _State:
-        state = self._states.get(key)
-        if state is not None:
-            self._states.move_to_end(key)
-            return state
-        state = self._states[key] = _merge({}, events_table.engagement(conn, *key))
-        fresh.add(key)
-        if len(self._states) > self.cache_size:
+    def _states_of(self, conn: sqlite3.Connection, hits: Sequence[Hit]
+                   ) -> dict[tuple[str, str], _State]:
+        """The engagement of each recipient of ``hits``, read from the store in this
+        transaction (another process may have stored a first open or click since this one
+        last read it) in one statement, not one per hit: on PostgreSQL each is a round trip.
+        Merged into the cached state, which keeps this process's own last hit times."""
+        keys = list(dict.fromkeys((hit.email_id, hit.recipient) for hit in hits))
+        stored = events_table.engagements(conn, keys)
+        local = {}
+        for key in keys:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = {}
+            else:
+                self._states.move_to_end(key)
+            local[key] = _merge(state, stored.get(key, ()))
+        while len(self._states) > self.cache_size:
             self._states.popitem(last=False)
-        return state
+        return local
 
     def _batch_done(self, hits: list[Hit], batch: asyncio.Future[list[list[Event]]]) -> None:
         """A batch that failed before it was written (the write lock never came) must not keep
@@ -305,7 +310,6 @@ class Recorder:
             self._states.clear()
 
     def _events(self, hit: Hit, message: StoredMessage | None, state: _State,
-                conn: sqlite3.Connection, fresh: set[tuple[str, str]],
                 changes: list[tuple[str, str, str, bool, float]]) -> list[Event]:
         opened, clicked, clicked_link, recently = _seen(state, hit)
         verdict = self.classifier.classify(Signals(
@@ -313,13 +317,6 @@ class Recorder:
             None if message is None else hit.at - message.created_at, recently, hit.at))
         details = self.enricher.describe(hit.user_agent, hit.ip, verdict.classification)
         counted = verdict.counted
-        key = (hit.email_id, hit.recipient)
-        if (counted and key not in fresh
-                and not (opened and (hit.type == OPEN or (clicked and clicked_link)))):
-            # Could be a first: another process may have stored one since the cache was read.
-            _merge(state, events_table.engagement(conn, *key))
-            fresh.add(key)
-            opened, clicked, clicked_link, _ = _seen(state, hit)
         if hit.type == CLICK:
             events = []
             if counted and not opened:

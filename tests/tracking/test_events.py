@@ -243,6 +243,24 @@ async def test_firsts_stay_exact_with_two_processes(store: Store) -> None:
     assert [flags(e) for e in again] == [(CLICK, True, False, False, False)]
 
 
+async def test_a_batch_reads_its_recipients_in_one_statement(store: Store) -> None:
+    """On PostgreSQL each statement is a round trip: a batch of hits for many recipients,
+    cached or not, reads their engagement once."""
+    email_id = add_message(store)
+    rec = recorder(store)
+    people = [f"r{n}@example.net" for n in range(30)]
+    await asyncio.gather(*(rec.record(hit(email_id, OPEN, SENT + 3600, recipient=r))
+                           for r in people[:10]))  # ten of them cached, with their opens
+    reads: list[str] = []
+    store.writer.set_trace_callback(
+        lambda sql: reads.append(sql) if "FROM engagement" in sql else None)
+    results = await asyncio.gather(*(rec.record(hit(email_id, CLICK, SENT + 3700, A, recipient=r))
+                                     for r in people))
+    store.writer.set_trace_callback(None)
+    assert len(reads) == 1
+    assert [len(events) for events in results] == [1] * 10 + [2] * 20  # 20 opens implied
+
+
 async def test_a_failed_write_forgets_what_it_cached(store: Store) -> None:
     fail = [True]
 
