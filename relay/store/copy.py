@@ -77,13 +77,19 @@ def _copy_all(source: Any, target: Any, copied: dict[str, int]) -> None:
 
 
 def _copy_table(source: Any, target: Any, table: str) -> int:
+    """The rows of ``table``: in chunks of INSERTs, or with PostgreSQL's COPY into a
+    PostgreSQL target (``copy_rows``)."""
     cursor = source.execute(f"SELECT * FROM {table}")
     columns = [column[0] for column in cursor.description]
     insert = (f"INSERT INTO {table} ({', '.join(columns)}) "
               f"VALUES ({', '.join('?' * len(columns))})")
+    copy_rows = getattr(target, "copy_rows", None)
     total = 0
     for rows in _chunks(cursor):
-        target.executemany(insert, rows)
+        if copy_rows is not None:
+            copy_rows(table, columns, rows)
+        else:
+            target.executemany(insert, rows)
         total += len(rows)
     return total
 

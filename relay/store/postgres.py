@@ -217,6 +217,18 @@ class PgConnection:
             raise _error(exc) from exc
         return cursor
 
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+                  ) -> None:
+        """Insert ``rows`` with ``COPY ... FROM STDIN`` (``relay store copy``: many times
+        faster than INSERTs for millions of rows)."""
+        cursor = self.raw.cursor()
+        try:
+            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(_params(row))
+        except psycopg.Error as exc:
+            raise _error(exc) from exc
+
     def create_function(self, name: str, *args: Any, **kwargs: Any) -> None:
         """sqlite3's user functions: those in SERVER_SETUP exist on the server already."""
         if name not in SERVER_FUNCTIONS:
