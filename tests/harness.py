@@ -204,6 +204,17 @@ class Relay:
         conn.row_factory = sqlite3.Row
         return conn
 
+    def dump(self) -> str:
+        """Everything the store holds, as text: SQLite's dump, or each PostgreSQL table's rows."""
+        with self.db() as db:
+            if isinstance(db, sqlite3.Connection):
+                return "\n".join(db.iterdump())
+            tables = [name for (name,) in db.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() ORDER BY 1")]
+            return "\n".join(f"{table}: {row!r}" for table in tables
+                             for row in db.execute(f"SELECT * FROM {table}"))
+
     def close(self) -> None:
         self.loops.run(self._context.__aexit__(None, None, None))
 

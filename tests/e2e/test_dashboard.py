@@ -62,7 +62,7 @@ def send(relay: Relay, recipients: list[str], subject: str = "News", headers: st
 def add_user(relay: Relay, tmp_path: Path, name: str = "alice",
              password: str = PASSWORD) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "cli.toml"
-    config.write_text(f'[store]\nurl = "sqlite:///{relay.config.store.path}"\n')
+    config.write_text(f'[store]\nurl = "{relay.config.store.url}"\n')
     return subprocess.run([sys.executable, "-m", "relay", "users", "add", name, "--config",
                            str(config)], input=password + "\n", capture_output=True,
                           text=True, timeout=60)
@@ -141,8 +141,7 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(relay):
 
 def test_the_store_holds_no_session_token_nor_password(relay, client):
     token = client.http.cookies["relay_session"]
-    with relay.db() as db:
-        dump = "\n".join(db.iterdump())
+    dump = relay.dump()
     assert token not in dump and PASSWORD not in dump
     assert "scrypt$" in dump
 
@@ -202,7 +201,7 @@ def metrics(page: str) -> dict[str, str]:
 
 
 def api_stats(relay: Relay, **params: str) -> dict[str, Any]:
-    key = apikeys.create(store.connect(relay.config.store.path), f"k{time.time_ns()}")
+    key = apikeys.create(store.connect_url(relay.config.store), f"k{time.time_ns()}")
     answer = requests.get(f"{relay.http_url}/api/v1/stats", params=params, timeout=10,
                           headers={"Authorization": f"Bearer {key}"})
     assert answer.status_code == 200, answer.text
@@ -367,7 +366,7 @@ def test_html_is_kept_once_and_purged_with_its_messages(relay, client):
     with relay.db() as db:
         assert db.execute("SELECT count(*) FROM html_bodies").fetchone()[0] == 1
         assert db.execute("SELECT count(*) FROM message_html").fetchone()[0] == 2
-    conn = store.connect(relay.config.store.path)
+    conn = store.connect_url(relay.config.store)
     retention.erase_recipient(conn, "one@example.org")
     assert client.get(f"/ui/messages/{first}/frame").status_code == 404
     assert client.get(f"/ui/messages/{second}/frame").status_code == 200

@@ -1,23 +1,22 @@
-"""The ACME tables (relay/store/certificates.py) on a real SQLite file, two connections as two
-nodes: one lease holder at a time, certificates and challenge answers kept."""
+"""The ACME tables (relay/store/certificates.py) on the run's engine (a SQLite file, or
+PostgreSQL), two connections as two nodes: one lease holder at a time, certificates and
+challenge answers kept."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from relay.certs.plan import VALID, Certificate
+from relay.config import StoreSettings
 from relay.store import certificates
-from relay.store.engine import connect, migrate
+from relay.store.engine import connect_url
 
 
-def nodes(tmp_path: Path):
-    first = connect(tmp_path / "relay.db")
-    migrate(first)
-    return first, connect(tmp_path / "relay.db")
+def nodes(settings: StoreSettings):
+    return connect_url(settings), connect_url(settings)
 
 
-def test_one_node_holds_the_lease_until_it_drops_it_or_it_runs_out(tmp_path: Path) -> None:
-    a, b = nodes(tmp_path)
+def test_one_node_holds_the_lease_until_it_drops_it_or_it_runs_out(
+        store_settings: StoreSettings) -> None:
+    a, b = nodes(store_settings)
     assert certificates.take_lease(a, "acme", "a", 100.0, 60)
     assert not certificates.take_lease(b, "acme", "b", 101.0, 60)
     assert certificates.take_lease(a, "acme", "a", 150.0, 60)  # extended: to 210
@@ -30,8 +29,8 @@ def test_one_node_holds_the_lease_until_it_drops_it_or_it_runs_out(tmp_path: Pat
     assert certificates.take_lease(a, "acme", "a", 213.0, 60)
 
 
-def test_certificates_and_answers_are_shared(tmp_path: Path) -> None:
-    a, b = nodes(tmp_path)
+def test_certificates_and_answers_are_shared(store_settings: StoreSettings) -> None:
+    a, b = nodes(store_settings)
     cert = Certificate("t.example", VALID, "chain", "key", 5.0, updated_at=1.0)
     certificates.put(a, cert)
     certificates.put(a, Certificate("u.example"))
