@@ -8,7 +8,6 @@ import pytest
 
 from relay import cli
 from relay.stats.maths import day_of
-from relay.store import engine as store
 from relay.tracking.bots import CLICK, OPEN
 from tests.stats.test_stats import SENT_AT, add_message, hit, record
 
@@ -16,16 +15,15 @@ DAY = day_of(SENT_AT)
 
 
 @pytest.fixture
-def config(tmp_path):
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
+def config(tmp_path, store_settings, store_conn):
+    conn = store_conn
     add_message(conn, "email_a", "news@shop.example", ["x@gmail.com", "y@hotmail.com"],
                 tag_name="spring", campaign="c1")
     record(conn, [hit(OPEN, "email_a", "x@gmail.com", SENT_AT + 60),
                   hit(CLICK, "email_a", "y@hotmail.com", SENT_AT + 90, url="https://a.example/"),
                   hit(OPEN, "email_a", "x@gmail.com", SENT_AT + 95, agent="curl/8.5.0")])
     path = tmp_path / "relay.toml"
-    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "relay.db"}"\n')
+    path.write_text(f'[store]\nurl = "{store_settings.url}"\n')
     return str(path)
 
 

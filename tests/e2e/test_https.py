@@ -28,7 +28,7 @@ from relay import config as config_module
 from relay.certs.plan import DAY
 from tests.acmeserver import PEBBLE, Pebble
 from tests.dnsserver import DnsServer
-from tests.harness import LoopThread, Relay, UpstreamServer, free_port, wait_until
+from tests.harness import LoopThread, Relay, UpstreamServer, free_port, store_url, wait_until
 
 pytestmark = pytest.mark.skipif(PEBBLE is None, reason="pebble is not installed (apt-get install "
                                                        "pebble)")
@@ -79,7 +79,7 @@ def write_config(tmp_path: Path, ports: tuple[int, int], pebble: Pebble, dns: Dn
         "acme": {"directory": pebble.directory, "email": "ops@relay.test",
                  "ca_bundle": str(pebble.ca_file)},
         "dns": {"nameservers": [dns.address], "recheck_interval": 0},
-        "store": {"url": f"sqlite:///{tmp_path / 'relay.db'}"},
+        "store": {"url": store_url(tmp_path)},
         "tracking": {"keys": {"k1": "k" * 32}, "current_key": "k1", "opens": True,
                      "clicks": True, "scanner_window_seconds": 0},
         "upstream": ({"host": "127.0.0.1", "port": upstream.port, "tls": "none"}
