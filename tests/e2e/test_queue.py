@@ -15,6 +15,8 @@ import re
 import signal
 import smtplib
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -558,3 +560,83 @@ def test_an_attempt_longer_than_a_lease_keeps_it(make_relay, upstream):
     first.loops.loop.call_soon_threadsafe(gate.set)
     wait_until(lambda: queued(first) == 0, what="the queue emptied")
     assert upstream.handler.held == 1 and len(upstream.received) == 1
+
+
+RELAYS_SHARING_A_STORE = """
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "{name}"
+mode = "queue"
+[queue]
+retry_seconds = [0.2]
+[upstream]
+host = "127.0.0.1"
+port = {upstream}
+tls = "none"
+[http]
+listen = "127.0.0.1:{http}"
+[store]
+url = "{url}"
+"""
+
+
+def by(data: bytes) -> str:
+    """The relay that sent a copy, by its Received line."""
+    return re.search(rb"by ([a-z.]+)", data).group(1).decode()
+
+
+def test_two_relay_processes_sharing_a_store_deliver_each_copy_once(tmp_path, loops, upstream):
+    """Issue 16: two relay processes (``relay serve`` and ``relay smtp``) on one store, both
+    accepting mail and both delivering the queue: every message either accepted reaches each
+    recipient once. The upstream holds the first copies until both processes are sending."""
+    url = store_url(tmp_path)
+    engine.connect_url(config_module.store_settings(url, "t", "store.url", tmp_path)).close()
+    gate = hold_upstream(loops, upstream)
+    names = ("a.relay.test", "b.relay.test")
+    ports = [free_port(), free_port()]
+    processes = []
+    for command, name, port in zip(("serve", "smtp"), names, ports, strict=True):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(RELAYS_SHARING_A_STORE.format(
+            port=port, name=name, upstream=upstream.port, http=free_port(), url=url))
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "relay", command, "--config", str(config)],
+                stdout=subprocess.DEVNULL, stderr=log))
+    recipients = ["a@example.org", "b@example.org", "c@example.org"]
+    counter = itertools.count()
+
+    def client(port: int) -> list[int]:
+        accepted = []
+        for _ in range(15):
+            n = next(counter)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.sendmail("shop@shop.example", recipients, message(n))
+            accepted.append(n)
+        return accepted
+
+    try:
+        for port, process in zip(ports, processes, strict=True):
+            wait_for_port(port, process, timeout=60)
+        with ThreadPoolExecutor(4) as pool:
+            sessions = [pool.submit(client, port) for port in ports * 2]
+            wait_until(lambda: {by(data) for data in upstream.handler.holding} == set(names),
+                       timeout=60, what="both relays sending")
+            loops.loop.call_soon_threadsafe(gate.set)
+            accepted = [n for session in sessions for n in session.result(60)]
+        assert len(accepted) == 60
+        wait_until(lambda: set(accepted) <= delivered(upstream), timeout=60,
+                   what="every accepted message delivered")
+        with contextlib.closing(connect_store(tmp_path / f"{names[0]}.toml")) as db:
+            wait_until(lambda: db.execute("SELECT count(*) FROM queue_messages").fetchone()[0]
+                       == 0, timeout=60, what="the queue emptied")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+    copies = collections.Counter((order(r.data), rcpt) for r in upstream.received
+                                 for rcpt in r.rcpt_tos)
+    assert set(copies) == {(n, r) for n in accepted for r in recipients}
+    assert max(copies.values()) == 1, "a recipient got a message twice"
+    assert {by(r.data) for r in upstream.received} == set(names)
