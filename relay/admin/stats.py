@@ -225,8 +225,10 @@ STATS = obj({"group_by": {"type": "string", "enum": list(queries.GROUPS)},
              "tag": STRING,
              "rows": {"type": "array", "items": obj({"key": NULLABLE_STRING, **_COUNTS})}},
             ["group_by", "since", "until", "rows"])
-LINKS = obj({"since": DAY, "until": DAY, "links": {"type": "array", "items": obj(
-    {"url": STRING, "clicks": INTEGER, "unique_clicks": INTEGER})}})
+LINKS = obj({"since": DAY, "until": DAY, "sender_domain": STRING, "campaign": STRING,
+             "tag": STRING, "links": {"type": "array", "items": obj(
+                 {"url": STRING, "clicks": INTEGER, "unique_clicks": INTEGER})}},
+            ["since", "until", "links"])
 _WINDOW_PARAMS = [
     param("since", "First day of the window, UTC (default: 29 days before until)", DAY),
     param("until", "Last day of the window, UTC (default: today)", DAY),
@@ -235,9 +237,11 @@ _WINDOW_PARAMS = [
 ]
 _FILTER_PARAMS = [
     param("sender_domain", "Messages from this sender domain only (by day, campaign or "
-                           "sender_domain)"),
-    param("campaign", "Messages of this campaign only (by day, campaign or sender_domain)"),
-    param("tag", "Messages carrying this tag only (by day or tag; with no other filter)"),
+                           "sender_domain; clicks per link)"),
+    param("campaign", "Messages of this campaign only (by day, campaign or sender_domain; "
+                      "clicks per link)"),
+    param("tag", "Messages carrying this tag only (by day or tag; clicks per link; with no "
+                 "other filter)"),
 ]
 
 _EVENT_FIELDS = {
@@ -291,5 +295,5 @@ OPERATIONS = [
                                        {"type": "string", "enum": list(queries.GROUPS)})],
               responses=ok(STATS), tags=("statistics",)),
     Operation("GET", "/stats/links", get_link_stats, "Clicks per link URL", "getLinkStats",
-              _WINDOW_PARAMS, responses=ok(LINKS), tags=("statistics",)),
+              [*_WINDOW_PARAMS, *_FILTER_PARAMS], responses=ok(LINKS), tags=("statistics",)),
 ]

@@ -121,24 +121,22 @@ def parse_stats(params: Mapping[str, str], today: date, *, grouped: bool = True)
 
 
 def _filters(params: Mapping[str, str], group_by: str | None) -> tuple[tuple[str, str], ...]:
-    """``sender_domain``, ``campaign`` (by day, campaign or sender domain) or ``tag`` (by day
-    or tag, alone): the daily counters hold no other combination (and clicks per link,
-    ``group_by`` None, none)."""
+    """``sender_domain``, ``campaign`` (by day, campaign or sender domain, and clicks per link,
+    ``group_by`` None) or ``tag`` (by day or tag, and clicks per link, alone): the daily
+    counters hold no other combination."""
     filters = tuple((name, params[name].strip().lower() if name == "sender_domain"
                      else params[name].strip())
                     for name in (*FILTERS, TAG_FILTER) if params.get(name, "").strip())
     if not filters:
         return filters
     first = filters[0][0]
-    if group_by is None:
-        raise InvalidParameter(first, "clicks per link are counted for all messages only")
     if any(name == TAG_FILTER for name, _ in filters):
         if len(filters) > 1:
             raise InvalidParameter(TAG_FILTER, "goes with no other filter (sender_domain, "
                                                "campaign)")
-        if group_by not in ("day", "tag"):
+        if group_by not in ("day", "tag", None):
             raise InvalidParameter(TAG_FILTER, "filters statistics by day or by tag only")
-    elif GROUPS[group_by][0] != "stats_daily":
+    elif group_by is not None and GROUPS[group_by][0] != "stats_daily":
         raise InvalidParameter(first, f"does not filter statistics by {group_by}")
     return filters
 
@@ -154,8 +152,9 @@ def stats_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
 
 
 def links_body(q: StatsQuery, rows: Sequence[Row]) -> dict[str, Any]:
-    return {**q.window(), "links": [{"url": url, "clicks": clicks, "unique_clicks": unique}
-                                    for url, clicks, unique in rows]}
+    return {**q.window(), **dict(q.filters),
+            "links": [{"url": url, "clicks": clicks, "unique_clicks": unique}
+                      for url, clicks, unique in rows]}
 
 
 # ---- events ----

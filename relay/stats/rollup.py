@@ -1,6 +1,6 @@
 """Daily counters kept up to date on write, so statistics never scan events.
 
-Three tables (migration ``0004_stats_rollup`` in relay/store/engine.py), all keyed by the UTC day
+Five tables (migrations in relay/store/engine.py), all keyed by the UTC day
 the message was sent (relay/stats/maths.py explains why) and holding the counts of
 relay/stats/maths.py:
 
@@ -13,6 +13,9 @@ relay/stats/maths.py:
                        under both, so this table is never summed across tags.
 ``stats_daily_links``  day × url: clicks and unique clicks (recipients' first counted click of
                        that link).
+``stats_daily_links_by``  day × sender_domain × campaign × url, and ``stats_daily_tag_links``
+                       day × tag × url (``0064_link_counters``): the same, so clicks per link
+                       take the filters of the other statistics.
 
 Writers: :class:`Rollup`, both a message listener of the SMTP path (relay/smtp/pipeline.py: counts
 the accepted copies when the message is recorded) and an events listener (relay/tracking/events.py:
@@ -88,6 +91,8 @@ class Rollup:
         daily: dict[tuple[str, ...], list[int]] = {}
         tags: dict[tuple[str, str], list[int]] = {}
         links: dict[tuple[str, str | None], list[int]] = {}
+        links_by: dict[tuple[str, str, str, str | None], list[int]] = {}
+        tag_links: dict[tuple[str, str, str | None], list[int]] = {}
         dims_by_id: dict[str, Dims] = {}
         for event in events:
             if not event.counted:
@@ -103,7 +108,12 @@ class Rollup:
                 counts = (0, 1, first, 0, 0)
             elif event.type == CLICK:
                 counts = (0, 0, 0, 1, first)
-                add_counts(links, (dims.day, event.url), (1, int(event.first_for_link)))
+                link = (1, int(event.first_for_link))
+                add_counts(links, (dims.day, event.url), link)
+                add_counts(links_by, (dims.day, dims.sender_domain, dims.campaign, event.url),
+                           link)
+                for tag in dims.tags:
+                    add_counts(tag_links, (dims.day, tag, event.url), link)
             else:
                 continue
             add_counts(daily, (dims.day, dims.sender, dims.tag_name, esp_of(event.recipient),
@@ -114,6 +124,8 @@ class Rollup:
             counters.add_daily(conn, [(*key, *counts) for key, counts in daily.items()])
             counters.add_tags(conn, [(*key, *counts) for key, counts in tags.items()])
             counters.add_links(conn, [(*key, *counts) for key, counts in links.items()])
+            counters.add_links_by(conn, [(*key, *counts) for key, counts in links_by.items()])
+            counters.add_tag_links(conn, [(*key, *counts) for key, counts in tag_links.items()])
 
     def on_message(self, conn: sqlite3.Connection, record: MessageRecord, outcome: Outcome
                    ) -> None:
@@ -122,7 +134,7 @@ class Rollup:
 
 
 def rebuild(conn: sqlite3.Connection) -> None:
-    """Recompute the three tables from messages, recipients and events, in one transaction.
+    """Recompute the tables from messages, recipients and events, in one transaction.
 
     The caller must keep other writers out (the relay stopped, or the benchmark's fill)."""
     conn.create_function("relay_domain", 1, domain_of, deterministic=True)

@@ -1,6 +1,7 @@
-"""The daily counters: ``stats_daily``, ``stats_daily_tags``, ``stats_daily_links`` (relay/stats/
-rollup.py), ``stats_daily_agents`` and ``stats_daily_os`` (relay/stats/breakdown.py), added to on
-write and recomputed from the raw tables.
+"""The daily counters: ``stats_daily``, ``stats_daily_tags``, ``stats_daily_links``,
+``stats_daily_links_by``, ``stats_daily_tag_links`` (relay/stats/rollup.py),
+``stats_daily_agents`` and ``stats_daily_os`` (relay/stats/breakdown.py), added to on write and
+recomputed from the raw tables.
 
 The recomputations (:func:`rebuild_rollup`, :func:`rebuild_agents`) are the tests' oracle and
 the benchmarks' bulk fill, written set-based, in the dialect both engines share.
@@ -25,6 +26,11 @@ _TAGS = f"""INSERT INTO stats_daily_tags VALUES (?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day, tag) DO UPDATE SET {_add("stats_daily_tags", COUNTERS)}"""
 _LINKS = f"""INSERT INTO stats_daily_links VALUES (?, ?, ?, ?)
     ON CONFLICT (day, url) DO UPDATE SET {_add("stats_daily_links", COUNTERS[3:])}"""
+_LINKS_BY = f"""INSERT INTO stats_daily_links_by VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (day, sender_domain, campaign, url)
+    DO UPDATE SET {_add("stats_daily_links_by", COUNTERS[3:])}"""
+_TAG_LINKS = f"""INSERT INTO stats_daily_tag_links VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (day, tag, url) DO UPDATE SET {_add("stats_daily_tag_links", COUNTERS[3:])}"""
 _AGENTS = f"""INSERT INTO stats_daily_agents VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day, device, client, country)
     DO UPDATE SET {_add("stats_daily_agents", COUNTERS[1:])}"""
@@ -49,6 +55,16 @@ def add_links(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
     conn.executemany(_LINKS, rows)
 
 
+def add_links_by(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """(day, sender_domain, campaign, url, clicks, unique_clicks) each."""
+    conn.executemany(_LINKS_BY, rows)
+
+
+def add_tag_links(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """(day, tag, url, clicks, unique_clicks) each."""
+    conn.executemany(_TAG_LINKS, rows)
+
+
 def add_agents(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
     """(day, device, client, country, opens, unique_opens, clicks, unique_clicks) each."""
     conn.executemany(_AGENTS, rows)
@@ -61,7 +77,8 @@ def add_os(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
 
 # ---- recomputing from the raw tables ----
 
-_ROLLUP_TABLES = ("stats_daily", "stats_daily_tags", "stats_daily_links")
+_ROLLUP_TABLES = ("stats_daily", "stats_daily_tags", "stats_daily_links",
+                  "stats_daily_links_by", "stats_daily_tag_links")
 _SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
 _DAY = "date(m.created_at, 'unixepoch')"
 # Set-based on purpose: an implementation independent of the listener's, so each checks the
@@ -113,6 +130,22 @@ _ROLLUP = (
     SELECT {_DAY}, e.url, count(*), sum(e.first_for_link)
     FROM events e JOIN messages m ON m.email_id = e.email_id
     WHERE e.counted = 1 AND e.type = 'click' GROUP BY 1, 2""",
+    f"""INSERT INTO stats_daily_links_by
+    SELECT {_DAY}, relay_lower(m.sender_domain), coalesce(m.campaign, ''), e.url, count(*),
+           sum(e.first_for_link)
+    FROM events e JOIN messages m ON m.email_id = e.email_id
+    WHERE e.counted = 1 AND e.type = 'click' GROUP BY 1, 2, 3, 4""",
+    f"""INSERT INTO stats_daily_tag_links
+    SELECT day, tag, url, count(*), sum(first_for_link) FROM (
+        SELECT e.id, {_DAY} AS day, t.value AS tag, e.url, e.first_for_link
+        FROM events e JOIN messages m ON m.email_id = e.email_id, json_each(m.tags) t
+        WHERE e.counted = 1 AND e.type = 'click'
+        UNION
+        SELECT e.id, {_DAY}, m.tag_name, e.url, e.first_for_link
+        FROM events e JOIN messages m ON m.email_id = e.email_id
+        WHERE e.counted = 1 AND e.type = 'click') u
+    WHERE tag IS NOT NULL
+    GROUP BY day, tag, url""",
     "DROP TABLE temp.rollup_pm",
     "DROP TABLE temp.rollup_esp",
 )
@@ -120,7 +153,7 @@ _ROLLUP = (
 
 def rebuild_rollup(conn: sqlite3.Connection, esp_by_domain: Mapping[str, str],
                    others: str) -> None:
-    """Recompute the three tables of relay/stats/rollup.py from messages, recipients and
+    """Recompute the tables of relay/stats/rollup.py from messages, recipients and
     events: each recipient's provider is ``esp_by_domain`` of its domain, else ``others``
     (``relay_domain`` and ``relay_lower`` registered on ``conn``)."""
     for table in _ROLLUP_TABLES:

@@ -566,6 +566,45 @@ MIGRATIONS: dict[str, str] = {
             FROM events e JOIN messages m ON m.email_id = e.email_id
             WHERE e.counted = 1 GROUP BY 1, 2;
     """,
+    # Clicks per link by sender domain and campaign, and by tag (relay/stats/rollup.py), so the
+    # links statistics take the filters the others take; the clicks recorded before counted.
+    "0064_link_counters": """
+        CREATE TABLE stats_daily_links_by (
+            day TEXT NOT NULL,
+            sender_domain TEXT NOT NULL,
+            campaign TEXT NOT NULL,
+            url TEXT NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, sender_domain, campaign, url)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats_daily_tag_links (
+            day TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            url TEXT NOT NULL,
+            clicks INTEGER NOT NULL,
+            unique_clicks INTEGER NOT NULL,
+            PRIMARY KEY (day, tag, url)
+        ) WITHOUT ROWID;
+        INSERT INTO stats_daily_links_by
+            SELECT date(m.created_at, 'unixepoch'), relay_lower(m.sender_domain),
+                   coalesce(m.campaign, ''), e.url, count(*), sum(e.first_for_link)
+            FROM events e JOIN messages m ON m.email_id = e.email_id
+            WHERE e.counted = 1 AND e.type = 'click' GROUP BY 1, 2, 3, 4;
+        INSERT INTO stats_daily_tag_links
+            SELECT day, tag, url, count(*), sum(first_for_link) FROM (
+                SELECT e.id, date(m.created_at, 'unixepoch') AS day, t.value AS tag, e.url,
+                       e.first_for_link
+                FROM events e JOIN messages m ON m.email_id = e.email_id, json_each(m.tags) t
+                WHERE e.counted = 1 AND e.type = 'click'
+                UNION
+                SELECT e.id, date(m.created_at, 'unixepoch'), m.tag_name, e.url,
+                       e.first_for_link
+                FROM events e JOIN messages m ON m.email_id = e.email_id
+                WHERE e.counted = 1 AND e.type = 'click') u
+            WHERE tag IS NOT NULL
+            GROUP BY day, tag, url;
+    """,
 }
 
 
@@ -602,6 +641,7 @@ def _lower(value: object) -> object:
 def migrate(conn: sqlite3.Connection, where: object = "") -> list[str]:
     """Apply the migrations this file has not seen; returns their names. ``StoreError`` if a
     newer relay migrated it (it holds migrations this one does not know)."""
+    add_lower(conn)  # a migration's backfill may call relay_lower()
     conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
     check_not_newer({row[0] for row in conn.execute("SELECT name FROM migrations")}, where)
     applied = []

@@ -94,9 +94,21 @@ def stats_query(q: StatsQuery) -> Query:
 
 
 def links_query(q: StatsQuery) -> Query:
-    return Query("SELECT url, sum(clicks), sum(unique_clicks) FROM stats_daily_links "
-                 "WHERE day BETWEEN ? AND ? GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
-                 (*q.window().values(), q.limit))
+    """Clicks per link: of all messages (``stats_daily_links``), or of the filter's sender
+    domain and campaign (``stats_daily_links_by``) or tag (``stats_daily_tag_links``)."""
+    table = "stats_daily_links_by" if q.filters else "stats_daily_links"
+    where = ["day BETWEEN ? AND ?"]
+    params: list[Any] = list(q.window().values())
+    for name, value in q.filters:
+        if name == TAG_FILTER:
+            table = "stats_daily_tag_links"
+            where.append("tag = ?")
+        else:
+            where.append(f"{FILTERS[name]} = ?")
+        params.append(value)
+    return Query(f"SELECT url, sum(clicks), sum(unique_clicks) FROM {table} "
+                 f"WHERE {' AND '.join(where)} GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
+                 (*params, q.limit))
 
 
 # ---- events ----

@@ -16,12 +16,14 @@ webhook_batches
 webhook_events      those that occurred before the cutoff and no outbox row names any more
 ==================  ======================================================================
 
-The daily counters (``stats_daily``, ``stats_daily_tags``, ``stats_daily_links``,
-``stats_daily_agents``; relay/stats/rollup.py, relay/stats/breakdown.py) are kept, so the statistics
-of old days survive a purge. They name no recipient (``stats_daily`` holds the sender address and
-the recipients' mailbox provider), but ``stats_daily_links`` holds the clicked URLs as written
-in the mail, which may carry personal data in their query strings: :func:`erase_recipient`
-deletes the rows whose URL names the recipient's address, whole (plain or percent-encoded).
+The daily counters (``stats_daily``, ``stats_daily_tags``, the link counters
+``stats_daily_links``, ``stats_daily_links_by`` and ``stats_daily_tag_links``,
+``stats_daily_agents``, ``stats_daily_os``; relay/stats/rollup.py, relay/stats/breakdown.py)
+are kept, so the statistics of old days survive a purge. They name no recipient
+(``stats_daily`` holds the sender address and the recipients' mailbox provider), but the link
+counters hold the clicked URLs as written in the mail, which may carry personal data in their
+query strings: :func:`erase_recipient` deletes the rows whose URL names the recipient's
+address, whole (plain or percent-encoded), from all three.
 
 :func:`erase_recipient` matches the address case-insensitively (whole address) and deletes
 its recipients, deliveries, send claims (a try in progress, or one a killed process left;
@@ -114,6 +116,11 @@ ERASE_STEPS: tuple[Step, ...] = (
     Step("webhook_outbox", "seq", "event_id IN (SELECT id FROM temp.erase_events)"),
     Step("webhook_events", "id", "id IN (SELECT id FROM temp.erase_events)"),
     Step("stats_daily_links", "day, url",
+         "(day, url) IN (SELECT day, url FROM temp.erase_links)"),
+    # the same clicks by sender domain and campaign, and by tag: the same (day, url) pairs
+    Step("stats_daily_links_by", "day, sender_domain, campaign, url",
+         "(day, url) IN (SELECT day, url FROM temp.erase_links)"),
+    Step("stats_daily_tag_links", "day, tag, url",
          "(day, url) IN (SELECT day, url FROM temp.erase_links)"),
 )
 _TEMP_TABLES = {"erase_addresses": "address TEXT PRIMARY KEY",

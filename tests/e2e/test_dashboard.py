@@ -568,3 +568,42 @@ def test_the_queue_on_the_operations_page_and_its_buttons(make_relay, upstream, 
     clock.advance(relay.loops, 1)
     wait_until(lambda: shown()[0]["oldest"] == "–", 10, "the queue emptied")
     assert len(upstream.received) == 2
+
+
+def api_links(relay: Relay, **params: str) -> dict[str, tuple[int, int]]:
+    key = apikeys.create(store.connect_url(relay.config.store), f"k{time.time_ns()}")
+    answer = requests.get(f"{relay.http_url}/api/v1/stats/links", params=params, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.text
+    return {link["url"]: (link["clicks"], link["unique_clicks"])
+            for link in answer.json()["links"]}
+
+
+def test_links_follow_the_overviews_filters_as_the_api_does(relay, client):
+    tagged = send(relay, ["a@example.org", "b@example.org"],
+                  headers=f"X-AliDM-Trace: {SPRING}\r\nX-Anypost-Campaign: c1\r\n")
+    other = send(relay, ["c@example.org"], headers="X-Anypost-Campaign: c2\r\n")
+    keyring = relay.services.keyring
+    for email_id, recipient, url in ((tagged, "a@example.org", SALE),
+                                     (tagged, "b@example.org", SALE),
+                                     (other, "c@example.org", PAY)):
+        assert hit(relay, "/c/" + sign_click(keyring, email_id, recipient, url), BROWSER) == 302
+    for flt, expected in (({}, {SALE: (2, 2), PAY: (1, 1)}),
+                          ({"tag": "spring"}, {SALE: (2, 2)}),
+                          ({"campaign": "c2"}, {PAY: (1, 1)}),
+                          ({"sender_domain": "Shop.Example"}, {SALE: (2, 2), PAY: (1, 1)}),
+                          ({"sender_domain": "shop.example", "campaign": "c1"}, {SALE: (2, 2)}),
+                          ({"campaign": "nope"}, {})):
+        params = {"since": TODAY, "until": TODAY, **flt}
+        page = client.get("/ui/links", params=params)
+        assert page.status_code == 200, page.text
+        shown = {html.unescape(url): (int(clicks), int(unique)) for url, clicks, unique in
+                 re.findall(r'<tr><td class="url">([^<]*)</td><td>(\d+)</td><td>(\d+)</td>',
+                            page.text)}
+        assert shown == api_links(relay, **params) == expected, flt
+        for name, value in flt.items():
+            assert f'name="{name}" value="{value}"' in page.text
+    both = client.get("/ui/links", params={"tag": "spring", "campaign": "c1"})
+    assert both.status_code == 400 and "goes with no other filter" in both.text
+    evil = client.get("/ui/links", params={"tag": EVIL_SUBJECT})
+    assert evil.status_code == 200 and "<script>alert" not in evil.text

@@ -182,6 +182,15 @@ def test_the_dashboard_in_chromium(world, browser, loops, dns_server):
     assert page.get_by_role("cell", name=EVIL_URL).count() == 1
     accessible(page)
     shot(page, "links")
+    # filtered as the overview is: the tag's links only
+    page.locator("#tag").fill("spring")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url("**/ui/links?**tag=spring**")
+    links = page.locator("table.links tbody tr")
+    assert links.count() == 2 and links.filter(has_text=EVIL_URL).count() == 0
+    assert links.filter(has_text=SALE).locator("td").nth(1).inner_text() == "2"
+    accessible(page)
+    shot(page, "links-tag")
 
     # a search finds a recipient; the message's page lists its recipients and events
     page.goto(f"{base}/ui/messages")

@@ -132,9 +132,14 @@ def stats(relay: Relay) -> dict[str, list[tuple[object, ...]]]:
                 for table in ("stats_daily", "stats_daily_tags", "stats_daily_agents")}
 
 
+LINK_COUNTERS = ("stats_daily_links", "stats_daily_links_by", "stats_daily_tag_links")
+
+
 def links(relay: Relay) -> list[str]:
+    """The URLs the link counters hold, each table's in turn."""
     with relay.db() as db:
-        return [url for (url,) in db.execute("SELECT url FROM stats_daily_links")]
+        return [url for table in LINK_COUNTERS
+                for (url,) in db.execute(f"SELECT DISTINCT url FROM {table}")]
 
 
 def after_purge(world: World) -> dict[str, set[tuple[str, ...]]]:
@@ -167,7 +172,8 @@ def erased(world: World) -> dict[str, set[tuple[str, ...]]]:
 ERASED_COUNTS = {"events": 3, "delivery_events": 0, "engagement": 3, "deliveries": 2,
                  "send_claims": 0, "recipients": 2,
                  "messages": 1, "html_bodies": 0,
-                 "webhook_outbox": 5, "webhook_events": 5, "stats_daily_links": 1}
+                 "webhook_outbox": 5, "webhook_events": 5, "stats_daily_links": 1,
+                 "stats_daily_links_by": 1, "stats_daily_tag_links": 0}
 
 
 def test_purge_then_erase_leave_exactly_what_they_should(world):
@@ -187,7 +193,7 @@ def test_purge_then_erase_leave_exactly_what_they_should(world):
     assert stats(relay) == counters  # the daily statistics of the purged day survive
     assert retention.purge(conn, time.time() - 5 * DAY) == dict.fromkeys(counts, 0)
 
-    assert links(relay) == [SALE]
+    assert links(relay) == [SALE, SALE]  # the message has no tag
     assert retention.erase_recipient(conn, "BOB@example.org") == ERASED_COUNTS
     assert rows(relay) == erased(world)
     assert links(relay) == []  # the URL named the erased address
@@ -309,10 +315,17 @@ def test_erase_finds_every_case_and_only_whole_addresses(store_conn):
             "https://x.example/?who=joann@example.org": False,
             "https://x.example/?who=ann@example.org.au": False}
     jorg = "https://x.example/?who=J%C3%96RG%40example.org"
-    conn.executemany("INSERT INTO stats_daily_links VALUES ('2026-11-24', ?, 1, 1)",
-                     [(url,) for url in (*urls, jorg)])
+    every = [(url,) for url in (*urls, jorg)]
+    conn.executemany("INSERT INTO stats_daily_links VALUES ('2026-11-24', ?, 1, 1)", every)
+    conn.executemany("INSERT INTO stats_daily_links_by VALUES ('2026-11-24', 'shop.example', "
+                     "'c1', ?, 1, 1)", every)
+    conn.executemany("INSERT INTO stats_daily_tag_links VALUES ('2026-11-24', 'spring', ?, 1, 1)",
+                     every)
     counts = retention.erase_recipient(conn, "jörg@example.org")
     assert (counts["recipients"], counts["messages"], counts["stats_daily_links"]) == (1, 1, 1)
-    assert retention.erase_recipient(conn, "ann@example.org")["stats_daily_links"] == 3
-    left = {url for (url,) in conn.execute("SELECT url FROM stats_daily_links")}
-    assert left == {url for url, named in urls.items() if not named}
+    assert counts["stats_daily_links_by"] == counts["stats_daily_tag_links"] == 1
+    erased = retention.erase_recipient(conn, "ann@example.org")
+    assert [erased[table] for table in LINK_COUNTERS] == [3, 3, 3]
+    for table in LINK_COUNTERS:
+        left = {url for (url,) in conn.execute(f"SELECT url FROM {table}")}
+        assert left == {url for url, named in urls.items() if not named}, table
