@@ -23,7 +23,6 @@ from relay.stats.maths import (
     ratio,
     track_list_body,
 )
-from relay.store import engine as store
 from relay.store import reports
 from relay.tracking.bots import CLICK, OPEN, Classifier
 from relay.tracking.events import Hit, Recorder
@@ -187,16 +186,14 @@ def test_stats_parameters_default_to_the_last_30_days():
         assert caught.value.parameter == parameter
 
 
-# ---- the rollup, on a real store file ----
+# ---- the rollup, on a real store of the run's engine ----
 
 SENT_AT = 1773576000.0  # 2026-03-15 12:00 UTC
 
 
 @pytest.fixture
-def conn(tmp_path) -> sqlite3.Connection:
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
-    return conn
+def conn(store_conn) -> sqlite3.Connection:
+    return store_conn
 
 
 def add_message(conn: sqlite3.Connection, email_id: str, sender: str, recipients: list[str],
