@@ -1,15 +1,19 @@
 """The store's group commit when another connection holds SQLite's write lock (another worker
-process, a purge, a CLI command): the event loop goes on, the writes wait and then commit."""
+process, a purge, a CLI command): the event loop goes on, the writes wait and then commit; and
+durable writes, answered once their commit is fsync'd."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from relay.store import engine
 from relay.store.engine import Store, connect
 
 
@@ -77,4 +81,38 @@ async def test_close_commits_the_writes_waiting_for_the_lock(tmp_path):
     await store.close()
     assert pending.result() == 1
     assert other.execute("SELECT text FROM notes").fetchall() == [("pending",)]
+    other.close()
+
+
+async def test_a_durable_write_resolves_once_the_wal_is_fsynced_off_the_loop(store, monkeypatch):
+    """Queue mode's 250 follows an fsync of the WAL holding its commit. The fsync runs on a
+    thread: the loop and other writes go on meanwhile, and the durable writes committed while
+    it runs share the next one."""
+    started, release = threading.Event(), threading.Event()
+    synced: list[int] = []  # the inode of each file fsync'd
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        release.wait(10)
+        fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(engine.os, "fsync", slow_fsync)
+    first = store.write(note("first"), durable=True)
+    assert await asyncio.to_thread(started.wait, 10), "no fsync"
+    assert not first.done()
+    assert await store.write(note("plain")) == 1  # not durable: answered after its commit
+    second = store.write(note("second"), durable=True)
+    await turns_of_the_loop(5)
+    third = store.write(note("third"), durable=True)
+    await turns_of_the_loop(5)
+    assert not (first.done() or second.done() or third.done())
+    release.set()
+    assert [await first, await second, await third] == [1, 1, 1]
+    wal = os.stat(f"{store.path}-wal").st_ino
+    assert synced.count(wal) == 2  # the second and the third shared one
+    other = connect(store.path)
+    assert other.execute("SELECT text FROM notes ORDER BY rowid").fetchall() == [
+        ("first",), ("plain",), ("second",), ("third",)]
     other.close()
