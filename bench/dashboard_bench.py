@@ -30,7 +30,7 @@ from relay import config as config_module  # noqa: E402
 from relay.admin import apikeys  # noqa: E402
 from relay.app import http_port, running  # noqa: E402
 from relay.smtp.passwords import hash_password  # noqa: E402
-from relay.stats import rollup  # noqa: E402
+from relay.stats import breakdown, rollup  # noqa: E402
 from relay.store import engine as store  # noqa: E402
 from relay.store import users  # noqa: E402
 from relay.store.transaction import transaction  # noqa: E402
@@ -84,6 +84,7 @@ def main() -> None:
         print(f"filling {args.db} with {args.events:,} events over {DAYS} days")
         fill(conn, args.events, time.time())
         rollup.rebuild(conn)
+        breakdown.rebuild(conn)
     with transaction(conn):
         users.set_user(conn, "bench", hash_password(PASSWORD), time.time())
     key = apikeys.create(conn, f"bench{time.time_ns()}")
@@ -109,7 +110,10 @@ def main() -> None:
                  ("/ui/overview?tag=tag3", "overview, tag filter"),
                  ("/ui/overview?campaign=c1&sender_domain=shop1.example",
                   "overview, campaign and domain"),
-                 ("/ui/links", "links"), ("/ui/audience", "where and how"),
+                 ("/ui/links", "links"), ("/ui/links?tag=tag3", "links, tag filter"),
+                 ("/ui/links?campaign=c1&sender_domain=shop1.example",
+                  "links, campaign and domain"),
+                 ("/ui/audience", "where and how (device, client, OS, country)"),
                  ("/ui/messages", "messages, newest 50"),
                  ("/ui/messages?recipient=r1%40hotmail.com", "messages by recipient"),
                  (f"/ui/messages/{newest}", "one message with its events"),

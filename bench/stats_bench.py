@@ -4,7 +4,8 @@ and the native per-day statistics for a month, timed while events keep being wri
     /work/venv/bin/python bench/stats_bench.py [--events 10000000] [--db /tmp/stats.db]
 
 The fill is SQL (recursive CTEs, one transaction per table), then relay.stats.rollup.rebuild
-computes the daily counters from the raw tables. A reused --db skips the fill. During the
+computes the daily counters from the raw tables (and relay.stats.breakdown.rebuild those by
+device, client, OS and country). A reused --db skips the fill. During the
 timing a writer thread records hits through relay.tracking.events.Recorder with the rollup listener,
 in group-commit sized transactions, as the tracker does; the reads run on their own
 connection, as the API's reader does, through the same SQL and answer shaping as the API.
@@ -19,7 +20,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from relay.stats import queries, rollup
+from relay.stats import breakdown, queries, rollup
 from relay.stats.maths import parse_track_list, track_list_body
 from relay.store import engine as store
 from relay.tracking.bots import CLICK, OPEN, Classifier
@@ -31,6 +32,7 @@ TAGS = 10
 CAMPAIGNS = 5
 DOMAINS = ("gmail.com", "hotmail.com", "yahoo.com", "icloud.com", "example.org",
            "googlemail.com", "outlook.com", "me.com", "live.com", "example.net")
+CLIENTS, SYSTEMS, COUNTRIES = 25, 12, 40  # distinct clients, OSes, countries of the events
 EVENTS_PER_MESSAGE = 5  # two recipients each
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0"
 
@@ -62,7 +64,7 @@ def fill(conn, events: int, end: float) -> None:
         FROM n JOIN d ON d.k = i % {len(DOMAINS)} + 1""",
         f"""INSERT INTO events (id, type, at, email_id, recipient, url, ip, user_agent, method,
                             classification, bot_source, reason, counted, implied,
-                            first_for_recipient, first_for_link)
+                            first_for_recipient, first_for_link, device, client, os, country)
         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {events - 1}),
         e AS (SELECT i, i / {EVENTS_PER_MESSAGE} AS m, (i / {EVENTS_PER_MESSAGE}) * 2 + i % 2 AS r,
                      i % {EVENTS_PER_MESSAGE} AS kind, {start} + i * {step / EVENTS_PER_MESSAGE}
@@ -74,7 +76,10 @@ def fill(conn, events: int, end: float) -> None:
                CASE WHEN kind < 3 THEN NULL ELSE printf('https://shop.example/p%d', i % 40) END,
                '198.51.100.7', 'bench', 'GET',
                CASE WHEN i % 10 = 9 THEN 'scanner' ELSE 'person' END, NULL, NULL,
-               i % 10 != 9, 0, kind < 2 AND i % 10 != 9, kind = 3
+               i % 10 != 9, 0, kind < 2 AND i % 10 != 9, kind = 3,
+               CASE i % 3 WHEN 0 THEN 'desktop' WHEN 1 THEN 'mobile' ELSE 'proxy' END,
+               printf('Client %d', i % {CLIENTS}), printf('OS %d', i % {SYSTEMS}),
+               printf('C%d', i % {COUNTRIES})
         FROM e JOIN d ON d.k = e.r % {len(DOMAINS)} + 1""",
         "DROP TABLE temp.d",
     )
@@ -142,6 +147,7 @@ def main() -> None:
         fill(conn, args.events, now)
         began = time.perf_counter()
         rollup.rebuild(conn)
+        breakdown.rebuild(conn)
         print(f"  rollup rebuild: {time.perf_counter() - began:.1f} s")
     counts = conn.execute("SELECT (SELECT count(*) FROM events), "
                           "(SELECT count(*) FROM stats_daily)").fetchone()

@@ -461,6 +461,10 @@ def test_where_and_how(relay, client):
     assert re.search(r'<th scope="row">mobile</th><td>1</td><td>1</td>', device), device
     system = page[page.index('data-group="os"'):page.index('data-group="country"')]
     assert re.search(r'<th scope="row">iOS 17.5</th><td>1</td><td>1</td>', system), system
+    with relay.db() as db:  # a name no parser gives, to see it shown as text
+        db.execute("INSERT INTO stats_daily_os VALUES (?, ?, 1, 1, 0, 0)", (TODAY, EVIL_SUBJECT))
+    page = client.get("/ui/audience").text
+    assert "<script>alert" not in page and f'<th scope="row">{escape(EVIL_SUBJECT)}</th>' in page
 
 
 def test_a_message_page_shows_its_queue_attempts_and_delivery_events(make_relay, upstream,
