@@ -13,7 +13,7 @@ import pytest
 
 from relay import cli
 from relay.admin.commands import CONFIG_ENV
-from relay.store import engine as store
+from relay.config import StoreSettings
 from relay.store import queue
 
 # Long-running services print logs, not a result.
@@ -40,9 +40,9 @@ def test_every_command_but_the_services_has_json():
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> str:
+def config(tmp_path: Path, store_settings: StoreSettings) -> str:
     path = tmp_path / "relay.toml"
-    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "relay.db"}"\n'
+    path.write_text(f'[store]\nurl = "{store_settings.url}"\n'
                     '[http]\npublic_url = "http://track.test"\n')
     return str(path)
 
@@ -73,10 +73,10 @@ JSON_RUNS = [
 ]
 
 
-def test_json_output_of_every_command_is_one_json_document(config, capsys, monkeypatch):
+def test_json_output_of_every_command_is_one_json_document(config, store_conn, capsys,
+                                                           monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("a password\nanother\n"))
-    conn = store.connect(Path(config).parent / "relay.db")
-    store.migrate(conn)
+    conn = store_conn
     conn.execute("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
                  "track_clicks, decision, size, created_at) VALUES (?, 'a@shop.example', "
                  "'shop.example', 0, 0, 'tracking off by account default', 10, 0)",

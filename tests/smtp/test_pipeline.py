@@ -4,14 +4,17 @@ that went out are recorded, so a retry sends only the failed one."""
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 import pytest
 
 from relay import config as config_module
 from relay.rewrite.splice import RewriteOptions, prepare
+from relay.smtp import processes
 from relay.smtp.pipeline import LARGE_IN_FLIGHT, TOKENS_PER_STEP, Incoming, MailPipeline
 from relay.smtp.upstream import Copy, Reply
-from relay.store.engine import Store
+from relay.store.engine import Store, open_store
 from relay.tracking.keys import load_keyring
 from tests.harness import base_settings
 
@@ -37,13 +40,19 @@ class BrokenFor:
         return None
 
 
+async def pipeline_of(config: config_module.Config, store: Store, upstream: Any
+                      ) -> MailPipeline:
+    """A pipeline made as the relay makes it (relay/app.py), on a store of either engine."""
+    keyring = await store.write(functools.partial(load_keyring, config.tracking))
+    return MailPipeline(config, store, keyring, upstream, me=await store.write(processes.register))
+
+
 async def test_an_unforeseen_failure_defers_only_its_own_copy(tmp_path):
     config = config_module.parse(base_settings(tmp_path), "test.toml", tmp_path)
-    store = await Store.open(config.store.path)
+    store = await open_store(config.store)
     try:
         upstream = BrokenFor("b@example.org")
-        pipeline = MailPipeline(config, store, load_keyring(config.tracking, store.writer),
-                                upstream)
+        pipeline = await pipeline_of(config, store, upstream)
         incoming = Incoming("news@shop.example", ["a@example.org", "b@example.org"], MESSAGE)
         reply = await pipeline.process(incoming)
         assert reply.startswith("451 ")
@@ -93,11 +102,10 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
     settings = base_settings(tmp_path)
     settings["smtp"]["add_received"] = False  # the copies as the rewrite renders them
     config = config_module.parse(settings, "test.toml", tmp_path)
-    store = await Store.open(config.store.path)
+    store = await open_store(config.store)
     try:
-        keyring = load_keyring(config.tracking, store.writer)
         upstream = Recording()
-        pipeline = MailPipeline(config, store, keyring, upstream)
+        pipeline = await pipeline_of(config, store, upstream)
         recipients = [f"r{i}@example.org" for i in range(6)]
         message = _links_message(links)
         reply = await pipeline.process(Incoming("news@shop.example", recipients, message))
@@ -110,6 +118,6 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
                                                  base_url="http://track.test"))
         assert prepared.tokens == links + 1
         assert sorted((c.recipients[0], c.message) for c in upstream.copies) == sorted(
-            (r, prepared.render(email_id, r, keyring)) for r in recipients)
+            (r, prepared.render(email_id, r, pipeline.keyring)) for r in recipients)
     finally:
         await store.close()

@@ -1,16 +1,15 @@
-"""relay.tracking.keys on a real SQLite file: a generated key stays, so links made under it keep
-working after restarts and after configured keys take over."""
+"""relay.tracking.keys on a real store of the run's engine: a generated key stays, so links
+made under it keep working after restarts and after configured keys take over."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.config import TrackingSettings
 from relay.errors import InvalidToken
 from relay.ids import new_email_id
-from relay.store.engine import connect, migrate
 from relay.tracking.keys import GENERATED_KID, load_keyring
 from relay.tracking.tokens import ClickTarget, OpenTarget, sign_click, sign_open, verify
 from tests.legacy_tokens import sign_v1
@@ -18,9 +17,8 @@ from tests.legacy_tokens import sign_v1
 URL = "https://shop.example/sale?id=7"
 
 
-def test_tokens_under_the_generated_key_work_after_rotation(tmp_path: Path) -> None:
-    conn = connect(tmp_path / "relay.db")
-    migrate(conn)
+def test_tokens_under_the_generated_key_work_after_rotation(store_conn: Any) -> None:
+    conn = store_conn
     first = load_keyring(TrackingSettings(), conn)
     assert first.current == GENERATED_KID
     email_id = new_email_id()
