@@ -2,14 +2,15 @@
 the running relay: mail sent through its SMTP port, opens and clicks made on its tracker, a
 user added with ``relay users add``. Signing in through the form, the overview's numbers
 against the API's (with and without a tag filter), the chart drawn under the strict
-Content-Security-Policy, the click map's counts on the right links, a search and a message's
-timeline, opens by device, a tracking domain verified and a failed webhook delivery replayed
-from the operations page, markup in subjects and links shown as text, a cross-site form post
-refused, and
-axe-core (as bundled by axe-playwright-python) finding no serious or critical violation on
-any page. Screenshots of each page go to ``$RELAY_ARTIFACTS`` (default
-``test-artifacts/screenshots/`` under the repository, where CI keeps its output: .ci/run says
-so when it ends).
+Content-Security-Policy, the links filtered by a tag, the click map's counts on the right links
+(a message's, and a tag's), a search and a message's timeline, opens by device and OS, a
+tracking domain verified and a failed webhook delivery replayed from the operations page; in
+queue mode the queue there (a message held and released) with the settings in force, and a
+message's queue attempts and delivery events; markup in subjects, links, settings and the
+upstream's replies shown as text, a cross-site form post refused, and axe-core (as bundled by
+axe-playwright-python) finding no serious or critical violation on any page. Screenshots of
+each page go to ``$RELAY_ARTIFACTS`` (default ``test-artifacts/screenshots/`` under the
+repository, where CI keeps its output: .ci/run says so before the tests).
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""The web dashboard under ``/ui/`` (README, "Dashboard"): sign-in, overview, links and click map,
-messages. relay/admin/dashboard/app.py builds it."""
+"""The web dashboard under ``/ui/`` (README, "Dashboard"): sign-in, overview, links and click
+maps, messages, where and how, operations. relay/admin/dashboard/app.py builds it."""
