@@ -43,7 +43,7 @@ from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream
 from relay.store import messages, queue
-from relay.store.engine import SQLITE_FULL, Store
+from relay.store.engine import Store, disk_full
 from relay.store.rules import RulesCache
 from relay.tracking.tokens import Keyring
 
@@ -182,8 +182,7 @@ class MailPipeline:
         except Exception as exc:
             log.exception("%s not queued from=%s", email_id, incoming.sender)
             metrics.SMTP_MESSAGES.labels("deferred").inc()
-            full = isinstance(exc, sqlite3.Error) and _sqlite_code(exc) == SQLITE_FULL
-            return DISK_FULL if full else NOT_STORED
+            return DISK_FULL if disk_full(exc) else NOT_STORED
         self.on_queued()
         metrics.SMTP_MESSAGES.labels("queued").inc()
         log.info("%s queued from=%s to=%d size=%d", email_id, incoming.sender,
@@ -508,12 +507,6 @@ def _reply(outcome: Outcome, recipients: Sequence[str]) -> str:
     delivered = len(outcome.sent) + len(outcome.duplicates)
     return (f"{code} {enhanced} {PARTIAL}{delivered} of {len(recipients)} recipients "
             f"({outcome.email_id}); failed: {listed}")
-
-
-def _sqlite_code(exc: sqlite3.Error) -> int:
-    """The primary result code of an SQLite error (SQLITE_FULL: the disk or the file's
-    page limit is full)."""
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
 
 
 def _one_line(text: str) -> str:

@@ -62,6 +62,7 @@ BUSY_TIMEOUT_MS = 5000
 LOCK_RETRY_SECONDS = 0.0005
 SQLITE_BUSY = 5
 SQLITE_FULL = 13  # the disk, or the file's page limit, is full
+PG_DISK_FULL = "53100"  # SQLSTATE disk_full, on the errors relay/store/postgres.py raises
 WriteFn = Callable[[sqlite3.Connection], T]
 
 MIGRATIONS: dict[str, str] = {
@@ -614,6 +615,15 @@ MIGRATIONS: dict[str, str] = {
             GROUP BY day, tag, url;
     """,
 }
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of room: SQLite's ``SQLITE_FULL`` (the disk, or the
+    file's page limit), PostgreSQL's ``disk_full``."""
+    if getattr(exc, "sqlstate", None) == PG_DISK_FULL:
+        return True
+    return (isinstance(exc, sqlite3.Error)
+            and getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL)
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -29,6 +29,7 @@ from relay import cli
 from relay import config as config_module
 from relay.smtp import delivery
 from relay.store import engine
+from tests import pg
 from tests.clients import api_key, call
 from tests.clock import ManualClock
 from tests.e2e.test_app import start, wait_for_port
@@ -191,6 +192,27 @@ def test_a_full_disk_answers_452_and_keeps_nothing(make_relay, upstream):
     assert queued(relay) == 0
     assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
     assert send(relay)[0] == 250  # and it takes mail again once there is room
+
+
+@pytest.mark.skipif(pg.ENGINE != "postgresql",
+                    reason="PostgreSQL's disk_full (SQLite's: the test above)")
+def test_a_full_disk_of_postgresql_answers_452_and_keeps_nothing(make_relay, upstream):
+    """It answered 451 (as for a store that cannot be written at all): the client was not
+    told that the relay ran out of room. The server's error for a full disk, disk_full
+    (SQLSTATE 53100), raised by a trigger."""
+    relay = make_relay(QUEUE, upstream=upstream)
+    with contextlib.closing(relay.db()) as db:
+        db.execute("CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN"
+                   " RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full';"
+                   " END$$")
+        db.execute("CREATE TRIGGER full_disk BEFORE INSERT ON queue_messages"
+                   " FOR EACH ROW EXECUTE FUNCTION full_disk()")
+        code, text = send(relay)
+        assert code == 452 and "Insufficient storage" in text
+        db.execute("DROP TRIGGER full_disk ON queue_messages")
+    assert queued(relay) == 0
+    assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
+    assert send(relay)[0] == 250
 
 
 @pytest.mark.sqlite_only  # SQLite's one write lock, held by another process past its timeout
