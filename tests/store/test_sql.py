@@ -3,7 +3,7 @@ on the run's engine (PostgreSQL takes no ``IN ()``)."""
 
 from __future__ import annotations
 
-from relay.store import deliveries, messages, queue, reports
+from relay.store import deliveries, messages, reports
 
 DIGEST = b"d" * 32
 
@@ -15,7 +15,6 @@ def test_an_empty_list_matches_nothing(store_conn):
     assert deliveries.delivered(conn, DIGEST, [], 0.0) == {}
     assert deliveries.claim_holders(conn, DIGEST, [], "email_3") == []
     assert messages.process_rows(conn, []) == []
-    assert queue.release(conn, 7, []) == 0
     assert reports.rows(conn, reports.message_facts_query([])) == []
     assert reports.rows(conn, reports.recipients_query([])) == []
 
