@@ -13,7 +13,13 @@ own savepoint, and the callers resume after the COMMIT. Here the transaction run
 thread of its own (one hand-off per batch, never a wait on the loop) at SERIALIZABLE isolation:
 like SQLite's single writer, two nodes that read the same engagement row cannot both record a
 first open; PostgreSQL aborts one of them, and the batch is run again (serialization failures
-and deadlocks are retried, :data:`RETRIES`). Reads run on a small pool of reader threads.
+and deadlocks are retried, :data:`RETRIES`). Every batch of every node writes the same few
+rows of daily counters, so two nodes' batches at once would nearly always collide and one
+would be run again, its work wasted: each batch first takes an advisory lock
+(:data:`WRITE_LOCK`, before BEGIN, so that its snapshot is taken once the other's batch has
+committed), and the nodes' batches follow one another, as SQLite's writers do on one host;
+the work outside the transaction (HTTP, tokens, SMTP) runs on every node at once. Reads run on
+a small pool of reader threads.
 
 When the connection breaks (a restart, a failover), the batch in flight fails with
 ``sqlite3.OperationalError`` (the SMTP side answers ``451``, the tracker counts the events it
@@ -62,6 +68,8 @@ READERS = 2
 # Migrations and `relay store copy` hold this advisory lock: nodes starting together migrate
 # one after the other (pg_advisory_lock's key; any constant unlikely to collide).
 MIGRATION_LOCK = 0x72656C6179  # "relay"
+# Held by a node's writer around each batch's transaction (see the module docstring).
+WRITE_LOCK = MIGRATION_LOCK + 1
 
 # --- the dialect ------------------------------------------------------------------------------
 
@@ -202,8 +210,16 @@ class PgConnection:
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
 
+    def _cursor(self) -> psycopg.Cursor[Any]:
+        """A cursor; sqlite3.OperationalError on a connection already closed (psycopg closes
+        one that broke, and a caller that went on after the error reaches it here)."""
+        try:
+            return self.raw.cursor()
+        except psycopg.Error as exc:
+            raise _error(exc) from exc
+
     def execute(self, sql: str, params: Any = ()) -> psycopg.Cursor[Any]:
-        cursor = self.raw.cursor()
+        cursor = self._cursor()
         try:
             if params:
                 cursor.execute(translate(sql), _params(params))  # type: ignore[arg-type]
@@ -214,7 +230,7 @@ class PgConnection:
         return cursor
 
     def executemany(self, sql: str, rows: Iterable[Any]) -> psycopg.Cursor[Any]:
-        cursor = self.raw.cursor()
+        cursor = self._cursor()
         try:
             cursor.executemany(translate(sql), [_params(row) for row in rows])  # type: ignore
         except psycopg.Error as exc:
@@ -225,7 +241,7 @@ class PgConnection:
                   ) -> None:
         """Insert ``rows`` with ``COPY ... FROM STDIN`` (``relay store copy``: many times
         faster than INSERTs for millions of rows)."""
-        cursor = self.raw.cursor()
+        cursor = self._cursor()
         try:
             with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
@@ -438,7 +454,7 @@ class PgStore:
                 time.sleep(random.uniform(0, RETRY_WAIT * 2 ** min(attempt, 7)))
                 for hook in self._rollback_hooks:
                     hook()
-            except sqlite3.Error as exc:
+            except Exception as exc:  # the writer thread must outlive any failed batch
                 return [(False, exc)] * len(batch)
         failure = sqlite3.OperationalError(f"transaction aborted {RETRIES} times by conflicts")
         return [(False, failure)] * len(batch)
@@ -446,14 +462,17 @@ class PgStore:
     def _transaction(self, batch: Batch) -> list[tuple[bool, Any]]:
         conn = self._writer_connection()
         try:
+            conn.execute("SELECT pg_advisory_lock(?)", (WRITE_LOCK,))
             conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
             outcomes = [_in_savepoint(conn, fn) for fn, _ in batch]
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             self._after_failure(conn)
             if sqlstate(exc) in RETRYABLE:
                 raise _Retry from exc
             raise
+        finally:
+            self._unlock(conn)
         self.batches += 1
         self.last_batch_size = len(batch)
         return outcomes
@@ -466,6 +485,18 @@ class PgStore:
                 raise sqlite3.OperationalError(str(exc)) from None
             log.warning("store: connected to PostgreSQL again")
         return self._writer
+
+    def _unlock(self, conn: PgConnection) -> None:
+        """Let the other nodes' writers go on. Whatever became of the batch: its outcome is
+        decided, and a connection that cannot unlock is closed (the server lets the lock go
+        with the session)."""
+        if conn is not self._writer or conn.broken:
+            return
+        try:
+            conn.execute("SELECT pg_advisory_unlock(?)", (WRITE_LOCK,))
+        except sqlite3.Error:
+            conn.close()
+            self._writer = None
 
     def _after_failure(self, conn: PgConnection) -> None:
         if conn.broken:

@@ -121,6 +121,29 @@ def test_a_failing_write_is_rolled_back_alone_and_the_batch_commits(loops):
     assert rows == [("a",), ("b",)]
 
 
+def test_a_write_that_went_on_after_its_connection_broke_fails_alone(loops):
+    """A write function that catches the error of a broken connection (as the webhook
+    listener does, to keep the event) returns normally: the batch then fails on the closed
+    connection, and the writer thread lives on and connects again."""
+    url = pg.schema_url()
+
+    def swallow(conn) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    async def scenario() -> list[tuple[str]]:
+        store = await PgStore.open(url)
+        try:
+            with pytest.raises(sqlite3.OperationalError):
+                await store.write(swallow)
+            await store.write(lambda conn: conn.execute("INSERT INTO tags VALUES ('a', 1)"))
+            return await store.fetchall("SELECT name FROM tags")
+        finally:
+            await store.close()
+
+    assert loops.run(scenario()) == [("a",)]
+
+
 def test_the_generated_signing_key_is_made_once_for_all_nodes(loops):
     url = pg.schema_url()
 
@@ -166,11 +189,19 @@ scanner_window_seconds = 0
 def relay_process(config: Path, *ports: int) -> Iterator[subprocess.Popen]:
     """``relay serve`` with ``config`` until the block ends, then stopped with SIGTERM. Its log is
     read as it comes (a full pipe would stop a node that logs much, as one does while its
-    database is away) and the last lines are shown when it fails."""
+    database is away) into ``NAME.log`` beside the config, and the last lines are shown when it
+    fails."""
     process = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(config)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log: deque[str] = deque(maxlen=50)
-    reader = threading.Thread(target=log.extend, args=(process.stderr,), daemon=True)
+
+    def read() -> None:  # the last lines for an assertion, all of them beside the config
+        with config.with_suffix(".log").open("w") as kept:
+            for text in process.stderr:
+                log.append(text)
+                kept.write(text)
+
+    reader = threading.Thread(target=read, daemon=True)
     try:
         for port in ports:
             wait_for_port(port, process, timeout=60)
