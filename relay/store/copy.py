@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from relay.store.engine import MIGRATIONS
-from relay.store.transaction import transaction
 
 CHUNK = 2000
 # Rows the migrations themselves insert (relay/store/engine.py 0004_settings, 0054_queue):
@@ -56,8 +55,16 @@ def copy(source: Any, target: Any) -> dict[str, int]:
     copied: dict[str, int] = {}
     source.execute("BEGIN")  # one snapshot of the source, only read
     try:
-        with transaction(target):
+        # A plain BEGIN, not transaction()'s (SERIALIZABLE on PostgreSQL): reading millions of
+        # rows back for the counts there took more predicate locks than the server has room
+        # for ("out of shared memory"); nothing else writes to a target that was empty.
+        target.execute("BEGIN")
+        try:
             _copy_all(source, target, copied)
+            target.execute("COMMIT")
+        except BaseException:
+            target.execute("ROLLBACK")
+            raise
     finally:
         source.execute("ROLLBACK")
     return copied
