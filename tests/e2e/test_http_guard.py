@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Relay, free_port, wait_until
+from tests.harness import Relay, free_port, store_url, wait_until
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
@@ -252,7 +252,7 @@ listen = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 {http_settings}
 [store]
-url = "sqlite:///relay.db"
+url = "{store_url(tmp_path)}"
 """)
         process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(config)],

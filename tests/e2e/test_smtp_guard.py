@@ -29,7 +29,7 @@ from relay.smtp import guard as smtp_guard
 from relay.smtp import passwords
 from relay.smtp.guard import AuthBudget, peer_key
 from relay.throttle import ThrottledLog
-from tests.harness import free_port, wait_until
+from tests.harness import free_port, store_url, wait_until
 
 USER, PASSWORD = "app", "s3cret"
 HASH = passwords.hash_password(PASSWORD)
@@ -271,7 +271,7 @@ capture_dir = "outbox"
 listen = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 [store]
-url = "sqlite:///relay.db"
+url = "{store_url(tmp_path)}"
 """)
     command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
     if limit_files is not None:
