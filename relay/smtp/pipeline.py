@@ -92,6 +92,9 @@ class Outcome:
         return {r: reply for r, reply in self.replies.items() if not reply.ok}
 
 
+# How long the record of a message already sent is tried again while PostgreSQL is away
+# (the client waits for its reply meanwhile).
+RECORD_RETRY_SECONDS = 120
 NOT_RECORDED = "451 4.3.0 The relay cannot record messages right now; not sent, try again later"
 QUEUE_FULL = "452 4.3.1 The relay's queue is full; not stored, try again later"
 DISK_FULL = "452 4.3.1 Insufficient storage in the relay; not stored, try again later"
@@ -303,7 +306,8 @@ class MailPipeline:
 
     async def _record(self, record: MessageRecord, outcome: Outcome, stored: bool,
                       claim: dedupe.Claim, settle: Settle | None = None) -> None:
-        """Store what became of the message, and let go of the try's claim; a failure is
+        """Store what became of the message, and let go of the try's claim (on PostgreSQL, again
+        while the server is away, up to :data:`RECORD_RETRY_SECONDS`); a failure is
         logged, and the reply still follows the upstream's: "not sent, try again" for copies
         the upstream took would have them sent twice. ``settle``: one more listener, for
         this message only (the queue's record of the attempt)."""
@@ -311,13 +315,29 @@ class MailPipeline:
         listeners = self.listeners
         if settle is not None:
             listeners = (*listeners, lambda conn, _, outcome: settle(conn, outcome))
-        try:
-            await self.store.write(lambda conn: _record(conn, record, outcome, remember,
-                                                        listeners, stored, claim))
-        except Exception:
-            log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
-                          len(outcome.sent), len(outcome.failed))
-            return
+        give_up = time.monotonic() + RECORD_RETRY_SECONDS
+        delay = 0.25
+        while True:
+            try:
+                await self.store.write(lambda conn: _record(conn, record, outcome, remember,
+                                                            listeners, stored, claim))
+                break
+            except sqlite3.OperationalError:
+                # PostgreSQL away (a restart, a failover) after the copies went out: the
+                # record waits for it, rather than leave the recipients "sending" for good
+                if self.store.engine != "postgresql" or time.monotonic() + delay > give_up:
+                    log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
+                                  len(outcome.sent), len(outcome.failed))
+                    return
+                log.warning("%s not recorded yet (sent=%d failed=%d): the store is away; "
+                            "trying again", record.email_id, len(outcome.sent),
+                            len(outcome.failed))
+                await asyncio.sleep(delay)  # the store coming back, not a synchronisation
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                log.exception("%s not recorded (sent=%d failed=%d)", record.email_id,
+                              len(outcome.sent), len(outcome.failed))
+                return
         self.claims.settled(claim)
 
     async def _prepare(self, clean: bytes, block: HeaderBlock, decision: Decision,

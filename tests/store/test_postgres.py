@@ -416,3 +416,32 @@ def test_while_postgresql_is_away_smtp_answers_451_and_the_tracker_answers_and_c
         with contextlib.suppress(Exception):
             proxy.down()
         proxy_loop.close()
+
+
+def test_a_message_sent_as_postgresql_went_away_is_recorded_once_it_is_back(
+        make_relay, upstream, loops, caplog):
+    server = urlsplit(pg.SERVER)
+    proxy_loop = LoopThread()
+    proxy = Proxy(proxy_loop, (server.hostname or "127.0.0.1", server.port or 5432))
+    try:
+        url = pg.schema_url().replace(f":{server.port or 5432}/", f":{proxy.port}/", 1)
+        relay = make_relay({"store": {"url": url}}, upstream=upstream)
+        gate = upstream.handler.gate = asyncio.Event()
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(data_reply, relay, message())
+            wait_until(lambda: upstream.handler.held == 1, what="the copy at the upstream")
+            proxy.down()  # the message row is stored; its copy is sent; the record fails
+            loops.loop.call_soon_threadsafe(gate.set)
+            wait_until(lambda: "not recorded yet" in caplog.text, what="a record that failed")
+            proxy.up()
+            assert reply.result(60)[0] == 250
+        db = pg.connect_rows(url.replace(f":{proxy.port}/", f":{server.port or 5432}/", 1))
+        try:
+            statuses = db.execute("SELECT status FROM recipients").fetchall()
+        finally:
+            db.close()
+        assert [row[0] for row in statuses] == ["sent"] and len(upstream.received) == 1
+    finally:
+        with contextlib.suppress(Exception):
+            proxy.down()
+        proxy_loop.close()
