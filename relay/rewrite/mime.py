@@ -9,7 +9,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from relay.errors import DecodeError
@@ -438,12 +438,15 @@ def qp_wrap_safe(token: str, eol: str) -> bytes:
 _QP_SAFE_LINE = re.compile(rf".{{1,{QP_LINE - 1}}}", re.DOTALL)  # the "=" makes it 76
 
 
-def first_html(raw: bytes, headers: HeaderBlock | None = None) -> str | None:
-    """The decoded text of the message's first ``text/html`` part that is not an attachment
-    (what the dashboard's click map shows, relay/store/html_bodies.py); None when there is
-    none or it cannot be decoded. ``headers``: the message's header block, if read already."""
-    for part in leaves(split(raw, headers)):
+def first_html(raw: bytes, root: Part, decoded: Mapping[str, str] | None = None) -> str | None:
+    """The decoded text of the first ``text/html`` part that is not an attachment in the tree
+    ``root`` of ``raw`` (what the dashboard's click map shows, relay/store/html_bodies.py);
+    None when there is none or it cannot be decoded. ``decoded``: the texts of parts decoded
+    already (the rewrite's), by path."""
+    for part in leaves(root):
         if part.content_type == "text/html" and not part.attachment and not part.problem:
+            if decoded is not None and part.path in decoded:
+                return decoded[part.path]
             try:
                 return decode_text(transfer_decode(raw, part), part.params.get("charset"))
             except DecodeError:

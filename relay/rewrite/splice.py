@@ -232,6 +232,7 @@ class Prepared:
         "_eol",
         "_dkim",
         "_dkim_headers",
+        "html",
     )
 
     def __init__(self, raw: bytes, reason: str, report: Report, plan: _Plan | None = None) -> None:
@@ -239,6 +240,8 @@ class Prepared:
         self.reason = reason
         self.report = report
         self._raw = raw
+        # the first HTML part's text when the message changes, for the click map
+        self.html = plan.html if plan is not None else None
         if plan is not None:
             self._statics = Column(plan.statics, b"")
             self._slots = array("q", plan.slots)
@@ -346,6 +349,7 @@ class _Plan:
     pixel: bool = False
     dkim: DkimSigner | None = None
     dkim_headers: tuple[bytes, ...] | None = None
+    html: str | None = None  # mime.first_html of the message
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,12 +374,14 @@ def _prepare(raw: bytes, options: RewriteOptions, headers: HeaderBlock | None) -
     eol = mime.line_ending(raw)
     results: list[PartResult] = []
     part_edits: list[tuple[mime.Part, _PartPlan]] = []
+    decoded: dict[str, str] = {}
     root = mime.split(raw, headers)
     for part, signed in _leaves(root):
         result, part_plan = _plan_part(raw, part, options, signed)
         results.append(result)
         if part_plan is not None:
             part_edits.append((part, part_plan))
+            decoded[part.path] = part_plan.decoded
     report = Report(tuple(results), clicks=options.clicks)
     if not part_edits:
         return Prepared(raw, _nothing_reason(results), report)
@@ -385,6 +391,7 @@ def _prepare(raw: bytes, options: RewriteOptions, headers: HeaderBlock | None) -
         return Prepared(raw, dkim_note, report)
     plan = _assemble(raw, part_edits, removals, eol.decode("ascii"))
     plan.dkim, plan.dkim_headers = dkim, dkim_headers
+    plan.html = mime.first_html(raw, root, decoded)
     return Prepared(raw, _summary(report), report, plan)
 
 
@@ -392,6 +399,7 @@ def _prepare(raw: bytes, options: RewriteOptions, headers: HeaderBlock | None) -
 class _PartPlan:
     text: str  # the decoded HTML, line breaks as "\r\n" or "\n"
     edits: list[_Edit]
+    decoded: str  # as decoded, before lone CRs were made line breaks
 
 
 def _leaves(part: mime.Part) -> Iterator[tuple[mime.Part, bool]]:
@@ -415,9 +423,10 @@ def _plan_part(
     if skip:
         return PartResult(part.path, part.content_type, False, skip), None
     try:
-        text = mime.decode_text(mime.transfer_decode(raw, part), part.params.get("charset"))
+        decoded = mime.decode_text(mime.transfer_decode(raw, part), part.params.get("charset"))
     except DecodeError as exc:
         return PartResult(part.path, part.content_type, False, f"undecodable: {exc}"), None
+    text = decoded
     if "\r" in text and _LONE_CR.search(text):  # lone CRs would not survive QP; HTML reads
         text = text.replace("\r\n", "\n").replace("\r", "\n")  # them as line breaks anyway
     found = markup.scan(text)
@@ -439,7 +448,7 @@ def _plan_part(
     rewritten = sum(link.rewritten for link in links)
     reason = f"rewrote {rewritten} of {len(links)} links" + (", pixel inserted" if pixel else "")
     result = PartResult(part.path, part.content_type, True, reason, Links(links), pixel)
-    return result, _PartPlan(text, edits)
+    return result, _PartPlan(text, edits, decoded)
 
 
 def _why_not_trackable(part: mime.Part) -> str:

@@ -38,7 +38,6 @@ from relay.rewrite.headers import (
     prepend_headers,
     remove_headers,
 )
-from relay.rewrite.mime import first_html
 from relay.rewrite.splice import Links, Prepared, RewriteOptions, prepare
 from relay.smtp import dedupe, processes, trace
 from relay.smtp.upstream import Copy, Reply, Upstream
@@ -255,7 +254,8 @@ class MailPipeline:
                                    _header(raw, block, "Subject"), controls,
                                    decision if tracked else None, reason, len(raw), time.time(),
                                    links, self.me.id, tuple(pending),
-                                   await self._html(clean, clean_block) if tracked else None)
+                                   prepared.html if tracked and self.config.dashboard.keep_html
+                                   else None)
             stored = bool(pending)
             if stored and not await self._store_message(record):
                 metrics.SMTP_MESSAGES.labels("deferred").inc()
@@ -275,15 +275,6 @@ class MailPipeline:
             # Held from the look-up of earlier deliveries until the record of this try's:
             # a retry arriving meanwhile (in this process or another) waits, then finds them.
             await self.claims.release(claim)
-
-    async def _html(self, clean: bytes, block: HeaderBlock) -> str | None:
-        """The HTML the dashboard's click map shows (``dashboard.keep_html``), read on a
-        worker thread for a large message, as its rewrite is planned."""
-        if not self.config.dashboard.keep_html:
-            return None
-        if len(clean) > LARGE_MESSAGE:
-            return await asyncio.to_thread(first_html, clean, block)
-        return first_html(clean, block)
 
     def _received(self, incoming: Incoming, email_id: str) -> trace.Received | None:
         if not self.config.smtp.add_received:

@@ -310,6 +310,18 @@ def test_newsletter() -> None:
     check(raw, html)
 
 
+@pytest.mark.parametrize("cte", ["quoted-printable", "base64", "8bit"])
+def test_the_html_kept_for_the_click_map_is_the_first_html_part_as_decoded(cte: str) -> None:
+    """``Prepared.html`` (the dashboard's click map): the first HTML part as the client sent
+    it, read in the pass that plans the rewrite; a lone CR, made a line break in the copies,
+    stays."""
+    html = '<p>Hello\r there</p><a href="https://shop.example/sale">Sale</a>'
+    raw = build(html, "utf-8", cte)
+    prepared = prepare(raw, OPTIONS)
+    assert prepared.will_change
+    assert prepared.html == html_part(raw).get_payload(decode=True).decode("utf-8") == html
+
+
 @pytest.mark.parametrize(
     "options",
     [
