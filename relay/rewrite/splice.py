@@ -132,6 +132,7 @@ class Links(Sequence[LinkResult]):
     @classmethod
     def joined(cls, groups: Sequence[Links]) -> Links:
         """The links of ``groups`` one after the other (a message's, from its parts')."""
+        groups = [group for group in groups if len(group)] or groups[:1]
         if len(groups) == 1:
             return groups[0]
         joined = cls()

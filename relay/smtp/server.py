@@ -178,7 +178,7 @@ class RelaySMTP(SMTP):
         """aiosmtpd finds its ``smtp_*`` commands and ``auth_*`` mechanisms by scanning
         ``dir(self)`` for every new connection, a tenth of a short session's time; the answer
         is the same for every instance, so it is computed once per class."""
-        return list(_command_names(type(self)))
+        return list(_names(type(self), ("smtp_", "auth_")))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common ``<local@domain> PARAMS`` form without the stdlib's RFC 5322 parser (a
@@ -293,8 +293,8 @@ class RelaySession(Session):
 
 
 @functools.cache
-def _command_names(cls: type) -> tuple[str, ...]:
-    return tuple(name for name in dir(cls) if name.startswith(("smtp_", "auth_")))
+def _names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in dir(cls) if name.startswith(prefixes))
 
 
 def _ends_line(before: bytes, piece: bytes) -> bool:
@@ -359,6 +359,12 @@ class RelayHandler:
         self.pipeline = pipeline
         self.logins = Logins(settings)
         self.deliveries: set[asyncio.Task[str]] = set()  # messages being sent and recorded
+
+    def __dir__(self) -> list[str]:
+        """What aiosmtpd looks for in the handler of every new connection, its ``handle_*``
+        hooks and ``auth_*`` mechanisms (as :meth:`RelaySMTP.__dir__`): scanning all its
+        attributes took half the time of setting up a connection."""
+        return list(_names(type(self), ("handle_", "auth_")))
 
     def trusted(self, session: Session | None) -> bool:
         """Whether the client may relay: it authenticated or comes from allowed_networks."""
