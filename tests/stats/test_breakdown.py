@@ -13,12 +13,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay import cli
-from relay.config import WebhookEndpoint, parse
+from relay.config import StoreSettings, WebhookEndpoint, parse
 from relay.ids import new_email_id
 from relay.stats import breakdown, queries, rollup
 from relay.stats.maths import day_of
 from relay.store import engine as store
 from relay.store.engine import Store
+from relay.store.transaction import transaction
 from relay.tracking.bots import CLICK, OPEN, Classifier, networks_of
 from relay.tracking.enrich import AgentParser, Enricher, GeoDatabase
 from relay.tracking.events import Event, Hit, Recorder
@@ -48,10 +49,8 @@ def geo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
-    conn = store.connect(tmp_path / "relay.db")
-    store.migrate(conn)
-    return conn
+def conn(store_conn: sqlite3.Connection) -> sqlite3.Connection:
+    return store_conn
 
 
 def recorder(geo_path: Path, *, anonymize: bool = False, scanners: tuple[str, ...] = (),
@@ -63,7 +62,7 @@ def recorder(geo_path: Path, *, anonymize: bool = False, scanners: tuple[str, ..
 
 
 def record(conn: sqlite3.Connection, rec: Recorder, hits: list[Hit]) -> list[list[Event]]:
-    with conn:
+    with transaction(conn):  # as Store.write runs it: PostgreSQL has no savepoint outside one
         return rec.write(conn, hits)
 
 
@@ -72,6 +71,7 @@ def hit(kind: str, recipient: str, agent: str, ip: str, *, at: float = SENT_AT +
     return Hit(kind, at, email_id, recipient, url, ip, agent)
 
 
+@pytest.mark.sqlite_only  # reads through Store.execute_now, the SQLite store's writer
 async def test_the_tracker_stores_enriched_events_with_the_address_anonymized(
         tmp_path: Path, geo_path: Path) -> None:
     config = parse({
@@ -184,6 +184,7 @@ def test_counters_match_a_rebuild_from_the_events(filled: sqlite3.Connection) ->
     assert (agents_table(filled), os_table(filled)) == kept
 
 
+@pytest.mark.sqlite_only  # migrates a SQLite connection again (store.migrate)
 def test_the_os_migration_counts_the_events_recorded_before_it(
         filled: sqlite3.Connection) -> None:
     """A store migrated before ``0063_stats_os``: its events, with their os, counted by it as
@@ -278,9 +279,10 @@ def test_webhook_data_has_device_client_os_and_geo(conn: sqlite3.Connection,
 
 
 def test_cli_events_table_shows_device_client_and_location(
-        filled: sqlite3.Connection, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        filled: sqlite3.Connection, tmp_path: Path, store_settings: StoreSettings,
+        capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "relay.toml"
-    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "relay.db"}"\n')
+    config.write_text(f'[store]\nurl = "{store_settings.url}"\n')
     assert cli.main(["events", "--config", str(config), "--since", "2026-03-15",
                      "--email-id", "email_a", "--type", "click"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -289,6 +291,7 @@ def test_cli_events_table_shows_device_client_and_location(
     assert out[2].rstrip().endswith("JP")
 
 
+@pytest.mark.sqlite_only  # counts the statements with sqlite3's trace callback
 def test_a_hit_reads_its_message_once_for_every_listener(conn: sqlite3.Connection,
                                                          geo_path: Path) -> None:
     """The classifier (the time since sending), the counters and the webhook outbox all need
