@@ -22,7 +22,7 @@ from relay import config as config_module
 from relay.app import _stop_workers, http_port
 from relay.ids import new_email_id
 from relay.tracking.tokens import sign_open
-from tests.harness import Relay, base_settings, free_port, wait_until
+from tests.harness import Relay, base_settings, free_port, store_url, wait_until
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
@@ -38,7 +38,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> 
     raise AssertionError(f"port {port} never opened")
 
 
-def write_config(tmp_path: Path, smtp_port: int, http_port: int, workers: int = 1) -> Path:
+def write_config(tmp_path: Path, smtp_port: int, http_port: int, workers: int = 1,
+                 store: str | None = None) -> Path:
+    """``store``: the run's engine unless given (tests/harness.py store_url)."""
     config = tmp_path / "relay.toml"
     config.write_text(f"""
 [smtp]
@@ -50,7 +52,7 @@ capture_dir = "outbox"
 listen = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 [store]
-url = "sqlite:///relay.db"
+url = "{store or store_url(tmp_path)}"
 """)
     return config
 
@@ -154,6 +156,7 @@ def refused(port: int) -> bool:
     return False
 
 
+@pytest.mark.sqlite_only  # a request held in progress by SQLite's write lock
 def test_a_stop_closes_both_listeners_before_draining(loops, tmp_path):
     """SMTP went on taking mail while HTTP requests in progress finished (up to 60 s), and the
     two drains added up past systemd's stop timeout."""
@@ -185,7 +188,8 @@ def test_a_port_in_use_or_a_bad_store_is_one_line_not_a_traceback(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = write_config(tmp_path, free_port(), taken.getsockname()[1])
+        config = write_config(tmp_path, free_port(), taken.getsockname()[1],
+                              store="sqlite:///relay.db")  # a bad SQLite file follows
         done = run_relay("serve", "--config", str(config))
     last = done.stderr.splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr
