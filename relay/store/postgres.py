@@ -14,12 +14,10 @@ thread of its own (one hand-off per batch, never a wait on the loop) at SERIALIZ
 like SQLite's single writer, two nodes that read the same engagement row cannot both record a
 first open; PostgreSQL aborts one of them, and the batch is run again (serialization failures
 and deadlocks are retried, :data:`RETRIES`). Every batch of every node writes the same few
-rows of daily counters, so two nodes' batches at once would nearly always collide and one
-would be run again, its work wasted: each batch first takes an advisory lock
-(:data:`WRITE_LOCK`, before BEGIN, so that its snapshot is taken once the other's batch has
-committed), and the nodes' batches follow one another, as SQLite's writers do on one host;
-the work outside the transaction (HTTP, tokens, SMTP) runs on every node at once. Reads run on
-a small pool of reader threads.
+rows of daily counters, so two nodes' batches at once often collide and one is run again; an
+advisory lock making the nodes' batches follow one another instead was measured slower
+(bench/tracker_bench.py --postgresql: two workers 0.53x one with it, 1.16-1.57x without).
+Reads run on a small pool of reader threads.
 
 When the connection breaks (a restart, a failover), the batch in flight fails with
 ``sqlite3.OperationalError`` (the SMTP side answers ``451``, the tracker counts the events it
@@ -68,8 +66,6 @@ READERS = 2
 # Migrations and `relay store copy` hold this advisory lock: nodes starting together migrate
 # one after the other (pg_advisory_lock's key; any constant unlikely to collide).
 MIGRATION_LOCK = 0x72656C6179  # "relay"
-# Held by a node's writer around each batch's transaction (see the module docstring).
-WRITE_LOCK = MIGRATION_LOCK + 1
 
 # --- the dialect ------------------------------------------------------------------------------
 
@@ -462,7 +458,6 @@ class PgStore:
     def _transaction(self, batch: Batch) -> list[tuple[bool, Any]]:
         conn = self._writer_connection()
         try:
-            conn.execute("SELECT pg_advisory_lock(?)", (WRITE_LOCK,))
             conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
             outcomes = [_in_savepoint(conn, fn) for fn, _ in batch]
             conn.execute("COMMIT")
@@ -471,8 +466,6 @@ class PgStore:
             if sqlstate(exc) in RETRYABLE:
                 raise _Retry from exc
             raise
-        finally:
-            self._unlock(conn)
         self.batches += 1
         self.last_batch_size = len(batch)
         return outcomes
@@ -485,18 +478,6 @@ class PgStore:
                 raise sqlite3.OperationalError(str(exc)) from None
             log.warning("store: connected to PostgreSQL again")
         return self._writer
-
-    def _unlock(self, conn: PgConnection) -> None:
-        """Let the other nodes' writers go on. Whatever became of the batch: its outcome is
-        decided, and a connection that cannot unlock is closed (the server lets the lock go
-        with the session)."""
-        if conn is not self._writer or conn.broken:
-            return
-        try:
-            conn.execute("SELECT pg_advisory_unlock(?)", (WRITE_LOCK,))
-        except sqlite3.Error:
-            conn.close()
-            self._writer = None
 
     def _after_failure(self, conn: PgConnection) -> None:
         if conn.broken:

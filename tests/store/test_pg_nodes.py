@@ -1,12 +1,11 @@
 """Two ``relay serve`` processes on different ports sharing one PostgreSQL database (issue 18):
 webhook batches delivered once while both nodes run delivery workers, ``GetTrackList``
 answering the same on both, a restart of PostgreSQL (a server of the test's own) while mail and
-hits go through both, and two nodes' writes to the same row. (Mail through one node and its hits
-at the other, and a retry at the other node: tests/store/test_postgres.py.)"""
+hits go through both. (Mail through one node and its hits at the other, and a retry at the other
+node: tests/store/test_postgres.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -22,13 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from relay.admin import apikeys
 from relay.config import StoreSettings
 from relay.store import engine
-from relay.store.postgres import PgStore
 from tests import pg
 from tests.clients import message, tracking_urls
 from tests.harness import LoopThread, wait_until
@@ -287,47 +284,3 @@ def test_a_postgresql_restart_under_load_loses_no_mail_and_no_answered_hit(
     # off is both: stored, and counted since the node could not know)
     assert stored <= len(load.answered) <= stored + lost, (stored, lost, len(load.answered))
     assert half_way == 0
-
-
-# --- writes of several nodes ------------------------------------------------------------------
-
-def test_nodes_writing_the_same_row_wait_for_each_other_instead_of_aborting(loops):
-    """The daily counters are the same few rows for every node: a node's write transaction
-    waits for the other's to end (an advisory lock before BEGIN) rather than running into a
-    serialization failure and being run again."""
-    url = pg.schema_url()
-    holding, release = threading.Event(), threading.Event()
-
-    def first(conn) -> None:
-        conn.execute("UPDATE tags SET created_at = created_at + 1 WHERE name = 'x'")
-        holding.set()
-        assert release.wait(30)
-
-    def second(conn) -> None:
-        conn.execute("UPDATE tags SET created_at = created_at + 10 WHERE name = 'x'")
-
-    async def scenario() -> tuple[int, int, float]:
-        a, b = await PgStore.open(url), await PgStore.open(url)
-        try:
-            await a.write(lambda conn: conn.execute("INSERT INTO tags VALUES ('x', 0)"))
-            done = [a.write(first)]
-            await asyncio.to_thread(holding.wait, 30)
-            done.append(b.write(second))
-            await asyncio.to_thread(wait_until, waiting_on_a_lock, 30, "the second node waiting")
-            release.set()
-            await asyncio.gather(*done)
-            [(total,)] = await a.fetchall("SELECT created_at FROM tags WHERE name = 'x'")
-            return a.retries, b.retries, total
-        finally:
-            release.set()
-            await a.close()
-            await b.close()
-
-    def waiting_on_a_lock() -> bool:
-        with psycopg.connect(url, autocommit=True) as conn:
-            [(waiting,)] = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()").fetchall()
-        return waiting > 0
-
-    assert loops.run(scenario()) == (0, 0, 11)
