@@ -13,8 +13,8 @@ own savepoint, and the callers resume after the COMMIT. Here the transaction run
 thread of its own (one hand-off per batch, never a wait on the loop) at SERIALIZABLE isolation:
 like SQLite's single writer, two nodes that read the same engagement row cannot both record a
 first open; PostgreSQL aborts one of them, and the batch is run again (serialization failures
-and deadlocks are retried, :data:`RETRIES`). Every batch of every node writes the same few
-rows of daily counters, so two nodes' batches at once often collide and one is run again; an
+and deadlocks: relay/store/transaction.py retrying). Every batch of every node writes the same
+few rows of daily counters, so two nodes' batches at once often collide and one is run again; an
 advisory lock making the nodes' batches follow one another instead was measured slower
 (bench/tracker_bench.py --postgresql: two workers 0.53x one with it, 1.16-1.57x without).
 Reads run on a small pool of reader threads.
@@ -35,7 +35,6 @@ import asyncio
 import functools
 import logging
 import queue
-import random
 import re
 import sqlite3
 import threading
@@ -49,18 +48,12 @@ from psycopg import pq
 from psycopg.adapt import Loader
 
 from relay.errors import StoreError
-from relay.store.transaction import transaction
+from relay.store.transaction import RETRYABLE, retrying, sqlstate, transaction
 
 log = logging.getLogger("relay.store")
 
 T = TypeVar("T")
 WriteFn = Callable[[Any], T]
-# A batch that PostgreSQL aborted (serialization failure, deadlock) is run again this often.
-RETRIES = 20
-RETRYABLE = frozenset({"40001", "40P01"})
-# Before the n-th run again, the writer waits a random time up to RETRY_WAIT * 2**n seconds
-# (n at most 7: 0.26 s).
-RETRY_WAIT = 0.002
 CONNECT_TIMEOUT = 5
 READERS = 2
 # Migrations and `relay store copy` hold this advisory lock: nodes starting together migrate
@@ -193,10 +186,6 @@ def _error(exc: psycopg.Error) -> sqlite3.Error:
         mapped = sqlite3.DatabaseError(str(exc))
     mapped.sqlstate = exc.sqlstate  # type: ignore[attr-defined]
     return mapped
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    return getattr(exc, "sqlstate", None)
 
 
 class PgConnection:
@@ -335,10 +324,6 @@ def migrate(conn: PgConnection, migrations: Mapping[str, str], where: str) -> li
 # --- the store ----------------------------------------------------------------------------
 
 
-class _Retry(Exception):
-    """PostgreSQL aborted the transaction (serialization failure, deadlock): run it again."""
-
-
 Batch = list[tuple[WriteFn[Any], "asyncio.Future[Any]"]]
 
 
@@ -439,21 +424,15 @@ class PgStore:
             self._loop.call_soon_threadsafe(self._resolve, batch, outcomes)
 
     def _run_batch(self, batch: Batch) -> list[tuple[bool, Any]]:
-        for attempt in range(RETRIES):
-            try:
-                return self._transaction(batch)
-            except _Retry:
-                self.retries += 1
-                # Two busy nodes retrying at once meet again: wait a random while, longer
-                # after each failure, so that one gets through (measured: chains of 20
-                # aborts without it, two relays delivering one queue).
-                time.sleep(random.uniform(0, RETRY_WAIT * 2 ** min(attempt, 7)))
-                for hook in self._rollback_hooks:
-                    hook()
-            except Exception as exc:  # the writer thread must outlive any failed batch
-                return [(False, exc)] * len(batch)
-        failure = sqlite3.OperationalError(f"transaction aborted {RETRIES} times by conflicts")
-        return [(False, failure)] * len(batch)
+        try:
+            return retrying(lambda: self._transaction(batch), self._rolled_back)
+        except Exception as exc:  # the writer thread must outlive any failed batch
+            return [(False, exc)] * len(batch)
+
+    def _rolled_back(self) -> None:
+        self.retries += 1
+        for hook in self._rollback_hooks:
+            hook()
 
     def _transaction(self, batch: Batch) -> list[tuple[bool, Any]]:
         conn = self._writer_connection()
@@ -461,11 +440,9 @@ class PgStore:
             conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
             outcomes = [_in_savepoint(conn, fn) for fn, _ in batch]
             conn.execute("COMMIT")
-        except Exception as exc:
+        except Exception:
             self._after_failure(conn)
-            if sqlstate(exc) in RETRYABLE:
-                raise _Retry from exc
-            raise
+            raise  # a conflict is run again by _run_batch
         self.batches += 1
         self.last_batch_size = len(batch)
         return outcomes

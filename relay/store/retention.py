@@ -33,7 +33,8 @@ and the messages whose only recipient it was (their subject may be about that pe
 message that went to others too keeps its row; only the erased recipient's rows go.
 
 Every delete runs in chunks of :data:`CHUNK` rows, one short write transaction each, so a
-large purge never holds the write lock long enough to stall the tracker's group commits.
+large purge never holds the write lock long enough to stall the tracker's group commits; on
+PostgreSQL a chunk that a conflict with the relay's own writes aborted is run again.
 With ``[retention] days`` set, the process serving HTTP purges at start and every
 :data:`PURGE_INTERVAL` seconds, on a connection of its own in a worker thread. Stopping the
 relay ends a purge before its next chunk: cancelling the task does not stop the thread, and
@@ -58,7 +59,7 @@ from urllib.parse import unquote
 from relay.errors import InvalidInput
 from relay.store import engine as store
 from relay.store import html_bodies
-from relay.store.transaction import transaction
+from relay.store.transaction import transact
 
 if TYPE_CHECKING:
     from relay.config import StoreSettings
@@ -211,8 +212,8 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
            f"(SELECT {step.key} FROM {step.table} WHERE {step.where} LIMIT :chunk)")
     total = 0
     while stopping is None or not stopping.is_set():
-        with transaction(conn):
-            deleted = conn.execute(sql, {**params, "chunk": CHUNK}).rowcount
+        # run again if PostgreSQL aborts it for a conflict with the relay's writes
+        deleted = transact(conn, lambda c: c.execute(sql, {**params, "chunk": CHUNK}).rowcount)
         total += deleted
         if deleted < CHUNK:
             break

@@ -1,12 +1,67 @@
 """The one write transaction for code that holds a connection of its own (the CLI, migrations,
 rebuilds, the purge); the relay's request path goes through :meth:`Store.write`'s group commit
-instead (relay/store/engine.py)."""
+instead (relay/store/engine.py).
+
+On PostgreSQL that transaction is SERIALIZABLE (relay/store/postgres.py translate), and the
+server may abort it for a conflict with another node's or the relay's own writes:
+:func:`retrying` runs such a transaction again, for the writer's group commits and for
+:func:`transact`'s callers alike."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+# A transaction that PostgreSQL aborted (serialization failure, deadlock) is run again this often.
+RETRIES = 20
+RETRYABLE = frozenset({"40001", "40P01"})
+# Before the n-th run again, wait a random time up to RETRY_WAIT * 2**n seconds (n at most 7:
+# 0.26 s).
+RETRY_WAIT = 0.002
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error (relay/store/postgres.py _error); None otherwise."""
+    return getattr(exc, "sqlstate", None)
+
+
+def retrying(run: Callable[[], T], rolled_back: Callable[[], None] = lambda: None) -> T:
+    """``run()``, run again (after ``rolled_back()``) while it raises a conflict PostgreSQL
+    aborted it for; ``run`` must have rolled its transaction back before raising. After
+    :data:`RETRIES` runs, ``sqlite3.OperationalError``. SQLite raises no such conflict (its
+    writers wait for the write lock instead): there ``run()`` runs once."""
+    for attempt in range(RETRIES):
+        try:
+            return run()
+        except Exception as exc:
+            if sqlstate(exc) not in RETRYABLE:
+                raise
+        # Two busy writers retrying at once meet again: wait a random while, longer after each
+        # failure, so that one gets through (measured: chains of 20 aborts without it, two
+        # relays delivering one queue).
+        time.sleep(random.uniform(0, RETRY_WAIT * 2 ** min(attempt, 7)))
+        rolled_back()
+    raise sqlite3.OperationalError(f"transaction aborted {RETRIES} times by conflicts")
+
+
+def transact(conn: Any, fn: Callable[[Any], T]) -> T:
+    """``fn(conn)`` in :func:`transaction`, run again when PostgreSQL aborts it for a conflict
+    (:func:`retrying`); ``fn`` must be safe to run again. Inside a transaction already, once:
+    a conflict aborts the caller's whole transaction, which only the caller can run again."""
+    if conn.in_transaction:
+        with transaction(conn):
+            return fn(conn)
+
+    def run() -> T:
+        with transaction(conn):
+            return fn(conn)
+
+    return retrying(run)
 
 
 @contextlib.contextmanager

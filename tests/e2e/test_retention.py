@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import pytest
 
 from relay import config as config_module
+from relay.admin.retention import erase_in_store
 from relay.errors import ConfigError, InvalidInput
 from relay.store import engine as store
 from relay.store import queue, retention
 from relay.tracking.tokens import sign_click, sign_open
+from tests import pg
 from tests.clients import api_key, call, cli, write_config
 from tests.harness import LoopThread, Relay
 from tests.webhooks.test_outbox import FAST, Receiver, get, hook, wait_until
@@ -329,3 +331,43 @@ def test_erase_finds_every_case_and_only_whole_addresses(store_conn):
     for table in LINK_COUNTERS:
         left = {url for (url,) in conn.execute(f"SELECT url FROM {table}")}
         assert left == {url for url, named in urls.items() if not named}, table
+
+
+@pytest.mark.skipif(pg.ENGINE != "postgresql", reason="a conflict of PostgreSQL's SERIALIZABLE")
+def test_an_erase_chunk_aborted_by_a_conflicting_write_is_run_again(store_settings, store_conn):
+    """A click updates bob's engagement row while the erase deletes it: once the click
+    commits, PostgreSQL aborts the erase's chunk (could not serialize access), and the chunk
+    is run again instead of failing the erase (``relay erase``, the API route)."""
+    store_conn.execute("INSERT INTO engagement VALUES ('email_1', 'bob@example.org', 'open', "
+                       "1, 1, 1.0)")
+    click = pg.connect(store_settings.url)
+    click.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+    click.execute("UPDATE engagement SET hits = hits + 1 WHERE recipient = 'bob@example.org'")
+    outcome: list[object] = []
+    erasing = threading.Thread(target=lambda: outcome.append(
+        _erase_or_error(store_settings, "bob@example.org")))
+    erasing.start()
+    try:
+        def erase_waits_for_the_click() -> bool:
+            [(waiting,)] = store_conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() AND query LIKE 'DELETE FROM engagement%'"
+            ).fetchall()
+            return waiting > 0
+
+        wait_until(erase_waits_for_the_click, what="the erase waiting for the click's row")
+        click.execute("COMMIT")
+    finally:
+        click.rollback()
+        erasing.join(30)
+        click.close()
+    assert outcome and isinstance(outcome[0], dict), outcome
+    assert outcome[0]["engagement"] == 1
+    assert store_conn.execute("SELECT count(*) FROM engagement").fetchone()[0] == 0
+
+
+def _erase_or_error(settings: config_module.StoreSettings, address: str) -> object:
+    try:
+        return erase_in_store(settings, address)
+    except Exception as exc:  # the test reports it
+        return exc
