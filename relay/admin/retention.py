@@ -49,8 +49,9 @@ def _report(args: argparse.Namespace, counts: dict[str, int]) -> int:
 
 def erase_in_store(settings: StoreSettings, address: str) -> dict[str, int]:
     """:func:`erase_recipient` on a connection of its own (run in a worker thread): its many
-    short transactions stay out of the group commit."""
-    conn = store.connect_url(settings)
+    short transactions stay out of the group commit. Not migrated: the serving process
+    migrated the store when it started."""
+    conn = store.connect_store(settings)
     try:
         return erase_recipient(conn, address)
     finally:

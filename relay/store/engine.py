@@ -709,16 +709,27 @@ def open_store(settings: StoreSettings) -> Awaitable[Store | PgStore]:
 
 def connect_url(settings: StoreSettings) -> Any:
     """A migrated connection for a command (the CLI): sqlite3's, or the PostgreSQL adapter."""
+    conn = connect_store(settings)
     if settings.path is None:
         from relay.config import redact_url
         from relay.store import postgres
 
-        conn = postgres.connect(settings.url)
         postgres.migrate(conn, MIGRATIONS, redact_url(settings.url))
-        return conn
-    conn = connect(settings.path)
-    migrate(conn, settings.path)
+    else:
+        migrate(conn, settings.path)
     return conn
+
+
+def connect_store(settings: StoreSettings) -> Any:
+    """A connection of its own to the store of ``[store] url``, not migrated: for the process
+    serving it, which migrated it when it opened its :class:`Store` (the purge, the erasure
+    route). Migrating again would wait for any other node's migration (PostgreSQL's advisory
+    lock) and take SQLite's write lock once per migration."""
+    if settings.path is None:
+        from relay.store import postgres
+
+        return postgres.connect(settings.url)
+    return connect(settings.path)
 
 
 class Checkpointer:

@@ -223,8 +223,8 @@ def _delete(conn: sqlite3.Connection, step: Step, params: dict[str, object],
 def purge_expired(settings: StoreSettings, days: int, now: float,
                   stopping: threading.Event | None = None) -> dict[str, int]:
     """Purge what is older than ``days`` days before ``now``, on a connection of its own to
-    the store of ``[store]``."""
-    conn = store.connect_url(settings)
+    the store of ``[store]`` (not migrated: the serving process did when it started)."""
+    conn = store.connect_store(settings)
     try:
         return purge(conn, now - days * DAY, stopping)
     finally:

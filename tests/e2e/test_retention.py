@@ -17,7 +17,7 @@ from relay import config as config_module
 from relay.admin.retention import erase_in_store
 from relay.errors import ConfigError, InvalidInput
 from relay.store import engine as store
-from relay.store import queue, retention
+from relay.store import postgres, queue, retention
 from relay.tracking.tokens import sign_click, sign_open
 from tests import pg
 from tests.clients import api_key, call, cli, write_config
@@ -371,3 +371,30 @@ def _erase_or_error(settings: config_module.StoreSettings, address: str) -> obje
         return erase_in_store(settings, address)
     except Exception as exc:  # the test reports it
         return exc
+
+
+@pytest.mark.skipif(pg.ENGINE != "postgresql", reason="PostgreSQL's migration lock")
+def test_the_erase_route_does_not_migrate_the_store_again(store_settings, store_conn):
+    """The serving process migrated the store when it started: an erasure (the API route's
+    erase_in_store, the hourly purge) does not run the migrations again, so it does not wait
+    for another node's migration (which holds the migration lock) to finish."""
+    store_conn.execute("INSERT INTO engagement VALUES ('email_1', 'bob@example.org', 'open', "
+                       "1, 1, 1.0)")
+    migrating = pg.connect(store_settings.url)
+    migrating.execute("SELECT pg_advisory_lock(?)", (postgres.MIGRATION_LOCK,))
+    outcome: list[object] = []
+
+    def erase_then_purge() -> None:
+        outcome.append(_erase_or_error(store_settings, "bob@example.org"))
+        outcome.append(retention.purge_expired(store_settings, 1, 3 * DAY))
+
+    erasing = threading.Thread(target=erase_then_purge)
+    erasing.start()
+    try:
+        wait_until(lambda: len(outcome) == 2, what="the erasure and the purge, while another "
+                                                    "node migrates")
+    finally:
+        migrating.close()  # the lock goes with the session
+        erasing.join(30)
+    assert isinstance(outcome[0], dict) and outcome[0]["engagement"] == 1, outcome
+    assert isinstance(outcome[1], dict) and outcome[1]["engagement"] == 0, outcome
