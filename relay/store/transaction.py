@@ -64,6 +64,13 @@ def transact(conn: Any, fn: Callable[[Any], T]) -> T:
     return retrying(run)
 
 
+def must_rerun(exc: BaseException) -> bool:
+    """Whether ``exc`` means the whole transaction must run again (:func:`retrying`): code
+    that rolls back a savepoint of its own and goes on must let such an error through, or the
+    rest of the transaction would commit without what the savepoint wrote."""
+    return sqlstate(exc) in RETRYABLE
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` (the write lock taken at once, so a reader never has to be upgraded

@@ -68,7 +68,7 @@ from relay.store import outbox as tables
 from relay.store.engine import Store
 from relay.store.messages import StoredMessage
 from relay.store.queue import Queued
-from relay.store.transaction import savepoint, transaction
+from relay.store.transaction import must_rerun, savepoint, transaction
 from relay.tracking.bots import CLICK
 from relay.tracking.events import EVENT_PREFIX, Event
 from relay.webhooks.payloads import (
@@ -225,11 +225,14 @@ def _facts(email_id: str, message: StoredMessage | None) -> MessageFacts:
 
 def _safely(conn: sqlite3.Connection, write: Callable[[sqlite3.Connection], None],
             about: str) -> None:
-    """Run ``write`` in a savepoint of its own; a failure is rolled back alone and logged."""
+    """Run ``write`` in a savepoint of its own; a failure is rolled back alone and logged,
+    except one that aborts the whole transaction (PostgreSQL runs it again, events and all)."""
     try:
         with savepoint(conn, "outbox"):
             write(conn)
-    except Exception:
+    except Exception as exc:
+        if must_rerun(exc):
+            raise
         log.exception("webhook events for %s not queued", about)
 
 

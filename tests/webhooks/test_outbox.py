@@ -456,3 +456,25 @@ def test_cli_lists_adds_replays_and_removes(tmp_path, receiver):
     assert "bat_1" in shown and "HTTP 500" in shown
     assert relay_cli(config, "replay", "--failed").stdout.startswith("1 batches")
     assert db.execute("SELECT state FROM webhook_batches").fetchone()[0] == "pending"
+
+
+def test_an_outbox_write_lets_a_serialization_failure_through():
+    """A failed outbox write is rolled back alone, except a failure that aborts the whole
+    transaction (PostgreSQL's serialization failure, marked with its SQLSTATE as the engine
+    marks it): swallowed, the rest would commit without the webhook event; raised, the engine
+    runs the whole transaction again."""
+    from relay.webhooks.outbox import _safely
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("BEGIN")
+
+    def fail(code: str | None):
+        def write(conn: sqlite3.Connection) -> None:
+            error = sqlite3.OperationalError("could not serialize access")
+            error.sqlstate = code  # type: ignore[attr-defined]
+            raise error
+        return write
+
+    _safely(conn, fail(None), "evt_1")  # logged, rolled back alone
+    with pytest.raises(sqlite3.OperationalError):
+        _safely(conn, fail("40001"), "evt_2")
