@@ -15,6 +15,12 @@ classify, commit the event (group commit) and only then answer. The bare app ans
 paths with the same responses (GIF, 302 with a fixed Location) and does nothing else. After
 the runs the events in the SQLite file are counted against the requests wrk completed.
 
+``--postgresql SERVER`` (e.g. ``postgresql://postgres@127.0.0.1:5432``) runs ``relay http`` on
+SQLite and on PostgreSQL (a database of its own on SERVER, filled by copying the SQLite store
+as ``relay store copy`` does, dropped at the end), each with 1 and 2 worker processes, beside
+the bare app with 1 and 2 processes: how PostgreSQL scales with workers on this machine, beside
+SQLite. ``--workers`` is not used then.
+
 ``--floor`` then measures, in this process and without HTTP, what the durable write alone
 costs per click (the tracker's own ``Recorder.write`` and COMMIT in batches, on a fresh store
 with the same listeners), what one bare row into a bare table costs and what opening the click's
@@ -43,9 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay.app import running  # noqa: E402
-from relay.config import Config, load  # noqa: E402
+from relay.config import Config, StoreSettings, load  # noqa: E402
 from relay.ids import new_email_id  # noqa: E402
-from relay.store.engine import connect, migrate  # noqa: E402
+from relay.store import copy  # noqa: E402
+from relay.store.engine import connect, connect_url, migrate  # noqa: E402
 from relay.tracking.bots import CLICK  # noqa: E402
 from relay.tracking.events import Hit  # noqa: E402
 from relay.tracking.tokens import Keyring, RecipientSigner, verify  # noqa: E402
@@ -136,12 +143,15 @@ def prepare(folder: Path, messages: int, recipients: int, links: int) -> tuple[P
     return db, clicks, opens
 
 
-def write_config(folder: Path, db: Path, port: int, workers: int = 1) -> Path:
-    config = folder / "relay.toml"
+def write_config(folder: Path, db: Path | str, port: int, workers: int = 1,
+                 name: str = "relay") -> Path:
+    """A config for ``relay http`` on ``db`` (a SQLite file, or a store's URL)."""
+    config = folder / f"{name}.toml"
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
     config.write_text(
         f'[http]\nlisten = "127.0.0.1:{port}"\npublic_url = "http://127.0.0.1:{port}"\n'
         f'workers = {workers}\n'
-        f'[store]\nurl = "sqlite:///{db}"\n'
+        f'[store]\nurl = "{url}"\n'
         # wrk is one address with one agent: the flood rule would make every hit past the
         # 300th automation; off, so that the person path is what is measured
         f'[tracking]\ncurrent_key = "b1"\nflood_hits = 0\n[tracking.keys]\nb1 = "{SECRET}"\n'
@@ -179,8 +189,12 @@ def wrk(port: int, script: Path, args: argparse.Namespace, servers: list[int]
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["bad"] = float(errors.group(1)) if errors else 0.0
-    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)$", out, re.M):
-        result[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    for pct in (50, 75, 90, 99):  # wrk leaves out a percentile it has no sample for
+        result[f"p{pct}"] = float("nan")
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)$", out,
+                                       re.M):
+        result[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0,
+                                            "m": 60000.0}[unit]
     return result
 
 
@@ -252,7 +266,12 @@ def main() -> int:
                         help="also measure the durable write alone, in process, without HTTP")
     parser.add_argument("--tracker-only", action="store_true",
                         help="also run the tracker without the app's event listeners")
+    parser.add_argument("--postgresql", metavar="SERVER",
+                        help="also run relay http on PostgreSQL (a database of its own on "
+                             "SERVER), 1 and 2 workers each")
     args = parser.parse_args()
+    if args.postgresql:
+        return engines(args)
 
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         folder = Path(tmp)
@@ -299,6 +318,62 @@ def main() -> int:
               "requests (wrk counts a request cut off at the end too)")
         if args.floor:
             floor(folder / "floor", args, bare_click_rps)
+    return 0
+
+
+def engines(args: argparse.Namespace) -> int:
+    """``relay http`` on SQLite and on PostgreSQL with 1 and 2 workers, beside the bare app."""
+    import psycopg
+
+    database = f"relay_tracker_bench_{os.getpid()}"
+    with psycopg.connect(f"{args.postgresql}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    url = f"{args.postgresql}/{database}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
+            folder = Path(tmp)
+            db, clicks, opens = prepare(folder, args.messages, args.recipients, args.links)
+            random.Random(1).shuffle(clicks)
+            source, target = connect(db), connect_url(StoreSettings(None, url))
+            copy.copy(source, target)
+            target.execute("VACUUM ANALYZE")
+            source.close()
+            bare = folder / "bare.py"
+            bare.write_text(BARE_APP.format(pixel=PIXEL))
+            port = free_port()
+            servers = [(f"bare aiohttp, {n}", [sys.executable, str(bare), str(port)], n)
+                       for n in (1, 2)]
+            for store, name in ((db, "SQLite"), (url, "PostgreSQL")):
+                for n in (1, 2):
+                    config = write_config(folder, store, port, n, f"{name}-{n}")
+                    servers.append((f"relay http {name}, {n}",
+                                    [sys.executable, "-m", "relay", "http", "--config",
+                                     str(config)], 1))
+            print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+                  f"{len(clicks)} click and {len(opens)} open tokens, {os.cpu_count()} CPUs; "
+                  "N: worker processes")
+            for kind, paths in (("click", clicks), ("open", opens)):
+                script = folder / f"{kind}.lua"
+                script.write_text(LUA.format(paths=", ".join(f'"{p}"' for p in paths),
+                                             agent=AGENT))
+                print(f"/{kind[0]}/<token>")
+                rps = {}
+                for label, command, copies in servers:
+                    result = run(command, copies, port, script, args)
+                    rps[label] = result["rps"]
+                    print(line(label, result))
+                for name in ("SQLite", "PostgreSQL"):
+                    one, two = rps[f"relay http {name}, 1"], rps[f"relay http {name}, 2"]
+                    print(f"  {name}: 2 workers {two / one:.2f}x one")
+                print(f"  PostgreSQL 1 worker / SQLite 1 worker: "
+                      f"{rps['relay http PostgreSQL, 1'] / rps['relay http SQLite, 1']:.2f}")
+            (stored,) = target.execute("SELECT count(*) FROM events WHERE implied = 0"
+                                       ).fetchone()
+            print(f"events stored in PostgreSQL: {stored:,}")
+            target.close()
+    finally:
+        with psycopg.connect(f"{args.postgresql}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     return 0
 
 
