@@ -92,16 +92,18 @@ class Claim:
 def take(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], email_id: str,
          me: processes.Registered, now: float, window: float) -> Claim | None:
     """In one transaction: the recipients delivered within ``window`` seconds are duplicates;
-    the others are claimed for ``email_id`` by process ``me``, unless a try of another process
-    that still runs holds any of them (then None, and nothing is claimed: a try never holds
-    some recipients while waiting for others, so two tries cannot wait for each other)."""
+    the others are claimed for ``email_id`` by process ``me``, unless another try that still
+    runs holds any of them (then None, and nothing is claimed: a try never holds some
+    recipients while waiting for others, so two tries cannot wait for each other). That try
+    may be of the same ``email_id``: a queued message's attempt whose lease ran out, taken
+    over (relay/smtp/delivery.py), by this process or another."""
     done = deliveries.delivered(conn, digest, recipients, now - window)
     pending = [r for r in recipients if r not in done]
     duplicates = [r for r in recipients if r in done]
     earlier = tuple(sorted(set(done.values())))
     if not pending:
         return Claim(digest, email_id, pending, duplicates, earlier=earlier)
-    holders = deliveries.claim_holders(conn, digest, pending, email_id)
+    holders = deliveries.claim_holders(conn, digest, pending)
     if holders and processes.running(conn, holders, me.process, now):
         return None
     processes.see(conn, me, now)

@@ -21,14 +21,13 @@ def delivered(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str]
         [digest, since, *recipients]).fetchall())
 
 
-def claim_holders(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str],
-                  email_id: str) -> list[int]:
-    """The processes whose tries, other than ``email_id``, claim one of ``recipients``."""
+def claim_holders(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str]
+                  ) -> list[int]:
+    """The processes whose tries claim one of ``recipients``."""
     marks = placeholders(recipients)
     return [row[0] for row in conn.execute(
         "SELECT DISTINCT process FROM send_claims"
-        f" WHERE digest = ? AND recipient IN ({marks}) AND email_id != ?",
-        [digest, *recipients, email_id])]
+        f" WHERE digest = ? AND recipient IN ({marks})", [digest, *recipients])]
 
 
 def claim(conn: sqlite3.Connection, digest: bytes, recipients: Sequence[str], email_id: str,

@@ -10,6 +10,7 @@ import email
 import email.policy
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -39,6 +40,9 @@ from tests.webhooks.test_outbox import Receiver
 from tests.webhooks.test_outbox import settings as webhook_settings
 
 QUEUE = {"smtp": {"mode": "queue"}}
+# The upstream's timeout of tests that hold a copy at the upstream (UpstreamHandler.gate) while
+# they move the clock, well past how long they take on a loaded machine.
+HOLDING = {"upstream": {"timeout": 300}}
 
 
 @pytest.fixture
@@ -536,13 +540,15 @@ def in_delivery(*relays) -> int:
 
 
 def test_an_attempt_that_lost_its_lease_records_and_reports_nothing(make_relay, upstream,
-                                                                     receiver):
+                                                                     receiver, caplog):
     """Issue 16: an attempt whose lease ran out while the upstream kept it (and another claim
     took the message over) still wrote its results and its email.delayed: the delay was
     counted and reported twice. Only the attempt holding the lease records."""
+    caplog.set_level(logging.INFO, logger="relay.mail")
     clock = ManualClock()
     receiver.start()
-    settings = {**QUEUE, **webhook_settings(receiver.url), "queue": {"retry_seconds": [3600]}}
+    settings = {**QUEUE, **HOLDING, **webhook_settings(receiver.url),
+                "queue": {"retry_seconds": [3600]}}
     first = make_relay(settings, upstream=upstream, clock=clock)
     gate = hold_upstream(first.loops, upstream)
     upstream.handler.data_reply = "451 4.3.0 upstream busy"
@@ -551,7 +557,8 @@ def test_an_attempt_that_lost_its_lease_records_and_reports_nothing(make_relay, 
     second = make_relay({**settings, "store": {"url": first.config.store.url}},
                         upstream=upstream, clock=clock)
     clock.advance(first.loops, delivery.LEASE_SECONDS + 1)  # the lease runs out at once
-    wait_until(lambda: upstream.handler.held == 2, what="the message taken over")
+    wait_until(lambda: upstream.handler.held == 2 or "waits: another try" in caplog.text,
+               what="the message taken over")
     first.loops.loop.call_soon_threadsafe(gate.set)
     wait_until(lambda: in_delivery(first, second) == 0, what="both attempts ended")
     assert attempts(first, "a@example.org") == 1
@@ -564,7 +571,7 @@ def test_an_attempt_longer_than_a_lease_keeps_it(make_relay, upstream):
     """Issue 16: a lease was never renewed: an attempt that outlasted it (a slow upstream, a
     large fan-out) had its message taken over by another worker, which sent it again."""
     clock = ManualClock()
-    settings = {"smtp": {"mode": "queue", "dedupe_hours": 0}}
+    settings = {**HOLDING, "smtp": {"mode": "queue", "dedupe_hours": 0}}
     first = make_relay(settings, upstream=upstream, clock=clock)
     gate = hold_upstream(first.loops, upstream)
     assert send(first)[0] == 250
@@ -582,6 +589,30 @@ def test_an_attempt_longer_than_a_lease_keeps_it(make_relay, upstream):
     first.loops.loop.call_soon_threadsafe(gate.set)
     wait_until(lambda: queued(first) == 0, what="the queue emptied")
     assert upstream.handler.held == 1 and len(upstream.received) == 1
+
+
+def test_an_attempt_taken_over_waits_for_the_one_still_sending(make_relay, upstream, caplog):
+    """Issue 16: once a lease ran out (it is renewed, unless the store was away that long),
+    the attempt that took the message over sent it at once, while the first one was still
+    at the upstream: every recipient got it twice. It waits for the first one's claims, then
+    finds its deliveries."""
+    caplog.set_level(logging.INFO, logger="relay.mail")
+    clock = ManualClock()
+    first = make_relay({**QUEUE, **HOLDING}, upstream=upstream, clock=clock)
+    gate = hold_upstream(first.loops, upstream)
+    assert send(first, ["a@example.org", "b@example.org"])[0] == 250
+    wait_until(lambda: upstream.handler.held == 1, what="the first attempt at the upstream")
+    second = make_relay({**QUEUE, **HOLDING, "store": {"url": first.config.store.url}},
+                        upstream=upstream, clock=clock)
+    clock.advance(first.loops, delivery.LEASE_SECONDS + 1)  # the lease runs out at once
+    wait_until(lambda: upstream.handler.held == 2 or "waits: another try" in caplog.text,
+               what="the message taken over")
+    first.loops.loop.call_soon_threadsafe(gate.set)
+    wait_until(lambda: queued(first) == 0, what="the queue emptied")
+    wait_until(lambda: in_delivery(first, second) == 0, what="both attempts ended")
+    assert upstream.handler.held == 1
+    assert [sorted(r.rcpt_tos) for r in upstream.received] == [["a@example.org",
+                                                                 "b@example.org"]]
 
 
 RELAYS_SHARING_A_STORE = """
