@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import tempfile
 import time
 from pathlib import Path
 
 from relay import config as config_module
+from relay.smtp import processes
 from relay.smtp.pipeline import Incoming, MailPipeline
 from relay.smtp.upstream import Copy, Reply
-from relay.store.engine import Store
+from relay.store.engine import open_store
 from relay.tracking.keys import load_keyring
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -51,10 +53,12 @@ async def round_(dedupe_hours: float, messages: list[bytes], concurrency: int
             "tracking": {"keys": {"k1": "k" * 32}, "current_key": "k1"},
         }
         config = config_module.parse(settings, "bench.toml", Path(tmp))
-        store = await Store.open(config.store.path)
+        store = await open_store(config.store)
         try:
-            pipeline = MailPipeline(config, store, load_keyring(config.tracking, store.writer),
-                                    TakesEverything())
+            # as the relay makes it (relay/app.py): through store.write, on either engine
+            keyring = await store.write(functools.partial(load_keyring, config.tracking))
+            pipeline = MailPipeline(config, store, keyring, TakesEverything(),
+                                    me=await store.write(processes.register))
             queue = list(reversed(messages))
 
             async def client() -> None:

@@ -102,14 +102,13 @@ async def running(
         config, store, services.keyring,
         build_upstream(config.upstream, config.smtp.server_name, clock),
         services.message_listeners,
-        await store.write(processes.register))
+        me=await store.write(processes.register))
     services.certificates, services.acme = certs.start(store, config, order=http)
     try:
         if smtp:
             from relay.smtp.server import SmtpService
 
-            services.smtp = SmtpService(config, store, services.keyring,
-                                        pipeline=services.pipeline, clock=clock,
+            services.smtp = SmtpService(config, store, services.pipeline, clock=clock,
                                         attempt_listeners=services.attempt_listeners,
                                         certificates=services.certificates)
             await services.smtp.start()

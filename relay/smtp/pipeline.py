@@ -102,17 +102,16 @@ NOT_STORED = "451 4.3.0 The relay cannot store messages right now; try again lat
 
 class MailPipeline:
     def __init__(self, config: Config, store: Store, keyring: Keyring, upstream: Upstream,
-                 listeners: Sequence[MessageListener] = (),
-                 me: processes.Registered | None = None):
+                 listeners: Sequence[MessageListener] = (), *, me: processes.Registered):
         self.config = config
         self.store = store
         self.keyring = keyring
         self.upstream = upstream
         self.listeners = tuple(listeners)
         self.rules = RulesCache(store, lambda: self.clock())
-        # what its messages and claims name (made by the caller: the PostgreSQL engine has no
-        # connection to write it on from here)
-        self.me = me if me is not None else processes.register(store.writer)
+        # what its messages and claims name (registered by the caller, through store.write:
+        # the PostgreSQL engine has no connection to write it on from here)
+        self.me = me
         self.claims = dedupe.Claims(store, config.smtp.dedupe_hours * 3600, self.me)
         self.on_queued: Callable[[], None] = lambda: None  # the queue's workers wake up
         self.clock: Callable[[], float] = time.time

@@ -26,13 +26,12 @@ from relay.clock import Clock
 from relay.config import Config, SmtpSettings
 from relay.limits import ConnectionLimits
 from relay.rewrite.headers import NOT_UTF8
-from relay.smtp import processes, trace
+from relay.smtp import trace
 from relay.smtp.delivery import AttemptListener, QueueWorker
 from relay.smtp.guard import Logins, admit, limit_reached, peer_host, peer_key
-from relay.smtp.pipeline import Incoming, MailPipeline, MessageListener
-from relay.smtp.upstream import Upstream, build_upstream, stuff
+from relay.smtp.pipeline import Incoming, MailPipeline
+from relay.smtp.upstream import stuff
 from relay.store.engine import Store
-from relay.tracking.tokens import Keyring
 
 log = logging.getLogger("relay.smtp")
 
@@ -445,23 +444,15 @@ class RelayHandler:
 class SmtpService:
     """The SMTP listeners (plain with optional STARTTLS, optional implicit TLS)."""
 
-    def __init__(self, config: Config, store: Store, keyring: Keyring,
-                 upstream: Upstream | None = None,
-                 listeners: Sequence[MessageListener] = (),
-                 me: processes.Registered | None = None,
-                 pipeline: MailPipeline | None = None, clock: Clock | None = None,
+    def __init__(self, config: Config, store: Store, pipeline: MailPipeline,
+                 clock: Clock | None = None,
                  attempt_listeners: Sequence[AttemptListener] = (),
                  certificates: CertificateSet | None = None) -> None:
         """``pipeline``: the mail path this service shares with the send API (relay/app.py),
-        whose owner closes its upstream; without one it makes its own. ``clock``: the
-        queue's time (tests drive it)."""
+        whose owner closes its upstream. ``clock``: the queue's time (tests drive it)."""
         self.config = config
         clock = clock or Clock()
         self.certificates = certificates  # smtp.tls_acme: STARTTLS with the store's
-        self.owns_pipeline = pipeline is None
-        if pipeline is None:
-            pipeline = MailPipeline(config, store, keyring, upstream or build_upstream(
-                config.upstream, config.smtp.server_name, clock), listeners, me)
         pipeline.clock = clock.time
         self.upstream = pipeline.upstream
         self.handler = RelayHandler(config.smtp, pipeline)
@@ -568,8 +559,6 @@ class SmtpService:
         await asyncio.gather(*late, return_exceptions=True)
         if self.queue is not None:
             await self.queue.stop()
-        if self.owns_pipeline:
-            await self.upstream.close()
         self.handler.logins.close()
 
 
