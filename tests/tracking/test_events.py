@@ -1,5 +1,6 @@
-"""relay.tracking.events: flags, implied opens, time rules and the listener hook, against a real
-SQLite file through the store's group commit."""
+"""relay.tracking.events: flags, implied opens, time rules and the listener hook, against the
+run's store (a SQLite file, or PostgreSQL with RELAY_TEST_STORE=postgresql) through its group
+commit."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import StoreSettings
 from relay.ids import new_email_id
-from relay.store.engine import Store
+from relay.store.engine import Store, open_store
 from relay.tracking.bots import CLICK, OPEN, Classifier
 from relay.tracking.events import Event, Hit, Recorder
 
@@ -21,19 +23,23 @@ A, B = "https://shop.example/a", "https://shop.example/b"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "relay.db")
-    yield store
+async def store(store_settings: StoreSettings) -> AsyncIterator[Store]:
+    store = await open_store(store_settings)
+    yield store  # type: ignore[misc]  # a PgStore on PostgreSQL: the same interface
     await store.close()
 
 
-def add_message(store: Store, created_at: float = SENT) -> str:
+async def add_message(store: Store, created_at: float = SENT) -> str:
     email_id = new_email_id()
-    store.writer.execute(
+    await store.write(lambda conn: conn.execute(
         "INSERT INTO messages (email_id, sender, sender_domain, track_opens, track_clicks, "
         "decision, size, created_at) VALUES (?, 'news@shop.example', 'shop.example', 1, 1, "
-        "'test', 0, ?)", (email_id, created_at))
+        "'test', 0, ?)", (email_id, created_at)))
     return email_id
+
+
+async def rows(store: Store, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    return [tuple(row) for row in await store.fetchall(sql, params)]
 
 
 def hit(email_id: str, kind: str, at: float, url: str | None = None, agent: str = FIREFOX,
@@ -51,7 +57,7 @@ def flags(event: Event) -> tuple[str, bool, bool, bool, bool]:
 
 
 async def test_click_without_open_implies_the_open(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     events = await rec.record(hit(email_id, CLICK, SENT + 3600, A))
     assert [flags(e) for e in events] == [(OPEN, True, True, True, False),
@@ -69,7 +75,7 @@ async def test_click_without_open_implies_the_open(store: Store) -> None:
 
 
 async def test_first_flags_ignore_uncounted_events(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     prefetch = await rec.record(hit(email_id, OPEN, SENT + 5, agent="Mozilla/5.0"))
     person = await rec.record(hit(email_id, OPEN, SENT + 600))
@@ -78,7 +84,7 @@ async def test_first_flags_ignore_uncounted_events(store: Store) -> None:
 
 
 async def test_scanner_click_implies_nothing(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     events = await rec.record(hit(email_id, CLICK, SENT + 3600, A, agent="curl/8.5.0"))
     assert [flags(e) for e in events] == [(CLICK, False, False, False, False)]
@@ -88,7 +94,7 @@ async def test_scanner_click_implies_nothing(store: Store) -> None:
 
 
 async def test_scanner_window_from_created_at(store: Store) -> None:
-    email_id = add_message(store, created_at=SENT)
+    email_id = await add_message(store, created_at=SENT)
     rec = recorder(store, window=30)
     early = await rec.record(hit(email_id, CLICK, SENT + 29.5, A))
     late = await rec.record(hit(email_id, CLICK, SENT + 31, A, recipient="bob@example.net"))
@@ -98,7 +104,7 @@ async def test_scanner_window_from_created_at(store: Store) -> None:
 
 
 async def test_scanner_window_zero_is_off(store: Store) -> None:
-    email_id = add_message(store, created_at=SENT)
+    email_id = await add_message(store, created_at=SENT)
     events = await recorder(store, window=0).record(hit(email_id, CLICK, SENT + 0.2, A))
     assert events[-1].classification == "person"
 
@@ -110,7 +116,7 @@ async def test_unknown_message_still_recorded(store: Store) -> None:
 
 
 async def test_every_link_at_once(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     first = await rec.record(hit(email_id, CLICK, SENT + 3600.0, A))
     second = await rec.record(hit(email_id, CLICK, SENT + 3600.4, B))
@@ -126,7 +132,7 @@ async def test_every_link_at_once(store: Store) -> None:
 
 
 async def test_hits_of_one_turn_share_a_commit_and_see_each_other(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     commits = store.batches
     results = await asyncio.gather(
@@ -142,19 +148,19 @@ async def test_hits_of_one_turn_share_a_commit_and_see_each_other(store: Store) 
     ]
 
 
-async def test_rows_are_stored(store: Store, tmp_path: Path) -> None:
-    email_id = add_message(store)
+async def test_rows_are_stored(store: Store) -> None:
+    email_id = await add_message(store)
     events = await recorder(store).record(hit(email_id, CLICK, SENT + 3600, A))
-    conn = sqlite3.connect(tmp_path / "relay.db")
-    rows = conn.execute("SELECT * FROM events WHERE email_id = ? ORDER BY type", (email_id,))
-    assert [tuple(row) for row in rows] == [tuple(e) for e in sorted(events, key=lambda e: e.type)]
+    stored = await rows(store, "SELECT * FROM events WHERE email_id = ? ORDER BY type",
+                        (email_id,))
+    assert stored == [tuple(e) for e in sorted(events, key=lambda e: e.type)]
     assert events[0].id.startswith("evt_") and events[0].id != events[1].id
-    engagement = conn.execute("SELECT target, hits, counted FROM engagement ORDER BY target")
-    assert engagement.fetchall() == [("", 1, 1), (A, 1, 1)]
+    assert await rows(store, "SELECT target, hits, counted FROM engagement ORDER BY target") == [
+        ("", 1, 1), (A, 1, 1)]
 
 
-async def test_listener_writes_in_the_same_transaction(store: Store, tmp_path: Path) -> None:
-    store.writer.execute("CREATE TABLE outbox (event_id TEXT)")
+async def test_listener_writes_in_the_same_transaction(store: Store) -> None:
+    await store.write(lambda conn: conn.execute("CREATE TABLE outbox (event_id TEXT)"))
     seen: list[Event] = []
 
     def listener(conn: sqlite3.Connection, events: Sequence[Event], sent: object) -> None:
@@ -163,12 +169,12 @@ async def test_listener_writes_in_the_same_transaction(store: Store, tmp_path: P
             if event.counted:
                 conn.execute("INSERT INTO outbox VALUES (?)", (event.id,))
 
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store, listeners=[listener])
     events = await rec.record(hit(email_id, CLICK, SENT + 3600, A))
     await rec.record(hit(email_id, OPEN, SENT + 3600, agent="curl/8"))
     assert len(seen) == 3
-    outbox = [r[0] for r in store.execute_now("SELECT event_id FROM outbox")]
+    outbox = [r[0] for r in await rows(store, "SELECT event_id FROM outbox")]
     assert outbox == [e.id for e in events]
 
 
@@ -178,9 +184,9 @@ async def test_failing_listener_rolls_back_its_events(store: Store) -> None:
 
     rec = recorder(store, listeners=[listener])
     with pytest.raises(RuntimeError):
-        await rec.record(hit(add_message(store), OPEN, SENT + 60))
-    assert store.execute_now("SELECT count(*) FROM events") == [(0,)]
-    assert store.execute_now("SELECT count(*) FROM engagement") == [(0,)]
+        await rec.record(hit(await add_message(store), OPEN, SENT + 60))
+    assert await rows(store, "SELECT count(*) FROM events") == [(0,)]
+    assert await rows(store, "SELECT count(*) FROM engagement") == [(0,)]
 
 
 def test_bot_property() -> None:
@@ -190,12 +196,13 @@ def test_bot_property() -> None:
     assert base._replace(classification="person", bot_source=None).bot is None
 
 
+@pytest.mark.sqlite_only  # SQLite's WAL and its checkpoint thread
 async def test_wal_is_copied_back_by_the_checkpoint_thread(store: Store, tmp_path: Path
                                                             ) -> None:
     """The writer's own automatic checkpoint is only a backstop (far beyond these few pages):
     the rows reach the database file itself through the checkpoint thread."""
     rec = recorder(store)
-    email_id = add_message(store)
+    email_id = await add_message(store)
     for n in range(20):
         await rec.record(hit(email_id, CLICK, SENT + 3600 + n, f"{A}/{n}"))
     stored = 0
@@ -220,20 +227,20 @@ def _rows_in_main_file(db: Path, copy: Path) -> int:
 
 
 async def test_repeated_hits_write_no_engagement_rows(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     for n in range(5):
         await rec.record(hit(email_id, CLICK, SENT + 3600 + 10 * n, A))
-    rows = store.execute_now("SELECT target, hits, counted FROM engagement ORDER BY target")
-    assert rows == [("", 1, 1), (A, 1, 1)]
+    assert await rows(store, "SELECT target, hits, counted FROM engagement ORDER BY target") == [
+        ("", 1, 1), (A, 1, 1)]
     # a row last written long ago is written again (retention reads last_at)
     await rec.record(hit(email_id, CLICK, SENT + 3 * 3600, A))
-    assert store.execute_now("SELECT hits, last_at FROM engagement WHERE target = ?",
-                             (A,)) == [(2, SENT + 3 * 3600)]
+    assert await rows(store, "SELECT hits, last_at FROM engagement WHERE target = ?",
+                      (A,)) == [(2, SENT + 3 * 3600)]
 
 
 async def test_firsts_stay_exact_with_two_processes(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     one, two = recorder(store), recorder(store)
     await one.record(hit(email_id, OPEN, SENT + 3600))
     await two.record(hit(email_id, OPEN, SENT + 3610))  # two caches the open, no click yet
@@ -243,10 +250,11 @@ async def test_firsts_stay_exact_with_two_processes(store: Store) -> None:
     assert [flags(e) for e in again] == [(CLICK, True, False, False, False)]
 
 
+@pytest.mark.sqlite_only  # counts the statements with sqlite3's trace callback
 async def test_a_batch_reads_its_recipients_in_one_statement(store: Store) -> None:
     """On PostgreSQL each statement is a round trip: a batch of hits for many recipients,
     cached or not, reads their engagement once."""
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     people = [f"r{n}@example.net" for n in range(30)]
     await asyncio.gather(*(rec.record(hit(email_id, OPEN, SENT + 3600, recipient=r))
@@ -268,7 +276,7 @@ async def test_a_failed_write_forgets_what_it_cached(store: Store) -> None:
         if fail[0]:
             raise RuntimeError("outbox unavailable")
 
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store, listeners=[listener])
     with pytest.raises(RuntimeError):
         await rec.record(hit(email_id, OPEN, SENT + 60))
@@ -278,7 +286,7 @@ async def test_a_failed_write_forgets_what_it_cached(store: Store) -> None:
 
 
 async def test_a_tiny_cache_keeps_a_batch_exact(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store, cache_size=1)
     results = await asyncio.gather(
         rec.record(hit(email_id, CLICK, SENT + 3600, A)),
@@ -292,10 +300,11 @@ async def test_a_tiny_cache_keeps_a_batch_exact(store: Store) -> None:
     ]
 
 
+@pytest.mark.sqlite_only  # SQLite's write lock, held by another connection
 async def test_hits_after_a_lock_timeout_are_recorded(store: Store) -> None:
     """A batch that never got the write lock failed without taking its hits: the hits that
     followed joined it and failed too, until the process was restarted."""
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     store.lock_timeout = 0.05
     other = sqlite3.connect(store.path, isolation_level=None)
@@ -306,12 +315,12 @@ async def test_hits_after_a_lock_timeout_are_recorded(store: Store) -> None:
     other.close()
     events = await rec.record(hit(email_id, OPEN, SENT + 61, recipient="after@example.net"))
     assert [e.recipient for e in events] == ["after@example.net"]
-    rows = store.writer.execute("SELECT recipient FROM events").fetchall()
-    assert rows == [("after@example.net",)]
+    stored = store.writer.execute("SELECT recipient FROM events").fetchall()
+    assert stored == [("after@example.net",)]
 
 
 async def test_a_cancelled_hit_does_not_cancel_the_others_of_its_batch(store: Store) -> None:
-    email_id = add_message(store)
+    email_id = await add_message(store)
     rec = recorder(store)
     first = asyncio.ensure_future(rec.record(hit(email_id, OPEN, SENT + 60, recipient="a@x.net")))
     second = asyncio.ensure_future(rec.record(hit(email_id, OPEN, SENT + 60, recipient="b@x.net")))
