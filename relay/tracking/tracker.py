@@ -178,14 +178,19 @@ class Tracker:
         return client_ip(peer, ",".join(forwarded), self._is_trusted)
 
     def _trusted(self, ip: str) -> bool:
-        address = parse_ip(ip)
-        return address is not None and any(address in net for net in self.trusted_proxies)
+        return in_networks(ip, self.trusted_proxies)
 
     def _count(self, route: str, status: int) -> None:
         counter = self._requests.get((route, status))
         if counter is None:
             counter = self._requests[route, status] = metrics.HTTP_REQUESTS.labels(route, status)
         counter.inc()
+
+
+def in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``ip`` is an address in one of ``networks`` (``http.trusted_proxies``)."""
+    address = parse_ip(ip)
+    return address is not None and any(address in net for net in networks)
 
 
 def client_ip(peer: str | None, forwarded_for: str, trusted: Callable[[str], bool]) -> str | None:

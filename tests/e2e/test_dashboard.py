@@ -92,6 +92,21 @@ class Client:
                                        "csrf": self.csrf("/ui/login")})
 
 
+class ProxiedClient(Client):
+    """A browser behind a proxy that ends TLS: it sends its Secure cookies (which requests
+    keeps for https only) on the proxy's plain-http hop."""
+
+    def _cookies(self) -> dict[str, str]:
+        jar = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
+        return {"Cookie": jar} if jar else {}
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return super().get(path, headers=self._cookies(), **kw)
+
+    def post(self, path: str, data: dict[str, str], **kw: Any) -> requests.Response:
+        return super().post(path, data, headers=self._cookies(), **kw)
+
+
 @pytest.fixture
 def relay(make_relay, upstream, tmp_path) -> Relay:
     relay = make_relay({"tracking": {"scanner_window_seconds": 0, "tags": ["spring"]},
@@ -174,6 +189,42 @@ def test_cross_site_posts_are_refused(relay, client):
     other = Client(relay.http_url)
     forged = other.post("/ui/login", {"name": "alice", "password": PASSWORD, "csrf": "x"})
     assert forged.status_code == 403 and "relay_session" not in other.http.cookies
+
+
+def test_behind_a_trusted_tls_proxy_sign_in_works_with_a_secure_cookie(make_relay, upstream,
+                                                                         tmp_path):
+    """A proxy in http.trusted_proxies ending TLS: the browser's posts say ``Origin: https://``
+    (its host), the cookie must be Secure, and each client's failures are its own."""
+    relay = make_relay({"http": {"trusted_proxies": ["127.0.0.1/32"]},
+                        "smtp": {"auth_failure_delay": 0, "auth_max_failures": 2}},
+                       upstream=upstream, http=True)
+    assert add_user(relay, tmp_path).returncode == 0
+
+    def browser(ip: str) -> Client:
+        client = ProxiedClient(relay.http_url)
+        client.http.headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-For": ip,
+                                    "X-Forwarded-Host": "dash.example",
+                                    "Origin": "https://dash.example"})
+        return client
+
+    attacker = browser("198.51.100.66")
+    for _ in range(2):
+        assert attacker.sign_in(password="wrong").status_code in (401, 429)
+    assert attacker.sign_in().status_code == 429  # that client is refused for now...
+    alice = browser("203.0.113.5")
+    answer = alice.sign_in()  # ... not everyone behind the proxy
+    assert answer.status_code == 303, answer.text
+    cookie = next(c for c in answer.raw.headers.getlist("Set-Cookie")
+                  if c.startswith("relay_session="))
+    assert "Secure" in cookie
+    assert alice.post("/ui/logout", {"csrf": alice.csrf("/ui/overview")}).status_code == 303
+    # from a peer not trusted, the headers are ignored: its own scheme and host count
+    untrusted = make_relay({}, upstream=upstream, http=True)
+    assert add_user(untrusted, tmp_path).returncode == 0
+    forged = Client(untrusted.http_url)
+    forged.http.headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example",
+                                "Origin": "https://evil.example"})
+    assert forged.sign_in().status_code == 403
 
 
 def test_sessions_expire(make_relay, upstream, tmp_path):

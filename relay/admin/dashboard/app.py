@@ -28,6 +28,7 @@ from relay.admin.dashboard.auth import (
     LoginRefused,
     same_origin,
     set_cookie,
+    through_proxy,
     token_matches,
 )
 from relay.admin.dashboard.base import (
@@ -54,7 +55,7 @@ PUBLIC = ("/ui/login", "/ui/static/")  # reached without a session
 
 def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] = time.time,
                     monotonic: Callable[[], float] = time.monotonic) -> web.Application:
-    app = web.Application(middlewares=[_headers, _session], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[_proxied, _headers, _session], client_max_size=64 * 1024)
     auth = Auth(store, config, clock, monotonic)
     app[AUTH], app[CONFIG], app[STORE], app[CLOCK] = auth, config, store, clock
     app[TEMPLATES] = jinja2.Environment(
@@ -82,6 +83,12 @@ def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] 
 
 async def home(_: web.Request) -> web.Response:
     return see_other("/ui/overview")
+
+
+@web.middleware
+async def _proxied(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Through a trusted proxy: the client's address, scheme and host as it forwarded them."""
+    return await handler(through_proxy(request, request.app[CONFIG].http.trusted_proxies))
 
 
 @web.middleware

@@ -9,7 +9,8 @@
   the ``smtp.auth_max_failures``-th refuses the address (``429``) for
   ``smtp.auth_block_seconds``.
 - **Sessions**: a random cookie (``relay_session``: ``HttpOnly``, ``SameSite=Strict``, path
-  ``/ui/``, ``Secure`` when the request came over https) whose SHA-256 names the session row;
+  ``/ui/``, ``Secure`` when the request came over https, directly or through a trusted proxy:
+  :func:`through_proxy`) whose SHA-256 names the session row;
   it ends at sign-out, when the password is changed, or ``dashboard.session_hours`` after
   sign-in (on an injectable clock).
 - **CSRF**: every ``POST`` carries the session's token in the form field ``csrf`` (the sign-in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,11 +32,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from relay.addresses import Network
 from relay.admin.users import MAX_PASSWORD, name_problem
 from relay.config import Config
 from relay.smtp.guard import AuthBudget, PasswordChecker
 from relay.store import users
 from relay.store.engine import Store
+from relay.tracking.tracker import client_ip, in_networks
 
 COOKIE = "relay_session"
 LOGIN_COOKIE = "relay_login"
@@ -131,6 +135,39 @@ def set_cookie(response: web.StreamResponse, request: web.Request, name: str, va
     response.set_cookie(name, value, path=COOKIE_PATH, httponly=True, samesite="Strict",
                         secure=request.secure, max_age=None if max_age is None
                         else int(max_age))
+
+
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _nearest(header: str) -> str:
+    """The value the nearest proxy added to a comma-separated ``X-Forwarded-*`` header."""
+    return header.rpartition(",")[2].strip()
+
+
+def through_proxy(request: web.Request, proxies: tuple[Network, ...]) -> web.Request:
+    """The request as the browser made it, when it came through a trusted proxy
+    (``http.trusted_proxies``): the client's address from ``X-Forwarded-For`` (read as the
+    tracker reads it), the scheme and host from ``X-Forwarded-Proto`` and ``X-Forwarded-Host``
+    (the nearest proxy's value). Behind a proxy that ends TLS the session cookie is then
+    ``Secure`` and the pages' own posts pass :func:`same_origin` (their ``Origin`` says https),
+    and failed sign-ins are counted per client, not for the proxy as one. From any other peer
+    these headers are ignored."""
+    peer = request.remote
+    if peer is None or not in_networks(peer, proxies):
+        return request
+    changes: dict[str, str] = {}
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+    remote = client_ip(peer, forwarded, lambda ip: in_networks(ip, proxies))
+    if remote and remote != peer:
+        changes["remote"] = remote
+    scheme = _nearest(request.headers.get("X-Forwarded-Proto", "")).lower()
+    if scheme in ("http", "https"):
+        changes["scheme"] = scheme
+    host = _nearest(request.headers.get("X-Forwarded-Host", ""))
+    if _HOST.fullmatch(host):
+        changes["host"] = host
+    return request.clone(**changes) if changes else request
 
 
 def same_origin(request: web.Request) -> bool:
