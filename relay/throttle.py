@@ -34,9 +34,10 @@ class ThrottledLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def __call__(self, key: str, level: int, message: str, *args: object) -> bool:
+    def __call__(self, key: str, level: int, message: str, *args: object,
+                 exc_info: bool = False) -> bool:
         """Log unless a line of this ``key`` was logged less than ``interval`` ago; whether
-        it logged."""
+        it logged. ``exc_info``: with the traceback of the exception being handled."""
         now = self.clock()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -48,7 +49,7 @@ class ThrottledLog:
         held = self._held.pop(key, 0)
         if held:
             message += f" (and {held} more like it held back since the last line)"
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, exc_info=exc_info)
         return True
 
     def _forget(self, now: float) -> None:

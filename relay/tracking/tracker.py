@@ -16,8 +16,9 @@ Other errors (an unknown path, a method not allowed) are JSON too: ``{"error": "
 
 Every pixel and redirect is answered only after its events are committed (group commit, see
 relay/tracking/events.py). If the write fails the recipient still gets the pixel or the redirect (a
-broken link would hurt them, not the sender); the failure is logged and counted in
-``relay_tracking_write_errors_total``.
+broken link would hurt them, not the sender); the failure is counted in
+``relay_tracking_write_errors_total`` and logged at most once a minute with the number held back
+(relay/throttle.py): while the store is away every hit fails.
 
 The hot path does no logging and no per-request allocation beyond the event: tokens are
 verified in place, classification verdicts and send times are cached, response headers are
@@ -43,6 +44,7 @@ from relay.errors import InvalidToken
 from relay.rewrite.urls import location
 from relay.store import engine
 from relay.store.engine import Store
+from relay.throttle import ThrottledLog
 from relay.tracking.bots import (
     CLICK,
     DEFAULT_NETWORKS,
@@ -114,6 +116,8 @@ class Tracker:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._opened = metrics.HTTP_REQUESTS.labels("open", 200)
         self._redirected = metrics.HTTP_REQUESTS.labels("click", 302)
+        # while the store is away every hit fails: a line per interval, not a traceback per hit
+        self._lost = ThrottledLog(log)
 
     async def open(self, request: web.Request) -> web.Response:
         target = self._target(request)
@@ -166,9 +170,16 @@ class Tracker:
                   user_agent(request.headers.get("User-Agent", "")), request.method)
         try:
             await self.recorder.record(hit)
-        except Exception:  # answer anyway: the recipient must not pay for a store failure
+        except sqlite3.OperationalError as exc:  # the store unavailable (PostgreSQL away, a
+            # full disk): answer anyway, the recipient must not pay for a store failure
             metrics.TRACKING_WRITE_ERRORS.inc()
-            log.exception("%s of %s by %s not recorded", kind, email_id, recipient)
+            self._lost("unavailable", logging.ERROR,
+                       "%s of %s by %s not recorded: the store is unavailable: %s",
+                       kind, email_id, recipient, " ".join(str(exc).split()))
+        except Exception:
+            metrics.TRACKING_WRITE_ERRORS.inc()
+            self._lost("failed", logging.ERROR, "%s of %s by %s not recorded",
+                       kind, email_id, recipient, exc_info=True)
 
     def _client_ip(self, request: web.Request) -> str | None:
         peer = request.remote

@@ -418,6 +418,33 @@ def test_while_postgresql_is_away_smtp_answers_451_and_the_tracker_answers_and_c
         proxy_loop.close()
 
 
+def test_hits_lost_while_postgresql_is_away_log_one_line_without_traceback(
+        make_relay, upstream, loops, caplog):
+    server = urlsplit(pg.SERVER)
+    proxy_loop = LoopThread()
+    proxy = Proxy(proxy_loop, (server.hostname or "127.0.0.1", server.port or 5432))
+    try:
+        url = pg.schema_url().replace(f":{server.port or 5432}/", f":{proxy.port}/", 1)
+        relay = make_relay({"store": {"url": url}, "tracking": {"opens": True}},
+                           upstream=upstream, http=True)
+        port = int(relay.http_url.rsplit(":", 1)[1])
+        assert data_reply(relay, message())[0] == 250
+        [pixel] = [u for u in tracking_urls(upstream.received[-1].data) if "/o/" in u]
+        errors = write_errors(relay)
+        proxy.down()
+        for _ in range(20):
+            assert fetch(on_node(pixel, port)) == 200
+        assert write_errors(relay) == errors + 20  # every one counted
+        lost = [r for r in caplog.records
+                if r.name == "relay.tracker" and "not recorded" in r.getMessage()]
+        assert len(lost) == 1, [r.getMessage() for r in lost]
+        assert "store is unavailable" in lost[0].getMessage() and not lost[0].exc_info
+    finally:
+        with contextlib.suppress(Exception):
+            proxy.down()
+        proxy_loop.close()
+
+
 def test_a_message_sent_as_postgresql_went_away_is_recorded_once_it_is_back(
         make_relay, upstream, loops, caplog):
     server = urlsplit(pg.SERVER)
