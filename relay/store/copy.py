@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from relay.store.engine import MIGRATIONS
+from relay.store.transaction import snapshot
 
 CHUNK = 2000
 # Rows the migrations themselves insert (relay/store/engine.py 0004_settings, 0054_queue):
@@ -53,11 +54,13 @@ def copy(source: Any, target: Any) -> dict[str, int]:
         listed = ", ".join(f"{table} ({n} rows)" for table, n in sorted(filled.items()))
         raise ValueError(f"the target store is not empty: {listed}")
     copied: dict[str, int] = {}
-    source.execute("BEGIN")  # one snapshot of the source, only read
-    try:
-        # A plain BEGIN, not transaction()'s (SERIALIZABLE on PostgreSQL): reading millions of
-        # rows back for the counts there took more predicate locks than the server has room
-        # for ("out of shared memory"); nothing else writes to a target that was empty.
+    # One snapshot of the source, so that the counts checked at the end are those of the rows
+    # copied even while a relay still writes to it.
+    with snapshot(source):
+        # A plain BEGIN (READ COMMITTED on PostgreSQL), not transaction()'s SERIALIZABLE:
+        # reading millions of rows back for the counts there took more predicate locks than
+        # the server has room for ("out of shared memory"); nothing else writes to a target
+        # that was empty.
         target.execute("BEGIN")
         try:
             _copy_all(source, target, copied)
@@ -65,8 +68,6 @@ def copy(source: Any, target: Any) -> dict[str, int]:
         except BaseException:
             target.execute("ROLLBACK")
             raise
-    finally:
-        source.execute("ROLLBACK")
     return copied
 
 

@@ -104,3 +104,21 @@ def savepoint(conn: sqlite3.Connection, name: str) -> Iterator[sqlite3.Connectio
         conn.execute(f"RELEASE {name}")
         raise
     conn.execute(f"RELEASE {name}")
+
+
+@contextlib.contextmanager
+def snapshot(conn: Any) -> Iterator[Any]:
+    """A long read that sees one snapshot of the store throughout, and writes nothing (``relay
+    store copy``'s source); rolled back when the block ends. On PostgreSQL ``REPEATABLE READ
+    READ ONLY``: the one snapshot of SERIALIZABLE without its predicate locks, which a read of
+    millions of rows takes by the million from a pool every database of the server shares
+    ("out of shared memory" for the other sessions). On SQLite a deferred ``BEGIN``: its
+    first read fixes the snapshot (WAL mode), and it takes no write lock."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN")
+    else:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")

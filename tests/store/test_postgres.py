@@ -24,6 +24,7 @@ import pytest
 
 from relay.config import StoreSettings, TrackingSettings
 from relay.errors import StoreError
+from relay.store import copy as store_copy
 from relay.store import engine
 from relay.store.postgres import PgStore, ddl, translate
 from relay.tracking.keys import GENERATED_KID, load_keyring
@@ -472,3 +473,47 @@ def test_a_message_sent_as_postgresql_went_away_is_recorded_once_it_is_back(
         with contextlib.suppress(Exception):
             proxy.down()
         proxy_loop.close()
+
+
+def test_store_copy_reads_one_snapshot_of_a_source_still_written(tmp_path):
+    """A message a relay stores into the PostgreSQL source while the copy runs: the copy and
+    its count check see the source as it was when the copy began (REPEATABLE READ READ
+    ONLY), instead of failing on counts that moved under it (READ COMMITTED)."""
+    insert = ("INSERT INTO messages (email_id, sender, sender_domain, track_opens, "
+              "track_clicks, decision, size, created_at) VALUES (?, 's@x', 'x', 1, 1, "
+              "'tracked', 1, 1.0)")
+    source_url = pg.schema_url()
+    source = engine.connect_url(StoreSettings(None, source_url))
+    source.execute(insert, ("email_before",))
+    target_path = tmp_path / "new.db"
+    target = engine.connect_url(StoreSettings(target_path, f"sqlite:///{target_path}"))
+    # the target's write lock, held by another process: the copy waits at its first INSERT,
+    # after reading the source's first table
+    lock = sqlite3.connect(target_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(store_copy.copy(source, target))
+        except Exception as exc:  # the test reports it
+            outcome.append(exc)
+
+    copying = threading.Thread(target=run)
+    copying.start()
+    try:
+        pid = source.raw.info.backend_pid
+        with pg.connect(source_url) as watcher:
+            wait_until(lambda: watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = ? AND query = "
+                "'SELECT * FROM messages'", (pid,)).fetchall(), what="the source read")
+            watcher.execute(insert, ("email_during",))  # a relay still writing
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+        copying.join(60)
+    assert isinstance(outcome[0], dict), outcome
+    assert outcome[0]["messages"] == 1
+    assert target.execute("SELECT email_id FROM messages").fetchall() == [("email_before",)]
+    source.close()
+    target.close()
