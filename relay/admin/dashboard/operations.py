@@ -63,7 +63,7 @@ async def verify_domain(request: web.Request) -> web.Response:
     host = request.match_info["host"]
     outcome = await dnscheck.verify(store, config, host, dnscheck.make_resolver(config.dns))
     if outcome is None:
-        raise web.HTTPNotFound(reason=f"No tracking domain {host}.")
+        raise web.HTTPNotFound(reason=f"No tracking domain {host!r}.")
     domain, check = outcome
     return _back(f"{domain.host}: {domain.state} ({check.detail})")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
@@ -108,8 +108,8 @@ async def audience(request: web.Request) -> web.Response:
 async def messages(request: web.Request) -> web.Response:
     params = {k: v.strip() for k, v in _params(request).items() if v.strip()}
     email_id = params.pop("email_id", "")
-    if email_id:
-        return see_other(f"/ui/messages/{email_id}")
+    if email_id:  # one path segment, whatever was typed (a NUL, a line break, "../")
+        return see_other("/ui/messages/" + quote(email_id, safe=""))
     try:
         found = queries.parse_messages({**params, "limit": params.get("limit", "50")})
     except InvalidParameter as exc:
@@ -129,7 +129,7 @@ async def message(request: web.Request) -> web.Response:
     store = request.app[STORE]
     body = await message_view(store, email_id)
     if body is None:
-        raise web.HTTPNotFound(reason=f"No message {email_id}.")
+        raise web.HTTPNotFound(reason=f"No message {email_id!r}.")
     now = request.app[CLOCK]()
     kept, queued = await store.read(lambda conn: (
         html_bodies.kept(conn, email_id), admin_queue.show_body(conn, email_id, now)))
@@ -152,7 +152,7 @@ async def _clicks(request: web.Request, email_id: str) -> dict[str, clickmap.Lin
 async def click_map(request: web.Request) -> web.Response:
     email_id = request.match_info["email_id"]
     if not await request.app[STORE].read(lambda conn: html_bodies.kept(conn, email_id)):
-        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id} (dashboard.keep_html off, "
+        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id!r} (dashboard.keep_html off, "
                                       "no HTML part, or sent before it was kept).")
     counts = await _clicks(request, email_id)
     return render(request, "clickmap.html", email_id=email_id, links=_ranked(counts),
@@ -212,7 +212,7 @@ def _frame(text: str, counts: Mapping[str, clickmap.LinkClicks]) -> web.Response
 async def _html(request: web.Request, email_id: str) -> str:
     text = await request.app[STORE].read(lambda conn: html_bodies.html_of(conn, email_id))
     if text is None:
-        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id}.")
+        raise web.HTTPNotFound(reason=f"No HTML kept for {email_id!r}.")
     return text
 
 
