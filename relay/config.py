@@ -942,10 +942,11 @@ def effective_settings(config: Config) -> list[tuple[str, str]]:
                 walk(f"{key}[{index}]", item)
         elif is_secret(key.rpartition(".")[2]):
             shown.append((key, HIDDEN if value else "not set"))
-        elif key == "store.url":
-            parts = urlsplit(redact_url(value))
+        elif key == "store.url":  # as written (sqlite:////abs keeps its four slashes)
+            url = redact_url(value)
+            parts = urlsplit(url)
             shown.append((key, urlunsplit(parts._replace(query="")) if "password" in
-                          parts.query.lower() else parts.geturl()))
+                          parts.query.lower() else url))
         else:
             shown.append((key, _text(value)))
 

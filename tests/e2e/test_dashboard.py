@@ -580,6 +580,7 @@ def test_operations_shows_the_settings_in_force_never_a_secret(make_relay, upstr
     assert settings["smtp.mode"] == "proxy" and settings["queue.max_age_hours"] == "72.0"
     assert settings["upstream.port"] == str(upstream.port)  # the file's value
     assert settings["dashboard.session_hours"] == "12.0"  # a default
+    assert settings["store.url"] == str(escape(relay.config.store.url))  # as written
     assert settings["upstream.password"] == settings["webhooks[0].secret"] == \
         settings["tracking.keys"] == "(set, not shown)"
     assert UPSTREAM_PASSWORD not in page and SECRET not in page and "k" * 32 not in page
