@@ -3,7 +3,10 @@ what queue mode holds (relay/store/queue.py) and what an operator may do with it
 
 ``retry`` makes a message due now; ``hold`` keeps the workers from it until ``release``;
 ``delete`` drops it and its recipients still waiting, without a bounce (their record in
-``relay messages`` stays as it was).
+``relay messages`` stays as it was). An action that changes nothing says why (:func:`refusal`):
+no such message, a held one (retry it once released), or, for ``delete``, one an attempt is
+sending: that attempt cannot be called back from the upstream, so the delete is refused
+rather than answered while the copies still go out.
 """
 
 from __future__ import annotations
@@ -77,6 +80,21 @@ def _message_json(row: Mapping[str, Any]) -> dict[str, Any]:
             "expires_at": iso_time(row["expires_at"]),
             "next_attempt_at": iso_time(row["next_at"]), "attempts": row["attempts"],
             "recipients_waiting": row["waiting"], "last_reply": row["last_reply"]}
+
+
+def refusal(conn: sqlite3.Connection, email_id: str, now: float) -> tuple[int, str]:
+    """Why an action changed nothing: the API's status and the words."""
+    state = queue.state(conn, email_id, now)
+    if state is None:
+        return 404, f"no queued message {email_id!r}"
+    if state == "held":
+        return 409, f"{email_id} is held: release it first"
+    return 409, (f"{email_id} is being sent (its copies may be at the upstream already); "
+                 "hold it, and delete it once the attempt ended")
+
+
+def _delete_now(conn: sqlite3.Connection, email_id: str) -> bool:
+    return queue.delete(conn, email_id, time.time())
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -153,9 +171,10 @@ def _print_message(m: Mapping[str, Any]) -> None:
                  for r in m["recipients"]])
 
 
-def _changed(args: argparse.Namespace, count: int, what: str) -> int:
+def _changed(args: argparse.Namespace, conn: sqlite3.Connection, count: int, what: str
+             ) -> int:
     if not count:
-        return fail(f"no queued message {args.email_id!r}")
+        return fail(refusal(conn, args.email_id, time.time())[1])
     return output(args, {"email_id": args.email_id, "changed": count},
                   lambda: print(f"{what}: {count} message(s)"))
 
@@ -165,22 +184,24 @@ def _retry(args: argparse.Namespace) -> int:
     count = queue.retry_now(conn, None if args.all else args.email_id, time.time())
     if args.all:
         return output(args, {"changed": count}, lambda: print(f"due now: {count} message(s)"))
-    return _changed(args, count, "due now")
+    return _changed(args, conn, count, "due now")
 
 
 def _hold(args: argparse.Namespace) -> int:
-    return _changed(args, int(queue.set_held(open_store(args), args.email_id, True)), "held")
+    conn = open_store(args)
+    return _changed(args, conn, int(queue.set_held(conn, args.email_id, True)), "held")
 
 
 def _release(args: argparse.Namespace) -> int:
-    return _changed(args, int(queue.set_held(open_store(args), args.email_id, False)),
-                    "released")
+    conn = open_store(args)
+    return _changed(args, conn, int(queue.set_held(conn, args.email_id, False)), "released")
 
 
 def _delete(args: argparse.Namespace) -> int:
-    with transaction(open_store(args)) as conn:
-        deleted = queue.delete(conn, args.email_id)
-    return _changed(args, int(deleted), "deleted")
+    conn = open_store(args)
+    with transaction(conn):
+        deleted = _delete_now(conn, args.email_id)
+    return _changed(args, conn, int(deleted), "deleted")
 
 
 # --- API -----------------------------------------------------------------------------------
@@ -206,9 +227,13 @@ async def _api_show(request: web.Request) -> web.Response:
 def _action(change: Any) -> Any:
     async def handler(request: web.Request) -> web.Response:
         email_id = request.match_info["email_id"]
-        changed = await request.app[CONTEXT].store.write(lambda conn: change(conn, email_id))
-        if not changed:
-            raise ApiError(404, f"no queued message {email_id!r}")
+
+        def run(conn: sqlite3.Connection) -> tuple[int | bool, tuple[int, str] | None]:
+            changed = change(conn, email_id)
+            return changed, None if changed else refusal(conn, email_id, time.time())
+        changed, refused = await request.app[CONTEXT].store.write(run)
+        if refused is not None:
+            raise ApiError(*refused)
         return json_response({"email_id": email_id, "changed": int(changed)})
     return handler
 
@@ -245,7 +270,7 @@ OPERATIONS = [
               _action(ACTIONS["release"]),
               "Release a held message", "releaseQueuedMessage", tags=["queue"],
               parameters=_EMAIL_ID),
-    Operation("DELETE", "/queue/{email_id}", _action(queue.delete),
+    Operation("DELETE", "/queue/{email_id}", _action(_delete_now),
               "Drop a message from the queue, without a bounce", "deleteQueuedMessage",
               tags=["queue"], parameters=_EMAIL_ID),
 ]

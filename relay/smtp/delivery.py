@@ -238,7 +238,8 @@ class QueueWorker:
                                         [j.result() for j in judged], next_at, now)
         if recorded is queue.Recorded.LOST:
             log.warning("%s attempt %d not recorded: its lease ran out and the message was "
-                        "taken over", message.email_id, message.attempts + 1)
+                        "taken over, or an operator deleted it", message.email_id,
+                        message.attempts + 1)
             return recorded
         expired = [(message.email_id, j.recipient, EXPIRED_STATUS, j.reply, now) for j in judged
                    if j.verdict.bounce_type == schedule.EXPIRED]

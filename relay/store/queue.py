@@ -204,11 +204,16 @@ def _remove_if_done(conn: sqlite3.Connection, email_id: str) -> bool:
     return delete(conn, email_id)
 
 
-def delete(conn: sqlite3.Connection, email_id: str) -> bool:
+def delete(conn: sqlite3.Connection, email_id: str, now: float | None = None) -> bool:
     """Remove a message from the queue (its recipients go with it: ON DELETE CASCADE);
-    False when it is not there."""
-    row = conn.execute("DELETE FROM queue_messages WHERE email_id = ? RETURNING size",
-                       (email_id,)).fetchone()
+    False when it is not there. With ``now`` (an operator's delete), not while a live lease
+    holds it: its attempt would deliver it all the same (:func:`state` tells why)."""
+    sql = "DELETE FROM queue_messages WHERE email_id = ?"
+    params: list[object] = [email_id]
+    if now is not None:
+        sql += " AND (lease_until IS NULL OR lease_until < ?)"
+        params.append(now)
+    row = conn.execute(sql + " RETURNING size", params).fetchone()
     if row is None:
         return False
     conn.execute("UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?"
@@ -257,6 +262,14 @@ def state_counts(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     counts.update(conn.execute(f"SELECT state, count(*) FROM (SELECT {_STATE} AS state"
                                " FROM queue_messages) AS q GROUP BY state", (now,)).fetchall())
     return counts
+
+
+def state(conn: sqlite3.Connection, email_id: str, now: float) -> str | None:
+    """A queued message's state at ``now`` (one of :data:`MESSAGE_STATES`; None: not
+    queued)."""
+    row = conn.execute(f"SELECT {_STATE} FROM queue_messages WHERE email_id = ?",
+                       (now, email_id)).fetchone()
+    return None if row is None else row[0]
 
 
 def oldest(conn: sqlite3.Connection) -> float | None:

@@ -693,3 +693,32 @@ def test_two_relay_processes_sharing_a_store_deliver_each_copy_once(tmp_path, lo
     assert set(copies) == {(n, r) for n in accepted for r in recipients}
     assert max(copies.values()) == 1, "a recipient got a message twice"
     assert {by(r.data) for r in upstream.received} == set(names)
+
+
+def test_a_message_being_sent_is_not_deleted_and_a_held_one_names_why(make_relay, upstream,
+                                                                       tmp_path, capsys):
+    """Found by review: ``delete`` of a message an attempt was sending answered "deleted",
+    then the attempt delivered it all the same; ``retry`` of a held message answered "no
+    queued message". Both now say what is in the way (API 409, CLI exit 1)."""
+    relay = make_relay({**QUEUE, **HOLDING}, upstream=upstream, http=True)
+    key = api_key(relay)
+    gate = hold_upstream(relay.loops, upstream)
+    email_id = send(relay)[1].split()[-1]
+    wait_until(lambda: upstream.handler.held == 1, what="the attempt at the upstream")
+    status, body = call(relay, key, "DELETE", f"/queue/{email_id}")
+    assert status == 409 and "being sent" in body["error"]["message"]
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "{relay.config.store.url}"\n')
+    assert cli.main(["queue", "delete", email_id, "--config", str(config)]) == 1
+    assert "being sent" in capsys.readouterr().err
+    assert call(relay, key, "POST", f"/queue/{email_id}/hold")[0] == 200
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    relay.loops.loop.call_soon_threadsafe(gate.set)
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the attempt ended")
+    status, body = call(relay, key, "POST", f"/queue/{email_id}/retry")
+    assert status == 409 and "held" in body["error"]["message"]
+    assert cli.main(["queue", "retry", email_id, "--config", str(config)]) == 1
+    assert "held" in capsys.readouterr().err
+    assert call(relay, key, "DELETE", f"/queue/{email_id}")[0] == 200
+    assert call(relay, key, "DELETE", f"/queue/{email_id}")[0] == 404
+    assert upstream.received == []
