@@ -227,6 +227,17 @@ def test_behind_a_trusted_tls_proxy_sign_in_works_with_a_secure_cookie(make_rela
     assert forged.sign_in().status_code == 403
 
 
+def test_a_form_post_is_at_most_64_kib(relay, client):
+    """Before a session too: the sign-in form takes no more than the dashboard's forms need."""
+    other = Client(relay.http_url)
+    big = other.post("/ui/login", {"name": "alice", "password": "x" * 70_000,
+                                   "csrf": other.csrf("/ui/login")})
+    assert big.status_code == 413 and "Something went wrong" in big.text
+    token = client.csrf("/ui/operations")
+    big = client.post("/ui/operations/webhooks/replay", {"csrf": token, "batch_id": "x" * 70_000})
+    assert big.status_code == 413
+
+
 def test_sessions_expire(make_relay, upstream, tmp_path):
     relay = make_relay({"dashboard": {"session_hours": 0.0003}}, upstream=upstream, http=True)
     assert add_user(relay, tmp_path).returncode == 0

@@ -26,9 +26,9 @@ from relay.admin.dashboard.auth import (
     Auth,
     Handler,
     LoginRefused,
+    forwarded,
     same_origin,
     set_cookie,
-    through_proxy,
     token_matches,
 )
 from relay.admin.dashboard.base import (
@@ -51,11 +51,12 @@ log = logging.getLogger("relay.dashboard")
 
 PREFIX = "/ui"
 PUBLIC = ("/ui/login", "/ui/static/")  # reached without a session
+FORM_BYTES = 64 * 1024  # a form post's body at most, the sign-in's included
 
 
 def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] = time.time,
                     monotonic: Callable[[], float] = time.monotonic) -> web.Application:
-    app = web.Application(middlewares=[_proxied, _headers, _session], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[_request, _headers, _session])
     auth = Auth(store, config, clock, monotonic)
     app[AUTH], app[CONFIG], app[STORE], app[CLOCK] = auth, config, store, clock
     app[TEMPLATES] = jinja2.Environment(
@@ -86,9 +87,13 @@ async def home(_: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _proxied(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Through a trusted proxy: the client's address, scheme and host as it forwarded them."""
-    return await handler(through_proxy(request, request.app[CONFIG].http.trusted_proxies))
+async def _request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The request as the browser made it (through a trusted proxy: auth.py ``forwarded``),
+    with the dashboard's own limit on a form's body: requests are made by the root
+    application, whose limit (for the API) a sub-application's ``client_max_size`` does not
+    replace."""
+    return await handler(request.clone(client_max_size=FORM_BYTES, **forwarded(
+        request, request.app[CONFIG].http.trusted_proxies)))
 
 
 @web.middleware

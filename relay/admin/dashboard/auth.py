@@ -10,7 +10,7 @@
   ``smtp.auth_block_seconds``.
 - **Sessions**: a random cookie (``relay_session``: ``HttpOnly``, ``SameSite=Strict``, path
   ``/ui/``, ``Secure`` when the request came over https, directly or through a trusted proxy:
-  :func:`through_proxy`) whose SHA-256 names the session row;
+  :func:`forwarded`) whose SHA-256 names the session row;
   it ends at sign-out, when the password is changed, or ``dashboard.session_hours`` after
   sign-in (on an injectable clock).
 - **CSRF**: every ``POST`` carries the session's token in the form field ``csrf`` (the sign-in
@@ -145,20 +145,20 @@ def _nearest(header: str) -> str:
     return header.rpartition(",")[2].strip()
 
 
-def through_proxy(request: web.Request, proxies: tuple[Network, ...]) -> web.Request:
-    """The request as the browser made it, when it came through a trusted proxy
-    (``http.trusted_proxies``): the client's address from ``X-Forwarded-For`` (read as the
-    tracker reads it), the scheme and host from ``X-Forwarded-Proto`` and ``X-Forwarded-Host``
-    (the nearest proxy's value). Behind a proxy that ends TLS the session cookie is then
-    ``Secure`` and the pages' own posts pass :func:`same_origin` (their ``Origin`` says https),
-    and failed sign-ins are counted per client, not for the proxy as one. From any other peer
-    these headers are ignored."""
+def forwarded(request: web.Request, proxies: tuple[Network, ...]) -> dict[str, str]:
+    """What the browser's request was, when it came through a trusted proxy
+    (``http.trusted_proxies``), as ``request.clone`` arguments: the client's address from
+    ``X-Forwarded-For`` (read as the tracker reads it), the scheme and host from
+    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the nearest proxy's value). Behind a proxy
+    that ends TLS the session cookie is then ``Secure`` and the pages' own posts pass
+    :func:`same_origin` (their ``Origin`` says https), and failed sign-ins are counted per
+    client, not for the proxy as one. From any other peer these headers are ignored."""
     peer = request.remote
-    if peer is None or not in_networks(peer, proxies):
-        return request
     changes: dict[str, str] = {}
-    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
-    remote = client_ip(peer, forwarded, lambda ip: in_networks(ip, proxies))
+    if peer is None or not in_networks(peer, proxies):
+        return changes
+    remote = client_ip(peer, ",".join(request.headers.getall("X-Forwarded-For", ())),
+                       lambda ip: in_networks(ip, proxies))
     if remote and remote != peer:
         changes["remote"] = remote
     scheme = _nearest(request.headers.get("X-Forwarded-Proto", "")).lower()
@@ -167,7 +167,7 @@ def through_proxy(request: web.Request, proxies: tuple[Network, ...]) -> web.Req
     host = _nearest(request.headers.get("X-Forwarded-Host", ""))
     if _HOST.fullmatch(host):
         changes["host"] = host
-    return request.clone(**changes) if changes else request
+    return changes
 
 
 def same_origin(request: web.Request) -> bool:
