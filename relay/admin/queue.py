@@ -22,6 +22,7 @@ from aiohttp import web
 from relay.admin.commands import ConfigOption, fail, open_store, output, print_table
 from relay.admin.http import CONTEXT, Operation, json_response
 from relay.errors import ApiError, InvalidInput
+from relay.smtp import delivery
 from relay.stats.queries import iso_time
 from relay.store import queue
 from relay.store.transaction import transaction
@@ -94,7 +95,9 @@ def refusal(conn: sqlite3.Connection, email_id: str, now: float) -> tuple[int, s
 
 
 def _delete_now(conn: sqlite3.Connection, email_id: str) -> bool:
-    return queue.delete(conn, email_id, time.time())
+    now = time.time()
+    delivery.release_dead(conn, now)  # a killed relay's lease holds no attempt
+    return queue.delete(conn, email_id, now)
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -172,17 +172,9 @@ class QueueWorker:
         self._wake.clear()
 
     def _release_dead(self, conn: sqlite3.Connection) -> None:
-        """Hand back the leases of relay processes that no longer run (relay/smtp/processes.py
-        tells, and forgets them). Run before this process takes any: a lease naming its own
-        id is a predecessor's whose row was forgotten and whose id was given again."""
-        now = self.clock.time()
-        owners = queue.lease_owners(conn, now)
-        alive = set(processes.running(conn, owners, processes.current(), now))
-        for owner in owners:
-            if owner not in alive or owner == self.owner:
-                count = queue.release(conn, owner)
-                log.warning("queue: %d message(s) leased by stopped relay process %s handed "
-                            "back", count, owner)
+        """Run before this process takes any lease: one naming its own id is a
+        predecessor's whose row was forgotten and whose id was given again."""
+        release_dead(conn, self.clock.time(), self.owner)
 
     async def _attempt(self, message: queue.Queued) -> None:
         incoming = Incoming(message.sender, message.recipients, message.data,
@@ -302,6 +294,20 @@ class QueueWorker:
                                      self.config.queue.retry_seconds)
             judged.append(Judged(recipient, code, f"{code} {text}", verdict, failures))
         return judged
+
+
+def release_dead(conn: sqlite3.Connection, now: float, me: int | None = None) -> None:
+    """Hand back the leases of relay processes that no longer run (relay/smtp/processes.py
+    tells, and forgets them), and those naming ``me``: at a worker's start, and before an
+    operator's delete (relay/admin/queue.py), so a message a killed relay left ``sending``
+    can be deleted at once."""
+    owners = queue.lease_owners(conn, now)
+    alive = set(processes.running(conn, owners, processes.current(), now))
+    for owner in owners:
+        if owner not in alive or owner == me:
+            count = queue.release(conn, owner)
+            log.warning("queue: %d message(s) leased by stopped relay process %s handed "
+                        "back", count, owner)
 
 
 def delivery_events(email_id: str, judged: Sequence[Judged], now: float

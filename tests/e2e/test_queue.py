@@ -30,6 +30,7 @@ from relay import cli
 from relay import config as config_module
 from relay.smtp import delivery
 from relay.store import engine
+from relay.store.transaction import transaction
 from tests import pg
 from tests.clients import api_key, call
 from tests.clock import ManualClock
@@ -722,3 +723,20 @@ def test_a_message_being_sent_is_not_deleted_and_a_held_one_names_why(make_relay
     assert call(relay, key, "DELETE", f"/queue/{email_id}")[0] == 200
     assert call(relay, key, "DELETE", f"/queue/{email_id}")[0] == 404
     assert upstream.received == []
+
+
+def test_a_message_a_killed_relay_left_sending_can_be_deleted(make_relay, upstream, tmp_path):
+    """With deletes refused while a lease holds the message, one leased by a relay process
+    that no longer runs (kill -9, not started again) is deleted all the same."""
+    relay = make_relay(QUEUE, upstream=upstream, clock=ManualClock())
+    upstream.handler.data_reply = "451 4.3.0 upstream busy"
+    email_id = send(relay)[1].split()[-1]
+    wait_until(lambda: attempts(relay, "a@example.org") == 1, what="the first attempt")
+    # the lease of a process no longer known
+    with contextlib.closing(relay.db()) as conn, transaction(conn):
+        conn.execute("UPDATE queue_messages SET lease_owner = 999999, lease_id = 'x',"
+                     " lease_until = 9e12")
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "{relay.config.store.url}"\n')
+    assert cli.main(["queue", "delete", email_id, "--config", str(config)]) == 0
+    assert queued(relay) == 0
