@@ -52,6 +52,7 @@ log = logging.getLogger("relay.dashboard")
 PREFIX = "/ui"
 PUBLIC = ("/ui/login", "/ui/static/")  # reached without a session
 FORM_BYTES = 64 * 1024  # a form post's body at most, the sign-in's included
+NUL_REFUSED = "A NUL character (%00) is in no message id, name or search: remove it."
 
 
 def build_dashboard(config: Config, store: Store, *, clock: Callable[[], float] = time.time,
@@ -91,7 +92,9 @@ async def _request(request: web.Request, handler: Handler) -> web.StreamResponse
     """The request as the browser made it (through a trusted proxy: auth.py ``forwarded``),
     with the dashboard's own limit on a form's body: requests are made by the root
     application, whose limit (for the API) a sub-application's ``client_max_size`` does not
-    replace."""
+    replace. A NUL in the path or the query is refused (PostgreSQL's text holds none)."""
+    if "\x00" in request.path or any("\x00" in value for value in request.query.values()):
+        raise web.HTTPBadRequest(reason=NUL_REFUSED)
     return await handler(request.clone(client_max_size=FORM_BYTES, **forwarded(
         request, request.app[CONFIG].http.trusted_proxies)))
 
@@ -127,6 +130,8 @@ async def _session(request: web.Request, handler: Handler) -> web.StreamResponse
         raise web.HTTPForbidden(reason="Not signed in.")
     if request.method == "POST":
         form = await request.post()
+        if any(isinstance(value, str) and "\x00" in value for value in form.values()):
+            raise web.HTTPBadRequest(reason=NUL_REFUSED)
         if not same_origin(request) or not token_matches(signed.csrf,
                                                          str(form.get("csrf", ""))):
             raise web.HTTPForbidden(reason="Cross-site request refused (CSRF token missing or "
