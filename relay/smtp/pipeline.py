@@ -97,6 +97,10 @@ RECORD_RETRY_SECONDS = 120
 NOT_RECORDED = "451 4.3.0 The relay cannot record messages right now; not sent, try again later"
 QUEUE_FULL = "452 4.3.1 The relay's queue is full; not stored, try again later"
 DISK_FULL = "452 4.3.1 Insufficient storage in the relay; not stored, try again later"
+# A message that alone is more than queue.max_bytes: it never fits, so not a 452 a client
+# would retry for as long as it keeps trying.
+TOO_BIG_TO_QUEUE = ("552 5.3.4 Message larger than the relay's queue may hold "
+                    "(queue.max_bytes); not stored")
 NOT_STORED = "451 4.3.0 The relay cannot store messages right now; try again later"
 
 
@@ -166,8 +170,13 @@ class MailPipeline:
                      incoming.peer, exc.reply)
             metrics.SMTP_MESSAGES.labels("refused").inc()
             return exc.reply
-        now = self.clock()
         settings = self.config.queue
+        if len(incoming.message) > settings.max_bytes:
+            log.warning("%s not queued from=%s: %d bytes, more than queue.max_bytes", email_id,
+                        incoming.sender, len(incoming.message))
+            metrics.SMTP_MESSAGES.labels("refused").inc()
+            return TOO_BIG_TO_QUEUE
+        now = self.clock()
         message = queue.NewMessage(
             email_id, incoming.sender, list(incoming.recipients), incoming.message,
             list(incoming.mail_options), incoming.peer, incoming.helo, incoming.protocol, now,

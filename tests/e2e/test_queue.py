@@ -184,6 +184,16 @@ def test_max_bytes_bounds_the_queue(make_relay, upstream):
     assert send(relay, data=message(1))[0] == 452
 
 
+def test_a_message_larger_than_max_bytes_is_refused_for_good(make_relay, upstream):
+    """Found by review: an empty queue answered such a message 452 "the queue is full", which
+    a client retries for as long as it keeps trying, and it never fits."""
+    relay = make_relay({**QUEUE, "queue": {"max_bytes": len(message()) - 1}},
+                       upstream=upstream, clock=ManualClock())
+    code, text = send(relay)
+    assert code == 552 and "queue.max_bytes" in text
+    assert queue_rows(relay, "SELECT messages, bytes FROM queue_totals") == [(0, 0)]
+
+
 @pytest.mark.sqlite_only  # SQLite's page limit stands for the full disk
 def test_a_full_disk_answers_452_and_keeps_nothing(make_relay, upstream):
     relay = make_relay(QUEUE, upstream=upstream)
