@@ -27,6 +27,7 @@ edited once released); they run once, in order, and are recorded in the ``migrat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -615,6 +616,14 @@ MIGRATIONS: dict[str, str] = {
             GROUP BY day, tag, url;
     """,
 }
+
+
+def pipelined(conn: Any) -> contextlib.AbstractContextManager[Any]:
+    """A block of writes whose replies are not waited for one by one: PostgreSQL's pipeline
+    mode (relay/store/postgres.py ``PgConnection.pipeline``: one round trip for the block,
+    errors raised at its end at the latest); on SQLite, where there is no round trip, nothing."""
+    pipeline = getattr(conn, "pipeline", None)
+    return contextlib.nullcontext() if pipeline is None else pipeline()
 
 
 def disk_full(exc: BaseException) -> bool:

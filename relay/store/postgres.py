@@ -32,6 +32,7 @@ written twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
@@ -39,7 +40,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -231,6 +232,17 @@ class PgConnection:
             with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(_params(row))
+        except psycopg.Error as exc:
+            raise _error(exc) from exc
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """The statements of the block are sent without waiting for each reply (psycopg's
+        pipeline mode), one round trip for all of them; their errors are raised at the latest
+        when the block ends (a fetch inside it waits for the replies so far)."""
+        try:
+            with self.raw.pipeline():
+                yield
         except psycopg.Error as exc:
             raise _error(exc) from exc
 
@@ -437,9 +449,15 @@ class PgStore:
     def _transaction(self, batch: Batch) -> list[tuple[bool, Any]]:
         conn = self._writer_connection()
         try:
-            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-            outcomes = [_in_savepoint(conn, fn) for fn, _ in batch]
-            conn.execute("COMMIT")
+            with conn.pipeline():  # one round trip to begin, one between callers, one to end
+                conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                conn.execute("SAVEPOINT write")
+            outcomes = []
+            for index, (fn, _) in enumerate(batch):
+                outcomes.append(_in_savepoint(conn, fn))
+                with conn.pipeline():
+                    conn.execute("RELEASE write")
+                    conn.execute("SAVEPOINT write" if index + 1 < len(batch) else "COMMIT")
         except Exception:
             self._after_failure(conn)
             raise  # a conflict is run again by _run_batch
@@ -501,14 +519,12 @@ class PgStore:
 
 
 def _in_savepoint(conn: PgConnection, fn: WriteFn[Any]) -> tuple[bool, Any]:
-    conn.execute("SAVEPOINT write")
+    """``fn(conn)`` after ``SAVEPOINT write``, undone to it if it fails (the caller releases
+    it, in the round trip of what follows)."""
     try:
-        value = fn(conn)
+        return True, fn(conn)
     except Exception as exc:  # one caller's failure must not undo the others' writes
         if sqlstate(exc) in RETRYABLE or conn.broken:
             raise
         conn.execute("ROLLBACK TO write")
-        conn.execute("RELEASE write")
         return False, exc
-    conn.execute("RELEASE write")
-    return True, value

@@ -81,7 +81,7 @@ from relay import metrics
 from relay.ids import uuid7
 from relay.store import events as events_table
 from relay.store import messages
-from relay.store.engine import Store
+from relay.store.engine import Store, pipelined
 from relay.store.events import EVENT_PREFIX
 from relay.store.messages import StoredMessage
 from relay.tracking.bots import BURST_SECONDS, CLICK, OPEN, PROXY, Classifier, Signals, Verdict
@@ -272,10 +272,11 @@ class Recorder:
                 results.append(self._events(hit, message, local[(hit.email_id, hit.recipient)],
                                             changes))
             events = [event for group in results for event in group]
-            events_table.insert(conn, events)
-            events_table.engage(conn, changes)
-            for listener in self.listeners:
-                listener(conn, events, sent)
+            with pipelined(conn):  # on PostgreSQL: one round trip for all the writes
+                events_table.insert(conn, events)
+                events_table.engage(conn, changes)
+                for listener in self.listeners:
+                    listener(conn, events, sent)
         except BaseException:  # rolled back: read these recipients again from the store
             for hit in hits:
                 self._states.pop((hit.email_id, hit.recipient), None)
