@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 
-from relay.stats.maths import add_counts, day_of
+from relay.stats.maths import add_counts, counter_rows, day_of
 from relay.store import counters
 from relay.store.messages import StoredMessage
 from relay.store.transaction import transaction
@@ -55,8 +55,8 @@ class Breakdown:
                                 event.country or ""), counts)
             add_counts(systems, (day, event.os or ""), counts)
         if totals:
-            counters.add_agents(conn, [(*key, *counts) for key, counts in totals.items()])
-            counters.add_os(conn, [(*key, *counts) for key, counts in systems.items()])
+            counters.add_agents(conn, counter_rows(totals))
+            counters.add_os(conn, counter_rows(systems))
 
 
 def rebuild(conn: sqlite3.Connection) -> None:

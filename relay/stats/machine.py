@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 
-from relay.stats.maths import add_counts, day_of
+from relay.stats.maths import add_counts, counter_rows, day_of
 from relay.store import machine
 from relay.store.messages import StoredMessage
 from relay.tracking.bots import OPEN
@@ -30,4 +30,4 @@ class MachineTraffic:
                                 event.bot_source or ""),
                        (1, 0) if event.type == OPEN else (0, 1))
         if counts:
-            machine.add(conn, ((*key, *values) for key, values in counts.items()))
+            machine.add(conn, counter_rows(counts))

@@ -278,6 +278,12 @@ def track_list_row(day: date, c: Counts) -> dict[str, str]:
     }
 
 
+def counter_rows(totals: dict[Any, list[int]]) -> list[tuple[Any, ...]]:
+    """``totals`` as the rows of their upserts (key then counts), in key order: nodes adding to
+    the same counter rows at once take their row locks in the same order."""
+    return [(*key, *counts) for key, counts in sorted(totals.items())]
+
+
 def add_counts(totals: dict[Any, list[int]], key: Any, counts: Sequence[int]) -> None:
     """Add ``counts`` to ``totals[key]`` (a batch's counters, summed before one upsert each)."""
     total = totals.get(key)

@@ -36,7 +36,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from relay.stats.maths import ESP_BY_DOMAIN, OTHERS, add_counts, day_of, domain_of, esp_of
+from relay.stats.maths import (
+    ESP_BY_DOMAIN,
+    OTHERS,
+    add_counts,
+    counter_rows,
+    day_of,
+    domain_of,
+    esp_of,
+)
 from relay.store import counters, messages
 from relay.store import engine as store
 from relay.store.messages import StoredMessage
@@ -121,11 +129,11 @@ class Rollup:
             for tag in dims.tags:
                 add_counts(tags, (dims.day, tag), counts)
         if daily:
-            counters.add_daily(conn, [(*key, *counts) for key, counts in daily.items()])
-            counters.add_tags(conn, [(*key, *counts) for key, counts in tags.items()])
-            counters.add_links(conn, [(*key, *counts) for key, counts in links.items()])
-            counters.add_links_by(conn, [(*key, *counts) for key, counts in links_by.items()])
-            counters.add_tag_links(conn, [(*key, *counts) for key, counts in tag_links.items()])
+            counters.add_daily(conn, counter_rows(daily))
+            counters.add_tags(conn, counter_rows(tags))
+            counters.add_links(conn, counter_rows(links))
+            counters.add_links_by(conn, counter_rows(links_by))
+            counters.add_tag_links(conn, counter_rows(tag_links))
 
     def on_message(self, conn: sqlite3.Connection, record: MessageRecord, outcome: Outcome
                    ) -> None:
