@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from relay.errors import StoreError
-from relay.store.transaction import transaction
+from relay.store.transaction import Resolution, resolve, transaction
 
 if TYPE_CHECKING:
     from relay.config import StoreSettings
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.store")
 
 T = TypeVar("T")
-# A committed write's future with its outcome: (future, ok, value or exception).
-Resolution = tuple["asyncio.Future[Any]", bool, Any]
 CACHE_KIB = 65536
 # The WAL is copied back by Checkpointer's thread every CHECKPOINT_SECONDS; the writer itself
 # checkpoints only past WRITER_CHECKPOINT_PAGES (40 MB of 4 KiB pages), as a backstop.
@@ -893,10 +891,10 @@ class Store:
         if results is None:
             return
         if not durable:
-            _resolve(results)
+            resolve(results)
         elif wait:  # closing: no loop turn to wait for a thread
             self._sync()
-            _resolve(results)
+            resolve(results)
         else:
             self._unsynced += results
             self._start_sync()
@@ -916,10 +914,10 @@ class Store:
             self._syncing = None
             exc = asyncio.CancelledError() if done.cancelled() else done.exception()
             if exc is None:
-                _resolve(batch)
+                resolve(batch)
             else:  # committed, yet not known to be on the disk: no "stored" answer then
                 log.error("the store's WAL could not be fsync'd: %s", exc)
-                _resolve([(future, False, exc) for future, _, _ in batch])
+                resolve([(future, False, exc) for future, _, _ in batch])
             self._start_sync()
 
         syncing.add_done_callback(synced)
@@ -988,16 +986,6 @@ class Store:
         for _, future in batch:
             if not future.done():
                 future.set_exception(exc)
-
-
-def _resolve(results: list[Resolution]) -> None:
-    for future, ok, value in results:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -49,7 +49,7 @@ from psycopg import pq
 from psycopg.adapt import Loader
 
 from relay.errors import StoreError
-from relay.store.transaction import RETRYABLE, retrying, sqlstate, transaction
+from relay.store.transaction import RETRYABLE, resolve, retrying, sqlstate, transaction
 
 log = logging.getLogger("relay.store")
 
@@ -433,7 +433,9 @@ class PgStore:
                     break
                 batch.extend(more)
             outcomes = self._run_batch(batch)
-            self._loop.call_soon_threadsafe(self._resolve, batch, outcomes)
+            self._loop.call_soon_threadsafe(resolve, [
+                (future, ok, value)
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True)])
 
     def _run_batch(self, batch: Batch) -> list[tuple[bool, Any]]:
         try:
@@ -485,16 +487,6 @@ class PgStore:
         except sqlite3.Error:
             conn.close()
             self._writer = None
-
-    @staticmethod
-    def _resolve(batch: Batch, outcomes: Sequence[tuple[bool, Any]]) -> None:
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
 
     # reads
 

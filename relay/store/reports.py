@@ -78,36 +78,35 @@ def track_list_query(q: TrackListQuery) -> Query:
                  "GROUP BY day", tuple(params))
 
 
-def stats_query(q: StatsQuery) -> Query:
-    table, key, order = GROUPS[q.group_by]
+def _filtered(q: StatsQuery, table: str, tag_table: str) -> tuple[str, str, list[Any]]:
+    """The table to read (``tag_table`` under a tag filter), the WHERE clause of the query's
+    window and filters, and its parameters."""
     where = ["day BETWEEN ? AND ?"]
     params: list[Any] = list(q.window().values())
     for name, value in q.filters:
         if name == TAG_FILTER:
-            table = "stats_daily_tags"
+            table = tag_table
             where.append("tag = ?")
         else:
             where.append(f"{FILTERS[name]} = ?")
         params.append(value)
-    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE {' AND '.join(where)} "
+    return table, " AND ".join(where), params
+
+
+def stats_query(q: StatsQuery) -> Query:
+    table, key, order = GROUPS[q.group_by]
+    table, where, params = _filtered(q, table, "stats_daily_tags")
+    return Query(f"SELECT {key} AS key, {_SUMS} FROM {table} WHERE {where} "
                  f"GROUP BY {key} ORDER BY {order} LIMIT ?", (*params, q.limit))
 
 
 def links_query(q: StatsQuery) -> Query:
     """Clicks per link: of all messages (``stats_daily_links``), or of the filter's sender
     domain and campaign (``stats_daily_links_by``) or tag (``stats_daily_tag_links``)."""
-    table = "stats_daily_links_by" if q.filters else "stats_daily_links"
-    where = ["day BETWEEN ? AND ?"]
-    params: list[Any] = list(q.window().values())
-    for name, value in q.filters:
-        if name == TAG_FILTER:
-            table = "stats_daily_tag_links"
-            where.append("tag = ?")
-        else:
-            where.append(f"{FILTERS[name]} = ?")
-        params.append(value)
+    table, where, params = _filtered(
+        q, "stats_daily_links_by" if q.filters else "stats_daily_links", "stats_daily_tag_links")
     return Query(f"SELECT url, sum(clicks), sum(unique_clicks) FROM {table} "
-                 f"WHERE {' AND '.join(where)} GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
+                 f"WHERE {where} GROUP BY url ORDER BY 2 DESC, url LIMIT ?",
                  (*params, q.limit))
 
 

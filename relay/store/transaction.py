@@ -9,6 +9,7 @@ server may abort it for a conflict with another node's or the relay's own writes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import sqlite3
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# A committed write's future with its outcome: (future, ok, value or exception).
+Resolution = tuple["asyncio.Future[Any]", bool, Any]
 # A transaction that PostgreSQL aborted (serialization failure, deadlock) is run again this often.
 RETRIES = 20
 RETRYABLE = frozenset({"40001", "40P01"})
@@ -122,3 +125,15 @@ def snapshot(conn: Any) -> Iterator[Any]:
         yield conn
     finally:
         conn.execute("ROLLBACK")
+
+
+def resolve(results: list[Resolution]) -> None:
+    """Hand each caller of a group commit its outcome (a caller that gave up is skipped):
+    the one way both engines end a batch's futures."""
+    for future, ok, value in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
