@@ -4,6 +4,7 @@ that went out are recorded, so a retry sends only the failed one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from typing import Any
 
@@ -75,15 +76,24 @@ def _links_message(links: int) -> bytes:
 
 
 class Recording:
-    """An upstream that keeps every copy and notes how many were being sent at once."""
+    """An upstream that keeps every copy and notes how many were being sent at once. A copy
+    is held until ``together`` copies are being sent (or 5 s passed), so that how many the
+    pipeline lets start does not depend on how fast this machine renders the next one."""
 
-    def __init__(self) -> None:
+    def __init__(self, together: int) -> None:
         self.copies: list[Copy] = []
         self.sending = self.most = 0
+        self.together = together
+        self.started = asyncio.Condition()
 
     async def send(self, copy: Copy) -> dict[str, Reply]:
-        self.sending += 1
-        self.most = max(self.most, self.sending)
+        async with self.started:
+            self.sending += 1
+            self.most = max(self.most, self.sending)
+            self.started.notify_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.started.wait_for(
+                    lambda: self.sending >= self.together), 5)
         for _ in range(20):  # a slow upstream: the other copies get every chance to start
             await asyncio.sleep(0)
         self.sending -= 1
@@ -104,7 +114,7 @@ async def test_copies_of_a_large_message_go_out_a_few_at_a_time(tmp_path, links,
     config = config_module.parse(settings, "test.toml", tmp_path)
     store = await open_store(config.store)
     try:
-        upstream = Recording()
+        upstream = Recording(most)
         pipeline = await pipeline_of(config, store, upstream)
         recipients = [f"r{i}@example.org" for i in range(6)]
         message = _links_message(links)
