@@ -249,8 +249,10 @@ def test_renewal_replaces_the_certificate_without_dropping_connections(
     try:
         manager = relay.services.acme
         assert manager is not None
-        first = wait_until(lambda: (c := certificate(relay, HOST)) and c["state"] == "valid" and c,
-                           timeout=60, what="the certificate")
+        # stored first, then loaded by the manager's refresh: a handshake in between is refused
+        first = wait_until(lambda: (c := certificate(relay, HOST)) and c["state"] == "valid"
+                           and manager.certs.has(HOST) and c,
+                           timeout=60, what="the certificate, loaded")
         context = client_context(pebble)
         before = Https(HOST, ports[1], context)
         assert get(before, "/healthz").status == 200
